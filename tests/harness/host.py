@@ -1,0 +1,59 @@
+"""Import ComfyUI in this process and load the pack through ComfyUI's own custom-node loader.
+
+Importing this module does it once: the host's command-line options are set as
+`main.py --cpu --use-pytorch-cross-attention` would set them (torch SDPA is the baseline
+every comparison uses), then `nodes.load_custom_node` loads the pack from the host's
+`custom_nodes` folder, exactly as at server start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[2]
+PACK_DIR_NAME = "comfyui_fastattn"
+
+
+def comfy_path() -> Path:
+    """The ComfyUI used by tests: $COMFYUI_PATH, else the bundled host of `make setup`."""
+    path = Path(os.environ.get("COMFYUI_PATH") or REPO / ".host" / "ComfyUI")
+    if not (path / "main.py").is_file():
+        raise RuntimeError(f"No ComfyUI at {path}: run `make setup` (or set COMFYUI_PATH).")
+    return path
+
+
+def _import_host(path: Path) -> None:
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.use_pytorch_cross_attention = True
+    comfy.cli_args.args.disable_all_custom_nodes = False
+
+
+def _load_pack(path: Path) -> ModuleType:
+    import nodes
+
+    link = path / "custom_nodes" / PACK_DIR_NAME
+    if not link.exists():
+        raise RuntimeError(f"The pack is not linked at {link}: run `make setup`.")
+    module_path = str(link)
+    if not asyncio.run(nodes.load_custom_node(module_path)):
+        raise RuntimeError(f"ComfyUI failed to load the pack from {module_path}; see the log above.")
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    return sys.modules[module_path.replace(".", "_x_")]
+
+
+def pack_import(name: str) -> ModuleType:
+    """Import a submodule of the loaded pack, e.g. pack_import("kernels.window")."""
+    return importlib.import_module(f"{PACK.__name__}.{name}")
+
+
+_import_host(comfy_path())
+PACK = _load_pack(comfy_path())
