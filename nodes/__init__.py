@@ -2,14 +2,12 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-# (inspector pending)
-
-NODE_PREFIX = "FastAttn"
+from .inspector import AttentionInspector
 
 
 class FastAttnExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        return [AttentionInspector]
 
 
 async def comfy_entrypoint() -> FastAttnExtension:

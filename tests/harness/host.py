@@ -35,6 +35,9 @@ def _import_host(path: Path) -> None:
     comfy.cli_args.args.cpu = True
     comfy.cli_args.args.use_pytorch_cross_attention = True
     comfy.cli_args.args.disable_all_custom_nodes = False
+    # As main.py does first: ComfyUI's `utils` package must win over comfy/utils.py, which
+    # `nodes` puts on sys.path.
+    import utils.extra_config  # noqa: F401
 
 
 def _load_pack(path: Path) -> ModuleType:

@@ -1,0 +1,91 @@
+"""One call of ComfyUI's attention override, parsed once into what the methods need.
+
+ComfyUI calls the override as `override(func, q, k, v, heads, mask=..., skip_reshape=...,
+skip_output_reshape=..., transformer_options=..., **more)`; some models pass `heads` or
+`mask` positionally, and newer hosts add keyword arguments. `func` is the attention backend
+the override replaced: calling it again does not recurse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Override = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    func: Callable[..., torch.Tensor]
+    args: tuple
+    kwargs: dict[str, Any]
+    previous_override: Override | None  # another pack's override, chained
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self.args[0]
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.args[1]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.args[2]
+
+    @property
+    def heads(self) -> int:
+        return int(self.args[3] if len(self.args) > 3 else self.kwargs["heads"])
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self.args[4] if len(self.args) > 4 else self.kwargs.get("mask")
+
+    @property
+    def skip_reshape(self) -> bool:
+        return bool(self.kwargs.get("skip_reshape", False))
+
+    @property
+    def skip_output_reshape(self) -> bool:
+        return bool(self.kwargs.get("skip_output_reshape", False))
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1] if self.skip_reshape else self.q.shape[-1] // self.heads
+
+    @property
+    def q_len(self) -> int:
+        return self.q.shape[2] if self.skip_reshape else self.q.shape[1]
+
+    @property
+    def k_len(self) -> int:
+        return self.k.shape[2] if self.skip_reshape else self.k.shape[1]
+
+    def run_default(self) -> torch.Tensor:
+        """Full attention exactly as the host would compute it (through a chained override)."""
+        if self.previous_override is not None:
+            return self.previous_override(self.func, *self.args, **self.kwargs)
+        return self.func(*self.args, **self.kwargs)
+
+    def heads_first(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as [B, H, N, D], whatever the model passed (packed [B, N, H*D] or [B, N, H, D])."""
+        if self.skip_reshape:
+            return self.q, self.k, self.v
+        return tuple(t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2) for t in (self.q, self.k, self.v))
+
+    def format_output(self, out: torch.Tensor) -> torch.Tensor:
+        """Turn a [B, H, N, D] result into the shape the model expects back from `func`."""
+        if self.skip_output_reshape:
+            return out
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+    def flops(self) -> int:
+        """Multiply-adds x 2 of full attention for this call: QK^T and AV."""
+        return 4 * self.batch * self.heads * self.q_len * self.k_len * self.head_dim

@@ -1,0 +1,50 @@
+"""What the runtime saw during one sampling run: kept after the run for nodes, logs and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..kernels import TokenLayout
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """Where an attention call sits: step of the schedule, layer of the forward, batch halves."""
+
+    step: int  # index into the sampling schedule (0 = first step)
+    total_steps: int
+    layer: int  # order of the call within one diffusion-model forward
+    kind: str  # "joint" (text + image), "image", "text", "cross", or "unknown"
+    layout: TokenLayout | None  # None when the call has no image grid the adapter can place
+    cond_or_uncond: tuple[int, ...]  # one entry per batch chunk: 0 = conditional, 1 = unconditional
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    layer: int
+    kind: str
+    heads: int
+    head_dim: int
+    q_len: int
+    k_len: int
+    layout: TokenLayout | None
+
+
+@dataclass
+class RunReport:
+    architecture: str
+    total_steps: int
+    steps_seen: set[int] = field(default_factory=set)
+    forwards: int = 0
+    layers: list[LayerRecord] = field(default_factory=list)  # of the first forward
+    layers_per_forward: set[int] = field(default_factory=set)
+    batch_halves: set[tuple[int, ...]] = field(default_factory=set)
+    full_flops: int = 0  # attention FLOPs full attention would have computed
+    computed_flops: int = 0  # attention FLOPs actually computed
+
+    def summary(self) -> str:
+        kept = 100.0 * self.computed_flops / self.full_flops if self.full_flops else 100.0
+        return (
+            f"{self.architecture}: {self.forwards} forwards over {len(self.steps_seen)}/{self.total_steps} steps, "
+            f"{len(self.layers)} attention layers, attention FLOPs computed {kept:.1f}% of full"
+        )

@@ -1,0 +1,182 @@
+"""The attention-override runtime: one holder on the model clone, one state per sampling run.
+
+    OUTER_SAMPLE wrapper   sampling starts: a SamplingRun is created for this run only and
+                           dropped when sampling ends (also on exception or interrupt).
+    APPLY_MODEL wrapper    each model call: finds the step from `sigmas` in `sample_sigmas`,
+                           the batch halves from `cond_or_uncond`, the layout from the latent and
+                           the conditioning, and installs a ForwardPass as the attention override
+                           of this call only (chaining any override already present).
+    ForwardPass            each attention call: numbers the layer, classifies it, and hands it
+                           to the patch's method (full attention, a window, a cached output...).
+
+APPLY_MODEL (not DIFFUSION_MODEL) wrappers are used because every architecture runs them;
+SD3's model never calls DIFFUSION_MODEL wrappers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import torch
+
+from ..kernels import TokenLayout
+from .adapters import Adapter, adapter_for
+from .call import AttentionCall
+from .report import CallSite, LayerRecord, RunReport
+
+PATCH_KEY = "fastattn"  # key of our holder in transformer_options and of our wrappers
+RUN_KEY = "fastattn_run"  # key of the per-run state in a run's transformer_options
+OVERRIDE_KEY = "optimized_attention_override"
+
+
+class AttentionMethod(Protocol):
+    """Computes one attention call; returns the output and the attention FLOPs it computed."""
+
+    def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int]: ...
+
+
+def full_attention(call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int]:
+    """The host's own attention, unchanged."""
+    return call.run_default(), call.flops()
+
+
+class AttentionPatch:
+    """The holder stored on a patched model clone: which method computes attention, and the
+    report of the last run. Carries no per-run state; ModelPatcher.clone() may copy it."""
+
+    def __init__(self, method: AttentionMethod, adapter: Adapter) -> None:
+        self.method = method
+        self.adapter = adapter
+        self.last_report: RunReport | None = None
+
+
+class SamplingRun:
+    """State of one sampling run: the schedule, caches the methods keep, and the report."""
+
+    def __init__(self, patch: AttentionPatch, sample_sigmas: torch.Tensor) -> None:
+        self.patch = patch
+        self.sigmas = [float(s) for s in sample_sigmas]
+        self.total_steps = max(len(self.sigmas) - 1, 1)
+        self.cache: dict = {}
+        self.report = RunReport(patch.adapter.name, self.total_steps)
+
+    def step_of(self, sigma: float) -> int:
+        """Index of the schedule step whose interval holds `sigma` (intermediate sigmas of
+        multi-evaluation samplers belong to the step they started from)."""
+        reached = sum(1 for s in self.sigmas[:-1] if s >= sigma or abs(s - sigma) <= 1e-5 * max(abs(s), 1e-8))
+        return min(max(reached - 1, 0), self.total_steps - 1)
+
+    def close(self) -> RunReport:
+        self.cache.clear()
+        return self.report
+
+
+class ForwardPass:
+    """The attention override for one model call: numbers and classifies each attention call."""
+
+    def __init__(self, run: SamplingRun, step: int, cond_or_uncond: tuple[int, ...], grid: tuple[int, ...],
+                 text_len: int, previous_override: Callable | None) -> None:
+        self.run = run
+        self.step = step
+        self.cond_or_uncond = cond_or_uncond
+        self.grid = grid
+        self.text_len = text_len
+        self.previous_override = previous_override
+        self.layers = 0
+
+    def __call__(self, func: Callable, *args, **kwargs) -> torch.Tensor:
+        call = AttentionCall(func, args, kwargs, self.previous_override)
+        kind, layout = self._classify(call.q_len, call.k_len)
+        site = CallSite(self.step, self.run.total_steps, self.layers, kind, layout, self.cond_or_uncond)
+        self.layers += 1
+        report = self.run.report
+        if report.forwards == 0:
+            report.layers.append(LayerRecord(site.layer, kind, call.heads, call.head_dim, call.q_len, call.k_len, layout))
+        out, computed = self.run.patch.method(call, site, self.run)
+        report.full_flops += call.flops()
+        report.computed_flops += computed
+        return out
+
+    def _classify(self, q_len: int, k_len: int) -> tuple[str, TokenLayout | None]:
+        image_len = 1
+        for size in self.grid:
+            image_len *= size
+        if q_len != k_len:
+            return "cross", TokenLayout(0, self.grid) if q_len == image_len else None
+        if self.text_len and q_len == self.text_len + image_len:
+            return "joint", TokenLayout(self.text_len, self.grid, self.run.patch.adapter.text_first)
+        if q_len == image_len:
+            return "image", TokenLayout(0, self.grid)
+        if q_len == self.text_len:
+            return "text", None
+        return "unknown", None
+
+    def finish(self) -> None:
+        report = self.run.report
+        report.forwards += 1
+        report.steps_seen.add(self.step)
+        report.layers_per_forward.add(self.layers)
+        report.batch_halves.add(self.cond_or_uncond)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """Create the run's state when sampling starts; drop it when sampling ends, however it ends."""
+    guider = executor.class_obj
+    original_options = guider.model_options
+    patch: AttentionPatch = original_options["transformer_options"][PATCH_KEY]
+    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+    run = SamplingRun(patch, sigmas)
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    guider.model_options["transformer_options"][RUN_KEY] = run
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        guider.model_options = original_options
+        patch.last_report = run.close()
+        logging.info("FastAttn: %s", patch.last_report.summary())
+
+
+def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+    """Install this call's ForwardPass as the attention override, for this call only."""
+    transformer_options = {} if transformer_options is None else transformer_options
+    run: SamplingRun | None = transformer_options.get(RUN_KEY)
+    if run is None:  # called outside sampling: leave the model as it is
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    adapter = run.patch.adapter
+    sigmas = transformer_options.get("sigmas", t)
+    forward = ForwardPass(
+        run,
+        step=run.step_of(float(sigmas.flatten()[0])),
+        cond_or_uncond=tuple(transformer_options.get("cond_or_uncond", ())),
+        grid=adapter.image_grid(x.shape),
+        text_len=adapter.text_len(c_crossattn),
+        previous_override=transformer_options.get(OVERRIDE_KEY),
+    )
+    options = {**transformer_options, OVERRIDE_KEY: forward}
+    with adapter.routed(options):
+        out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+    forward.finish()
+    return out
+
+
+def install(model, method: AttentionMethod = full_attention):
+    """A clone of `model` (a ModelPatcher) whose attention runs through `method`.
+
+    Raises UnsupportedArchitectureError, naming the model class, if no adapter knows it."""
+    adapter = adapter_for(model.model.diffusion_model)
+    patched = model.clone()
+    patched.model_options["transformer_options"][PATCH_KEY] = AttentionPatch(method, adapter)
+    for wrapper_type in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
+        patched.remove_wrappers_with_key(wrapper_type, PATCH_KEY)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, outer_sample_wrapper)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PATCH_KEY, apply_model_wrapper)
+    return patched
+
+
+def patch_of(model) -> AttentionPatch | None:
+    """The holder installed on a patched model, if any."""
+    return model.model_options.get("transformer_options", {}).get(PATCH_KEY)
