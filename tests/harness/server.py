@@ -1,0 +1,157 @@
+"""A real headless ComfyUI server with the pack, for end-to-end tests through the API queue.
+
+    with ComfyServer(tmp_path) as server:
+        result = server.run(api_graph)      # POST /prompt, follow /ws, read /history
+
+The server runs as `main.py --cpu --use-pytorch-cross-attention` on a free loopback port,
+with its output, temp, user and database inside a scratch folder, and is always shut down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import websocket
+
+from .host import comfy_path
+
+
+class PromptRejectedError(RuntimeError):
+    """POST /prompt refused the graph (validation failed); `.body` holds the server's answer."""
+
+    def __init__(self, body: dict) -> None:
+        super().__init__(json.dumps(body, indent=1))
+        self.body = body
+
+
+@dataclass
+class PromptResult:
+    prompt_id: str
+    status: str  # "success" or "error"
+    history: dict
+    messages: list[dict] = field(default_factory=list)  # websocket messages about this prompt
+
+    @property
+    def error(self) -> dict | None:
+        return next((m["data"] for m in self.messages if m["type"] == "execution_error"), None)
+
+    def outputs(self, node_id: str) -> dict:
+        return self.history["outputs"].get(node_id, {})
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, scratch: Path, extra_model_paths: Path | None = None, start_timeout: float = 180.0) -> None:
+        self.scratch = scratch
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client_id = uuid.uuid4().hex
+        self.extra_model_paths = extra_model_paths
+        self.start_timeout = start_timeout
+        self.log_path = scratch / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> ComfyServer:
+        for name in ("output", "temp", "user", "input"):
+            (self.scratch / name).mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention",
+            "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
+            "--output-directory", str(self.scratch / "output"), "--temp-directory", str(self.scratch / "temp"),
+            "--input-directory", str(self.scratch / "input"), "--user-directory", str(self.scratch / "user"),
+            "--database-url", "sqlite:///:memory:",
+        ]
+        if self.extra_model_paths is not None:
+            command += ["--extra-model-paths-config", str(self.extra_model_paths)]
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(command, cwd=comfy_path(), stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode} at start-up:\n{self.log()[-4000:]}")
+            try:
+                self.get("/system_stats")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        raise TimeoutError(f"ComfyUI did not answer within {self.start_timeout} s:\n{self.log()[-4000:]}")
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict) -> dict:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raise PromptRejectedError(json.loads(error.read() or b"{}")) from error
+
+    def run(self, graph: dict, timeout: float = 600.0) -> PromptResult:
+        """Queue an API-format graph and wait until it has finished, successfully or not."""
+        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=timeout)
+        try:
+            prompt_id = self.post("/prompt", {"prompt": graph, "client_id": self.client_id})["prompt_id"]
+            messages = self._follow(ws, prompt_id, timeout)
+        finally:
+            ws.close()
+        history = self.get(f"/history/{prompt_id}").get(prompt_id, {})
+        status = "error" if any(m["type"] == "execution_error" for m in messages) else "success"
+        return PromptResult(prompt_id, status, history, messages)
+
+    def _follow(self, ws, prompt_id: str, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        messages = []
+        while time.monotonic() < deadline:
+            raw = ws.recv()
+            if not isinstance(raw, str):
+                continue  # binary preview images
+            message = json.loads(raw)
+            if message.get("data", {}).get("prompt_id") != prompt_id:
+                continue
+            messages.append(message)
+            kind = message["type"]
+            if kind in ("execution_error", "execution_interrupted", "execution_success"):
+                return messages
+            if kind == "executing" and message["data"].get("node") is None:
+                return messages
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")

@@ -1,0 +1,213 @@
+"""The attention hook runtime on ComfyUI's own model classes: exact when every layer is full,
+and it sees the steps, layers, batch halves and token layout the model really has."""
+
+from __future__ import annotations
+
+import types
+
+import comfy.ldm.pixart.blocks
+import pytest
+import torch
+from harness import pack_import
+from harness.models import ARCHITECTURES, build_model, conditioning, empty_latent, expected_layers, sample
+
+patching = pack_import("patching")
+runtime = pack_import("patching.runtime")
+
+STEPS = 3
+TEXT_LEN = 7
+LATENT = {"flux": (16, 16), "sd3": (16, 16), "wan": (8, 12), "hunyuan_video": (8, 12), "qwen_image": (16, 16),
+          "lumina2": (16, 16), "pixart": (34, 34)}
+PATCH = {"wan": (1, 2, 2), "hunyuan_video": (1, 2, 2)}
+FRAMES = {"wan": 2, "hunyuan_video": 2}
+
+
+def _latent(arch: str, batch: int = 1, scale: int = 1) -> dict:
+    height, width = LATENT[arch]
+    return empty_latent(arch, height * scale, width * scale, batch=batch, frames=FRAMES.get(arch, 1))
+
+
+def _grid(arch: str, latent: dict) -> tuple[int, ...]:
+    shape = latent["samples"].shape
+    patch = PATCH.get(arch, (2, 2))
+    return tuple(-(-size // p) for size, p in zip(shape[-len(patch):], patch))
+
+
+def _prompts(arch: str, negative_len: int = TEXT_LEN) -> tuple[list, list]:
+    return conditioning(arch, TEXT_LEN, seed=1), conditioning(arch, negative_len, seed=2)
+
+
+def _run(model, arch: str, latent: dict, negative_len: int = TEXT_LEN) -> torch.Tensor:
+    positive, negative = _prompts(arch, negative_len)
+    return sample(model, positive, negative, latent, steps=STEPS, cfg=3.0, seed=0)
+
+
+def _kinds(report) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for layer in report.layers:
+        counts[layer.kind] = counts.get(layer.kind, 0) + 1
+    return counts
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch_model(request):
+    return request.param, build_model(request.param, seed=0)
+
+
+def test_full_attention_is_exact_and_sees_the_model(arch_model):
+    arch, model = arch_model
+    latent = _latent(arch)
+    reference = _run(model, arch, latent)
+    patched = patching.install(model)
+    out = _run(patched, arch, latent)
+
+    assert torch.isfinite(reference).all()
+    assert (out - reference).abs().max().item() <= 1e-5
+    report = patching.patch_of(patched).last_report
+    expected = {kind: n for kind, n in expected_layers(arch).items() if n}
+    assert _kinds(report) == expected
+    assert report.layers_per_forward == {sum(expected.values())}
+    assert report.total_steps == STEPS and report.steps_seen == set(range(STEPS))
+    assert report.batch_halves == {(1, 0)}  # CFG batches the unconditional chunk first
+    assert report.forwards == STEPS
+    for layer in report.layers:
+        if layer.kind in ("joint", "image", "cross"):
+            assert layer.layout is not None and layer.layout.grid == _grid(arch, latent)
+        if layer.kind == "joint":
+            assert layer.layout.text_len == TEXT_LEN
+            assert layer.layout.text_first == (arch != "hunyuan_video")
+        if layer.kind == "image":
+            assert layer.layout.text_len == 0
+
+
+def test_heads_first_view_matches_each_architecture(arch_model):
+    """Recomputing attention from the runtime's [B, H, N, D] view reproduces the host's
+    output, so methods that replace attention read every model's tensors correctly."""
+    arch, model = arch_model
+
+    def sdpa_from_view(call, site, run):
+        if call.mask is not None:
+            return call.run_default(), call.flops()
+        q, k, v = call.heads_first()
+        return call.format_output(torch.nn.functional.scaled_dot_product_attention(q, k, v)), call.flops()
+
+    latent = _latent(arch)
+    reference = _run(model, arch, latent)
+    out = _run(patching.install(model, sdpa_from_view), arch, latent)
+    assert (out - reference).abs().max().item() <= 1e-5
+
+
+def test_the_given_model_is_not_patched(arch_model):
+    arch, model = arch_model
+    patching.install(model)
+    assert runtime.PATCH_KEY not in model.model_options["transformer_options"]
+    assert runtime.PATCH_KEY not in str(model.model_options["transformer_options"].get("wrappers", {}))
+
+
+@pytest.mark.parametrize("arch", ["sd3", "wan"])
+def test_batch_of_two(arch):
+    model = build_model(arch)
+    latent = _latent(arch, batch=2)
+    reference = _run(model, arch, latent)
+    patched = patching.install(model)
+    out = _run(patched, arch, latent)
+    assert out.shape[0] == 2
+    assert (out - reference).abs().max().item() <= 1e-5
+    assert patching.patch_of(patched).last_report.batch_halves == {(1, 0)}
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_conditional_and_unconditional_in_separate_calls(arch):
+    """Prompts of very different lengths cannot be batched: ComfyUI calls the model once per half."""
+    model = build_model(arch)
+    latent = _latent(arch)
+    reference = _run(model, arch, latent, negative_len=2)
+    patched = patching.install(model)
+    out = _run(patched, arch, latent, negative_len=2)
+    report = patching.patch_of(patched).last_report
+    assert (out - reference).abs().max().item() <= 1e-5
+    assert report.batch_halves == {(0,), (1,)}
+    assert report.forwards == 2 * STEPS
+
+
+def test_two_resolutions_on_one_patched_model():
+    arch = "sd3"
+    model = build_model(arch)
+    patched = patching.install(model)
+    for scale in (1, 2):
+        latent = _latent(arch, scale=scale)
+        out = _run(patched, arch, latent)
+        assert (out - _run(model, arch, latent)).abs().max().item() <= 1e-5
+        report = patching.patch_of(patched).last_report
+        assert report.forwards == STEPS  # nothing carried over from the first run
+        assert {layer.layout.grid for layer in report.layers} == {_grid(arch, latent)}
+
+
+def test_an_exception_mid_run_leaves_no_state():
+    arch = "sd3"
+    model = build_model(arch)
+    latent = _latent(arch)
+    reference = _run(model, arch, latent)
+    failing = {"armed": True}
+
+    def fail_at_second_step(call, site, run):
+        if failing["armed"] and site.step == 1:
+            raise RuntimeError("boom")
+        return call.run_default(), call.flops()
+
+    patched = patching.install(model, fail_at_second_step)
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(patched, arch, latent)
+    options = patched.model_options["transformer_options"]
+    assert runtime.RUN_KEY not in options and runtime.OVERRIDE_KEY not in options
+    report = patching.patch_of(patched).last_report
+    assert report.steps_seen == {0}  # the failed run's report ends where it failed
+
+    failing["armed"] = False
+    out = _run(patched, arch, latent)
+    assert (out - reference).abs().max().item() <= 1e-5
+    assert patching.patch_of(patched).last_report.steps_seen == set(range(STEPS))
+
+
+def test_another_override_is_chained_not_replaced():
+    arch = "flux"
+    model = build_model(arch)
+    latent = _latent(arch)
+    reference = _run(model, arch, latent)
+    calls = []
+
+    def other_pack_override(func, *args, **kwargs):
+        calls.append(1)
+        return func(*args, **kwargs)
+
+    other = model.clone()
+    other.model_options["transformer_options"][runtime.OVERRIDE_KEY] = other_pack_override
+    patched = patching.install(other)
+    out = _run(patched, arch, latent)
+    assert (out - reference).abs().max().item() <= 1e-5
+    report = patching.patch_of(patched).last_report
+    assert len(calls) == report.forwards * len(report.layers) > 0
+
+
+def test_pixart_routing_is_undone_after_each_forward():
+    original = comfy.ldm.pixart.blocks.optimized_attention
+    model = build_model("pixart")
+    patched = patching.install(model)
+    _run(patched, "pixart", _latent("pixart"))
+    assert comfy.ldm.pixart.blocks.optimized_attention is original
+    assert patching.patch_of(patched).last_report.forwards == STEPS
+
+
+def test_unknown_architecture_is_named_at_patch_time():
+    class TinyUnknownDiT(torch.nn.Module):
+        pass
+
+    fake_patcher = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=TinyUnknownDiT()))
+    with pytest.raises(patching.UnsupportedArchitectureError, match="TinyUnknownDiT.*supported architectures: Flux"):
+        patching.install(fake_patcher)
+
+
+def test_step_of_maps_intermediate_sigmas_to_their_step():
+    run = runtime.SamplingRun(types.SimpleNamespace(adapter=patching.adapter_for(build_model("sd3").model.diffusion_model)),
+                              torch.tensor([1.0, 0.6, 0.3, 0.0]))
+    assert [run.step_of(s) for s in (1.0, 0.8, 0.6, 0.45, 0.3, 0.1)] == [0, 0, 1, 1, 2, 2]
