@@ -44,7 +44,8 @@ class AttentionProfile:
     def to_text(self) -> str:
         layers = self.report.layers
         kinds = {kind: sum(1 for layer in layers if layer.kind == kind) for kind in dict.fromkeys(r.kind for r in layers)}
-        layout = next((layer.layout for layer in layers if layer.layout is not None), None)
+        placed = sorted((layer for layer in layers if layer.layout is not None), key=lambda r: r.kind != "joint")
+        layout = placed[0].layout if placed else None
         lines = [
             f"Architecture: {self.report.architecture} ({self.model_class})",
             f"Latent: {' x '.join(map(str, self.latent_shape))}",

@@ -139,10 +139,11 @@ def _init_weights(module: torch.nn.Module, seed: int) -> None:
                 tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.02)
 
 
-def build_model(arch: str, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
-    """A small float32 model of `arch` on CPU, built the way the host builds a checkpoint's model."""
+def build_model(arch: str, seed: int = 0, **unet_overrides) -> comfy.model_patcher.ModelPatcher:
+    """A small float32 model of `arch` on CPU, built the way the host builds a checkpoint's model.
+    `unet_overrides` replace entries of its unet_config (benchmarks use bigger models)."""
     spec = _spec(arch)
-    model_config = spec.config_class(spec.unet_config)
+    model_config = spec.config_class({**spec.unet_config, **unet_overrides})
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, device=CPU)
     _init_weights(model.diffusion_model, seed)
