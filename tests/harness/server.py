@@ -134,9 +134,19 @@ class ComfyServer:
             messages = self._follow(ws, prompt_id, timeout)
         finally:
             ws.close()
-        history = self.get(f"/history/{prompt_id}").get(prompt_id, {})
+        history = self._history(prompt_id)
         status = "error" if any(m["type"] == "execution_error" for m in messages) else "success"
         return PromptResult(prompt_id, status, history, messages)
+
+    def _history(self, prompt_id: str, timeout: float = 30.0) -> dict:
+        """The prompt's history entry: written just after the last websocket message, so poll."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry:
+                return entry
+            time.sleep(0.1)
+        raise TimeoutError(f"no history for prompt {prompt_id} after {timeout} s")
 
     def _follow(self, ws, prompt_id: str, timeout: float) -> list[dict]:
         deadline = time.monotonic() + timeout

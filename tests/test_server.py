@@ -1,0 +1,55 @@
+"""End to end through a real headless ComfyUI: the pack loads, its nodes are listed, graphs
+run through the API queue, and a bad input gives a clear error without harming the server."""
+
+from __future__ import annotations
+
+import pytest
+from harness.server import ComfyServer
+
+DEMO_MODEL = "fastattn_demo_sd3.safetensors"
+
+
+def inspector_graph(caption: str, size: int = 512) -> dict:
+    """API format: demo model + demo text encoder + SD3 empty latent -> Attention Inspector."""
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": DEMO_MODEL, "weight_dtype": "default"}},
+        "2": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
+        "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "4": {"class_type": "FastAttnInspector", "inputs": {"model": ["1", 0], "positive": ["2", 0], "latent": ["3", 0]}},
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ComfyServer(tmp_path_factory.mktemp("comfy")) as running:
+        yield running
+
+
+def test_object_info_lists_our_nodes(server):
+    info = server.get("/object_info")
+    ours = {name for name in info if name.startswith("FastAttn")}
+    assert {"FastAttnInspector", "FastAttnDemoTextEncode", "FastAttnDemoDecode"} <= ours
+    inspector = info["FastAttnInspector"]
+    assert inspector["category"] == "FastAttn"
+    assert all("tooltip" in spec[1] for spec in inspector["input"]["required"].values())
+    assert DEMO_MODEL in info["UNETLoader"]["input"]["required"]["unet_name"][0]
+
+
+def test_inspector_graph_runs_through_the_queue(server):
+    result = server.run(inspector_graph("a red circle on a white background", size=512))
+    assert result.status == "success", result.error
+    text = "".join(result.outputs("4")["text"])
+    assert "Architecture: SD3 (MMDiT)" in text
+    assert "Image tokens: 1024 (grid 32 x 32)" in text  # 512 px -> 64 latent -> 32 x 32 patches
+    assert "Attention layers per forward: 4 (4 joint)" in text
+
+
+def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(server):
+    bad = server.run(inspector_graph("a red zeppelin on a white background"))
+    assert bad.status == "error"
+    assert bad.error["node_type"] == "FastAttnDemoTextEncode"
+    assert "zeppelin" in bad.error["exception_message"]
+
+    good = server.run(inspector_graph("a blue square on a white background", size=256))
+    assert good.status == "success", good.error
+    assert "Image tokens: 256 (grid 16 x 16)" in "".join(good.outputs("4")["text"])
