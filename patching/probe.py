@@ -72,12 +72,12 @@ def _tera(flops: int) -> str:
     return f"{flops / 1e12:.3f} TFLOP" if flops >= 1e10 else f"{flops / 1e9:.3f} GFLOP"
 
 
-def _skip_attention(call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int]:
+def _skip_attention(call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
     """Zeros of the right shape instead of attention; the runtime counts the FLOPs."""
     batch, heads, q_len, _ = call.heads_first()[0].shape
     value_dim = call.heads_first()[2].shape[-1]
     out = torch.zeros(batch, heads, q_len, value_dim, dtype=call.q.dtype, device=call.q.device)
-    return call.format_output(out), 0
+    return call.format_output(out), 0, "full"
 
 
 class _ForwardCounter:

@@ -39,12 +39,30 @@ class RunReport:
     layers: list[LayerRecord] = field(default_factory=list)  # of the first forward
     layers_per_forward: set[int] = field(default_factory=set)
     batch_halves: set[tuple[int, ...]] = field(default_factory=set)
-    full_flops: int = 0  # attention FLOPs full attention would have computed
-    computed_flops: int = 0  # attention FLOPs actually computed
+    # technique -> [attention FLOPs computed, FLOPs full attention would have computed]
+    flops_by_technique: dict[str, list[int]] = field(default_factory=dict)
+
+    def count(self, technique: str, computed: int, full: int) -> None:
+        tally = self.flops_by_technique.setdefault(technique, [0, 0])
+        tally[0] += computed
+        tally[1] += full
+
+    @property
+    def computed_flops(self) -> int:
+        return sum(computed for computed, _ in self.flops_by_technique.values())
+
+    @property
+    def full_flops(self) -> int:
+        return sum(full for _, full in self.flops_by_technique.values())
 
     def summary(self) -> str:
+        """One line for the log: what ran, and the attention FLOPs kept overall and per technique."""
         kept = 100.0 * self.computed_flops / self.full_flops if self.full_flops else 100.0
+        parts = ", ".join(
+            f"{name}: {computed / full:.0%} of its full cost on {full / self.full_flops:.0%} of the calls' work"
+            for name, (computed, full) in sorted(self.flops_by_technique.items()) if full
+        )
         return (
             f"{self.architecture}: {self.forwards} forwards over {len(self.steps_seen)}/{self.total_steps} steps, "
-            f"{len(self.layers)} attention layers, attention FLOPs computed {kept:.1f}% of full"
+            f"{len(self.layers)} attention layers; attention FLOPs computed {kept:.1f}% of full ({parts})"
         )

@@ -34,14 +34,15 @@ OVERRIDE_KEY = "optimized_attention_override"
 
 
 class AttentionMethod(Protocol):
-    """Computes one attention call; returns the output and the attention FLOPs it computed."""
+    """Computes one attention call; returns the output, the attention FLOPs it computed and
+    the name of the technique it used (the run's report tallies FLOPs per technique)."""
 
-    def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int]: ...
+    def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]: ...
 
 
-def full_attention(call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int]:
+def full_attention(call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
     """The host's own attention, unchanged."""
-    return call.run_default(), call.flops()
+    return call.run_default(), call.flops(), "full"
 
 
 class AttentionPatch:
@@ -71,6 +72,10 @@ class SamplingRun:
         return min(max(reached - 1, 0), self.total_steps - 1)
 
     def close(self) -> RunReport:
+        """End of the run: let the method conclude (e.g. log what it skipped), drop the caches."""
+        finish = getattr(self.patch.method, "finish_run", None)
+        if finish is not None:
+            finish(self)
         self.cache.clear()
         return self.report
 
@@ -96,9 +101,8 @@ class ForwardPass:
         report = self.run.report
         if report.forwards == 0:
             report.layers.append(LayerRecord(site.layer, kind, call.heads, call.head_dim, call.q_len, call.k_len, layout))
-        out, computed = self.run.patch.method(call, site, self.run)
-        report.full_flops += call.flops()
-        report.computed_flops += computed
+        out, computed, technique = self.run.patch.method(call, site, self.run)
+        report.count(technique, computed, call.flops())
         return out
 
     def _classify(self, q_len: int, k_len: int) -> tuple[str, TokenLayout | None]:

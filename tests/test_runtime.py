@@ -87,9 +87,9 @@ def test_heads_first_view_matches_each_architecture(arch_model):
 
     def sdpa_from_view(call, site, run):
         if call.mask is not None:
-            return call.run_default(), call.flops()
+            return call.run_default(), call.flops(), "full"
         q, k, v = call.heads_first()
-        return call.format_output(torch.nn.functional.scaled_dot_product_attention(q, k, v)), call.flops()
+        return call.format_output(torch.nn.functional.scaled_dot_product_attention(q, k, v)), call.flops(), "sdpa"
 
     latent = _latent(arch)
     reference = _run(model, arch, latent)
@@ -153,7 +153,7 @@ def test_an_exception_mid_run_leaves_no_state():
     def fail_at_second_step(call, site, run):
         if failing["armed"] and site.step == 1:
             raise RuntimeError("boom")
-        return call.run_default(), call.flops()
+        return call.run_default(), call.flops(), "full"
 
     patched = patching.install(model, fail_at_second_step)
     with pytest.raises(RuntimeError, match="boom"):
