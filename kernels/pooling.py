@@ -1,0 +1,46 @@
+"""CLEAR's down-sampled branch: image keys/values pooled over d x d patches."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .layout import TokenLayout
+from .window import Window
+
+
+def default_pool_weight(pool: int, *, device: torch.device | str = "cpu") -> Tensor:
+    """The initial per-position weights: a plain average over each pool x pool patch."""
+    return torch.full((pool * pool,), 1.0 / (pool * pool), device=device)
+
+
+def check_pool_weight(window: Window, pool_weight: Tensor | None) -> None:
+    """Raise a ValueError if `pool_weight` does not fit the window's pooling."""
+    if pool_weight is None:
+        return
+    if not window.pool:
+        raise ValueError("pool_weight was given but the window has no pooling (pool=0)")
+    if pool_weight.numel() != window.pool**2:
+        raise ValueError(
+            f"pool_weight needs pool*pool = {window.pool**2} weights (one per patch position), "
+            f"got shape {tuple(pool_weight.shape)}"
+        )
+
+
+def pool_tokens(x: Tensor, layout: TokenLayout, window: Window, weight: Tensor | None) -> Tensor:
+    """Pool the image tokens of `x` [B, H, N, D] into [B, H, image_len / pool^2, D].
+
+    Patch position (py, px) of each pool x pool patch gets weight[py * pool + px]; pooled tokens
+    are in row-major order over (frames,) H / pool, W / pool.
+    """
+    d = window.pool
+    *frames, height, width = layout.grid
+    start = layout.image_start
+    image = x[:, :, start : start + layout.image_len]
+    batch, heads, _, dim = image.shape
+    image = image.reshape(batch, heads, *frames, height // d, d, width // d, d, dim)
+    if weight is None:
+        weight = default_pool_weight(d, device=x.device)
+    weight = weight.to(device=x.device, dtype=x.dtype).reshape(d, 1, d, 1)
+    pooled = (image * weight).sum(dim=(-4, -2))
+    return pooled.reshape(batch, heads, -1, dim)

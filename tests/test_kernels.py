@@ -1,0 +1,200 @@
+"""Window-attention kernels: semantics of the windows, every backend against the dense
+float64 reference, FLOP accounting and input validation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import pack_import
+
+kernels = pack_import("kernels")
+masks = pack_import("kernels.masks")
+TokenLayout, Window = kernels.TokenLayout, kernels.Window
+
+# relative error bound (Frobenius norm) of each precision against the float64 reference
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
+
+# (grid, window): grids are not multiples of the tiles (128 tokens, 8 x 8, 1 x 8 x 8)
+WINDOWS = [
+    ((11, 15), Window("band", 20)),
+    ((11, 15), Window("circle", 4)),
+    ((11, 15), Window("square", 3)),
+    ((12, 16), Window("circle", 5, pool=4)),
+    ((3, 9, 10), Window("circle", 3, temporal_radius=1)),
+    ((3, 8, 10), Window("square", 2, temporal_radius=1, pool=2)),
+]
+TEXT = [(0, True), (77, True), (77, False), (512, True), (512, False)]
+
+
+def random_inputs(layout, batch, heads, dim=16, pool=0, seed=None):
+    """Fresh random q, k, v (and pool weights) in float64; the seed is returned for the report."""
+    seed = random.randrange(2**31) if seed is None else seed
+    gen = torch.Generator().manual_seed(seed)
+    qkv = [
+        torch.randn(batch, heads, layout.seq_len, dim, generator=gen, dtype=torch.float64) for _ in range(3)
+    ]
+    weight = torch.rand(pool * pool, generator=gen, dtype=torch.float64) if pool else None
+    return qkv, weight, seed
+
+
+def rel_error(out, ref):
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def check_backend(backend, layout, window, batch, heads, dtype, dim=16):
+    (q, k, v), weight, seed = random_inputs(layout, batch, heads, dim, window.pool)
+    q, k, v = (x.to(dtype) for x in (q, k, v))  # the reference sees the same rounded inputs
+    ref = kernels.reference_attention(q.double(), k.double(), v.double(), layout, window, pool_weight=weight)
+    out = kernels.window_attention(q, k, v, layout, window, backend=backend, pool_weight=weight)
+    assert out.shape == q.shape and out.dtype == dtype
+    err = rel_error(out, ref)
+    assert err < BOUND[dtype], f"{backend} {layout} {window} {dtype}: rel err {err:.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("text_len,text_first", TEXT)
+@pytest.mark.parametrize("grid,window", WINDOWS, ids=lambda x: str(x))
+def test_torch_tiles_match_reference(grid, window, text_len, text_first, dtype):
+    batch, heads = (2, 24) if text_len == 77 else (1, 1)
+    check_backend("torch", TokenLayout(text_len, grid, text_first), window, batch, heads, dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize(
+    "grid,window",
+    [
+        ((11, 15), Window("band", 10_000)),
+        ((11, 15), Window("circle", 100)),
+        ((3, 9, 10), Window("square", 20, temporal_radius=5)),
+    ],
+    ids=["band", "circle", "square3d"],
+)
+def test_window_covering_everything_is_full_attention(backend, grid, window):
+    layout = TokenLayout(77, grid, text_first=False)
+    (q, k, v), _, seed = random_inputs(layout, 2, 3)
+    q, k, v = (x.float() for x in (q, k, v))
+    out = kernels.window_attention(q, k, v, layout, window, backend=backend)
+    assert rel_error(out, F.scaled_dot_product_attention(q, k, v).double()) < 1e-5, f"seed {seed}"
+
+
+def test_residual_is_added():
+    layout, window = TokenLayout(77, (11, 15)), Window("circle", 4)
+    (q, k, v), _, _ = random_inputs(layout, 1, 2)
+    residual = torch.randn_like(q)
+    plain = kernels.window_attention(q, k, v, layout, window)
+    assert torch.allclose(
+        kernels.window_attention(q, k, v, layout, window, residual=residual), plain + residual
+    )
+
+
+def test_scale_is_used():
+    layout, window = TokenLayout(7, (11, 15)), Window("square", 2)
+    (q, k, v), _, _ = random_inputs(layout, 1, 2)
+    ref = kernels.reference_attention(q, k, v, layout, window, scale=0.3)
+    assert rel_error(kernels.window_attention(q, k, v, layout, window, scale=0.3), ref) < 1e-6
+
+
+# --- semantics of the windows (hand-checked facts, not the implementation) ---
+
+
+def image_neighbours(layout, window, query):
+    """Image indices the image query `query` sees, from the sequence mask."""
+    keys = torch.arange(layout.seq_len + window.pooled_len(layout))
+    seen = masks.sequence_mask(layout, window)(torch.tensor(layout.image_start + query), keys)
+    image = keys[seen] - layout.image_start
+    return set(image[(image >= 0) & (image < layout.image_len)].tolist())
+
+
+def test_circle_is_strict_and_cut_at_the_edges():
+    layout = TokenLayout(0, (10, 10))
+    centre = image_neighbours(layout, Window("circle", 2), 5 * 10 + 5)
+    # dy^2 + dx^2 < 4: the plus shape of radius 1 and the diagonals (1 + 1 = 2 < 4); not (0, 2)
+    assert centre == {(5 + dy) * 10 + 5 + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    corner = image_neighbours(layout, Window("circle", 2), 0)
+    assert corner == {0, 1, 10, 11}  # cut, not shifted inward
+
+
+def test_square_band_and_temporal_radius():
+    layout = TokenLayout(0, (10, 10))
+    assert len(image_neighbours(layout, Window("square", 2), 55)) == 25
+    assert image_neighbours(layout, Window("band", 3), 1) == {0, 1, 2, 3, 4}  # symmetric, clipped
+    video = TokenLayout(0, (5, 4, 4))
+    seen = image_neighbours(video, Window("square", 0, temporal_radius=1), 2 * 16 + 5)
+    assert seen == {16 + 5, 2 * 16 + 5, 3 * 16 + 5}
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_text_and_pooled_keys(text_first):
+    layout, window = TokenLayout(3, (4, 4), text_first), Window("circle", 1, pool=2)
+    n, pooled = layout.seq_len, window.pooled_len(layout)
+    dense = masks.sequence_mask(layout, window)(torch.arange(n)[:, None], torch.arange(n + pooled)[None, :])
+    text = torch.arange(layout.text_start, layout.text_start + 3)
+    image = torch.arange(layout.image_start, layout.image_start + 16)
+    assert dense[text, :n].all() and not dense[text, n:].any()  # text sees all originals, no pooled
+    assert dense[image][:, text].all() and dense[image, n:].all()  # image sees text and pooled
+    assert dense[image][:, image].equal(torch.eye(16, dtype=torch.bool))  # radius 1: itself only
+
+
+# --- FLOPs ---
+
+
+@pytest.mark.parametrize("grid,window", WINDOWS, ids=lambda x: str(x))
+def test_flops_count_the_exact_mask(grid, window):
+    layout = TokenLayout(77, grid, text_first=False)
+    flops = kernels.attention_flops(layout, window, batch=2, heads=3, head_dim=16)
+    n = layout.seq_len
+    keys = torch.arange(n + window.pooled_len(layout))
+    kept = int(masks.sequence_mask(layout, window)(torch.arange(n)[:, None], keys[None, :]).sum())
+    per_pair = 4 * 16 * 2 * 3
+    assert flops.full == per_pair * n * n
+    assert flops.mask == per_pair * kept
+    assert flops.mask <= flops.computed
+
+
+def test_flops_fall_with_the_window():
+    layout = TokenLayout(512, (64, 64))
+    small, large = (
+        kernels.attention_flops(layout, Window("circle", r), batch=1, heads=24, head_dim=128) for r in (8, 32)
+    )
+    assert small.computed < large.computed < large.full
+
+
+# --- validation ---
+
+
+def test_validation_messages():
+    layout = TokenLayout(4, (8, 8))
+    q = torch.randn(1, 2, layout.seq_len, 8)
+    with pytest.raises(ValueError, match="tokens but the layout has"):
+        kernels.window_attention(q[:, :, 1:], q[:, :, 1:], q[:, :, 1:], layout, Window("band", 2))
+    with pytest.raises(ValueError, match="radius must be >= 1"):
+        Window("circle", 0)
+    with pytest.raises(ValueError, match="shape must be one of"):
+        Window("diamond", 2)
+    with pytest.raises(ValueError, match="must divide the image height and width"):
+        kernels.window_attention(q, q, q, layout, Window("circle", 2, pool=3))
+    with pytest.raises(ValueError, match="needs an \\(H, W\\)"):
+        kernels.window_attention(
+            torch.randn(1, 1, 68, 8),
+            *[torch.randn(1, 1, 68, 8)] * 2,
+            TokenLayout(4, (64,)),
+            Window("circle", 2),
+        )
+    with pytest.raises(ValueError, match="temporal_radius applies only"):
+        kernels.window_attention(q, q, q, layout, Window("square", 2, temporal_radius=1))
+    with pytest.raises(ValueError, match="pool\\*pool = 4"):
+        kernels.window_attention(q, q, q, layout, Window("circle", 2, pool=2), pool_weight=torch.ones(3))
+    with pytest.raises(ValueError, match="unknown backend 'cuda-magic'.*torch"):
+        kernels.window_attention(q, q, q, layout, Window("band", 2), backend="cuda-magic")
+    with pytest.raises(ValueError, match="residual must have q's shape"):
+        kernels.window_attention(q, q, q, layout, Window("band", 2), residual=q[:, :1])
+
+
+def test_available_backends_and_auto_choice():
+    assert "torch" in kernels.available_backends()
+    choose = pack_import("kernels.backends").choose_backend
+    assert choose("auto", torch.device("cpu")) == "torch"
+    assert choose("auto", torch.device("cuda")) in ("triton", "flex")
