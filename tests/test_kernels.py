@@ -3,7 +3,11 @@ float64 reference, FLOP accounting and input validation."""
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,7 +66,21 @@ def test_torch_tiles_match_reference(grid, window, text_len, text_first, dtype):
     check_backend("torch", TokenLayout(text_len, grid, text_first), window, batch, heads, dtype)
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+# FlexAttention compiles once per shape and dtype (seconds each on CPU): a few cases that
+# together cover text 0 / 77 / 512, before / after, batch 1 / 2, heads 1 / 24, both dtypes.
+FLEX_CASES = [
+    (TokenLayout(512, (11, 15), text_first=False), Window("band", 20), 1, 1, torch.float32),
+    (TokenLayout(77, (12, 16)), Window("circle", 5, pool=4), 2, 24, torch.bfloat16),
+    (TokenLayout(0, (3, 9, 10)), Window("circle", 3, temporal_radius=1), 2, 3, torch.float32),
+]
+
+
+@pytest.mark.parametrize("layout,window,batch,heads,dtype", FLEX_CASES, ids=["band", "circle-pool", "video"])
+def test_flex_matches_reference(layout, window, batch, heads, dtype):
+    check_backend("flex", layout, window, batch, heads, dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "flex"])
 @pytest.mark.parametrize(
     "grid,window",
     [
@@ -78,6 +96,66 @@ def test_window_covering_everything_is_full_attention(backend, grid, window):
     q, k, v = (x.float() for x in (q, k, v))
     out = kernels.window_attention(q, k, v, layout, window, backend=backend)
     assert rel_error(out, F.scaled_dot_product_attention(q, k, v).double()) < 1e-5, f"seed {seed}"
+
+
+# The Triton interpreter is slow and must be switched on before triton is imported: the cases
+# run in a fresh interpreter that imports the kernels package on its own (it needs no ComfyUI).
+TRITON_SCRIPT = """
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.nn.functional as F
+from kernels import TokenLayout, Window, reference_attention, window_attention
+errors = []
+for text, grid, first, window, batch, heads, dtype, residual, full in json.loads(sys.argv[2]):
+    layout, window, dtype = TokenLayout(text, tuple(grid), first), Window(**window), getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(len(errors))
+    q, k, v = (torch.randn(batch, heads, layout.seq_len, 16, generator=gen).to(dtype) for _ in range(3))
+    res = torch.randn(q.shape, generator=gen).to(dtype) if residual else None
+    out = window_attention(q, k, v, layout, window, backend="triton", residual=res).double()
+    if full:
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    else:
+        ref = reference_attention(q.double(), k.double(), v.double(), layout, window)
+    if res is not None:
+        ref = ref + res.double()
+    errors.append(float((out - ref).norm() / ref.norm()))
+print(json.dumps(errors))
+"""
+
+TRITON_CASES = [  # text, grid, text first, window, batch, heads, dtype, fused residual, compare with SDPA
+    (77, (6, 7), False, {"shape": "band", "radius": 9}, 2, 24, "bfloat16", True, False),
+    (0, (8, 8), True, {"shape": "circle", "radius": 3, "pool": 2}, 1, 1, "float32", False, False),
+    (
+        512,
+        (3, 5, 6),
+        True,
+        {"shape": "square", "radius": 1, "temporal_radius": 1},
+        1,
+        1,
+        "float32",
+        True,
+        False,
+    ),
+    (77, (6, 7), True, {"shape": "circle", "radius": 3}, 2, 1, "float32", False, False),
+    (5, (6, 7), False, {"shape": "circle", "radius": 100}, 1, 2, "float32", False, True),
+]
+
+
+def test_triton_matches_reference_in_the_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
+    repo = Path(kernels.__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT, str(repo), json.dumps(TRITON_CASES)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    errors = json.loads(run.stdout.strip().splitlines()[-1])
+    for case, err in zip(TRITON_CASES, errors, strict=True):
+        assert err < BOUND[getattr(torch, case[6])], f"triton {case}: rel err {err:.2e}"
 
 
 def test_residual_is_added():
