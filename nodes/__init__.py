@@ -2,12 +2,14 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from .inspector import AttentionInspector
+from .demo import DEMO_NODES
+from .ditfastattn import DITFASTATTN_NODES
+from .inspector import INSPECTOR_NODES
 
 
 class FastAttnExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [AttentionInspector]
+        return [*INSPECTOR_NODES, *DITFASTATTN_NODES, *DEMO_NODES]
 
 
 async def comfy_entrypoint() -> FastAttnExtension:

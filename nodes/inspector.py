@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from ..patching import patch_of
 from ..patching.probe import profile_attention
 
 
@@ -34,3 +35,36 @@ class AttentionInspector(io.ComfyNode):
     def execute(cls, model: io.Model.Type, positive: io.Conditioning.Type, latent: io.Latent.Type) -> io.NodeOutput:
         report = profile_attention(model, positive, latent).to_text()
         return io.NodeOutput(report, ui=ui.PreviewText(report))
+
+
+class AttentionReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnReport",
+            display_name="Attention Report",
+            category="FastAttn",
+            description="What a FastAttn-patched model did in its last sampling run: attention FLOPs computed "
+                        "vs. full, per technique. Connect the sampler's output so it runs after sampling.",
+            inputs=[
+                io.Model.Input("model", tooltip="The patched model given to the sampler."),
+                io.Latent.Input("samples", tooltip="The sampler's output (only orders this node after sampling)."),
+            ],
+            outputs=[io.String.Output("report", tooltip="The report as text (also shown on the node).")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model: io.Model.Type, samples: io.Latent.Type) -> io.NodeOutput:
+        patch = patch_of(model)
+        if patch is None:
+            raise ValueError("Attention Report: this model has no FastAttn patch; connect the model that a FastAttn "
+                             "node returned (the one given to the sampler).")
+        if patch.last_report is None:
+            raise ValueError("Attention Report: the patched model has not been sampled yet; connect the sampler's "
+                             "output to `samples` so this node runs after it.")
+        text = patch.last_report.summary()
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+INSPECTOR_NODES: list[type[io.ComfyNode]] = [AttentionInspector, AttentionReport]

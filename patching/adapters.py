@@ -36,7 +36,7 @@ class Adapter:
     def image_grid(self, latent_shape: torch.Size) -> tuple[int, ...]:
         """Token grid of a latent [B, C, (F,) H, W]: the model pads each axis to its patch."""
         axes = tuple(latent_shape[-len(self.patch_size):])
-        return tuple(math.ceil(size / patch) for size, patch in zip(axes, self.patch_size))
+        return tuple(math.ceil(size / patch) for size, patch in zip(axes, self.patch_size, strict=False))
 
     def text_len(self, context: torch.Tensor | None) -> int:
         """Text tokens in the joint sequence: the conditioning's length (0 without one)."""

@@ -9,7 +9,7 @@ the override replaced: calling it again does not recurse.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -68,6 +68,13 @@ class AttentionCall:
     def k_len(self) -> int:
         return self.k.shape[2] if self.skip_reshape else self.k.shape[1]
 
+    @property
+    def output_shape(self) -> torch.Size:
+        """Shape of what `func` returns for this call."""
+        if self.skip_output_reshape:
+            return torch.Size((self.batch, self.heads, self.q_len, self.head_dim))
+        return torch.Size((self.batch, self.q_len, self.heads * self.head_dim))
+
     def run_default(self) -> torch.Tensor:
         """Full attention exactly as the host would compute it (through a chained override)."""
         if self.previous_override is not None:
@@ -85,6 +92,24 @@ class AttentionCall:
         if self.skip_output_reshape:
             return out
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+    def output_heads_first(self, out: torch.Tensor) -> torch.Tensor:
+        """The inverse of format_output: a result of `func` as [B, H, N, D]."""
+        if self.skip_output_reshape:
+            return out
+        return out.reshape(out.shape[0], out.shape[1], self.heads, -1).transpose(1, 2)
+
+    def select(self, rows: slice) -> AttentionCall:
+        """The same call on a slice of the batch (a batch-sized mask is sliced with it)."""
+        args = [self.q[rows], self.k[rows], self.v[rows], *self.args[3:]]
+        kwargs = dict(self.kwargs)
+        mask = self.mask
+        if isinstance(mask, torch.Tensor) and mask.ndim > 2 and mask.shape[0] == self.batch:
+            if len(args) > 4:
+                args[4] = mask[rows]
+            else:
+                kwargs["mask"] = mask[rows]
+        return replace(self, args=tuple(args), kwargs=kwargs)
 
     def flops(self) -> int:
         """Multiply-adds x 2 of full attention for this call: QK^T and AV."""

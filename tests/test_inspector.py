@@ -33,7 +33,7 @@ def test_profile_reports_layers_layout_and_flops(arch):
     assert profile.report.architecture in text and f"Attention layers per forward: {len(layers)}" in text
     joint = [r for r in layers if r.kind == "joint"]
     if joint:
-        assert joint[0].layout.text_len == 9 and f"text tokens: 9" in text
+        assert joint[0].layout.text_len == 9 and "text tokens: 9" in text
 
 
 def test_attention_share_grows_with_resolution():

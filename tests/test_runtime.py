@@ -30,7 +30,7 @@ def _latent(arch: str, batch: int = 1, scale: int = 1) -> dict:
 def _grid(arch: str, latent: dict) -> tuple[int, ...]:
     shape = latent["samples"].shape
     patch = PATCH.get(arch, (2, 2))
-    return tuple(-(-size // p) for size, p in zip(shape[-len(patch):], patch))
+    return tuple(-(-size // p) for size, p in zip(shape[-len(patch):], patch, strict=False))
 
 
 def _prompts(arch: str, negative_len: int = TEXT_LEN) -> tuple[list, list]:

@@ -1,0 +1,139 @@
+"""DiTFastAttn's three techniques as nodes: MODEL in, patched clone out. Chain them to combine
+(window + residual followed by CFG sharing is the paper's combined mode)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..patching import install, patch_of
+from ..patching.ditfastattn import DiTFastAttn
+from ..patching.schedule import (
+    CFGSharing,
+    Schedule,
+    Scope,
+    StepRange,
+    StepSharing,
+    Technique,
+    WindowResidual,
+    WindowSize,
+    parse_layers,
+)
+
+CATEGORY = "FastAttn/DiTFastAttn"
+WINDOW_SHAPES = {
+    "band (1D over the token sequence, as the paper)": "band",
+    "square (2D / 3D neighbourhood)": "square",
+    "circle (2D / 3D neighbourhood)": "circle",
+}
+
+
+def _scope_inputs() -> list:
+    return [
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="First step the technique acts on, as a fraction of the sampling steps."),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="The technique stops before this fraction of the sampling steps."),
+        io.String.Input("layers", default="",
+                        tooltip="Attention layers to act on, as the Attention Inspector numbers them, "
+                                "e.g. '0-3, 7'. Empty: all layers."),
+    ]
+
+
+def _scope(start_percent: float, end_percent: float, layers: str) -> Scope:
+    return Scope(StepRange(start_percent, end_percent), parse_layers(layers))
+
+
+def _model_input() -> io.Model.Input:
+    return io.Model.Input("model", tooltip="The diffusion transformer (from the model loader or another FastAttn node).")
+
+
+def _with_technique(model, technique: Technique):
+    """A clone of `model` with `technique` added after the DiTFastAttn techniques it already has."""
+    existing = patch_of(model)
+    schedule = existing.method.schedule if existing and isinstance(existing.method, DiTFastAttn) else Schedule()
+    return install(model, DiTFastAttn(schedule.then(technique)))
+
+
+class WindowResidualAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnWindowResidual",
+            display_name="Window Attention + Residual (DiTFastAttn)",
+            category=CATEGORY,
+            description=(
+                "Every refresh_every-th step computes full attention and caches the residual full - window; the "
+                "steps between compute only a local window and add the cached residual. Text tokens keep full "
+                "attention both ways."
+            ),
+            inputs=[
+                _model_input(),
+                io.Combo.Input("window_shape", options=list(WINDOW_SHAPES), default=next(iter(WINDOW_SHAPES)),
+                               tooltip="band: each image token sees the tokens within the radius in sequence order. "
+                                       "square / circle: the tokens within the radius on the image grid "
+                                       "(and across frames for video)."),
+                io.Float.Input("window_fraction", default=0.125, min=0.01, max=1.0, step=0.005,
+                               tooltip="Radius per side as a fraction of the image tokens (band) or of the larger "
+                                       "grid side (square / circle). 0.125 is the paper's N/8."),
+                io.Int.Input("window_tokens", default=0, min=0, max=1 << 20,
+                             tooltip="Radius per side in tokens (band) or grid cells (square / circle); "
+                                     "0 uses window_fraction."),
+                io.Int.Input("refresh_every", default=2, min=2, max=1000,
+                             tooltip="Full attention (and a fresh residual) every this many steps; window + "
+                                     "residual in between."),
+                *_scope_inputs(),
+            ],
+            outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, window_shape: str, window_fraction: float, window_tokens: int, refresh_every: int,
+                start_percent: float, end_percent: float, layers: str) -> io.NodeOutput:
+        window = WindowSize(WINDOW_SHAPES[window_shape], window_fraction, window_tokens)
+        technique = WindowResidual(window, refresh_every, _scope(start_percent, end_percent, layers))
+        return io.NodeOutput(_with_technique(model, technique))
+
+
+class StepSharingAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnStepSharing",
+            display_name="Attention Sharing Across Steps (DiTFastAttn)",
+            category=CATEGORY,
+            description="Computes attention every compute_every-th step and reuses each layer's last output "
+                        "(per batch half) in between.",
+            inputs=[
+                _model_input(),
+                io.Int.Input("compute_every", default=2, min=2, max=1000,
+                             tooltip="Attention is computed at every this-many-th step of the range, reused between."),
+                *_scope_inputs(),
+            ],
+            outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, compute_every: int, start_percent: float, end_percent: float, layers: str) -> io.NodeOutput:
+        technique = StepSharing(compute_every, _scope(start_percent, end_percent, layers))
+        return io.NodeOutput(_with_technique(model, technique))
+
+
+class CFGSharingAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnCFGSharing",
+            display_name="Attention Sharing Across CFG (DiTFastAttn)",
+            category=CATEGORY,
+            description="Computes attention for the conditional half only and gives the unconditional half a "
+                        "copy. Does nothing at CFG 1 (no unconditional half).",
+            inputs=[_model_input(), *_scope_inputs()],
+            outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, start_percent: float, end_percent: float, layers: str) -> io.NodeOutput:
+        return io.NodeOutput(_with_technique(model, CFGSharing(_scope(start_percent, end_percent, layers))))
+
+
+DITFASTATTN_NODES: list[type[io.ComfyNode]] = [WindowResidualAttention, StepSharingAttention, CFGSharingAttention]

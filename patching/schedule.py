@@ -1,0 +1,169 @@
+"""DiTFastAttn's techniques as data, and the choice they make for each (step, layer).
+
+Each node adds one technique; a chain of nodes is a tuple of techniques. For one attention
+call the schedule answers: reuse the layer's output of an earlier step (step sharing), or
+compute it, with a window plus the cached residual (window attention with residual sharing)
+or in full, and in both cases for the conditional half only, copied to the unconditional
+half (CFG sharing). When two techniques of the same kind cover a call, the later node wins.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from ..kernels import TokenLayout, Window
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """The steps a technique acts on, as fractions of the schedule: start <= step/total < end."""
+
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"start/end percent must satisfy 0 <= start <= end <= 1, got {self.start} and {self.end}")
+
+    def first_step(self, total_steps: int) -> int:
+        return _ceil(self.start * total_steps)
+
+    def contains(self, step: int, total_steps: int) -> bool:
+        return self.first_step(total_steps) <= step < _ceil(self.end * total_steps)
+
+
+def _ceil(x: float) -> int:
+    return int(-(-round(x, 9) // 1))
+
+
+def parse_layers(text: str) -> frozenset[int] | None:
+    """'0-3, 7' -> {0, 1, 2, 3, 7}; empty -> None (all layers). Numbers as the Attention
+    Inspector lists them: the order of attention calls in one forward, from 0."""
+    text = text.strip()
+    if not text:
+        return None
+    layers: set[int] = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise ValueError(f"layers: cannot read {part.strip()!r} in {text!r}; write numbers and ranges like '0-3, 7'")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        if last < first:
+            raise ValueError(f"layers: range {part.strip()!r} runs backwards; write it as '{last}-{first}'")
+        layers.update(range(first, last + 1))
+    return frozenset(layers)
+
+
+@dataclass(frozen=True)
+class Scope:
+    steps: StepRange = StepRange()
+    layers: frozenset[int] | None = None  # None: every layer
+
+    def covers(self, step: int, total_steps: int, layer: int) -> bool:
+        return self.steps.contains(step, total_steps) and (self.layers is None or layer in self.layers)
+
+
+@dataclass(frozen=True)
+class WindowSize:
+    """A window as a fraction of the image (per side) or in tokens per side.
+
+    band: radius = fraction x image tokens; circle/square: radius = fraction x the larger grid
+    side (and temporal radius = fraction x frames for video). `tokens` > 0 overrides fraction."""
+
+    shape: Literal["band", "circle", "square"] = "band"
+    fraction: float = 0.125
+    tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tokens < 0 or not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"window: fraction must be in (0, 1] and tokens >= 0, got {self.fraction} and {self.tokens}")
+
+    def window_for(self, layout: TokenLayout) -> Window:
+        if self.shape == "band":
+            return Window("band", self.tokens or max(1, round(self.fraction * layout.image_len)))
+        spatial = max(layout.grid[-2:])
+        radius = self.tokens or max(1, round(self.fraction * spatial))
+        temporal = max(0, round(self.fraction * layout.grid[0])) if len(layout.grid) == 3 else 0
+        return Window(self.shape, radius, temporal_radius=temporal)
+
+
+@dataclass(frozen=True)
+class WindowResidual:
+    """Window attention with residual sharing: full attention every `refresh_every` steps of
+    its range (caching full - window), window + cached residual in between."""
+
+    window: WindowSize = WindowSize()
+    refresh_every: int = 2
+    scope: Scope = Scope()
+
+    def __post_init__(self) -> None:
+        if self.refresh_every < 2:
+            raise ValueError(f"refresh_every must be >= 2 (1 would compute full attention at every step), got {self.refresh_every}")
+
+
+@dataclass(frozen=True)
+class StepSharing:
+    """Attention sharing across steps: compute every `compute_every`-th step of the range,
+    reuse the layer's last computed output in between."""
+
+    compute_every: int = 2
+    scope: Scope = Scope()
+
+    def __post_init__(self) -> None:
+        if self.compute_every < 2:
+            raise ValueError(f"compute_every must be >= 2 (1 would share nothing), got {self.compute_every}")
+
+
+@dataclass(frozen=True)
+class CFGSharing:
+    """Attention sharing across CFG: compute the conditional half, copy it to the unconditional."""
+
+    scope: Scope = Scope()
+
+
+Technique = Union[WindowResidual, StepSharing, CFGSharing]
+
+
+@dataclass(frozen=True)
+class Choice:
+    compute: Literal["full", "window", "reuse"]
+    share_cfg: bool = False
+    window: WindowSize | None = None  # for "window"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    techniques: tuple[Technique, ...] = ()
+
+    def then(self, technique: Technique) -> Schedule:
+        return Schedule((*self.techniques, technique))
+
+    def _last(self, kind: type, step: int, total_steps: int, layer: int):
+        found = None
+        for technique in self.techniques:
+            if isinstance(technique, kind) and technique.scope.covers(step, total_steps, layer):
+                found = technique
+        return found
+
+    def choose(self, step: int, total_steps: int, layer: int) -> Choice:
+        share_cfg = self._last(CFGSharing, step, total_steps, layer) is not None
+        sharing = self._last(StepSharing, step, total_steps, layer)
+        if sharing is not None and (step - sharing.scope.steps.first_step(total_steps)) % sharing.compute_every:
+            return Choice("reuse", share_cfg)
+        windowed = self._last(WindowResidual, step, total_steps, layer)
+        if windowed is None:
+            return Choice("full", share_cfg)
+        if (step - windowed.scope.steps.first_step(total_steps)) % windowed.refresh_every == 0:
+            return Choice("full", share_cfg)
+        return Choice("window", share_cfg, windowed.window)
+
+    def residual_window(self, step: int, total_steps: int, layer: int) -> WindowSize | None:
+        """At a full step: the window of the next step that computes this layer, if it uses
+        one; the residual full - window is only worth computing then."""
+        for later in range(step + 1, total_steps):
+            choice = self.choose(later, total_steps, layer)
+            if choice.compute != "reuse":
+                return choice.window
+        return None

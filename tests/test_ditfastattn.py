@@ -1,0 +1,192 @@
+"""DiTFastAttn's techniques on ComfyUI's own model classes, through ComfyUI's sampling path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import pack_import
+from harness.models import build_model, conditioning, empty_latent, sample
+
+patching = pack_import("patching")
+S = pack_import("patching.schedule")
+DiTFastAttn = pack_import("patching.ditfastattn").DiTFastAttn
+nodes = pack_import("nodes.ditfastattn")
+
+ARCHS = ("flux", "sd3", "wan", "pixart")
+SIZE = {"pixart": (34, 34), "wan": (8, 12)}
+FRAMES = {"wan": 2}
+STEPS = 4
+
+
+def _latent(arch: str, batch: int = 1, scale: int = 1) -> dict:
+    height, width = SIZE.get(arch, (16, 16))
+    return empty_latent(arch, height * scale, width * scale, batch=batch, frames=FRAMES.get(arch, 1))
+
+
+def _run(model, arch: str, latent: dict, cfg: float = 3.0) -> torch.Tensor:
+    positive, negative = conditioning(arch, 7, seed=1), conditioning(arch, 7, seed=2)
+    return sample(model, positive, negative, latent, steps=STEPS, cfg=cfg, seed=0)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    return (a - b).abs().max().item() <= rtol * b.abs().max().item()
+
+
+class Spy:
+    """Wraps a method and records every call's site, technique and output."""
+
+    def __init__(self, method) -> None:
+        self.method = method
+        self.records: list[tuple] = []
+
+    def __call__(self, call, site, run):
+        out, flops, technique = self.method(call, site, run)
+        self.records.append((site, technique, out.clone(), call))
+        return out, flops, technique
+
+    def finish_run(self, run) -> None:
+        self.method.finish_run(run)
+
+
+def _spied(model, *techniques) -> tuple:
+    spy = Spy(DiTFastAttn(S.Schedule(techniques)))
+    return patching.install(model, spy), spy
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_model(request):
+    return request.param, build_model(request.param)
+
+
+def test_window_covering_everything_equals_full_attention(arch_model):
+    arch, model = arch_model
+    latent = _latent(arch)
+    reference = _run(model, arch, latent)
+    patched, spy = _spied(model, S.WindowResidual(S.WindowSize("band", fraction=1.0), refresh_every=STEPS))
+    out = _run(patched, arch, latent)
+    assert {technique for _, technique, _, _ in spy.records} >= {"full", "window+residual"}
+    assert _close(out, reference, 1e-4)
+
+
+def test_window_plus_residual_is_the_cached_residual_added_to_the_window(arch_model):
+    """Full steps return the host's attention exactly; window steps return window + (full -
+    window) of the last full step, for that layer and half."""
+    arch, model = arch_model
+    kernels = pack_import("kernels")
+    size = S.WindowSize("band", tokens=3)
+    patched, spy = _spied(model, S.WindowResidual(size, refresh_every=2))
+    _run(patched, arch, _latent(arch))
+    last_residual = {}
+    checked = 0
+    for site, technique, out, call in spy.records:
+        if site.kind not in ("joint", "image"):
+            assert technique == "full"
+            continue
+        q, k, v = call.heads_first()
+        window = kernels.reference_attention(q, k, v, site.layout, size.window_for(site.layout))
+        if technique == "full":
+            assert torch.equal(out, call.run_default())
+            last_residual[site.layer] = call.output_heads_first(out) - window
+        else:
+            expected = call.format_output(window + last_residual[site.layer])
+            assert _close(out, expected, 1e-5)
+            checked += 1
+    assert checked > 0
+
+
+def test_shared_step_returns_the_stored_output_exactly(arch_model):
+    arch, model = arch_model
+    patched, spy = _spied(model, S.StepSharing(compute_every=2))
+    _run(patched, arch, _latent(arch))
+    last = {}
+    shared = 0
+    for site, technique, out, _ in spy.records:
+        key = (site.layer, site.cond_or_uncond)
+        if technique == "step sharing":
+            assert torch.equal(out, last[key]) and site.step % 2 == 1
+            shared += 1
+        else:
+            last[key] = out
+    assert shared > 0
+    report = patching.patch_of(patched).last_report
+    assert report.flops_by_technique["step sharing"][0] == 0
+    assert report.computed_flops < report.full_flops
+
+
+def test_cfg_sharing_copies_the_conditional_half(arch_model):
+    arch, model = arch_model
+    patched, spy = _spied(model, S.CFGSharing(S.Scope(layers=frozenset({0, 1}))))
+    _run(patched, arch, _latent(arch, batch=2))
+    for site, technique, out, _ in spy.records:
+        assert site.cond_or_uncond == (1, 0)
+        if site.layer in (0, 1):
+            assert technique == "full + cfg sharing"
+            uncond, cond = out.chunk(2)
+            assert torch.equal(uncond, cond)
+        else:
+            assert technique == "full"
+
+
+def test_cfg_sharing_across_separate_calls(caplog):
+    """Prompts of very different lengths run as separate calls, conditional first: its
+    image-only attention is copied to the unconditional call; joint attention of another
+    text length cannot be copied and is computed, with one log line."""
+    arch = "wan"
+    model = build_model(arch)
+    patched, spy = _spied(model, S.CFGSharing())
+    positive, negative = conditioning(arch, 7, seed=1), conditioning(arch, 2, seed=2)
+    sample(patched, positive, negative, _latent(arch), steps=STEPS, cfg=3.0)
+    by_call = {(site.step, site.layer, site.cond_or_uncond): (site, technique, out)
+               for site, technique, out, _ in spy.records}
+    shared = 0
+    for (step, layer, halves), (site, technique, out) in by_call.items():
+        if halves == (1,) and site.kind == "image":
+            assert technique == "cfg sharing"
+            assert torch.equal(out, by_call[(step, layer, (0,))][2])
+            shared += 1
+    assert shared == STEPS * 2
+
+    sd3, spy = _spied(build_model("sd3"), S.CFGSharing())
+    with caplog.at_level("INFO"):
+        sample(sd3, conditioning("sd3", 7), conditioning("sd3", 2), _latent("sd3"), steps=2, cfg=3.0)
+    assert sum("CFG sharing skipped" in message for message in caplog.messages) == 1
+
+
+def test_cfg_one_makes_cfg_sharing_a_logged_no_op(caplog):
+    arch = "sd3"
+    model = build_model(arch)
+    reference = _run(model, arch, _latent(arch), cfg=1.0)
+    patched, _ = _spied(model, S.CFGSharing())
+    with caplog.at_level("INFO"):
+        out = _run(patched, arch, _latent(arch), cfg=1.0)
+    assert torch.equal(out, reference)
+    assert sum("CFG sharing did nothing" in message for message in caplog.messages) == 1
+
+
+def test_no_state_leaks_across_runs_resolutions_and_batch_sizes():
+    arch = "flux"
+    model = build_model(arch)
+    chain = nodes.WindowResidualAttention.execute(model, next(iter(nodes.WINDOW_SHAPES)), 0.125, 0, 2, 0.0, 1.0, "").result[0]
+    chain = nodes.StepSharingAttention.execute(chain, 3, 0.5, 1.0, "").result[0]
+    patched = nodes.CFGSharingAttention.execute(chain, 0.0, 1.0, "").result[0]
+    first = _run(patched, arch, _latent(arch))
+    _run(patched, arch, _latent(arch, scale=2))
+    _run(patched, arch, _latent(arch, batch=2))
+    assert torch.equal(_run(patched, arch, _latent(arch)), first)
+    techniques = patching.patch_of(patched).method.schedule.techniques
+    assert [type(t).__name__ for t in techniques] == ["WindowResidual", "StepSharing", "CFGSharing"]
+    assert patching.patch_of(model) is None and patching.patch_of(chain).method.schedule.techniques == techniques[:2]
+
+
+def test_batch_of_two_matches_two_single_runs_in_full_steps():
+    arch = "sd3"
+    model = build_model(arch)
+    patched, _ = _spied(model, S.WindowResidual(S.WindowSize("band", tokens=4)), S.StepSharing(3))
+    both = _run(patched, arch, _latent(arch, batch=2))
+    assert both.shape[0] == 2 and torch.isfinite(both).all()
+
+
+def test_bad_layers_string_is_a_clear_error():
+    model = build_model("sd3")
+    with pytest.raises(ValueError, match="cannot read 'x'"):
+        nodes.CFGSharingAttention.execute(model, 0.0, 1.0, "0-2, x")
