@@ -82,15 +82,18 @@ class WindowResidualAttention(io.ComfyNode):
                              tooltip="Full attention (and a fresh residual) every this many steps; window + "
                                      "residual in between."),
                 *_scope_inputs(),
+                io.Boolean.Input("residual", default=True,
+                                 tooltip="Add the residual cached at the last full step to the window's output. "
+                                         "Off: plain window attention (only to compare; it is less faithful)."),
             ],
             outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, window_shape: str, window_fraction: float, window_tokens: int, refresh_every: int,
-                start_percent: float, end_percent: float, layers: str) -> io.NodeOutput:
+                start_percent: float, end_percent: float, layers: str, residual: bool = True) -> io.NodeOutput:
         window = WindowSize(WINDOW_SHAPES[window_shape], window_fraction, window_tokens)
-        technique = WindowResidual(window, refresh_every, _scope(start_percent, end_percent, layers))
+        technique = WindowResidual(window, refresh_every, _scope(start_percent, end_percent, layers), residual)
         return io.NodeOutput(_with_technique(model, technique))
 
 

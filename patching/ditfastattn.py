@@ -69,11 +69,12 @@ class DiTFastAttn:
         layout = site.layout if site.kind in WINDOWED_KINDS and call.mask is None else None
         if choice.compute == "window" and layout is not None:
             q, k, v = call.heads_first()
-            residual = _gather(run, "residual", site.layer, halves, q.shape)
-            if residual is not None:
+            residual = _gather(run, "residual", site.layer, halves, q.shape) if choice.residual else None
+            if residual is not None or not choice.residual:
                 window = choice.window.window_for(layout)
                 out = window_attention(q, k, v, layout, window, residual=residual, backend=self.backend)
-                return call.format_output(out), self._flops(call, layout, window), "window+residual"
+                technique = "window+residual" if choice.residual else "window"
+                return call.format_output(out), self._flops(call, layout, window), technique
         out = call.run_default()
         flops = call.flops()
         residual_window = self.schedule.residual_window(site.step, site.total_steps, site.layer)

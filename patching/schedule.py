@@ -97,6 +97,7 @@ class WindowResidual:
     window: WindowSize = WindowSize()
     refresh_every: int = 2
     scope: Scope = Scope()
+    residual: bool = True  # False: plain window attention between refreshes (the paper's ablation)
 
     def __post_init__(self) -> None:
         if self.refresh_every < 2:
@@ -131,6 +132,7 @@ class Choice:
     compute: Literal["full", "window", "reuse"]
     share_cfg: bool = False
     window: WindowSize | None = None  # for "window"
+    residual: bool = True  # for "window": add the residual cached at the last full step
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ class Schedule:
             return Choice("full", share_cfg)
         if (step - windowed.scope.steps.first_step(total_steps)) % windowed.refresh_every == 0:
             return Choice("full", share_cfg)
-        return Choice("window", share_cfg, windowed.window)
+        return Choice("window", share_cfg, windowed.window, windowed.residual)
 
     def residual_window(self, step: int, total_steps: int, layer: int) -> WindowSize | None:
         """At a full step: the window of the next step that computes this layer, if it uses
@@ -165,5 +167,5 @@ class Schedule:
         for later in range(step + 1, total_steps):
             choice = self.choose(later, total_steps, layer)
             if choice.compute != "reuse":
-                return choice.window
+                return choice.window if choice.residual else None
         return None

@@ -190,3 +190,17 @@ def test_bad_layers_string_is_a_clear_error():
     model = build_model("sd3")
     with pytest.raises(ValueError, match="cannot read 'x'"):
         nodes.CFGSharingAttention.execute(model, 0.0, 1.0, "0-2, x")
+
+
+def test_plain_window_without_residual_is_only_the_window():
+    arch = "sd3"
+    kernels = pack_import("kernels")
+    size = S.WindowSize("band", tokens=3)
+    patched, spy = _spied(build_model(arch), S.WindowResidual(size, refresh_every=2, residual=False))
+    _run(patched, arch, _latent(arch))
+    windowed = [(site, out, call) for site, technique, out, call in spy.records if technique == "window"]
+    assert windowed
+    for site, out, call in windowed:
+        q, k, v = call.heads_first()
+        expected = call.format_output(kernels.reference_attention(q, k, v, site.layout, size.window_for(site.layout)))
+        assert _close(out, expected, 1e-5)

@@ -66,3 +66,9 @@ def test_window_sizes():
     assert S.WindowSize("circle", 0.25).window_for(layout) == kernels.Window("circle", 16)
     video = kernels.TokenLayout(0, (8, 32, 32))
     assert S.WindowSize("square", 0.25).window_for(video) == kernels.Window("square", 8, temporal_radius=2)
+
+
+def test_plain_window_needs_no_residual():
+    sched = S.Schedule((S.WindowResidual(refresh_every=2, residual=False),))
+    assert sched.choose(1, 4, 0) == S.Choice("window", False, S.WindowSize(), residual=False)
+    assert sched.residual_window(0, 4, 0) is None
