@@ -11,7 +11,7 @@ PACK_LINK    := $(COMFYUI_PATH)/custom_nodes/comfyui_fastattn
 READY        := $(VENV)/.ready
 export COMFYUI_PATH
 
-.PHONY: setup test bench serve lint clean
+.PHONY: setup test bench demo serve lint clean
 
 setup: $(READY) $(PACK_LINK)
 
@@ -45,6 +45,9 @@ test: setup
 
 bench: setup
 	$(PY) tests/benchmarks/run_all.py
+
+demo: setup
+	$(PY) demo/run_demo.py
 
 serve: setup
 	cd $(COMFYUI_PATH) && $(PY) main.py --cpu --use-pytorch-cross-attention --listen 127.0.0.1 --port 8188

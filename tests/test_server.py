@@ -4,7 +4,10 @@ run through the API queue, and a bad input gives a clear error without harming t
 from __future__ import annotations
 
 import pytest
+from harness import pack_import
 from harness.server import ComfyServer
+
+workflows = pack_import("demo.workflows")
 
 DEMO_MODEL = "fastattn_demo_sd3.safetensors"
 
@@ -53,3 +56,13 @@ def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(server):
     good = server.run(inspector_graph("a blue square on a white background", size=256))
     assert good.status == "success", good.error
     assert "Image tokens: 256 (grid 16 x 16)" in "".join(good.outputs("4")["text"])
+
+
+@pytest.mark.parametrize("technique", list(workflows.TECHNIQUES))
+def test_every_demo_workflow_runs_through_the_queue(server, technique):
+    """The API twins of example_workflows/, small and short."""
+    result = server.run(workflows.demo_graph(technique, size=128, steps=3, prefix=f"test_{technique}"))
+    assert result.status == "success", result.error
+    assert result.outputs("save")["images"][0]["filename"].startswith(f"test_{technique}")
+    if technique != "baseline":
+        assert "attention FLOPs computed" in "".join(result.outputs("report")["text"])

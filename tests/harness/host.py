@@ -53,6 +53,21 @@ def _load_pack(path: Path) -> ModuleType:
     return sys.modules[module_path.replace(".", "_x_")]
 
 
+def node_io(class_type: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """A registered node's inputs as (name, type) in order ("COMBO" for a list of choices),
+    and its output types, as the host defines them."""
+    import nodes
+
+    node = nodes.NODE_CLASS_MAPPINGS[class_type]
+    types = node.INPUT_TYPES()
+    inputs = [
+        (name, spec[0] if isinstance(spec[0], str) else "COMBO")
+        for section in ("required", "optional")
+        for name, spec in types.get(section, {}).items()
+    ]
+    return inputs, list(node.RETURN_TYPES)
+
+
 def pack_import(name: str) -> ModuleType:
     """Import a submodule of the loaded pack, e.g. pack_import("kernels.window")."""
     return importlib.import_module(f"{PACK.__name__}.{name}")

@@ -48,6 +48,14 @@ class PromptResult:
     def outputs(self, node_id: str) -> dict:
         return self.history["outputs"].get(node_id, {})
 
+    def seconds_in(self, node_id: str) -> float:
+        """Wall time the server spent in one node, from the websocket's `executing` messages."""
+        starts = [m["received"] for m in self.messages if m["type"] == "executing"]
+        nodes = [m["data"].get("node") for m in self.messages if m["type"] == "executing"]
+        index = nodes.index(node_id)
+        end = starts[index + 1] if index + 1 < len(starts) else self.messages[-1]["received"]
+        return end - starts[index]
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -56,8 +64,10 @@ def _free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, scratch: Path, extra_model_paths: Path | None = None, start_timeout: float = 180.0) -> None:
+    def __init__(self, scratch: Path, extra_model_paths: Path | None = None, start_timeout: float = 180.0,
+                 output_dir: Path | None = None) -> None:
         self.scratch = scratch
+        self.output_dir = output_dir or scratch / "output"
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.client_id = uuid.uuid4().hex
@@ -67,12 +77,13 @@ class ComfyServer:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> ComfyServer:
-        for name in ("output", "temp", "user", "input"):
+        for name in ("temp", "user", "input"):
             (self.scratch / name).mkdir(parents=True, exist_ok=True)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention",
             "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
-            "--output-directory", str(self.scratch / "output"), "--temp-directory", str(self.scratch / "temp"),
+            "--output-directory", str(self.output_dir), "--temp-directory", str(self.scratch / "temp"),
             "--input-directory", str(self.scratch / "input"), "--user-directory", str(self.scratch / "user"),
             "--database-url", "sqlite:///:memory:",
         ]
@@ -158,6 +169,7 @@ class ComfyServer:
             message = json.loads(raw)
             if message.get("data", {}).get("prompt_id") != prompt_id:
                 continue
+            message["received"] = time.monotonic()
             messages.append(message)
             kind = message["type"]
             if kind in ("execution_error", "execution_interrupted", "execution_success"):

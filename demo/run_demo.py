@@ -1,0 +1,81 @@
+"""`make demo`: the demo model through a real headless ComfyUI, every technique, one table.
+
+Starts the host with the pack (torch SDPA attention, CPU), queues the demo workflows through
+the API queue (baseline first, then each technique), saves the images in output/, and prints
+wall time of the sampler, speedup, attention FLOPs kept, PSNR and SSIM against the baseline.
+
+    .venv/bin/python demo/run_demo.py [--size 1024] [--steps 20] [--write-workflows]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from harness import node_io, pack_import  # noqa: E402  (loads ComfyUI and the pack in this process)
+from harness.server import ComfyServer  # noqa: E402
+
+workflows = pack_import("demo.workflows")
+metrics = pack_import("demo.metrics")
+
+
+def _image(server: ComfyServer, result) -> tuple[Path, torch.Tensor]:
+    saved = result.outputs("save")["images"][0]
+    path = server.output_dir / saved.get("subfolder", "") / saved["filename"]
+    return path, torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0)
+
+
+def _kept(result) -> str:
+    text = "".join(result.outputs("report").get("text", []))
+    match = re.search(r"attention FLOPs computed ([\d.]+)% of full", text)
+    return f"{match.group(1)}%" if match else "100%"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024, help="image size given to EmptySD3LatentImage")
+    parser.add_argument("--steps", type=int, default=workflows.SAMPLER["steps"])
+    parser.add_argument("--write-workflows", action="store_true",
+                        help="only (re)write example_workflows/ from demo/workflows.py")
+    args = parser.parse_args(argv)
+    if args.write_workflows:
+        for path in workflows.write_example_workflows(node_io):
+            print(f"wrote {path.relative_to(REPO)}")
+        return
+    output = REPO / "output"
+    with ComfyServer(output / ".server", output_dir=output) as server:
+        inspected = server.run(workflows.inspector_graph(args.size))
+        if inspected.status != "success":
+            raise SystemExit(f"the inspector graph failed: {inspected.error}")
+        print("".join(inspected.outputs("inspector")["text"]), "\n", flush=True)
+        rows, baseline = [], None
+        for name in workflows.TECHNIQUES:
+            result = server.run(workflows.demo_graph(name, args.size, args.steps))
+            if result.status != "success":
+                raise SystemExit(f"workflow {name} failed: {result.error}")
+            seconds = result.seconds_in("sampler")
+            path, image = _image(server, result)
+            baseline = baseline or (seconds, image)
+            rows.append((name, seconds, baseline[0] / seconds, _kept(result),
+                         metrics.psnr(image, baseline[1]), metrics.ssim(image, baseline[1]), path))
+            print(f"{name}: {seconds:.1f} s -> {path.relative_to(REPO)}", flush=True)
+    tokens = (args.size // 16) ** 2
+    print(f"\nDemo model, {args.size}x{args.size} ({tokens} image tokens), {args.steps} steps, CFG "
+          f"{workflows.SAMPLER['cfg']}, CPU, torch SDPA baseline\n")
+    print("| workflow | sampler wall time s | speedup | attention FLOPs kept | PSNR dB | SSIM |")
+    print("|---|---|---|---|---|---|")
+    for name, seconds, speedup, kept, psnr, ssim, _ in rows:
+        print(f"| {name} | {seconds:.1f} | {speedup:.2f}x | {kept} | {psnr:.1f} | {ssim:.3f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
