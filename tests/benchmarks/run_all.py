@@ -14,6 +14,7 @@ HERE = Path(__file__).resolve().parent
 
 def main(names: list[str]) -> None:
     sys.path.insert(0, str(HERE.parent))  # the `harness` package
+    import harness  # noqa: F401  (loads ComfyUI and the pack before any script imports `comfy`)
     scripts = sorted(HERE.glob("bench_*.py"))
     if names:
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in names]
