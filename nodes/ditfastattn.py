@@ -43,8 +43,20 @@ def _scope(start_percent: float, end_percent: float, layers: str) -> Scope:
     return Scope(StepRange(start_percent, end_percent), parse_layers(layers))
 
 
-def _model_input() -> io.Model.Input:
-    return io.Model.Input("model", tooltip="The diffusion transformer (from the model loader or another FastAttn node).")
+def _technique_schema(node_id: str, display_name: str, description: str, inputs: list) -> io.Schema:
+    """Every technique node: MODEL, its own inputs, the step range and layers; MODEL out."""
+    return io.Schema(
+        node_id=node_id,
+        display_name=display_name,
+        category=CATEGORY,
+        description=description,
+        inputs=[
+            io.Model.Input("model", tooltip="The diffusion transformer (from the model loader or another FastAttn node)."),
+            *inputs,
+            *_scope_inputs(),
+        ],
+        outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
+    )
 
 
 def _with_technique(model, technique: Technique):
@@ -57,17 +69,13 @@ def _with_technique(model, technique: Technique):
 class WindowResidualAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FastAttnWindowResidual",
-            display_name="Window Attention + Residual (DiTFastAttn)",
-            category=CATEGORY,
-            description=(
-                "Every refresh_every-th step computes full attention and caches the residual full - window; the "
-                "steps between compute only a local window and add the cached residual. Text tokens keep full "
-                "attention both ways."
-            ),
-            inputs=[
-                _model_input(),
+        return _technique_schema(
+            "FastAttnWindowResidual",
+            "Window Attention + Residual (DiTFastAttn)",
+            "Every refresh_every-th step computes full attention and caches the residual full - window; the steps "
+            "between compute only a local window and add the cached residual. Text tokens keep full attention "
+            "both ways.",
+            [
                 io.Combo.Input("window_shape", options=list(WINDOW_SHAPES), default=next(iter(WINDOW_SHAPES)),
                                tooltip="band: each image token sees the tokens within the radius in sequence order. "
                                        "square / circle: the tokens within the radius on the image grid "
@@ -81,17 +89,15 @@ class WindowResidualAttention(io.ComfyNode):
                 io.Int.Input("refresh_every", default=2, min=2, max=1000,
                              tooltip="Full attention (and a fresh residual) every this many steps; window + "
                                      "residual in between."),
-                *_scope_inputs(),
                 io.Boolean.Input("residual", default=True,
                                  tooltip="Add the residual cached at the last full step to the window's output. "
                                          "Off: plain window attention (only to compare; it is less faithful)."),
             ],
-            outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
         )
 
     @classmethod
     def execute(cls, model, window_shape: str, window_fraction: float, window_tokens: int, refresh_every: int,
-                start_percent: float, end_percent: float, layers: str, residual: bool = True) -> io.NodeOutput:
+                residual: bool, start_percent: float, end_percent: float, layers: str) -> io.NodeOutput:
         window = WindowSize(WINDOW_SHAPES[window_shape], window_fraction, window_tokens)
         technique = WindowResidual(window, refresh_every, _scope(start_percent, end_percent, layers), residual)
         return io.NodeOutput(_with_technique(model, technique))
@@ -100,19 +106,13 @@ class WindowResidualAttention(io.ComfyNode):
 class StepSharingAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FastAttnStepSharing",
-            display_name="Attention Sharing Across Steps (DiTFastAttn)",
-            category=CATEGORY,
-            description="Computes attention every compute_every-th step and reuses each layer's last output "
-                        "(per batch half) in between.",
-            inputs=[
-                _model_input(),
-                io.Int.Input("compute_every", default=2, min=2, max=1000,
-                             tooltip="Attention is computed at every this-many-th step of the range, reused between."),
-                *_scope_inputs(),
-            ],
-            outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
+        return _technique_schema(
+            "FastAttnStepSharing",
+            "Attention Sharing Across Steps (DiTFastAttn)",
+            "Computes attention every compute_every-th step and reuses each layer's last output (per batch half) "
+            "in between.",
+            [io.Int.Input("compute_every", default=2, min=2, max=1000,
+                          tooltip="Attention is computed at every this-many-th step of the range, reused between.")],
         )
 
     @classmethod
@@ -124,14 +124,12 @@ class StepSharingAttention(io.ComfyNode):
 class CFGSharingAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="FastAttnCFGSharing",
-            display_name="Attention Sharing Across CFG (DiTFastAttn)",
-            category=CATEGORY,
-            description="Computes attention for the conditional half only and gives the unconditional half a "
-                        "copy. Does nothing at CFG 1 (no unconditional half).",
-            inputs=[_model_input(), *_scope_inputs()],
-            outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
+        return _technique_schema(
+            "FastAttnCFGSharing",
+            "Attention Sharing Across CFG (DiTFastAttn)",
+            "Computes attention for the conditional half only and gives the unconditional half a copy. Does "
+            "nothing at CFG 1 (no unconditional half).",
+            [],
         )
 
     @classmethod

@@ -166,7 +166,9 @@ def test_cfg_one_makes_cfg_sharing_a_logged_no_op(caplog):
 def test_no_state_leaks_across_runs_resolutions_and_batch_sizes():
     arch = "flux"
     model = build_model(arch)
-    chain = nodes.WindowResidualAttention.execute(model, next(iter(nodes.WINDOW_SHAPES)), 0.125, 0, 2, 0.0, 1.0, "").result[0]
+    chain = nodes.WindowResidualAttention.execute(
+        model, window_shape=next(iter(nodes.WINDOW_SHAPES)), window_fraction=0.125, window_tokens=0, refresh_every=2,
+        residual=True, start_percent=0.0, end_percent=1.0, layers="").result[0]
     chain = nodes.StepSharingAttention.execute(chain, 3, 0.5, 1.0, "").result[0]
     patched = nodes.CFGSharingAttention.execute(chain, 0.0, 1.0, "").result[0]
     first = _run(patched, arch, _latent(arch))
