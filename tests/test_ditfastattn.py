@@ -180,12 +180,17 @@ def test_no_state_leaks_across_runs_resolutions_and_batch_sizes():
     assert patching.patch_of(model) is None and patching.patch_of(chain).method.schedule.techniques == techniques[:2]
 
 
-def test_batch_of_two_matches_two_single_runs_in_full_steps():
-    arch = "sd3"
+@pytest.mark.parametrize("arch", ["sd3", "wan"])
+def test_batch_of_two_keeps_each_image_as_it_would_be_alone(arch):
+    """The first image of a batch of two (its noise is the same) comes out as when sampled alone:
+    caches are kept per batch half and the halves are split correctly."""
     model = build_model(arch)
-    patched, _ = _spied(model, S.WindowResidual(S.WindowSize("band", tokens=4)), S.StepSharing(3))
+    patched, _ = _spied(model, S.WindowResidual(S.WindowSize("band", tokens=4)), S.StepSharing(3),
+                        S.CFGSharing(S.Scope(S.StepRange(0.0, 0.5))))
+    alone = _run(patched, arch, _latent(arch))
     both = _run(patched, arch, _latent(arch, batch=2))
-    assert both.shape[0] == 2 and torch.isfinite(both).all()
+    assert both.shape[0] == 2 and not torch.equal(both[0], both[1])
+    assert _close(both[:1], alone, 1e-4)
 
 
 def test_bad_layers_string_is_a_clear_error():
