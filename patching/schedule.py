@@ -9,6 +9,7 @@ half (CFG sharing). When two techniques of the same kind cover a call, the later
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal, Union
@@ -149,6 +150,7 @@ class Schedule:
                 found = technique
         return found
 
+    @functools.lru_cache(maxsize=65536)  # noqa: B019  (schedules are small, immutable and few)
     def choose(self, step: int, total_steps: int, layer: int) -> Choice:
         share_cfg = self._last(CFGSharing, step, total_steps, layer) is not None
         sharing = self._last(StepSharing, step, total_steps, layer)
@@ -161,6 +163,7 @@ class Schedule:
             return Choice("full", share_cfg)
         return Choice("window", share_cfg, windowed.window, windowed.residual)
 
+    @functools.lru_cache(maxsize=65536)  # noqa: B019
     def residual_window(self, step: int, total_steps: int, layer: int) -> WindowSize | None:
         """At a full step: the window of the next step that computes this layer, if it uses
         one; the residual full - window is only worth computing then."""
