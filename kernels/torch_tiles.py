@@ -1,10 +1,10 @@
 """Torch tile backend: the CPU fast path (also runs on GPU).
 
-Each query tile attends to its own key set (a view when contiguous, else gathered rows) with
-a fused attention kernel, and separately to the keys every image query sees (text, pooled);
-the parts are merged exactly through their log-sum-exps. Work is done a few heads at a time
-so the scratch memory stays below a fixed budget: the window path never needs more memory
-than full attention does.
+Each query tile attends to its own image keys (a view when contiguous, else gathered rows)
+with a fused attention kernel; each group of tiles (a contiguous range of image tokens)
+attends once to the keys every image query sees (text, pooled), and the two parts are merged
+exactly through their log-sum-exps. Work is done a few heads at a time so that the scratch
+memory stays under a fixed budget: the window path needs no more memory than full attention.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from torch import Tensor
 
 from .layout import TokenLayout
 from .pooling import pool_tokens
-from .tiles import TilePlan, default_tile, tile_plan
+from .tiles import Group, Tile, TilePlan, default_tile, tile_plan
 from .window import Window
+from .workers import run_all, workers
 
-SCRATCH_BYTES = 4 << 20
+SCRATCH_BYTES = 4 << 20  # full SDPA on CPU needs about this much beyond its output
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
@@ -36,17 +37,38 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -
     return ((scores - lse[..., None]).exp() @ v.float()).to(q.dtype), lse
 
 
-def merge(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """One softmax over the union of the parts' keys, from each part's output and log-sum-exp."""
-    if len(parts) == 1:
-        return parts[0][0]
-    total = torch.stack([lse for _, lse in parts]).logsumexp(dim=0)
-    merged = sum(out.float() * (lse - total).exp()[..., None] for out, lse in parts)
-    return merged.to(parts[0][0].dtype)
-
-
 def plan_for(layout: TokenLayout, window: Window) -> TilePlan:
     return tile_plan(layout, window, default_tile(layout, window))
+
+
+class _Heads:
+    """q, k, v, out of a few heads, viewed as [1, heads, seq, dim], with row access by image
+    index: slices for contiguous rows, else gathers and scatters."""
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, heads: slice, image_start: int):
+        self.q, self.k, self.v, self.out = (x[:, heads] for x in (q, k, v, out))
+        self.all = (q, k, v, out)
+        self.heads, self.image_start = heads, image_start
+        seq = q.shape[2]
+        self.offsets = torch.arange(heads.start, heads.stop, device=q.device)[:, None] * seq + image_start
+
+    def rows(self, span: tuple[int, int] | None, index: Tensor) -> slice | Tensor:
+        if span is not None:
+            return slice(self.image_start + span[0], self.image_start + span[1])
+        return (self.offsets + index.to(self.offsets.device)).reshape(-1)
+
+    def read(self, which: int, rows: slice | Tensor) -> Tensor:
+        x = self.all[which]
+        if isinstance(rows, slice):
+            return x[:, self.heads, rows]
+        return x.view(-1, x.shape[-1]).index_select(0, rows).view(1, len(self.offsets), -1, x.shape[-1])
+
+    def write(self, rows: slice | Tensor, value: Tensor) -> None:
+        out = self.all[3]
+        if isinstance(rows, slice):
+            out[:, self.heads, rows] = value
+        else:
+            out.view(-1, out.shape[-1]).index_copy_(0, rows, value.reshape(-1, value.shape[-1]))
 
 
 def window_attention(
@@ -67,25 +89,55 @@ def window_attention(
     qf, kf, vf = (x.contiguous().view(1, rows, seq, dim) for x in (q, k, v))
     out = torch.empty_like(qf)
     text = slice(layout.text_start, layout.text_start + layout.text_len)
-    chunk = _heads_per_chunk(plan, layout, window, dim, q.element_size(), rows)
-    for h0 in range(0, rows, chunk):
-        hs = slice(h0, min(h0 + chunk, rows))
-        q_h, k_h, v_h = qf[:, hs], kf[:, hs], vf[:, hs]
+    chunk = _heads_per_chunk(plan, layout, window, dim, q.element_size(), rows, workers(q.device))
+
+    def heads_pass(hs: slice) -> None:
+        part = _Heads(qf, kf, vf, out, hs, layout.image_start)
         if layout.text_len:
-            out[:, hs, text] = attend(q_h[:, :, text], k_h, v_h, None, scale)[0]
-        shared = _shared_keys(k_h, v_h, layout, window, pool_weight)
-        offsets = torch.arange(hs.start, hs.stop, device=q.device)[:, None] * seq + layout.image_start
-        for tile in plan.tiles:
-            query_rows = _where(tile.query_span, tile.queries, offsets, layout.image_start)
-            key_rows = _where(tile.key_span, tile.keys, offsets, layout.image_start)
-            q_t = _read(qf, hs, query_rows)
-            k_t, v_t = _read(kf, hs, key_rows), _read(vf, hs, key_rows)
-            parts = [attend(q_t, k_t, v_t, None if tile.mask is None else masks[tile.mask], scale)]
-            if shared is not None:
-                parts.append(attend(q_t, *shared, None, scale))
-            _write(out, hs, query_rows, merge(parts))
-    out = out.reshape(batch, heads, seq, dim)
+            part.out[:, :, text] = attend(part.q[:, :, text], part.k, part.v, None, scale)[0]
+        shared = _shared_keys(part.k, part.v, layout, window, pool_weight)
+        for group in plan.groups:
+            _group(part, group, masks, shared, scale)
+
+    run_all(heads_pass, [slice(h, min(h + chunk, rows)) for h in range(0, rows, chunk)], q.device)
+    out = out.view(batch, heads, seq, dim)
     return out if residual is None else out.add_(residual)
+
+
+def _group(
+    part: _Heads, group: Group, masks: list[Tensor], shared: tuple[Tensor, Tensor] | None, scale: float
+) -> None:
+    """Local attention of each tile of the group, then one merge with the shared keys."""
+    lse = (
+        None
+        if shared is None
+        else part.q.new_empty(
+            (1, len(part.offsets), group.stop - group.start),
+            dtype=torch.promote_types(part.q.dtype, torch.float32),
+        )
+    )
+    for tile in group.tiles:
+        q_rows = part.rows(tile.query_span, tile.queries)
+        k_rows = part.rows(tile.key_span, tile.keys)
+        mask = None if tile.mask is None else masks[tile.mask]
+        out, tile_lse = attend(part.read(0, q_rows), part.read(1, k_rows), part.read(2, k_rows), mask, scale)
+        part.write(q_rows, out)
+        if lse is not None:
+            _put(lse, tile, group.start, tile_lse)
+    if shared is None:
+        return
+    span = slice(part.image_start + group.start, part.image_start + group.stop)
+    shared_out, shared_lse = attend(part.q[:, :, span], *shared, None, scale)
+    # one softmax over both key sets: the shared part's weight is sigmoid(lse_shared - lse_local)
+    weight = torch.sigmoid(shared_lse - lse).to(shared_out.dtype)
+    part.out[:, :, span].lerp_(shared_out, weight[..., None])
+
+
+def _put(lse: Tensor, tile: Tile, start: int, value: Tensor) -> None:
+    if tile.query_span is not None:
+        lse[:, :, tile.query_span[0] - start : tile.query_span[1] - start] = value
+    else:
+        lse.index_copy_(2, (tile.queries - start).to(lse.device), value)
 
 
 def _shared_keys(
@@ -101,35 +153,18 @@ def _shared_keys(
     return torch.cat([k[:, :, text], pooled[0]], dim=2), torch.cat([v[:, :, text], pooled[1]], dim=2)
 
 
-def _where(span: tuple[int, int] | None, index: Tensor, offsets: Tensor, start: int) -> slice | Tensor:
-    """Rows of image tokens `index`: a sequence slice when contiguous, else flat indices of
-    those rows, for each head of `offsets`, into the [rows * seq, dim] view."""
-    if span is not None:
-        return slice(start + span[0], start + span[1])
-    return (offsets + index.to(offsets.device)).reshape(-1)
-
-
-def _read(x: Tensor, hs: slice, rows: slice | Tensor) -> Tensor:
-    if isinstance(rows, slice):
-        return x[:, hs, rows]
-    return x.view(-1, x.shape[-1]).index_select(0, rows).view(1, hs.stop - hs.start, -1, x.shape[-1])
-
-
-def _write(out: Tensor, hs: slice, rows: slice | Tensor, value: Tensor) -> None:
-    if isinstance(rows, slice):
-        out[:, hs, rows] = value
-    else:
-        out.view(-1, out.shape[-1]).index_copy_(0, rows, value.reshape(-1, value.shape[-1]))
-
-
 def _heads_per_chunk(
-    plan: TilePlan, layout: TokenLayout, window: Window, dim: int, itemsize: int, rows: int
+    plan: TilePlan, layout: TokenLayout, window: Window, dim: int, itemsize: int, rows: int, passes: int
 ) -> int:
-    """Heads per pass so that gathered keys, partial outputs and pooled keys fit SCRATCH_BYTES."""
-    gathered = max((2 * t.keys.numel() for t in plan.tiles if t.key_span is None), default=0)
-    queries = max(t.queries.numel() for t in plan.tiles)
-    per_head = dim * itemsize * (gathered + 5 * queries + layout.text_len + 2 * window.pooled_len(layout))
-    return max(1, min(rows, SCRATCH_BYTES // per_head))
+    """Heads per pass so that the scratch of `passes` concurrent passes (gathered rows, partial
+    outputs, shared keys) fits SCRATCH_BYTES."""
+    tiles = [t for g in plan.groups for t in g.tiles]
+    gathered = max((2 * t.keys.numel() for t in tiles if t.key_span is None), default=0)
+    queries = max(t.queries.numel() for t in tiles)
+    group = max(g.stop - g.start for g in plan.groups)
+    shared = layout.text_len + window.pooled_len(layout)
+    per_head = dim * itemsize * (gathered + 2 * queries + group + 2 * shared + layout.text_len) + 4 * group
+    return max(1, min(rows, SCRATCH_BYTES // (passes * per_head)))
 
 
 def computed_pairs(layout: TokenLayout, window: Window) -> int:
