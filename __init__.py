@@ -6,4 +6,6 @@ no compilation, no network.
 
 from .nodes import comfy_entrypoint
 
-__all__ = ["comfy_entrypoint"]
+WEB_DIRECTORY = "./web"  # shows the inspector's and report's text on their nodes
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -73,6 +73,9 @@ def inspector_graph(size: int = 1024, caption: str = CAPTION) -> dict:
 
 
 InputTypes = Callable[[str], tuple[list[tuple[str, str]], list[str]]]
+TITLES = {"positive": "Positive caption", "negative": "Negative caption (empty)"}
+SIZES = {"FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
+         "KSampler": [320, 270], "FastAttnDemoTextEncode": [360, 130]}
 
 
 def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
@@ -108,12 +111,16 @@ def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
                 widgets.append(value)
                 if name in ("seed", "noise_seed"):
                     widgets.append("fixed")  # the editor's control_after_generate
-        nodes.append({
-            "id": ids[key], "type": node["class_type"], "pos": [40 + 360 * column, 40 + 260 * row],
-            "size": [320, 200], "flags": {}, "order": 0, "mode": 0, "inputs": ui_inputs,
+        ui_node = {
+            "id": ids[key], "type": node["class_type"], "pos": [40 + 440 * column, 40 + 320 * row],
+            "size": SIZES.get(node["class_type"], [320, 200]), "flags": {}, "order": 0, "mode": 0,
+            "inputs": ui_inputs,
             "outputs": [{"name": kind, "type": kind, "slot_index": slot} for slot, kind in enumerate(output_types)],
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
-        })
+        }
+        if key in TITLES:
+            ui_node["title"] = TITLES[key]
+        nodes.append(ui_node)
     for node, key in zip(nodes, graph, strict=True):
         for output in node["outputs"]:
             output["links"] = outputs_links.get((key, output["slot_index"]), [])

@@ -1,0 +1,28 @@
+// Shows the text report of the Attention Inspector and Attention Report nodes on the node.
+// The report is display only: it is neither saved in the workflow nor sent with the prompt.
+import { app } from "../../scripts/app.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
+
+const REPORT_NODES = ["FastAttnInspector", "FastAttnReport"];
+
+app.registerExtension({
+  name: "FastAttn.ShowReport",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!REPORT_NODES.includes(nodeData.name)) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      onNodeCreated?.apply(this, arguments);
+      const widget = ComfyWidgets.STRING(this, "report_text", ["STRING", { multiline: true }], app).widget;
+      widget.element.readOnly = true;
+      widget.element.style.fontFamily = "monospace";
+      widget.serialize = false;
+      widget.options.serialize = false;
+    };
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      const widget = this.widgets?.find((w) => w.name === "report_text");
+      if (widget) widget.value = (message?.text ?? []).join("");
+    };
+  },
+});
