@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .backends import backend_module, choose_backend
 from .layout import TokenLayout
-from .validate import check_inputs
+from .problem import Problem
 from .window import Window
 
 
@@ -25,15 +25,5 @@ def window_attention(
     """Attention of q, k, v [B, H, N, D] restricted to `window`, plus `residual` if given
     (DiTFastAttn's window + residual). Same result as `reference_attention`, at a cost that
     falls with the window."""
-    check_inputs(q, k, v, layout, window, pool_weight=pool_weight, residual=residual)
-    module = backend_module(choose_backend(backend, q.device))
-    return module.window_attention(
-        q,
-        k,
-        v,
-        layout,
-        window,
-        pool_weight=pool_weight,
-        residual=residual,
-        scale=q.shape[-1] ** -0.5 if scale is None else scale,
-    )
+    problem = Problem(q, k, v, layout, window, pool_weight, residual, scale)
+    return backend_module(choose_backend(backend, q.device)).window_attention(problem)

@@ -25,8 +25,9 @@ class BlockMap:
     full_index: Tensor
 
     @property
-    def computed_blocks(self) -> int:
-        return int(self.partial_count.sum() + self.full_count.sum())
+    def computed_pairs(self) -> int:
+        """(query, key) pairs a kernel computes when it computes every visited block whole."""
+        return int(self.partial_count.sum() + self.full_count.sum()) * self.block * self.block
 
 
 def _compact(flags: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from .blocks import block_map
 from .layout import TokenLayout
 from .masks import sequence_mask
-from .pooling import pool_tokens
+from .problem import Problem
 from .window import Window
 
 BLOCK = 128
@@ -39,25 +39,13 @@ def block_mask(layout: TokenLayout, window: Window, device: torch.device) -> Blo
     )
 
 
-def window_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    layout: TokenLayout,
-    window: Window,
-    *,
-    pool_weight: Tensor | None,
-    residual: Tensor | None,
-    scale: float,
-) -> Tensor:
-    if window.pool:
-        k = torch.cat([k, pool_tokens(k, layout, window, pool_weight)], dim=2)
-        v = torch.cat([v, pool_tokens(v, layout, window, pool_weight)], dim=2)
-    mask = block_mask(layout, window, q.device)
-    out = compiled_flex_attention()(q, k, v, block_mask=mask, scale=scale)
-    return out if residual is None else out + residual
+def window_attention(p: Problem) -> Tensor:
+    k, v = p.keys_with_pooled()
+    mask = block_mask(p.layout, p.window, p.q.device)
+    out = compiled_flex_attention()(p.q, k, v, block_mask=mask, scale=p.scale)
+    return out if p.residual is None else out + p.residual
 
 
 def computed_pairs(layout: TokenLayout, window: Window) -> int:
     """Every block the kernel visits is computed whole."""
-    return block_map(layout, window, BLOCK).computed_blocks * BLOCK * BLOCK
+    return block_map(layout, window, BLOCK).computed_pairs

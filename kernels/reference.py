@@ -7,8 +7,7 @@ from torch import Tensor
 
 from .layout import TokenLayout
 from .masks import sequence_mask
-from .pooling import pool_tokens
-from .validate import check_inputs
+from .problem import Problem
 from .window import Window
 
 
@@ -24,12 +23,10 @@ def reference_attention(
 ) -> Tensor:
     """Window attention by a dense masked softmax, in the inputs' dtype (pass float64 for a
     ground truth). Costs O(N^2) time and memory: for tests, never for speed."""
-    check_inputs(q, k, v, layout, window, pool_weight=pool_weight)
-    if window.pool:
-        k = torch.cat([k, pool_tokens(k, layout, window, pool_weight)], dim=2)
-        v = torch.cat([v, pool_tokens(v, layout, window, pool_weight)], dim=2)
+    problem = Problem(q, k, v, layout, window, pool_weight=pool_weight, scale=scale)
+    keys, values = problem.keys_with_pooled()
     rows = torch.arange(q.shape[2], device=q.device)
-    cols = torch.arange(k.shape[2], device=q.device)
+    cols = torch.arange(keys.shape[2], device=q.device)
     allowed = sequence_mask(layout, window)(rows[:, None], cols[None, :])
-    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+    scores = (q @ keys.transpose(-1, -2)) * problem.scale
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ values

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .layout import TokenLayout
 from .pooling import pool_tokens
+from .problem import Problem
 from .tiles import Group, Tile, TilePlan, default_tile, tile_plan
 from .window import Window
 from .workers import run_all, workers
@@ -71,37 +72,28 @@ class _Heads:
             out.view(-1, out.shape[-1]).index_copy_(0, rows, value.reshape(-1, value.shape[-1]))
 
 
-def window_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    layout: TokenLayout,
-    window: Window,
-    *,
-    pool_weight: Tensor | None,
-    residual: Tensor | None,
-    scale: float,
-) -> Tensor:
-    batch, heads, seq, dim = q.shape
+def window_attention(p: Problem) -> Tensor:
+    layout, window, scale = p.layout, p.window, p.scale
+    batch, heads, seq, dim = p.q.shape
     plan = plan_for(layout, window)
-    masks = plan.additive_masks(q.dtype, q.device)
+    masks = plan.additive_masks(p.q.dtype, p.q.device)
     rows = batch * heads
-    qf, kf, vf = (x.contiguous().view(1, rows, seq, dim) for x in (q, k, v))
+    qf, kf, vf = (x.contiguous().view(1, rows, seq, dim) for x in (p.q, p.k, p.v))
     out = torch.empty_like(qf)
     text = slice(layout.text_start, layout.text_start + layout.text_len)
-    chunk = _heads_per_chunk(plan, layout, window, dim, q.element_size(), rows, workers(q.device))
+    chunk = _heads_per_chunk(plan, layout, window, dim, p.q.element_size(), rows, workers(p.q.device))
 
     def heads_pass(hs: slice) -> None:
         part = _Heads(qf, kf, vf, out, hs, layout.image_start)
         if layout.text_len:
             part.out[:, :, text] = attend(part.q[:, :, text], part.k, part.v, None, scale)[0]
-        shared = _shared_keys(part.k, part.v, layout, window, pool_weight)
+        shared = _shared_keys(part.k, part.v, layout, window, p.pool_weight)
         for group in plan.groups:
             _group(part, group, masks, shared, scale)
 
-    run_all(heads_pass, [slice(h, min(h + chunk, rows)) for h in range(0, rows, chunk)], q.device)
+    run_all(heads_pass, [slice(h, min(h + chunk, rows)) for h in range(0, rows, chunk)], p.q.device)
     out = out.view(batch, heads, seq, dim)
-    return out if residual is None else out.add_(residual)
+    return out if p.residual is None else out.add_(p.residual)
 
 
 def _group(
@@ -156,15 +148,15 @@ def _shared_keys(
 def _heads_per_chunk(
     plan: TilePlan, layout: TokenLayout, window: Window, dim: int, itemsize: int, rows: int, passes: int
 ) -> int:
-    """Heads per pass so that the scratch of `passes` concurrent passes (gathered rows, partial
-    outputs, shared keys) fits SCRATCH_BYTES."""
+    """Heads per pass: at least one pass per worker, and the scratch of the concurrent passes
+    (gathered rows, partial outputs, shared keys) within SCRATCH_BYTES."""
     tiles = [t for g in plan.groups for t in g.tiles]
     gathered = max((2 * t.keys.numel() for t in tiles if t.key_span is None), default=0)
     queries = max(t.queries.numel() for t in tiles)
     group = max(g.stop - g.start for g in plan.groups)
     shared = layout.text_len + window.pooled_len(layout)
     per_head = dim * itemsize * (gathered + 2 * queries + group + 2 * shared + layout.text_len) + 4 * group
-    return max(1, min(rows, SCRATCH_BYTES // (passes * per_head)))
+    return max(1, min(-(-rows // passes), SCRATCH_BYTES // (passes * per_head)))
 
 
 def computed_pairs(layout: TokenLayout, window: Window) -> int:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .blocks import block_map
 from .layout import TokenLayout
-from .pooling import pool_tokens
+from .problem import Problem
 from .window import SHAPES, Window
 
 BLOCK = 64
@@ -145,29 +145,17 @@ def _window_kernel(
     tl.store(Out + q_offsets, acc.to(Out.dtype.element_ty), mask=q_ok)
 
 
-def window_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    layout: TokenLayout,
-    window: Window,
-    *,
-    pool_weight: Tensor | None,
-    residual: Tensor | None,
-    scale: float,
-) -> Tensor:
-    batch, heads, seq, dim = q.shape
-    if window.pool:
-        k = torch.cat([k, pool_tokens(k, layout, window, pool_weight)], dim=2)
-        v = torch.cat([v, pool_tokens(v, layout, window, pool_weight)], dim=2)
-    q, k, v = (x.contiguous() for x in (q, k, v))
+def window_attention(p: Problem) -> Tensor:
+    layout, window = p.layout, p.window
+    batch, heads, seq, dim = p.q.shape
+    q, k, v = (x.contiguous() for x in (p.q, *p.keys_with_pooled()))
     blocks = block_map(layout, window, BLOCK)
     index = [
         x.to(q.device)
         for x in (blocks.partial_count, blocks.partial_index, blocks.full_count, blocks.full_index)
     ]
     out = torch.empty_like(q)
-    res = out if residual is None else residual.contiguous()
+    res = out if p.residual is None else p.residual.contiguous()
     height, width = layout.grid[-2:] if len(layout.grid) > 1 else (1, layout.image_len)
     grid = (blocks.partial_count.numel(), batch * heads)
     _window_kernel[grid](
@@ -180,8 +168,8 @@ def window_attention(
         seq,
         blocks.kv_len,
         blocks.partial_index.shape[1],
-        scale,
-        HAS_RES=residual is not None,
+        p.scale,
+        HAS_RES=p.residual is not None,
         # the interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue 11584)
         UPCAST=triton.knobs.runtime.interpret and q.dtype == torch.bfloat16,
         HEAD_DIM=dim,
@@ -200,4 +188,4 @@ def window_attention(
 
 def computed_pairs(layout: TokenLayout, window: Window) -> int:
     """Every key block a program visits is computed whole."""
-    return block_map(layout, window, BLOCK).computed_blocks * BLOCK * BLOCK
+    return block_map(layout, window, BLOCK).computed_pairs

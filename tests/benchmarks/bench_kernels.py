@@ -1,0 +1,157 @@
+"""Window-attention kernels on CPU against full attention (torch SDPA) and compiled FlexAttention.
+
+Shapes are FLUX's (24 heads of 128; 512 text tokens first) at 1024^2 and 2048^2 and a video
+shape (16 x 32 x 32 latent frames, text after the image), float32, batch 1. For each shape
+the methods run interleaved (SDPA, tiles, Flex, SDPA, ...) so machine noise hits all alike;
+medians over the repeats. Peak memory: the growth of the process's peak resident set during
+one call (glibc's free memory trimmed and the kernel's high-water mark reset just before it),
+which counts the output and every temporary, whoever allocates it.
+
+Run: `python tests/benchmarks/run_all.py kernels` (part of `make bench`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from harness import pack_import
+
+kernels = pack_import("kernels")
+TokenLayout, Window = kernels.TokenLayout, kernels.Window
+
+HEADS, DIM = 24, 128
+REPEATS = 5
+SLOW_BASELINE_REPEATS = 3  # SDPA at 16K+ tokens takes ~30 s a call on this CPU
+
+
+@dataclass
+class Case:
+    name: str
+    layout: TokenLayout
+    window: Window
+
+
+GROUPS = [  # cases sharing one input shape share one SDPA baseline
+    [Case("FLUX 1024^2, band N/8", TokenLayout(512, (64, 64)), Window("band", 512))],
+    [
+        Case("FLUX 2048^2, CLEAR r16", TokenLayout(512, (128, 128)), Window("circle", 16)),
+        Case("FLUX 2048^2, CLEAR r8", TokenLayout(512, (128, 128)), Window("circle", 8)),
+        Case("FLUX 2048^2, CLEAR r16 pool 4", TokenLayout(512, (128, 128)), Window("circle", 16, pool=4)),
+        Case("FLUX 2048^2, CLEAR r8 pool 4", TokenLayout(512, (128, 128)), Window("circle", 8, pool=4)),
+    ],
+    [
+        Case(
+            "video 16x32x32 + 256 text, circle r8 / t2",
+            TokenLayout(256, (16, 32, 32), text_first=False),
+            Window("circle", 8, temporal_radius=2),
+        )
+    ],
+]
+
+_libc = ctypes.CDLL("libc.so.6")
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"{key}:\s+(\d+)", status.read()).group(1))
+
+
+def measured(fn) -> tuple[float, float]:
+    """(seconds, peak resident growth in MiB) of one call."""
+    _libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset the peak resident set (VmHWM) to the current one
+    base = _status_kib("VmRSS")
+    start = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - start
+    peak = (_status_kib("VmHWM") - base) / 1024
+    del out
+    return seconds, peak
+
+
+def run_group(group: list[Case]) -> tuple[list[str], list[str]]:
+    """Time and measure every case of a group (one input shape) against one SDPA baseline."""
+    layout = group[0].layout
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, layout.seq_len, DIM, generator=gen) for _ in range(3))
+
+    def tiles(case: Case) -> torch.Tensor:
+        return kernels.window_attention(q, k, v, case.layout, case.window)
+
+    def flex(case: Case) -> torch.Tensor:
+        return kernels.window_attention(q, k, v, case.layout, case.window, backend="flex")
+
+    # first calls: tile plans, block masks, compilation
+    first = {c.name: (measured(lambda c=c: tiles(c))[0], measured(lambda c=c: flex(c))[0]) for c in group}
+    sdpa, ours, theirs = [], {c.name: [] for c in group}, {c.name: [] for c in group}
+    sdpa_repeats = REPEATS if layout.seq_len < 8192 else SLOW_BASELINE_REPEATS
+    for repeat in range(REPEATS):
+        if repeat < sdpa_repeats:
+            sdpa.append(measured(lambda: F.scaled_dot_product_attention(q, k, v)))
+        for case in group:
+            ours[case.name].append(measured(lambda c=case: tiles(c)))
+            theirs[case.name].append(measured(lambda c=case: flex(c)))
+    base = statistics.median(s for s, _ in sdpa)
+    timing, memory = [], []
+    for case in group:
+        count = {
+            b: kernels.attention_flops(
+                case.layout, case.window, batch=1, heads=HEADS, head_dim=DIM, backend=b
+            )
+            for b in ("torch", "flex")
+        }
+        flops = count["torch"]
+        mine = statistics.median(s for s, _ in ours[case.name])
+        flexed = statistics.median(s for s, _ in theirs[case.name])
+        allowed = flops.full / flops.mask
+        timing.append(
+            f"| {case.name} | {layout.seq_len} | {flops.mask / flops.full:.1%} | "
+            f"{flops.computed / flops.full:.1%} | {count['flex'].computed / flops.full:.1%} | "
+            f"{base:.2f} ({len(sdpa)}) | {mine:.3f} | {flexed:.3f} | {base / mine:.2f}x | "
+            f"{allowed:.2f}x | {base / mine / allowed:.0%} | {flexed / mine:.2f}x | "
+            f"{first[case.name][0]:.2f} / {first[case.name][1]:.1f} |"
+        )
+        memory.append(
+            f"| {case.name} | {max(m for _, m in sdpa):.1f} | {max(m for _, m in ours[case.name]):.1f} | "
+            f"{max(m for _, m in theirs[case.name]):.1f} | {q.numel() * q.element_size() / 2**20:.1f} |"
+        )
+    return timing, memory
+
+
+def main() -> None:
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch 1, "
+        f"{HEADS} heads x {DIM}; load average at start {os.getloadavg()[0]:.1f}\n"
+    )
+    timing, memory = [], []
+    for group in GROUPS:
+        rows = run_group(group)
+        timing += rows[0]
+        memory += rows[1]
+    print(
+        "| shape | tokens | FLOPs kept by the exact mask | computed by the tiles | computed by Flex "
+        "(128-blocks) | SDPA median s (repeats) | tiles median s | Flex median s | tiles vs SDPA | "
+        "allowed by the mask FLOPs | share of allowed | tiles vs Flex | first call s: tiles / Flex "
+        "(compile) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(timing))
+    print(
+        "\nPeak resident growth during one call, MiB (max over the repeats; the output alone is the last column):\n"
+    )
+    print("| shape | SDPA | tiles | Flex | output |")
+    print("|---|---|---|---|---|")
+    print("\n".join(memory))
+    print(f"\nload average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
