@@ -99,7 +99,7 @@ class AttentionCall:
             return out
         return out.reshape(out.shape[0], out.shape[1], self.heads, -1).transpose(1, 2)
 
-    def select(self, rows: slice) -> AttentionCall:
+    def select(self, rows: slice | torch.Tensor) -> AttentionCall:
         """The same call on a slice of the batch (a batch-sized mask is sliced with it)."""
         args = [self.q[rows], self.k[rows], self.v[rows], *self.args[3:]]
         kwargs = dict(self.kwargs)

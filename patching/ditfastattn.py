@@ -1,7 +1,8 @@
 """DiTFastAttn as an attention method: carries out a Schedule with the run's caches.
 
-Caches live in the SamplingRun (dropped when sampling ends), keyed by layer and batch half
-(0 = conditional, 1 = unconditional), and are filled only when a later step will read them:
+Caches live in the SamplingRun (dropped when sampling ends), keyed by layer and batch chunk
+(the host's id of each conditioning in the batch, so two positive prompts never share an
+entry), and are filled only when a later step will read them:
 a layer's output when the next step reuses it, its residual (full - window, per head,
 before the output projection) when the next computed step uses the window.
 Where a technique cannot apply to a call (no image grid, an attention mask, a cache that is
@@ -11,6 +12,7 @@ missing or from another shape) the call is computed in full: never a silently wr
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -30,46 +32,46 @@ class DiTFastAttn:
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
         choice = self.schedule.choose(site.step, site.total_steps, site.layer)
-        halves = _halves(call, site)
+        chunks = _chunks(call, site)
         if choice.compute == "reuse":
-            stored = _gather(run, "output", site.layer, halves, call.output_shape)
+            stored = _gather(run, "output", site.layer, chunks.ids, call.output_shape)
             if stored is not None:
                 return stored, 0, "step sharing"
             choice = Choice("full", choice.share_cfg)
-        if choice.share_cfg and 0 in halves:
-            out, flops, technique = self._cfg_shared(call, site, run, choice, halves)
-        elif choice.share_cfg and (cached := _gather(run, "cfg", site.layer, (0,) * len(halves), call.output_shape,
-                                                     stored_at=site.step)) is not None:
-            out, flops, technique = cached, 0, "cfg sharing"  # unconditional call after its conditional one
+        if choice.share_cfg and chunks.has_both_halves:
+            out, flops, technique = self._cfg_in_batch(call, site, run, choice, chunks)
+        elif choice.share_cfg and 0 in chunks.halves:  # the unconditional call may follow
+            out, flops, technique = self._compute(call, site, run, choice, chunks.ids)
+            run.cache[("cfg", site.layer)] = (site.step, out[: chunks.size])
+        elif choice.share_cfg and (shared := _cfg_copy(run, site, chunks, call.output_shape)) is not None:
+            out, flops, technique = shared, 0, "cfg sharing"
         else:
             if choice.share_cfg:
                 _log_once(run, "FastAttn: CFG sharing skipped an unconditional call made apart from its conditional "
                                "one: the conditional output was not available first or has another shape (ComfyUI "
                                "runs the halves apart under low memory or when prompt lengths differ).")
-            out, flops, technique = self._compute(call, site, run, choice, halves)
+            out, flops, technique = self._compute(call, site, run, choice, chunks.ids)
         if self.schedule.choose(site.step + 1, site.total_steps, site.layer).compute == "reuse":
-            _store(run, "output", site.layer, halves, site.step, out)
+            _store(run, "output", site.layer, chunks.ids, site.step, out)
         return out, flops, technique
 
-    def _cfg_shared(self, call: AttentionCall, site: CallSite, run: SamplingRun, choice: Choice,
-                    halves: tuple[int, ...]) -> tuple[torch.Tensor, int, str]:
-        """Compute the conditional chunk(s) only; every other chunk gets a copy."""
-        if halves == (0,) * len(halves):  # a conditional-only call: the unconditional call may follow
-            out, flops, technique = self._compute(call, site, run, choice, halves)
-            _store(run, "cfg", site.layer, halves, site.step, out)
-            return out, flops, technique
-        chunk = call.batch // len(halves)
-        first = halves.index(0)
-        rows = slice(first * chunk, (first + 1) * chunk)
-        out, flops, technique = self._compute(call.select(rows), site, run, choice, (0,))
-        return torch.cat([out] * len(halves)), flops, f"{technique} + cfg sharing"
+    def _cfg_in_batch(self, call: AttentionCall, site: CallSite, run: SamplingRun, choice: Choice,
+                      chunks: Chunks) -> tuple[torch.Tensor, int, str]:
+        """Compute the conditional chunks only; each unconditional chunk gets the first one's output."""
+        conditional = [i for i, half in enumerate(chunks.halves) if half == 0]
+        rows = torch.cat([torch.arange(i * chunks.size, (i + 1) * chunks.size) for i in conditional])
+        ids = tuple(chunks.ids[i] for i in conditional)
+        out, flops, technique = self._compute(call.select(rows.to(call.q.device)), site, run, choice, ids)
+        computed = dict(zip(conditional, out.chunk(len(conditional)), strict=True))
+        first = computed[conditional[0]]
+        return torch.cat([computed.get(i, first) for i in range(len(chunks.halves))]), flops, f"{technique} + cfg sharing"
 
     def _compute(self, call: AttentionCall, site: CallSite, run: SamplingRun, choice: Choice,
-                 halves: tuple[int, ...]) -> tuple[torch.Tensor, int, str]:
+                 ids: tuple) -> tuple[torch.Tensor, int, str]:
         layout = site.layout if site.kind in WINDOWED_KINDS and call.mask is None else None
         if choice.compute == "window" and layout is not None:
             q, k, v = call.heads_first()
-            residual = _gather(run, "residual", site.layer, halves, q.shape) if choice.residual else None
+            residual = _gather(run, "residual", site.layer, ids, q.shape) if choice.residual else None
             if residual is not None or not choice.residual:
                 window = choice.window.window_for(layout)
                 out = window_attention(q, k, v, layout, window, residual=residual, backend=self.backend)
@@ -79,15 +81,15 @@ class DiTFastAttn:
         flops = call.flops()
         residual_window = self.schedule.residual_window(site.step, site.total_steps, site.layer)
         if residual_window is not None and layout is not None:
-            flops += self._cache_residual(call, site, run, halves, out, layout, residual_window)
+            flops += self._cache_residual(call, site, run, ids, out, layout, residual_window)
         return out, flops, "full"
 
-    def _cache_residual(self, call: AttentionCall, site: CallSite, run: SamplingRun, halves: tuple[int, ...],
+    def _cache_residual(self, call: AttentionCall, site: CallSite, run: SamplingRun, ids: tuple,
                         full: torch.Tensor, layout: TokenLayout, size: WindowSize) -> int:
         q, k, v = call.heads_first()
         window = size.window_for(layout)
         windowed = window_attention(q, k, v, layout, window, backend=self.backend)
-        _store(run, "residual", site.layer, halves, site.step, call.output_heads_first(full) - windowed)
+        _store(run, "residual", site.layer, ids, site.step, call.output_heads_first(full) - windowed)
         return self._flops(call, layout, window)
 
     def _flops(self, call: AttentionCall, layout: TokenLayout, window) -> int:
@@ -99,34 +101,52 @@ class DiTFastAttn:
             logging.info("FastAttn: CFG sharing did nothing: this run had no unconditional batch (CFG 1).")
 
 
+@dataclass(frozen=True)
+class Chunks:
+    """One call's batch as the host assembled it: chunks of `size` rows, each with its half
+    (0 = conditional, 1 = unconditional) and a stable id."""
+
+    halves: tuple[int, ...]
+    ids: tuple
+    size: int
+
+    @property
+    def has_both_halves(self) -> bool:
+        return 0 in self.halves and 1 in self.halves
+
+
+def _chunks(call: AttentionCall, site: CallSite) -> Chunks:
+    halves = site.cond_or_uncond
+    if not halves or call.batch % len(halves) or len(site.chunk_ids) != len(halves):
+        return Chunks((-1,), ("batch",), call.batch)  # a batch we cannot split: one chunk, no CFG sharing
+    return Chunks(halves, site.chunk_ids, call.batch // len(halves))
+
+
+def _cfg_copy(run: SamplingRun, site: CallSite, chunks: Chunks, shape: torch.Size) -> torch.Tensor | None:
+    """For an unconditional-only call: the conditional output of this step and layer, if it fits."""
+    entry = run.cache.get(("cfg", site.layer))
+    if entry is None or entry[0] != site.step:
+        return None
+    out = torch.cat([entry[1]] * len(chunks.halves))
+    return out if out.shape == shape else None
+
+
 def _log_once(run: SamplingRun, message: str) -> None:
     if ("logged", message) not in run.cache:
         run.cache[("logged", message)] = True
         logging.info(message)
 
 
-def _halves(call: AttentionCall, site: CallSite) -> tuple[int, ...]:
-    """The batch half of each chunk; one chunk of unknown half if the batch does not split."""
-    halves = site.cond_or_uncond
-    if not halves or call.batch % len(halves):
-        return (-1,)
-    return halves
+def _store(run: SamplingRun, kind: str, layer: int, ids: tuple, step: int, tensor: torch.Tensor) -> None:
+    for chunk_id, chunk in zip(ids, tensor.chunk(len(ids)), strict=True):
+        run.cache[(kind, layer, chunk_id)] = (step, chunk)
 
 
-def _store(run: SamplingRun, kind: str, layer: int, halves: tuple[int, ...], step: int, tensor: torch.Tensor) -> None:
-    for half, chunk in zip(halves, tensor.chunk(len(halves)), strict=False):
-        run.cache[(kind, layer, half)] = (step, chunk)
-
-
-def _gather(run: SamplingRun, kind: str, layer: int, halves: tuple[int, ...], shape: torch.Size,
-            stored_at: int | None = None) -> torch.Tensor | None:
-    """The cached chunks for these halves, concatenated; None if any is missing, was stored
-    at another step than `stored_at` (when given), or the result is not of `shape`."""
-    chunks = []
-    for half in halves:
-        entry = run.cache.get((kind, layer, half))
-        if entry is None or (stored_at is not None and entry[0] != stored_at):
-            return None
-        chunks.append(entry[1])
-    out = torch.cat(chunks)
+def _gather(run: SamplingRun, kind: str, layer: int, ids: tuple, shape: torch.Size) -> torch.Tensor | None:
+    """The cached chunks for these ids, concatenated; None if any is missing or the result is
+    not of `shape` (another resolution or batch)."""
+    entries = [run.cache.get((kind, layer, chunk_id)) for chunk_id in ids]
+    if any(entry is None for entry in entries):
+        return None
+    out = torch.cat([entry[1] for entry in entries])
     return out if out.shape == shape else None

@@ -17,6 +17,7 @@ class CallSite:
     kind: str  # "joint" (text + image), "image", "text", "cross", or "unknown"
     layout: TokenLayout | None  # None when the call has no image grid the adapter can place
     cond_or_uncond: tuple[int, ...]  # one entry per batch chunk: 0 = conditional, 1 = unconditional
+    chunk_ids: tuple = ()  # one stable id per batch chunk (the host's cond uuids): keys for per-chunk caches
 
 
 @dataclass(frozen=True)

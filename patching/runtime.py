@@ -83,11 +83,12 @@ class SamplingRun:
 class ForwardPass:
     """The attention override for one model call: numbers and classifies each attention call."""
 
-    def __init__(self, run: SamplingRun, step: int, cond_or_uncond: tuple[int, ...], grid: tuple[int, ...],
-                 text_len: int, previous_override: Callable | None) -> None:
+    def __init__(self, run: SamplingRun, step: int, cond_or_uncond: tuple[int, ...], chunk_ids: tuple,
+                 grid: tuple[int, ...], text_len: int, previous_override: Callable | None) -> None:
         self.run = run
         self.step = step
         self.cond_or_uncond = cond_or_uncond
+        self.chunk_ids = chunk_ids
         self.grid = grid
         self.text_len = text_len
         self.previous_override = previous_override
@@ -96,7 +97,7 @@ class ForwardPass:
     def __call__(self, func: Callable, *args, **kwargs) -> torch.Tensor:
         call = AttentionCall(func, args, kwargs, self.previous_override)
         kind, layout = self._classify(call.q_len, call.k_len)
-        site = CallSite(self.step, self.run.total_steps, self.layers, kind, layout, self.cond_or_uncond)
+        site = CallSite(self.step, self.run.total_steps, self.layers, kind, layout, self.cond_or_uncond, self.chunk_ids)
         self.layers += 1
         report = self.run.report
         if report.forwards == 0:
@@ -152,10 +153,13 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     adapter = run.patch.adapter
     sigmas = transformer_options.get("sigmas", t)
+    cond_or_uncond = tuple(transformer_options.get("cond_or_uncond", ()))
+    uuids = tuple(transformer_options.get("uuids", ()))
     forward = ForwardPass(
         run,
         step=run.step_of(float(sigmas.flatten()[0])),
-        cond_or_uncond=tuple(transformer_options.get("cond_or_uncond", ())),
+        cond_or_uncond=cond_or_uncond,
+        chunk_ids=uuids if len(uuids) == len(cond_or_uncond) else cond_or_uncond,
         grid=adapter.image_grid(x.shape),
         text_len=adapter.text_len(c_crossattn),
         previous_override=transformer_options.get(OVERRIDE_KEY),

@@ -211,3 +211,23 @@ def test_plain_window_without_residual_is_only_the_window():
         q, k, v = call.heads_first()
         expected = call.format_output(kernels.reference_attention(q, k, v, site.layout, size.window_for(site.layout)))
         assert _close(out, expected, 1e-5)
+
+
+def test_two_positive_prompts_keep_their_own_attention():
+    """Combined conditionings run as several conditional chunks in one batch: CFG sharing
+    computes each of them and copies only to the unconditional chunk; step sharing keeps one
+    stored output per chunk."""
+    arch = "sd3"
+    patched, spy = _spied(build_model(arch), S.CFGSharing(), S.StepSharing(2))
+    positive = conditioning(arch, 7, seed=1) + conditioning(arch, 7, seed=3)
+    sample(patched, positive, conditioning(arch, 7, seed=2), _latent(arch), steps=STEPS, cfg=3.0)
+    batched = [(site, technique, out) for site, technique, out, _ in spy.records if len(site.cond_or_uncond) == 3]
+    assert batched and all(sorted(site.cond_or_uncond) == [0, 0, 1] for site, _, _ in batched)
+    for site, technique, out in batched:
+        chunks = out.chunk(3)
+        conditional = [chunks[i] for i, half in enumerate(site.cond_or_uncond) if half == 0]
+        unconditional = chunks[site.cond_or_uncond.index(1)]
+        assert not torch.equal(conditional[0], conditional[1])
+        assert torch.equal(unconditional, conditional[0])
+        assert technique in ("full + cfg sharing", "step sharing")
+    assert {technique for _, technique, _ in batched} == {"full + cfg sharing", "step sharing"}
