@@ -16,6 +16,7 @@ SD3's model never calls DIFFUSION_MODEL wrappers.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -107,9 +108,7 @@ class ForwardPass:
         return out
 
     def _classify(self, q_len: int, k_len: int) -> tuple[str, TokenLayout | None]:
-        image_len = 1
-        for size in self.grid:
-            image_len *= size
+        image_len = math.prod(self.grid)
         if q_len != k_len:
             return "cross", TokenLayout(0, self.grid) if q_len == image_len else None
         if self.text_len and q_len == self.text_len + image_len:
