@@ -4,7 +4,10 @@ Run from the repository root (seeded and reproducible: --minutes fixes a step pl
 nominal cost table, so the same flags give the same steps, data and weights; a busy machine
 takes longer, and only if --max-minutes cuts the plan short does the result depend on speed):
 
-    .venv/bin/python demo/train.py --seed 0 --minutes 45 --out demo/weights
+    .venv/bin/python demo/train.py --seed 0 --minutes 34 --max-minutes 95 --threads 1 --out demo/weights
+
+(the command that made the shipped weights: 3138 steps, about 60 minutes of wall time on two
+cores shared with other jobs, where one torch thread ran faster than two).
 
 What ComfyUI will do at inference is what training imitates:
 - the network is ComfyUI's own `MMDiT`, built with the config ComfyUI's model detection reads
@@ -37,7 +40,7 @@ import types  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from . import DIT_FILE, TEXT_FILE, codec, scenes  # noqa: E402
@@ -87,11 +90,13 @@ def build_dit(text: DemoTextEncoder) -> nn.Module:
     return model
 
 
-def step_plan(minutes: float, gen: torch.Generator) -> list[int]:
+def step_plan(minutes: float, sides: list[int], gen: torch.Generator) -> list[int]:
     """Latent side per step: each resolution gets its share of the nominal time, in seeded order."""
+    total_share = sum(RESOLUTIONS[side][1] for side in sides)
     plan = []
-    for side, (_, share, seconds) in RESOLUTIONS.items():
-        plan += [side] * max(1, round(minutes * 60 * share / seconds))
+    for side in sides:
+        _, share, seconds = RESOLUTIONS[side]
+        plan += [side] * max(1, round(minutes * 60 * share / total_share / seconds))
     order = torch.randperm(len(plan), generator=gen).tolist()
     return [plan[i] for i in order]
 
@@ -141,16 +146,19 @@ def save(dit: nn.Module, text: DemoTextEncoder, out: Path) -> None:
     text.save(out / TEXT_FILE)
 
 
-def train(seed: int, minutes: float, max_minutes: float, threads: int, out: Path, log_every: int = 50) -> None:
+def train(seed: int, minutes: float, max_minutes: float, threads: int, sides: list[int], resume: Path | None,
+          out: Path, log_every: int = 50) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
-    text = DemoTextEncoder(scenes.vocabulary())
+    text = DemoTextEncoder.load(resume / TEXT_FILE).train() if resume else DemoTextEncoder(scenes.vocabulary())
     dit = build_dit(text)
+    if resume:
+        dit.load_state_dict({k: v.float() for k, v in load_file(str(resume / DIT_FILE)).items()})
     networks = nn.ModuleList([dit, text])
     ema = copy.deepcopy(networks).requires_grad_(False)
     optimizer = torch.optim.AdamW(networks.parameters(), lr=PEAK_LR, betas=(0.9, 0.99), weight_decay=0.0)
-    plan = step_plan(minutes, gen)
+    plan = step_plan(minutes, sides, gen)
     print(f"{len(plan)} steps; {sum(p.numel() for p in dit.parameters()) / 1e6:.1f}M DiT parameters", flush=True)
     start, deadline = time.time(), time.time() + max_minutes * 60
     running: dict[int, float] = {}
@@ -184,6 +192,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="wall-clock safety stop for busy machines (default 3x --minutes)")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads; 1 is faster when other jobs share the two cores")
+    parser.add_argument("--sides", type=int, nargs="+", default=list(RESOLUTIONS), choices=list(RESOLUTIONS),
+                        help="latent sides to train on (their time shares are renormalised)")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="continue from the weights in this folder instead of a fresh initialisation")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     args = parser.parse_args(argv)
-    train(args.seed, args.minutes, args.max_minutes or 3 * args.minutes, args.threads, args.out)
+    train(args.seed, args.minutes, args.max_minutes or 3 * args.minutes, args.threads, args.sides, args.resume,
+          args.out)
