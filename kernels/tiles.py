@@ -2,13 +2,16 @@
 
 A tile is a box of image queries; its keys are the union of its queries' windows, found by
 evaluating the mask on the box grown by the radius. A tile carries a mask only when some of
-its queries must not see some of its keys. Plans are cached per (layout, window, tile).
+its queries must not see some of its keys. Consecutive tiles form groups covering one
+contiguous range of image tokens (rows of tiles), so the keys every image query sees (text,
+pooled) can be attended for a whole group at once. Plans are cached per (layout, window, tile).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,9 +31,16 @@ class Tile:
     key_span: tuple[int, int] | None  # (start, stop) when the keys are contiguous
 
 
+@dataclass(frozen=True)
+class Group:
+    start: int  # the group's tiles cover image tokens start .. stop-1 exactly
+    stop: int
+    tiles: list[Tile]
+
+
 @dataclass
 class TilePlan:
-    tiles: list[Tile]
+    groups: list[Group]
     masks: list[Tensor]  # distinct boolean masks [queries, keys]; many tiles share one
     computed_pairs: int  # (query, image key) pairs the tiles compute
     kept_pairs: int  # (query, image key) pairs the window keeps
@@ -53,6 +63,9 @@ def default_tile(layout: TokenLayout, window: Window) -> tuple[int, ...]:
     if window.shape == "band":
         return (64,)
     return (8, 8) if len(layout.grid) == 2 else (1, 8, 8)
+
+
+GROUP_TOKENS = 1024  # close a group once it covers a contiguous range this long
 
 
 def _span(index: Tensor) -> tuple[int, int] | None:
@@ -82,8 +95,8 @@ def tile_plan(layout: TokenLayout, window: Window, tile: tuple[int, ...]) -> Til
         raise ValueError(f"tile {tile} must have one size per grid axis of {grid}")
     allowed = image_mask(layout, window)
     reach = _reach(window, len(grid))
-    tiles, masks, mask_ids = [], [], {}
-    computed = kept = 0
+    groups, tiles, masks, mask_ids = [], [], [], {}
+    computed = kept = covered = 0
     for corner in itertools.product(*(range(0, g, t) for g, t in zip(grid, tile, strict=True))):
         top = [min(c + t, g) for c, t, g in zip(corner, tile, grid, strict=True)]
         queries = _box(list(corner), top, grid)
@@ -102,4 +115,10 @@ def tile_plan(layout: TokenLayout, window: Window, tile: tuple[int, ...]) -> Til
             if mask == len(masks):
                 masks.append(sees)
         tiles.append(Tile(queries, keys, mask, _span(queries), _span(keys)))
-    return TilePlan(tiles, masks, computed, kept)
+        start = groups[-1].stop if groups else 0
+        covered += queries.numel()
+        last = max(int(t.queries[-1]) for t in tiles)
+        if covered == last + 1 - start and (covered >= GROUP_TOKENS or last + 1 == math.prod(grid)):
+            groups.append(Group(start, last + 1, tiles))
+            tiles, covered = [], 0
+    return TilePlan(groups, masks, computed, kept)

@@ -1,10 +1,11 @@
 """Torch tile backend: the CPU fast path (also runs on GPU).
 
 Each query tile attends to its own image keys (a view when contiguous, else gathered rows)
-and, separately, to the keys every image query sees (text, pooled: views, no copy) with a
-fused attention kernel; the two parts are merged exactly through their log-sum-exps. Work is
-done a few heads at a time, on every core, with the scratch memory of all passes under a
-fixed budget: the window path needs no more memory than full attention.
+with a fused attention kernel; each group of tiles (a contiguous range of image tokens)
+attends once to the keys every image query sees (text, pooled), and the two parts are merged
+exactly through their log-sum-exps. Work is done a few heads at a time so that the scratch
+memory stays under a fixed budget: the window path peaks at about what full SDPA does (its
+output plus a few MiB), never at the O(N^2) of a dense mask.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from torch import Tensor
 from .layout import TokenLayout
 from .pooling import pool_tokens
 from .problem import Problem
-from .tiles import Tile, TilePlan, default_tile, tile_plan
+from .tiles import Group, Tile, TilePlan, default_tile, tile_plan
 from .window import Window
 from .workers import run_all, workers
 
-SCRATCH_BYTES = 2 << 20  # full SDPA on CPU needs about 2.7 MiB beyond its output (FLUX shapes)
-TEXT_ROWS = 128  # text queries per call, to keep their partial output small
+SCRATCH_BYTES = 4 << 20  # all concurrent passes; SDPA on CPU allocates ~2.7 MiB beyond its output
 
 
 def attend(
@@ -86,36 +86,56 @@ def window_attention(p: Problem) -> Tensor:
     rows = batch * heads
     qf, kf, vf = (x.contiguous().view(1, rows, seq, dim) for x in (p.q, p.k, p.v))
     out = torch.empty_like(qf)
+    text = slice(layout.text_start, layout.text_start + layout.text_len)
     chunk = _heads_per_chunk(plan, layout, window, dim, p.q.element_size(), rows, workers(p.q.device))
 
     def heads_pass(hs: slice) -> None:
         part = _Heads(qf, kf, vf, out, hs, layout.image_start)
-        for row in range(layout.text_start, layout.text_start + layout.text_len, TEXT_ROWS):
-            text = slice(row, min(row + TEXT_ROWS, layout.text_start + layout.text_len))
+        if layout.text_len:
             part.out[:, :, text] = attend(part.q[:, :, text], part.k, part.v, None, scale)[0]
         shared = _shared_keys(part.k, part.v, layout, window, p.pool_weight)
-        for tile in plan.tiles:
-            _tile(part, tile, masks, shared, scale)
+        for group in plan.groups:
+            _group(part, group, masks, shared, scale)
 
     run_all(heads_pass, [slice(h, min(h + chunk, rows)) for h in range(0, rows, chunk)], p.q.device)
     out = out.view(batch, heads, seq, dim)
     return out if p.residual is None else out.add_(p.residual)
 
 
-def _tile(
-    part: _Heads, tile: Tile, masks: list[Tensor], shared: tuple[Tensor, Tensor] | None, scale: float
+def _group(
+    part: _Heads, group: Group, masks: list[Tensor], shared: tuple[Tensor, Tensor] | None, scale: float
 ) -> None:
-    """One tile: its local keys, then the shared keys, merged into one softmax."""
-    q_rows = part.rows(tile.query_span, tile.queries)
-    k_rows = part.rows(tile.key_span, tile.keys)
-    q = part.read(0, q_rows)
-    mask = None if tile.mask is None else masks[tile.mask]
-    out, lse = attend(q, part.read(1, k_rows), part.read(2, k_rows), mask, scale)
-    if shared is not None:
-        shared_out, shared_lse = attend(q, *shared, None, scale)
-        # the shared keys' share of the joint softmax is sigmoid(lse_shared - lse_local)
-        out = out.lerp_(shared_out, torch.sigmoid(shared_lse - lse).to(out.dtype)[..., None])
-    part.write(q_rows, out)
+    """Local attention of each tile of the group, then one merge with the shared keys."""
+    lse = (
+        None
+        if shared is None
+        else part.q.new_empty(
+            (1, len(part.offsets), group.stop - group.start),
+            dtype=torch.promote_types(part.q.dtype, torch.float32),
+        )
+    )
+    for tile in group.tiles:
+        q_rows = part.rows(tile.query_span, tile.queries)
+        k_rows = part.rows(tile.key_span, tile.keys)
+        mask = None if tile.mask is None else masks[tile.mask]
+        out, tile_lse = attend(part.read(0, q_rows), part.read(1, k_rows), part.read(2, k_rows), mask, scale)
+        part.write(q_rows, out)
+        if lse is not None:
+            _put(lse, tile, group.start, tile_lse)
+    if shared is None:
+        return
+    span = slice(part.image_start + group.start, part.image_start + group.stop)
+    shared_out, shared_lse = attend(part.q[:, :, span], *shared, None, scale)
+    # one softmax over both key sets: the shared part's weight is sigmoid(lse_shared - lse_local)
+    weight = torch.sigmoid(shared_lse - lse).to(shared_out.dtype)
+    part.out[:, :, span].lerp_(shared_out, weight[..., None])
+
+
+def _put(lse: Tensor, tile: Tile, start: int, value: Tensor) -> None:
+    if tile.query_span is not None:
+        lse[:, :, tile.query_span[0] - start : tile.query_span[1] - start] = value
+    else:
+        lse.index_copy_(2, (tile.queries - start).to(lse.device), value)
 
 
 def _shared_keys(
@@ -136,10 +156,12 @@ def _heads_per_chunk(
 ) -> int:
     """Heads per pass: at least one pass per worker, and the scratch of the concurrent passes
     (gathered rows, partial outputs, shared keys) within SCRATCH_BYTES."""
-    gathered = max((2 * t.keys.numel() for t in plan.tiles if t.key_span is None), default=0)
-    queries = max(t.queries.numel() for t in plan.tiles)
-    pooled = 2 * (layout.text_len + window.pooled_len(layout)) if window.pool else 0  # concatenated
-    per_head = dim * itemsize * (gathered + 3 * queries + pooled + min(layout.text_len, TEXT_ROWS))
+    tiles = [t for g in plan.groups for t in g.tiles]
+    gathered = max((2 * t.keys.numel() for t in tiles if t.key_span is None), default=0)
+    queries = max(t.queries.numel() for t in tiles)
+    group = max(g.stop - g.start for g in plan.groups)
+    shared = layout.text_len + window.pooled_len(layout)
+    per_head = dim * itemsize * (gathered + 2 * queries + group + 2 * shared + layout.text_len) + 4 * group
     return max(1, min(-(-rows // passes), SCRATCH_BYTES // (passes * per_head)))
 
 

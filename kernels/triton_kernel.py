@@ -5,6 +5,8 @@ indices), with an online softmax, and optionally adds the residual before the st
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -145,15 +147,22 @@ def _window_kernel(
     tl.store(Out + q_offsets, acc.to(Out.dtype.element_ty), mask=q_ok)
 
 
+@functools.lru_cache(maxsize=32)
+def _block_lists(layout: TokenLayout, window: Window, device: torch.device) -> tuple[Tensor, ...]:
+    """The block map's lists on the kernel's device, copied once per shape."""
+    blocks = block_map(layout, window, BLOCK)
+    return tuple(
+        x.to(device)
+        for x in (blocks.partial_count, blocks.partial_index, blocks.full_count, blocks.full_index)
+    )
+
+
 def window_attention(p: Problem) -> Tensor:
     layout, window = p.layout, p.window
     batch, heads, seq, dim = p.q.shape
     q, k, v = (x.contiguous() for x in (p.q, *p.keys_with_pooled()))
     blocks = block_map(layout, window, BLOCK)
-    index = [
-        x.to(q.device)
-        for x in (blocks.partial_count, blocks.partial_index, blocks.full_count, blocks.full_index)
-    ]
+    index = _block_lists(layout, window, q.device)
     out = torch.empty_like(q)
     res = out if p.residual is None else p.residual.contiguous()
     height, width = layout.grid[-2:] if len(layout.grid) > 1 else (1, layout.image_len)
