@@ -5,9 +5,12 @@ nominal cost table, so the same flags give the same steps, data and weights; a b
 takes longer, and only if --max-minutes cuts the plan short does the result depend on speed):
 
     .venv/bin/python demo/train.py --seed 0 --minutes 34 --max-minutes 95 --threads 1 --out demo/weights
+    .venv/bin/python demo/train.py --seed 1 --minutes 11 --max-minutes 24 --threads 1 \
+        --sides 32 48 128 --resume demo/weights --out demo/weights
 
-(the command that made the shipped weights: 3138 steps, about 60 minutes of wall time on two
-cores shared with other jobs, where one torch thread ran faster than two).
+are the two commands that made the shipped weights: 3138 steps in 65 minutes, then 1072 more
+(mostly small images, where the caption's effect was still weak) in 19 minutes, on two cores
+shared with other jobs, where one torch thread ran faster than two.
 
 What ComfyUI will do at inference is what training imitates:
 - the network is ComfyUI's own `MMDiT`, built with the config ComfyUI's model detection reads
