@@ -20,7 +20,7 @@ WINDOW_BAND = {"window_shape": "band (1D over the token sequence, as the paper)"
                "window_tokens": 0, "refresh_every": 4, "start_percent": 0.0, "end_percent": 1.0, "layers": "",
                "residual": True}
 STEP_SHARING = {"compute_every": 2, "start_percent": 0.2, "end_percent": 1.0, "layers": ""}
-CFG_SHARING = {"start_percent": 0.0, "end_percent": 1.0, "layers": ""}
+CFG_SHARING = {"start_percent": 0.5, "end_percent": 1.0, "layers": ""}  # early steps need real guidance
 
 # name -> (description, the FastAttn nodes between the loader and the sampler, in order)
 TECHNIQUES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
@@ -29,9 +29,10 @@ TECHNIQUES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                         "full attention every 4 steps.", [("FastAttnWindowResidual", WINDOW_BAND)]),
     "step_sharing": ("DiTFastAttn attention sharing across steps: every 2nd step after the first 20%.",
                      [("FastAttnStepSharing", STEP_SHARING)]),
-    "cfg_sharing": ("DiTFastAttn attention sharing across CFG: the unconditional half copies the conditional.",
+    "cfg_sharing": ("DiTFastAttn attention sharing across CFG in the second half of the steps: the "
+                    "unconditional half copies the conditional.",
                     [("FastAttnCFGSharing", CFG_SHARING)]),
-    "combined": ("Window + residual with CFG sharing, the paper's combined mode.",
+    "combined": ("Window + residual with CFG sharing (second half of the steps), the paper's combined mode.",
                  [("FastAttnWindowResidual", WINDOW_BAND), ("FastAttnCFGSharing", CFG_SHARING)]),
 }
 
