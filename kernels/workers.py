@@ -35,9 +35,14 @@ def run_all(work: Callable[[T], None], items: Sequence[T], device: torch.device)
             work(item)
         return
 
+    # Grad and inference mode are per thread: the workers run in the caller's (ComfyUI samples
+    # under inference mode, and its tensors may only be written under it).
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
     def single_threaded(item: T) -> None:
         torch.set_num_threads(1)
-        work(item)
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            work(item)
 
     try:
         for _ in _pool(count).map(single_threaded, items):

@@ -172,6 +172,19 @@ def test_head_chunks_on_worker_threads(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def test_worker_threads_run_under_the_callers_inference_mode(monkeypatch):
+    """ComfyUI samples under torch.inference_mode(); the worker threads must too, or writing
+    into the output (an inference tensor) fails."""
+    monkeypatch.setattr(pack_import("kernels.torch_tiles"), "SCRATCH_BYTES", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            check_backend("torch", TokenLayout(16, (8, 8)), Window("band", 9), 1, 4, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_unfused_attend_matches_the_fused_kernel(masked):
     """The torch backend's plain-math path (used off CPU) against ATen's CPU flash kernel."""
