@@ -2,7 +2,9 @@
 
 A tile is a box of image queries; its keys are the union of its queries' windows, found by
 evaluating the mask on the box grown by the radius. A tile carries a mask only when some of
-its queries must not see some of its keys. Consecutive tiles form groups covering one
+its queries must not see some of its keys. Adjacent tiles with the same contiguous query and
+key span lengths and the same mask form a run, which one batched kernel call computes through
+overlapping strided views (the interior of a band). Consecutive tiles form groups covering one
 contiguous range of image tokens (rows of tiles), so the keys every image query sees (text,
 pooled) can be attended for a whole group at once. Plans are cached per (layout, window, tile).
 """
@@ -32,10 +34,20 @@ class Tile:
 
 
 @dataclass(frozen=True)
+class Run:
+    """`count` tiles shaped like `first`, each one's query and key spans one query-span length
+    after the previous one's (count 1: a lone tile, whose spans may be None)."""
+
+    first: Tile
+    count: int
+
+
+@dataclass(frozen=True)
 class Group:
     start: int  # the group's tiles cover image tokens start .. stop-1 exactly
     stop: int
     tiles: list[Tile]
+    runs: list[Run]
 
 
 @dataclass
@@ -65,7 +77,7 @@ def default_tile(layout: TokenLayout, window: Window) -> tuple[int, ...]:
     return (8, 8) if len(layout.grid) == 2 else (1, 8, 8)
 
 
-GROUP_TOKENS = 1024  # close a group once it covers a contiguous range this long
+GROUP_TOKENS = 512  # close a group once it covers a contiguous range this long (bounds scratch)
 
 
 def _span(index: Tensor) -> tuple[int, int] | None:
@@ -79,6 +91,35 @@ def _box(lo: list[int], hi: list[int], grid: tuple[int, ...]) -> Tensor:
     for start, stop, size in zip(lo, hi, grid, strict=True):
         index = index[..., None] * size + torch.arange(start, stop)
     return index.reshape(-1)
+
+
+def _length(span: tuple[int, int] | None) -> int | None:
+    return None if span is None else span[1] - span[0]
+
+
+def _extends(run: Run, tile: Tile) -> bool:
+    """Whether `tile` is the next tile of `run`: same mask and span lengths, one tile further."""
+    first = run.first
+    spans = (first.query_span, first.key_span, tile.query_span, tile.key_span)
+    if tile.mask != first.mask or None in spans:
+        return False
+    step = run.count * _length(first.query_span)
+    return (
+        _length(tile.query_span) == _length(first.query_span)
+        and _length(tile.key_span) == _length(first.key_span)
+        and tile.query_span[0] == first.query_span[0] + step
+        and tile.key_span[0] == first.key_span[0] + step
+    )
+
+
+def _runs(tiles: list[Tile]) -> list[Run]:
+    runs: list[Run] = []
+    for tile in tiles:
+        if runs and _extends(runs[-1], tile):
+            runs[-1] = Run(runs[-1].first, runs[-1].count + 1)
+        else:
+            runs.append(Run(tile, 1))
+    return runs
 
 
 def _reach(window: Window, dims: int) -> list[int]:
@@ -119,6 +160,6 @@ def tile_plan(layout: TokenLayout, window: Window, tile: tuple[int, ...]) -> Til
         covered += queries.numel()
         last = max(int(t.queries[-1]) for t in tiles)
         if covered == last + 1 - start and (covered >= GROUP_TOKENS or last + 1 == math.prod(grid)):
-            groups.append(Group(start, last + 1, tiles))
+            groups.append(Group(start, last + 1, tiles, _runs(tiles)))
             tiles, covered = [], 0
     return TilePlan(groups, masks, computed, kept)

@@ -1,9 +1,9 @@
 """Torch tile backend: the CPU fast path (also runs on GPU).
 
 Each query tile attends to its own image keys (a view when contiguous, else gathered rows)
-with a fused attention kernel; each group of tiles (a contiguous range of image tokens)
-attends once to the keys every image query sees (text, pooled), and the two parts are merged
-exactly through their log-sum-exps. Work is done a few heads at a time so that the scratch
+with a fused attention kernel, a run of identical tiles (a band's interior) in one call; each
+group of tiles (a contiguous range of image tokens) attends once to the keys every image
+query sees (text, pooled), and the two parts are merged exactly through their log-sum-exps. Work is done a few heads at a time so that the scratch
 memory stays under a fixed budget: the window path peaks at about what full SDPA does (its
 output plus a few MiB), never at the O(N^2) of a dense mask.
 """
@@ -16,11 +16,14 @@ from torch import Tensor
 from .layout import TokenLayout
 from .pooling import pool_tokens
 from .problem import Problem
-from .tiles import Group, Tile, TilePlan, default_tile, tile_plan
+from .tiles import Group, Run, Tile, TilePlan, default_tile, tile_plan
 from .window import Window
 from .workers import run_all, workers
 
 SCRATCH_BYTES = 4 << 20  # all concurrent passes; SDPA on CPU allocates ~2.7 MiB beyond its output
+# Query rows per call against text / shared keys: below 768 rows ATen's CPU flash kernel works
+# in 64-row blocks, whose per-thread buffer is a quarter of the 256-row one's.
+ROWS_PER_CALL = 512
 
 
 def attend(
@@ -70,6 +73,17 @@ class _Heads:
             return x[:, self.heads, rows]
         return x.view(-1, x.shape[-1]).index_select(0, rows).view(1, len(self.offsets), -1, x.shape[-1])
 
+    def tiled(self, which: int, first: int, length: int, count: int, step: int) -> Tensor:
+        """[count, heads, length, dim]: `length` image rows from first + i * step for tile i;
+        overlapping views of the same storage, no copy."""
+        x = self.all[which]
+        _, head_stride, row_stride, _ = x.stride()
+        return x.as_strided(
+            (count, len(self.offsets), length, x.shape[-1]),
+            (step * row_stride, head_stride, row_stride, 1),
+            x.storage_offset() + self.heads.start * head_stride + (self.image_start + first) * row_stride,
+        )
+
     def write(self, rows: slice | Tensor, value: Tensor) -> None:
         out = self.all[3]
         if isinstance(rows, slice):
@@ -86,13 +100,13 @@ def window_attention(p: Problem) -> Tensor:
     rows = batch * heads
     qf, kf, vf = (x.contiguous().view(1, rows, seq, dim) for x in (p.q, p.k, p.v))
     out = torch.empty_like(qf)
-    text = slice(layout.text_start, layout.text_start + layout.text_len)
+    text_rows = _row_chunks(layout.text_start, layout.text_start + layout.text_len)
     chunk = _heads_per_chunk(plan, layout, window, dim, p.q.element_size(), rows, workers(p.q.device))
 
     def heads_pass(hs: slice) -> None:
         part = _Heads(qf, kf, vf, out, hs, layout.image_start)
-        if layout.text_len:
-            part.out[:, :, text] = attend(part.q[:, :, text], part.k, part.v, None, scale)[0]
+        for rows in text_rows:
+            part.out[:, :, rows] = attend(part.q[:, :, rows], part.k, part.v, None, scale)[0]
         shared = _shared_keys(part.k, part.v, layout, window, p.pool_weight)
         for group in plan.groups:
             _group(part, group, masks, shared, scale)
@@ -114,21 +128,49 @@ def _group(
             dtype=torch.promote_types(part.q.dtype, torch.float32),
         )
     )
-    for tile in group.tiles:
+    for run in group.runs:
+        tile = run.first
+        mask = None if tile.mask is None else masks[tile.mask]
+        if run.count > 1:
+            _batched_run(part, run, mask, scale, lse, group.start)
+            continue
         q_rows = part.rows(tile.query_span, tile.queries)
         k_rows = part.rows(tile.key_span, tile.keys)
-        mask = None if tile.mask is None else masks[tile.mask]
         out, tile_lse = attend(part.read(0, q_rows), part.read(1, k_rows), part.read(2, k_rows), mask, scale)
         part.write(q_rows, out)
         if lse is not None:
             _put(lse, tile, group.start, tile_lse)
     if shared is None:
         return
-    span = slice(part.image_start + group.start, part.image_start + group.stop)
-    shared_out, shared_lse = attend(part.q[:, :, span], *shared, None, scale)
-    # one softmax over both key sets: the shared part's weight is sigmoid(lse_shared - lse_local)
-    weight = torch.sigmoid(shared_lse - lse).to(shared_out.dtype)
-    part.out[:, :, span].lerp_(shared_out, weight[..., None])
+    first = part.image_start + group.start  # sequence row of the group's lse[..., 0]
+    for rows in _row_chunks(first, part.image_start + group.stop):
+        shared_out, shared_lse = attend(part.q[:, :, rows], *shared, None, scale)
+        # one softmax over both key sets: the shared part's weight is sigmoid(lse_shared - lse_local)
+        local_lse = lse[:, :, rows.start - first : rows.stop - first]
+        weight = torch.sigmoid(shared_lse - local_lse).to(shared_out.dtype)
+        part.out[:, :, rows].lerp_(shared_out, weight[..., None])
+
+
+def _row_chunks(start: int, stop: int) -> list[slice]:
+    """start .. stop in slices of at most ROWS_PER_CALL query rows."""
+    return [slice(s, min(s + ROWS_PER_CALL, stop)) for s in range(start, stop, ROWS_PER_CALL)]
+
+
+def _batched_run(
+    part: _Heads, run: Run, mask: Tensor | None, scale: float, lse: Tensor | None, start: int
+) -> None:
+    """All tiles of a run in one kernel call, the tiles stacked as its batch dimension."""
+    (q_start, q_stop), (k_start, k_stop) = run.first.query_span, run.first.key_span
+    length, count = q_stop - q_start, run.count
+    q = part.tiled(0, q_start, length, count, length)
+    k, v = (part.tiled(i, k_start, k_stop - k_start, count, length) for i in (1, 2))
+    out, run_lse = attend(q, k, v, mask, scale)
+    rows = slice(part.image_start + q_start, part.image_start + q_start + count * length)
+    part.out[0, :, rows].unflatten(1, (count, length)).copy_(out.transpose(0, 1))
+    if lse is not None:
+        lse[0, :, q_start - start : q_start - start + count * length].unflatten(1, (count, length)).copy_(
+            run_lse.transpose(0, 1)
+        )
 
 
 def _put(lse: Tensor, tile: Tile, start: int, value: Tensor) -> None:
@@ -156,9 +198,9 @@ def _heads_per_chunk(
 ) -> int:
     """Heads per pass: at least one pass per worker, and the scratch of the concurrent passes
     (gathered rows, partial outputs, shared keys) within SCRATCH_BYTES."""
-    tiles = [t for g in plan.groups for t in g.tiles]
-    gathered = max((2 * t.keys.numel() for t in tiles if t.key_span is None), default=0)
-    queries = max(t.queries.numel() for t in tiles)
+    runs = [r for g in plan.groups for r in g.runs]
+    gathered = max((2 * r.first.keys.numel() for r in runs if r.first.key_span is None), default=0)
+    queries = max(r.count * r.first.queries.numel() for r in runs)
     group = max(g.stop - g.start for g in plan.groups)
     shared = layout.text_len + window.pooled_len(layout)
     per_head = dim * itemsize * (gathered + 2 * queries + group + 2 * shared + layout.text_len) + 4 * group

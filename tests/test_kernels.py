@@ -158,6 +158,20 @@ def test_triton_matches_reference_in_the_interpreter():
         assert err < BOUND[getattr(torch, case[6])], f"triton {case}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash", "plain-math"])
+@pytest.mark.parametrize("text_len,text_first", [(0, True), (77, False), (512, True)])
+def test_band_interior_tiles_run_as_one_batched_call(monkeypatch, text_len, text_first, fused):
+    """A long band has runs of identical interior tiles, computed in one call over overlapping
+    strided views; the result still matches the reference (also the off-CPU math path)."""
+    torch_tiles = pack_import("kernels.torch_tiles")
+    layout, window = TokenLayout(text_len, (9, 70), text_first=text_first), Window("band", 50)
+    runs = [run.count for group in torch_tiles.plan_for(layout, window).groups for run in group.runs]
+    assert max(runs) >= 5 and sum(runs) == -(-630 // 64)
+    real_attend = torch_tiles.attend
+    monkeypatch.setattr(torch_tiles, "attend", lambda *a, **kw: real_attend(*a, **kw, fused=fused))
+    check_backend("torch", layout, window, 2, 3, torch.float32)
+
+
 def test_head_chunks_on_worker_threads(monkeypatch):
     """A tiny scratch budget forces one head per pass, spread over two worker threads; the
     result is unchanged and the caller's intra-op thread count is restored."""
