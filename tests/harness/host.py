@@ -38,6 +38,8 @@ def _import_host(path: Path) -> None:
     # As main.py does first: ComfyUI's `utils` package must win over comfy/utils.py, which
     # `nodes` puts on sys.path.
     import utils.extra_config  # noqa: F401
+
+    # isort: split
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # samplers' tqdm bars would flood test and benchmark output
