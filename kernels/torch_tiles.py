@@ -55,12 +55,25 @@ class _Heads:
     """q, k, v, out of a few heads, viewed as [1, heads, seq, dim], with row access by image
     index: slices for contiguous rows, else gathers and scatters."""
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, heads: slice, image_start: int):
+    def __init__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        heads: slice,
+        image_start: int,
+        gathered: tuple[int, int],
+    ):
         self.q, self.k, self.v, self.out = (x[:, heads] for x in (q, k, v, out))
         self.all = (q, k, v, out)
         self.heads, self.image_start = heads, image_start
         seq = q.shape[2]
         self.offsets = torch.arange(heads.start, heads.stop, device=q.device)[:, None] * seq + image_start
+        # gathers of q, k, v rows reuse one buffer each: hundreds of short-lived ~MiB tensors
+        # would otherwise fragment the allocator and raise the peak memory
+        rows = [len(self.offsets) * gathered[which > 0] for which in range(3)]
+        self.buffers = [q.new_empty(n, q.shape[-1]) if n else None for n in rows]
 
     def rows(self, span: tuple[int, int] | None, index: Tensor) -> slice | Tensor:
         if span is not None:
@@ -71,7 +84,9 @@ class _Heads:
         x = self.all[which]
         if isinstance(rows, slice):
             return x[:, self.heads, rows]
-        return x.view(-1, x.shape[-1]).index_select(0, rows).view(1, len(self.offsets), -1, x.shape[-1])
+        buffer = self.buffers[which][: rows.numel()]
+        torch.index_select(x.view(-1, x.shape[-1]), 0, rows, out=buffer)
+        return buffer.view(1, len(self.offsets), -1, x.shape[-1])
 
     def tiled(self, which: int, first: int, length: int, count: int, step: int) -> Tensor:
         """[count, heads, length, dim]: `length` image rows from first + i * step for tile i;
@@ -104,7 +119,7 @@ def window_attention(p: Problem) -> Tensor:
     chunk = _heads_per_chunk(plan, layout, window, dim, p.q.element_size(), rows, workers(p.q.device))
 
     def heads_pass(hs: slice) -> None:
-        part = _Heads(qf, kf, vf, out, hs, layout.image_start)
+        part = _Heads(qf, kf, vf, out, hs, layout.image_start, _gathered_rows(plan))
         for rows in text_rows:
             part.out[:, :, rows] = attend(part.q[:, :, rows], part.k, part.v, None, scale)[0]
         shared = _shared_keys(part.k, part.v, layout, window, p.pool_weight)
@@ -191,6 +206,13 @@ def _shared_keys(
     if not layout.text_len:
         return pooled[0], pooled[1]
     return torch.cat([k[:, :, text], pooled[0]], dim=2), torch.cat([v[:, :, text], pooled[1]], dim=2)
+
+
+def _gathered_rows(plan: TilePlan) -> tuple[int, int]:
+    """The most (query, key) rows one head of a tile gathers (0 where every span is contiguous)."""
+    tiles = [t for g in plan.groups for t in g.tiles]
+    queries = max((t.queries.numel() for t in tiles if t.query_span is None), default=0)
+    return queries, max((t.keys.numel() for t in tiles if t.key_span is None), default=0)
 
 
 def _heads_per_chunk(
