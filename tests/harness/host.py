@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import os
+import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -19,27 +19,21 @@ REPO = Path(__file__).resolve().parents[2]
 PACK_DIR_NAME = "comfyui_fastattn"
 
 
-def comfy_path() -> Path:
-    """The ComfyUI used by tests: $COMFYUI_PATH, else the bundled host of `make setup`."""
-    path = Path(os.environ.get("COMFYUI_PATH") or REPO / ".host" / "ComfyUI")
-    if not (path / "main.py").is_file():
-        raise RuntimeError(f"No ComfyUI at {path}: run `make setup` (or set COMFYUI_PATH).")
-    return path
+def _standalone() -> ModuleType:
+    """The pack's demo/standalone.py, which finds and configures the host for scripts too
+    (loaded by file: the pack itself is importable only once the host is)."""
+    spec = importlib.util.spec_from_file_location("fastattn_standalone", REPO / "demo" / "standalone.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_STANDALONE = _standalone()
+comfy_path = _STANDALONE.host_path
 
 
 def _import_host(path: Path) -> None:
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    comfy.cli_args.args.disable_all_custom_nodes = False
-    # As main.py does first: ComfyUI's `utils` package must win over comfy/utils.py, which
-    # `nodes` puts on sys.path.
-    import utils.extra_config  # noqa: F401
-
-    # isort: split
+    _STANDALONE.import_host(path)
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # samplers' tqdm bars would flood test and benchmark output
