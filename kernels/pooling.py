@@ -41,6 +41,12 @@ def pool_tokens(x: Tensor, layout: TokenLayout, window: Window, weight: Tensor |
     image = image.reshape(batch, heads, *frames, height // d, d, width // d, d, dim)
     if weight is None:
         weight = default_pool_weight(d, device=x.device)
-    weight = weight.to(device=x.device, dtype=x.dtype).reshape(d, 1, d, 1)
-    pooled = (image * weight).sum(dim=(-4, -2))
-    return pooled.reshape(batch, heads, -1, dim)
+    # one patch position at a time into a float32 sum: weighting the whole image at once would
+    # allocate its size, and summing in bfloat16 would round at every position
+    total = torch.promote_types(x.dtype, torch.float32)
+    weight = weight.to(device=x.device, dtype=total).reshape(d, d)
+    pooled = image.new_zeros((batch, heads, *frames, height // d, width // d, dim), dtype=total)
+    for py in range(d):
+        for px in range(d):
+            pooled.addcmul_(image.select(-4, py).select(-2, px), weight[py, px])
+    return pooled.to(x.dtype).reshape(batch, heads, -1, dim)

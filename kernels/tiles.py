@@ -4,16 +4,15 @@ A tile is a box of image queries; its keys are the union of its queries' windows
 evaluating the mask on the box grown by the radius. A tile carries a mask only when some of
 its queries must not see some of its keys. Adjacent tiles with the same contiguous query and
 key span lengths and the same mask form a run, which one batched kernel call computes through
-overlapping strided views (the interior of a band). Consecutive tiles form groups covering one
-contiguous range of image tokens (rows of tiles), so the keys every image query sees (text,
-pooled) can be attended for a whole group at once. Plans are cached per (layout, window, tile).
+overlapping strided views (the interior of a band); a run covers at most RUN_TOKENS queries,
+which bounds its output's scratch. Plans are cached per (layout, window, tile).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,12 +24,20 @@ from .window import Window
 
 
 @dataclass(frozen=True)
+class KeyPart:
+    keys: Tensor  # sorted flattened image indices
+    mask: int | None  # index into TilePlan.masks; None when every query sees every key
+    span: tuple[int, int] | None  # (start, stop) when the keys are contiguous
+
+
+@dataclass(frozen=True)
 class Tile:
     queries: Tensor  # sorted flattened image indices of the queries
     keys: Tensor  # sorted flattened image indices of the keys any query of the tile sees
-    mask: int | None  # index into TilePlan.masks; None when every query sees every key
+    mask: int | None  # the mask of `keys` (as KeyPart.mask); None also when keys are in parts
     query_span: tuple[int, int] | None  # (start, stop) when the queries are contiguous
     key_span: tuple[int, int] | None  # (start, stop) when the keys are contiguous
+    parts: tuple[KeyPart, ...]  # the keys as attended one part at a time (see _key_parts)
 
 
 @dataclass(frozen=True)
@@ -42,17 +49,9 @@ class Run:
     count: int
 
 
-@dataclass(frozen=True)
-class Group:
-    start: int  # the group's tiles cover image tokens start .. stop-1 exactly
-    stop: int
-    tiles: list[Tile]
-    runs: list[Run]
-
-
 @dataclass
 class TilePlan:
-    groups: list[Group]
+    runs: list[Run]  # every tile once, in row-major order of their corners
     masks: list[Tensor]  # distinct boolean masks [queries, keys]; many tiles share one
     computed_pairs: int  # (query, image key) pairs the tiles compute
     kept_pairs: int  # (query, image key) pairs the window keeps
@@ -77,7 +76,8 @@ def default_tile(layout: TokenLayout, window: Window) -> tuple[int, ...]:
     return (8, 8) if len(layout.grid) == 2 else (1, 8, 8)
 
 
-GROUP_TOKENS = 512  # close a group once it covers a contiguous range this long (bounds scratch)
+RUN_TOKENS = 512  # the most queries one batched call computes
+GATHER_KEYS = 512  # the most non-contiguous keys attended (so gathered) at once
 
 
 def _span(index: Tensor) -> tuple[int, int] | None:
@@ -98,14 +98,16 @@ def _length(span: tuple[int, int] | None) -> int | None:
 
 
 def _extends(run: Run, tile: Tile) -> bool:
-    """Whether `tile` is the next tile of `run`: same mask and span lengths, one tile further."""
+    """Whether `tile` is the next tile of `run`: same mask and span lengths, one tile further,
+    and the run stays within RUN_TOKENS queries."""
     first = run.first
     spans = (first.query_span, first.key_span, tile.query_span, tile.key_span)
     if tile.mask != first.mask or None in spans:
         return False
     step = run.count * _length(first.query_span)
     return (
-        _length(tile.query_span) == _length(first.query_span)
+        step + _length(tile.query_span) <= RUN_TOKENS
+        and _length(tile.query_span) == _length(first.query_span)
         and _length(tile.key_span) == _length(first.key_span)
         and tile.query_span[0] == first.query_span[0] + step
         and tile.key_span[0] == first.key_span[0] + step
@@ -122,6 +124,20 @@ def _runs(tiles: list[Tile]) -> list[Run]:
     return runs
 
 
+def _key_parts(keys: Tensor, sees: Tensor, mask_id: Callable[[Tensor], int | None]) -> tuple[KeyPart, ...]:
+    """Non-contiguous keys in n interleaved parts keys[j::n] of at most GATHER_KEYS each, which
+    bounds the gather buffers (the parts' results are merged through their log-sum-exps).
+    Every query must see a key of every part (a query's window holds runs of adjacent keys);
+    where one would not, the keys stay whole."""
+    count = 1 if _span(keys) is not None else -(-keys.numel() // GATHER_KEYS)
+    if not all(bool(sees[:, j::count].any(dim=1).all()) for j in range(count)):
+        count = 1
+    return tuple(
+        KeyPart(keys[j::count].contiguous(), mask_id(sees[:, j::count]), _span(keys[j::count]))
+        for j in range(count)
+    )
+
+
 def _reach(window: Window, dims: int) -> list[int]:
     """How far (per grid axis) a query's window extends."""
     spatial = window.radius - 1 if window.shape == "circle" else window.radius
@@ -136,8 +152,21 @@ def tile_plan(layout: TokenLayout, window: Window, tile: tuple[int, ...]) -> Til
         raise ValueError(f"tile {tile} must have one size per grid axis of {grid}")
     allowed = image_mask(layout, window)
     reach = _reach(window, len(grid))
-    groups, tiles, masks, mask_ids = [], [], [], {}
-    computed = kept = covered = 0
+    tiles: list[Tile] = []
+    masks: list[Tensor] = []
+    mask_ids: dict = {}
+
+    def mask_id(sees: Tensor) -> int | None:
+        """The index of this mask in `masks` (added if new); None when it allows everything."""
+        if bool(sees.all()):
+            return None
+        signature = (tuple(sees.shape), sees.numpy().tobytes())
+        index = mask_ids.setdefault(signature, len(masks))
+        if index == len(masks):
+            masks.append(sees.contiguous())
+        return index
+
+    computed = kept = 0
     for corner in itertools.product(*(range(0, g, t) for g, t in zip(grid, tile, strict=True))):
         top = [min(c + t, g) for c, t, g in zip(corner, tile, grid, strict=True)]
         queries = _box(list(corner), top, grid)
@@ -149,17 +178,7 @@ def tile_plan(layout: TokenLayout, window: Window, tile: tuple[int, ...]) -> Til
         keys, sees = candidates[needed], sees[:, needed]
         computed += sees.numel()
         kept += int(sees.sum())
-        mask = None
-        if not bool(sees.all()):
-            signature = (tuple(sees.shape), sees.numpy().tobytes())
-            mask = mask_ids.setdefault(signature, len(masks))
-            if mask == len(masks):
-                masks.append(sees)
-        tiles.append(Tile(queries, keys, mask, _span(queries), _span(keys)))
-        start = groups[-1].stop if groups else 0
-        covered += queries.numel()
-        last = max(int(t.queries[-1]) for t in tiles)
-        if covered == last + 1 - start and (covered >= GROUP_TOKENS or last + 1 == math.prod(grid)):
-            groups.append(Group(start, last + 1, tiles, _runs(tiles)))
-            tiles, covered = [], 0
-    return TilePlan(groups, masks, computed, kept)
+        parts = _key_parts(keys, sees, mask_id)
+        whole = parts[0].mask if len(parts) == 1 else None
+        tiles.append(Tile(queries, keys, whole, _span(queries), _span(keys), parts))
+    return TilePlan(_runs(tiles), masks, computed, kept)

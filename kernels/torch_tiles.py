@@ -1,11 +1,12 @@
 """Torch tile backend: the CPU fast path (also runs on GPU).
 
-Each query tile attends to its own image keys (a view when contiguous, else gathered rows)
-with a fused attention kernel, a run of identical tiles (a band's interior) in one call; each
-group of tiles (a contiguous range of image tokens) attends once to the keys every image
-query sees (text, pooled), and the two parts are merged exactly through their log-sum-exps. Work is done a few heads at a time so that the scratch
-memory stays under a fixed budget: the window path peaks at about what full SDPA does (its
-output plus a few MiB), never at the O(N^2) of a dense mask.
+Per pass over a few heads: text rows attend densely; every image row attends to the keys all
+image queries see (text, pooled) in large chunks; those keys are freed, then each query tile
+attends to its own image keys (a view when contiguous, else gathered rows; a run of identical
+tiles, a band's interior, in one call) and is merged in exactly through the log-sum-exps.
+The two phases never hold their scratch at once, and the number of heads per pass keeps all
+concurrent passes under a fixed budget: the window path peaks at about what full SDPA does
+(its output plus a few MiB), never at the O(N^2) of a dense mask.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 from .layout import TokenLayout
 from .pooling import pool_tokens
 from .problem import Problem
-from .tiles import Group, Run, Tile, TilePlan, default_tile, tile_plan
+from .tiles import Run, TilePlan, default_tile, tile_plan
 from .window import Window
 from .workers import run_all, workers
 
@@ -53,27 +54,20 @@ def plan_for(layout: TokenLayout, window: Window) -> TilePlan:
 
 class _Heads:
     """q, k, v, out of a few heads, viewed as [1, heads, seq, dim], with row access by image
-    index: slices for contiguous rows, else gathers and scatters."""
+    index: slices for contiguous rows, else gathers (into one reused buffer per tensor:
+    hundreds of short-lived ~MiB tensors would fragment the allocator) and scatters."""
 
     def __init__(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        out: Tensor,
-        heads: slice,
-        image_start: int,
-        gathered: tuple[int, int],
+        self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, heads: slice, image_start: int, gathered: tuple[int, int]
     ):
         self.q, self.k, self.v, self.out = (x[:, heads] for x in (q, k, v, out))
         self.all = (q, k, v, out)
         self.heads, self.image_start = heads, image_start
         seq = q.shape[2]
         self.offsets = torch.arange(heads.start, heads.stop, device=q.device)[:, None] * seq + image_start
-        # gathers of q, k, v rows reuse one buffer each: hundreds of short-lived ~MiB tensors
-        # would otherwise fragment the allocator and raise the peak memory
-        rows = [len(self.offsets) * gathered[which > 0] for which in range(3)]
-        self.buffers = [q.new_empty(n, q.shape[-1]) if n else None for n in rows]
+        queries, keys = gathered
+        self._buffer_rows = [len(self.offsets) * n for n in (queries, keys, keys, queries)]  # q, k, v, out
+        self._buffers: list[Tensor | None] = [None] * 4
 
     def rows(self, span: tuple[int, int] | None, index: Tensor) -> slice | Tensor:
         if span is not None:
@@ -81,10 +75,14 @@ class _Heads:
         return (self.offsets + index.to(self.offsets.device)).reshape(-1)
 
     def read(self, which: int, rows: slice | Tensor) -> Tensor:
+        """Rows of q, k, v or out (which = 0..3): a view, or a gathered copy valid until the
+        next read of the same tensor."""
         x = self.all[which]
         if isinstance(rows, slice):
             return x[:, self.heads, rows]
-        buffer = self.buffers[which][: rows.numel()]
+        if self._buffers[which] is None:
+            self._buffers[which] = x.new_empty(self._buffer_rows[which], x.shape[-1])
+        buffer = self._buffers[which][: rows.numel()]
         torch.index_select(x.view(-1, x.shape[-1]), 0, rows, out=buffer)
         return buffer.view(1, len(self.offsets), -1, x.shape[-1])
 
@@ -122,48 +120,92 @@ def window_attention(p: Problem) -> Tensor:
         part = _Heads(qf, kf, vf, out, hs, layout.image_start, _gathered_rows(plan))
         for rows in text_rows:
             part.out[:, :, rows] = attend(part.q[:, :, rows], part.k, part.v, None, scale)[0]
-        shared = _shared_keys(part.k, part.v, layout, window, p.pool_weight)
-        for group in plan.groups:
-            _group(part, group, masks, shared, scale)
+        lse = _shared_attention(part, layout, window, p.pool_weight, scale)
+        for run in plan.runs:
+            _local_attention(part, run, masks, scale, lse)
 
     run_all(heads_pass, [slice(h, min(h + chunk, rows)) for h in range(0, rows, chunk)], p.q.device)
     out = out.view(batch, heads, seq, dim)
     return out if p.residual is None else out.add_(p.residual)
 
 
-def _group(
-    part: _Heads, group: Group, masks: list[Tensor], shared: tuple[Tensor, Tensor] | None, scale: float
-) -> None:
-    """Local attention of each tile of the group, then one merge with the shared keys."""
-    lse = (
-        None
-        if shared is None
-        else part.q.new_empty(
-            (1, len(part.offsets), group.stop - group.start),
-            dtype=torch.promote_types(part.q.dtype, torch.float32),
-        )
+def _shared_attention(
+    part: _Heads, layout: TokenLayout, window: Window, pool_weight: Tensor | None, scale: float
+) -> Tensor | None:
+    """Every image row's attention to the keys all image queries see (text, pooled), written to
+    the output; returns its log-sum-exp per image row [1, heads, image_len], or None when
+    there are no such keys. Pooled keys live only during this call."""
+    key_sets = _shared_keys(part.k, part.v, layout, window, pool_weight)
+    if not key_sets:
+        return None
+    start = layout.image_start
+    lse = part.q.new_empty(
+        (1, len(part.offsets), layout.image_len), dtype=torch.promote_types(part.q.dtype, torch.float32)
     )
-    for run in group.runs:
-        tile = run.first
-        mask = None if tile.mask is None else masks[tile.mask]
-        if run.count > 1:
-            _batched_run(part, run, mask, scale, lse, group.start)
-            continue
-        q_rows = part.rows(tile.query_span, tile.queries)
-        k_rows = part.rows(tile.key_span, tile.keys)
-        out, tile_lse = attend(part.read(0, q_rows), part.read(1, k_rows), part.read(2, k_rows), mask, scale)
-        part.write(q_rows, out)
-        if lse is not None:
-            _put(lse, tile, group.start, tile_lse)
-    if shared is None:
+    for rows in _row_chunks(start, start + layout.image_len):
+        out_rows, lse_rows = part.out[:, :, rows], lse[:, :, rows.start - start : rows.stop - start]
+        for i, (k, v) in enumerate(key_sets):
+            out, out_lse = attend(part.q[:, :, rows], k, v, None, scale)
+            if i == 0:
+                out_rows.copy_(out)
+                lse_rows.copy_(out_lse)
+            else:
+                _merge(out_rows, lse_rows, out, out_lse)
+    return lse
+
+
+def _local_attention(part: _Heads, run: Run, masks: list[Tensor], scale: float, lse: Tensor | None) -> None:
+    """The tiles of a run attend to their own image keys, written to the output or, when the
+    shared keys' part is there (`lse`), merged into it."""
+    tile = run.first
+    if tile.query_span is not None and tile.key_span is not None:
+        _batched_run(part, run, None if tile.mask is None else masks[tile.mask], scale, lse)
         return
-    first = part.image_start + group.start  # sequence row of the group's lse[..., 0]
-    for rows in _row_chunks(first, part.image_start + group.stop):
-        shared_out, shared_lse = attend(part.q[:, :, rows], *shared, None, scale)
-        # one softmax over both key sets: the shared part's weight is sigmoid(lse_shared - lse_local)
-        local_lse = lse[:, :, rows.start - first : rows.stop - first]
-        weight = torch.sigmoid(shared_lse - local_lse).to(shared_out.dtype)
-        part.out[:, :, rows].lerp_(shared_out, weight[..., None])
+    q_rows = part.rows(tile.query_span, tile.queries)
+    q = part.read(0, q_rows)
+    out = out_lse = None
+    for key_part in tile.parts:
+        k_rows = part.rows(key_part.span, key_part.keys)
+        mask = None if key_part.mask is None else masks[key_part.mask]
+        result = attend(q, part.read(1, k_rows), part.read(2, k_rows), mask, scale)
+        if out is None:
+            out, out_lse = result
+        else:
+            _merge(out, out_lse, *result)
+    if lse is None:
+        part.write(q_rows, out)
+    elif isinstance(q_rows, slice):
+        _merge(part.out[:, :, q_rows], lse[:, :, tile.query_span[0] : tile.query_span[1]], out, out_lse)
+    else:
+        index = tile.queries.to(lse.device)
+        merged, merged_lse = part.read(3, q_rows), lse.index_select(2, index)
+        _merge(merged, merged_lse, out, out_lse)
+        part.write(q_rows, merged)
+        lse.index_copy_(2, index, merged_lse)
+
+
+def _batched_run(part: _Heads, run: Run, mask: Tensor | None, scale: float, lse: Tensor | None) -> None:
+    """All tiles of a run in one kernel call, the tiles stacked as its batch dimension."""
+    (q_start, q_stop), (k_start, k_stop) = run.first.query_span, run.first.key_span
+    length, count = q_stop - q_start, run.count
+    q = part.tiled(0, q_start, length, count, length)
+    k, v = (part.tiled(i, k_start, k_stop - k_start, count, length) for i in (1, 2))
+    out, out_lse = attend(q, k, v, mask, scale)  # [count, heads, length, (dim)]
+    rows = slice(part.image_start + q_start, part.image_start + q_start + count * length)
+    target = part.out[0, :, rows].unflatten(1, (count, length))
+    if lse is None:
+        target.copy_(out.transpose(0, 1))
+    else:
+        image = lse[0, :, q_start : q_start + count * length].unflatten(1, (count, length))
+        _merge(target, image, out.transpose(0, 1), out_lse.transpose(0, 1))
+
+
+def _merge(out: Tensor, lse: Tensor, other: Tensor, other_lse: Tensor) -> None:
+    """Fold attention over another key set into (out, lse), in place: the result is one softmax
+    over both key sets, the other part weighted by sigmoid(other_lse - lse)."""
+    weight = torch.sigmoid(other_lse - lse)
+    out.lerp_(other, weight[..., None].to(out.dtype))
+    torch.logaddexp(lse, other_lse, out=lse)
 
 
 def _row_chunks(start: int, stop: int) -> list[slice]:
@@ -171,61 +213,37 @@ def _row_chunks(start: int, stop: int) -> list[slice]:
     return [slice(s, min(s + ROWS_PER_CALL, stop)) for s in range(start, stop, ROWS_PER_CALL)]
 
 
-def _batched_run(
-    part: _Heads, run: Run, mask: Tensor | None, scale: float, lse: Tensor | None, start: int
-) -> None:
-    """All tiles of a run in one kernel call, the tiles stacked as its batch dimension."""
-    (q_start, q_stop), (k_start, k_stop) = run.first.query_span, run.first.key_span
-    length, count = q_stop - q_start, run.count
-    q = part.tiled(0, q_start, length, count, length)
-    k, v = (part.tiled(i, k_start, k_stop - k_start, count, length) for i in (1, 2))
-    out, run_lse = attend(q, k, v, mask, scale)
-    rows = slice(part.image_start + q_start, part.image_start + q_start + count * length)
-    part.out[0, :, rows].unflatten(1, (count, length)).copy_(out.transpose(0, 1))
-    if lse is not None:
-        lse[0, :, q_start - start : q_start - start + count * length].unflatten(1, (count, length)).copy_(
-            run_lse.transpose(0, 1)
-        )
-
-
-def _put(lse: Tensor, tile: Tile, start: int, value: Tensor) -> None:
-    if tile.query_span is not None:
-        lse[:, :, tile.query_span[0] - start : tile.query_span[1] - start] = value
-    else:
-        lse.index_copy_(2, (tile.queries - start).to(lse.device), value)
-
-
 def _shared_keys(
     k: Tensor, v: Tensor, layout: TokenLayout, window: Window, pool_weight: Tensor | None
-) -> tuple[Tensor, Tensor] | None:
-    """Keys and values every image query sees (text, then pooled), or None if there are none."""
+) -> list[tuple[Tensor, Tensor]]:
+    """The key sets every image query sees: text (views), then pooled image keys and values."""
     text = slice(layout.text_start, layout.text_start + layout.text_len)
-    if not window.pool:
-        return (k[:, :, text], v[:, :, text]) if layout.text_len else None
-    pooled = [pool_tokens(x, layout, window, pool_weight) for x in (k, v)]
-    if not layout.text_len:
-        return pooled[0], pooled[1]
-    return torch.cat([k[:, :, text], pooled[0]], dim=2), torch.cat([v[:, :, text], pooled[1]], dim=2)
+    key_sets = [(k[:, :, text], v[:, :, text])] if layout.text_len else []
+    if window.pool:
+        key_sets.append((pool_tokens(k, layout, window, pool_weight), pool_tokens(v, layout, window, pool_weight)))
+    return key_sets
 
 
 def _gathered_rows(plan: TilePlan) -> tuple[int, int]:
     """The most (query, key) rows one head of a tile gathers (0 where every span is contiguous)."""
-    tiles = [t for g in plan.groups for t in g.tiles]
-    queries = max((t.queries.numel() for t in tiles if t.query_span is None), default=0)
-    return queries, max((t.keys.numel() for t in tiles if t.key_span is None), default=0)
+    lone = [run.first for run in plan.runs if run.count == 1]
+    queries = max((t.queries.numel() for t in lone if t.query_span is None), default=0)
+    keys = max((p.keys.numel() for t in lone for p in t.parts if p.span is None), default=0)
+    return queries, keys
 
 
 def _heads_per_chunk(
     plan: TilePlan, layout: TokenLayout, window: Window, dim: int, itemsize: int, rows: int, passes: int
 ) -> int:
     """Heads per pass: at least one pass per worker, and the scratch of the concurrent passes
-    (gathered rows, partial outputs, shared keys) within SCRATCH_BYTES."""
-    runs = [r for g in plan.groups for r in g.runs]
-    gathered = max((2 * r.first.keys.numel() for r in runs if r.first.key_span is None), default=0)
-    queries = max(r.count * r.first.queries.numel() for r in runs)
-    group = max(g.stop - g.start for g in plan.groups)
-    shared = layout.text_len + window.pooled_len(layout)
-    per_head = dim * itemsize * (gathered + 2 * queries + group + 2 * shared + layout.text_len) + 4 * group
+    within SCRATCH_BYTES. A pass holds the larger of its two phases' scratch (shared keys:
+    pooled keys and values, one chunk's output; local: gathered rows, a run's output and its
+    transposed copy) plus the image rows' log-sum-exps."""
+    gathered_queries, gathered_keys = _gathered_rows(plan)
+    run_queries = max(r.count * r.first.queries.numel() for r in plan.runs)
+    local = 2 * gathered_keys + 2 * gathered_queries + 2 * run_queries
+    shared = 2 * window.pooled_len(layout) + ROWS_PER_CALL
+    per_head = dim * itemsize * max(local, shared) + 4 * layout.image_len
     return max(1, min(-(-rows // passes), SCRATCH_BYTES // (passes * per_head)))
 
 

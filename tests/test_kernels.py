@@ -165,11 +165,29 @@ def test_band_interior_tiles_run_as_one_batched_call(monkeypatch, text_len, text
     strided views; the result still matches the reference (also the off-CPU math path)."""
     torch_tiles = pack_import("kernels.torch_tiles")
     layout, window = TokenLayout(text_len, (9, 70), text_first=text_first), Window("band", 50)
-    runs = [run.count for group in torch_tiles.plan_for(layout, window).groups for run in group.runs]
+    runs = [run.count for run in torch_tiles.plan_for(layout, window).runs]
     assert max(runs) >= 5 and sum(runs) == -(-630 // 64)
     real_attend = torch_tiles.attend
     monkeypatch.setattr(torch_tiles, "attend", lambda *a, **kw: real_attend(*a, **kw, fused=fused))
     check_backend("torch", layout, window, 2, 3, torch.float32)
+
+
+@pytest.mark.parametrize("text_len,text_first", [(0, True), (77, False)])
+def test_large_gathered_key_sets_split_into_interleaved_parts(text_len, text_first):
+    """A 2D tile whose keys exceed GATHER_KEYS attends to them in interleaved parts merged by
+    log-sum-exp (so its gather buffers stay small); where a part would leave a query without
+    keys (a 1-token circle seen across frames), the keys stay whole. Both match the reference."""
+    tiles = pack_import("kernels.tiles")
+    split = (TokenLayout(text_len, (40, 44), text_first), Window("circle", 14, pool=4))
+    whole = (TokenLayout(text_len, (12, 16, 16), text_first), Window("circle", 1, temporal_radius=5))
+    for (layout, window), expect_split in ((split, True), (whole, False)):
+        plan = pack_import("kernels.torch_tiles").plan_for(layout, window)
+        lone = [run.first for run in plan.runs if run.first.key_span is None]
+        assert max(t.keys.numel() for t in lone) > tiles.GATHER_KEYS
+        assert max(len(t.parts) for t in lone) > 1 if expect_split else all(len(t.parts) == 1 for t in lone)
+        for tile in lone:
+            assert torch.equal(torch.cat([p.keys for p in tile.parts]).sort().values, tile.keys)
+        check_backend("torch", layout, window, 1, 2, torch.float32)
 
 
 def test_head_chunks_on_worker_threads(monkeypatch):
