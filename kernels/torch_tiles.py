@@ -21,7 +21,7 @@ from .tiles import Run, TilePlan, default_tile, tile_plan
 from .window import Window
 from .workers import run_all, workers
 
-SCRATCH_BYTES = 4 << 20  # all concurrent passes; SDPA on CPU allocates ~2.7 MiB beyond its output
+SCRATCH_BYTES = 2 << 20  # all concurrent passes; SDPA on CPU allocates ~2.7 MiB beyond its output
 # Query rows per call against text / shared keys: below 768 rows ATen's CPU flash kernel works
 # in 64-row blocks, whose per-thread buffer is a quarter of the 256-row one's.
 ROWS_PER_CALL = 512
@@ -237,12 +237,12 @@ def _heads_per_chunk(
 ) -> int:
     """Heads per pass: at least one pass per worker, and the scratch of the concurrent passes
     within SCRATCH_BYTES. A pass holds the larger of its two phases' scratch (shared keys:
-    pooled keys and values, one chunk's output; local: gathered rows, a run's output and its
-    transposed copy) plus the image rows' log-sum-exps."""
+    pooled keys and values, a chunk's output and merge; local: gathered rows, a run's output
+    and merge) plus the image rows' log-sum-exps; at FLUX sizes that is one head per pass."""
     gathered_queries, gathered_keys = _gathered_rows(plan)
     run_queries = max(r.count * r.first.queries.numel() for r in plan.runs)
     local = 2 * gathered_keys + 2 * gathered_queries + 2 * run_queries
-    shared = 2 * window.pooled_len(layout) + ROWS_PER_CALL
+    shared = 2 * window.pooled_len(layout) + 2 * ROWS_PER_CALL
     per_head = dim * itemsize * max(local, shared) + 4 * layout.image_len
     return max(1, min(-(-rows // passes), SCRATCH_BYTES // (passes * per_head)))
 
