@@ -76,7 +76,7 @@ def default_tile(layout: TokenLayout, window: Window) -> tuple[int, ...]:
     return (8, 8) if len(layout.grid) == 2 else (1, 8, 8)
 
 
-RUN_TOKENS = 512  # the most queries one batched call computes
+RUN_TOKENS = 256  # the most queries one batched call computes (its output is scratch)
 GATHER_KEYS = 512  # the most non-contiguous keys attended (so gathered) at once
 
 

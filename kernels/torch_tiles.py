@@ -1,15 +1,18 @@
 """Torch tile backend: the CPU fast path (also runs on GPU).
 
 Per pass over a few heads: text rows attend densely; every image row attends to the keys all
-image queries see (text, pooled) in large chunks; those keys are freed, then each query tile
-attends to its own image keys (a view when contiguous, else gathered rows; a run of identical
-tiles, a band's interior, in one call) and is merged in exactly through the log-sum-exps.
-The two phases never hold their scratch at once, and the number of heads per pass keeps all
-concurrent passes under a fixed budget: the window path peaks at about what full SDPA does
+image queries see, one key set at a time (the text keys, then the pooled keys, made a few
+pooled rows at a time and freed); then each query tile attends to its own image keys (a view
+when contiguous, else gathered rows; a run of identical tiles, a band's interior, in one
+call) and is merged in exactly through the log-sum-exps. The two phases never hold their
+temporaries at once, and the number of heads per pass keeps all concurrent passes under a
+fixed budget: the window path peaks at about what full SDPA does
 (its output plus a few MiB), never at the O(N^2) of a dense mask.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -25,6 +28,7 @@ SCRATCH_BYTES = 2 << 20  # all concurrent passes; SDPA on CPU allocates ~2.7 MiB
 # Query rows per call against text / shared keys: below 768 rows ATen's CPU flash kernel works
 # in 64-row blocks, whose per-thread buffer is a quarter of the 256-row one's.
 ROWS_PER_CALL = 512
+POOLED_KEYS = 256  # pooled keys made and attended at once (each part is freed before the next)
 
 
 def attend(
@@ -54,8 +58,8 @@ def plan_for(layout: TokenLayout, window: Window) -> TilePlan:
 
 class _Heads:
     """q, k, v, out of a few heads, viewed as [1, heads, seq, dim], with row access by image
-    index: slices for contiguous rows, else gathers (into one reused buffer per tensor:
-    hundreds of short-lived ~MiB tensors would fragment the allocator) and scatters."""
+    index: slices for contiguous rows, else gathers (into one buffer per tensor, made at the
+    first gather and reused for the rest of the pass) and scatters."""
 
     def __init__(
         self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, heads: slice, image_start: int, gathered: tuple[int, int]
@@ -114,7 +118,7 @@ def window_attention(p: Problem) -> Tensor:
     qf, kf, vf = (x.contiguous().view(1, rows, seq, dim) for x in (p.q, p.k, p.v))
     out = torch.empty_like(qf)
     text_rows = _row_chunks(layout.text_start, layout.text_start + layout.text_len)
-    chunk = _heads_per_chunk(plan, layout, window, dim, p.q.element_size(), rows, workers(p.q.device))
+    chunk = _heads_per_pass(plan, layout, window, dim, p.q.element_size(), rows, workers(p.q.device))
 
     def heads_pass(hs: slice) -> None:
         part = _Heads(qf, kf, vf, out, hs, layout.image_start, _gathered_rows(plan))
@@ -134,23 +138,23 @@ def _shared_attention(
 ) -> Tensor | None:
     """Every image row's attention to the keys all image queries see (text, pooled), written to
     the output; returns its log-sum-exp per image row [1, heads, image_len], or None when
-    there are no such keys. Pooled keys live only during this call."""
-    key_sets = _shared_keys(part.k, part.v, layout, window, pool_weight)
-    if not key_sets:
-        return None
+    there are no such keys. One key set at a time, over all image rows."""
     start = layout.image_start
-    lse = part.q.new_empty(
-        (1, len(part.offsets), layout.image_len), dtype=torch.promote_types(part.q.dtype, torch.float32)
-    )
-    for rows in _row_chunks(start, start + layout.image_len):
-        out_rows, lse_rows = part.out[:, :, rows], lse[:, :, rows.start - start : rows.stop - start]
-        for i, (k, v) in enumerate(key_sets):
+    chunks = _row_chunks(start, start + layout.image_len)
+    lse = None
+    for i, (k, v) in enumerate(_shared_key_sets(part.k, part.v, layout, window, pool_weight)):
+        if i == 0:
+            lse_dtype = torch.promote_types(part.q.dtype, torch.float32)
+            lse = part.q.new_empty((1, len(part.offsets), layout.image_len), dtype=lse_dtype)
+        for rows in chunks:
+            out_rows, lse_rows = part.out[:, :, rows], lse[:, :, rows.start - start : rows.stop - start]
             out, out_lse = attend(part.q[:, :, rows], k, v, None, scale)
             if i == 0:
                 out_rows.copy_(out)
                 lse_rows.copy_(out_lse)
             else:
                 _merge(out_rows, lse_rows, out, out_lse)
+        del k, v  # a pooled part is freed before the next one is made
     return lse
 
 
@@ -213,15 +217,24 @@ def _row_chunks(start: int, stop: int) -> list[slice]:
     return [slice(s, min(s + ROWS_PER_CALL, stop)) for s in range(start, stop, ROWS_PER_CALL)]
 
 
-def _shared_keys(
+def _shared_key_sets(
     k: Tensor, v: Tensor, layout: TokenLayout, window: Window, pool_weight: Tensor | None
-) -> list[tuple[Tensor, Tensor]]:
-    """The key sets every image query sees: text (views), then pooled image keys and values."""
-    text = slice(layout.text_start, layout.text_start + layout.text_len)
-    key_sets = [(k[:, :, text], v[:, :, text])] if layout.text_len else []
-    if window.pool:
-        key_sets.append((pool_tokens(k, layout, window, pool_weight), pool_tokens(v, layout, window, pool_weight)))
-    return key_sets
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The key sets every image query sees, made one at a time: text (views), then the pooled
+    image keys and values in parts of whole pooled rows, at most POOLED_KEYS each."""
+    if layout.text_len:
+        text = slice(layout.text_start, layout.text_start + layout.text_len)
+        yield k[:, :, text], v[:, :, text]
+    if not window.pool:
+        return
+    width, pool = layout.grid[-1], window.pool
+    pooled_rows = layout.image_len // (width * pool)  # (frames x) height / pool
+    rows_per_part = max(1, POOLED_KEYS // (width // pool))
+    for row in range(0, pooled_rows, rows_per_part):
+        stop = min(row + rows_per_part, pooled_rows)
+        band = slice(layout.image_start + row * pool * width, layout.image_start + stop * pool * width)
+        band_layout = TokenLayout(0, ((stop - row) * pool, width))  # pooling never crosses frames
+        yield tuple(pool_tokens(x[:, :, band], band_layout, window, pool_weight) for x in (k, v))
 
 
 def _gathered_rows(plan: TilePlan) -> tuple[int, int]:
@@ -232,17 +245,17 @@ def _gathered_rows(plan: TilePlan) -> tuple[int, int]:
     return queries, keys
 
 
-def _heads_per_chunk(
+def _heads_per_pass(
     plan: TilePlan, layout: TokenLayout, window: Window, dim: int, itemsize: int, rows: int, passes: int
 ) -> int:
     """Heads per pass: at least one pass per worker, and the scratch of the concurrent passes
-    within SCRATCH_BYTES. A pass holds the larger of its two phases' scratch (shared keys:
-    pooled keys and values, a chunk's output and merge; local: gathered rows, a run's output
-    and merge) plus the image rows' log-sum-exps; at FLUX sizes that is one head per pass."""
+    within SCRATCH_BYTES. A pass holds the larger of its two phases' scratch (shared keys: a
+    pooled part and a chunk's output; local: gathered rows and a run's output) plus the image
+    rows' log-sum-exps; at FLUX sizes that is one head per pass."""
     gathered_queries, gathered_keys = _gathered_rows(plan)
     run_queries = max(r.count * r.first.queries.numel() for r in plan.runs)
-    local = 2 * gathered_keys + 2 * gathered_queries + 2 * run_queries
-    shared = 2 * window.pooled_len(layout) + 2 * ROWS_PER_CALL
+    local = 2 * gathered_keys + 2 * gathered_queries + run_queries
+    shared = 2 * min(POOLED_KEYS, window.pooled_len(layout)) + ROWS_PER_CALL
     per_head = dim * itemsize * max(local, shared) + 4 * layout.image_len
     return max(1, min(-(-rows // passes), SCRATCH_BYTES // (passes * per_head)))
 

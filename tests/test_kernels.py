@@ -166,7 +166,7 @@ def test_band_interior_tiles_run_as_one_batched_call(monkeypatch, text_len, text
     torch_tiles = pack_import("kernels.torch_tiles")
     layout, window = TokenLayout(text_len, (9, 70), text_first=text_first), Window("band", 50)
     runs = [run.count for run in torch_tiles.plan_for(layout, window).runs]
-    assert max(runs) >= 5 and sum(runs) == -(-630 // 64)
+    assert max(runs) == pack_import("kernels.tiles").RUN_TOKENS // 64 > 1 and sum(runs) == -(-630 // 64)
     real_attend = torch_tiles.attend
     monkeypatch.setattr(torch_tiles, "attend", lambda *a, **kw: real_attend(*a, **kw, fused=fused))
     check_backend("torch", layout, window, 2, 3, torch.float32)
@@ -188,6 +188,28 @@ def test_large_gathered_key_sets_split_into_interleaved_parts(text_len, text_fir
         for tile in lone:
             assert torch.equal(torch.cat([p.keys for p in tile.parts]).sort().values, tile.keys)
         check_backend("torch", layout, window, 1, 2, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "layout,window",
+    [
+        (TokenLayout(77, (12, 16)), Window("circle", 5, pool=4)),  # 3 pooled rows of 4: parts of 2 + 1 rows
+        (TokenLayout(0, (3, 8, 10), text_first=False), Window("square", 2, temporal_radius=1, pool=2)),
+    ],
+    ids=["2d-text", "video-no-text"],
+)
+def test_pooled_keys_made_and_attended_in_parts(monkeypatch, layout, window):
+    """Pooled keys are made a few pooled rows at a time (across frames on video) and merged
+    by log-sum-exp; the parts together are the pooled set, and the result matches the reference."""
+    torch_tiles = pack_import("kernels.torch_tiles")
+    monkeypatch.setattr(torch_tiles, "POOLED_KEYS", 2 * layout.grid[-1] // window.pool)
+    k = torch.randn(1, 2, layout.seq_len, 8)
+    sets = list(torch_tiles._shared_key_sets(k, k, layout, window, None))
+    pooled = [keys for keys, _ in sets[1 if layout.text_len else 0 :]]
+    assert len(pooled) == -(-layout.image_len // window.pool**2 // torch_tiles.POOLED_KEYS) > 1
+    whole = pack_import("kernels.pooling").pool_tokens(k, layout, window, None)
+    assert torch.allclose(torch.cat(pooled, dim=2), whole)
+    check_backend("torch", layout, window, 2, 3, torch.float32)
 
 
 def test_head_chunks_on_worker_threads(monkeypatch):
