@@ -5,7 +5,11 @@ shape (16 x 32 x 32 latent frames, text after the image), float32, batch 1. For 
 the methods run interleaved (SDPA, tiles, Flex, SDPA, ...) so machine noise hits all alike;
 medians over the repeats. Peak memory: the growth of the process's peak resident set during
 one call (glibc's free memory trimmed and the kernel's high-water mark reset just before it),
-which counts the output and every temporary, whoever allocates it.
+which counts the output and every temporary, whoever allocates it. Twice: in this process,
+with glibc's default allocator, whose per-thread heaps keep freed chunks (their slack moves the
+peak by ~2 MiB between runs of the same call); and per method in a fresh process where glibc
+maps every allocation of 32 KiB or more on its own (MALLOC_MMAP_THRESHOLD_), so freed memory
+leaves the resident set at once: what the method holds live.
 
 Run: `python tests/benchmarks/run_all.py kernels` (part of `make bench`).
 """
@@ -16,8 +20,11 @@ import ctypes
 import os
 import re
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +63,9 @@ GROUPS = [  # cases sharing one input shape share one SDPA baseline
     ],
 ]
 
+LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 10)}
+LIVE_REPEATS = 2  # after a warm-up call
+
 _libc = ctypes.CDLL("libc.so.6")
 
 
@@ -78,11 +88,37 @@ def measured(fn) -> tuple[float, float]:
     return seconds, peak
 
 
-def run_group(group: list[Case]) -> tuple[list[str], list[str]]:
-    """Time and measure every case of a group (one input shape) against one SDPA baseline."""
-    layout = group[0].layout
+def inputs(layout: TokenLayout) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, HEADS, layout.seq_len, DIM, generator=gen) for _ in range(3))
+    return tuple(torch.randn(1, HEADS, layout.seq_len, DIM, generator=gen) for _ in range(3))
+
+
+def live_peak(group: int, method: str) -> float:
+    """Peak resident growth (MiB) of `method` ("sdpa" or a case name of GROUPS[group]) in a
+    fresh process with LIVE_ENV: max over LIVE_REPEATS calls after a warm-up call."""
+    env = {**os.environ, **LIVE_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, __file__, "--live-peak", str(group), method]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return float(run.stdout.split()[-1])
+
+
+def _live_peak_here(group: int, method: str) -> None:
+    cases = GROUPS[group]
+    q, k, v = inputs(cases[0].layout)
+    if method == "sdpa":
+        fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    else:
+        case = next(c for c in cases if c.name == method)
+        fn = lambda: kernels.window_attention(q, k, v, case.layout, case.window)  # noqa: E731
+    measured(fn)
+    print(max(measured(fn)[1] for _ in range(LIVE_REPEATS)))
+
+
+def run_group(index: int) -> tuple[list[str], list[str]]:
+    """Time and measure every case of a group (one input shape) against one SDPA baseline."""
+    group = GROUPS[index]
+    layout = group[0].layout
+    q, k, v = inputs(layout)
 
     def tiles(case: Case) -> torch.Tensor:
         return kernels.window_attention(q, k, v, case.layout, case.window)
@@ -103,6 +139,7 @@ def run_group(group: list[Case]) -> tuple[list[str], list[str]]:
             ours[case.name].append(measured(lambda c=case: tiles(c)))
             theirs[case.name].append(measured(lambda c=case: flex(c)))
     base = statistics.median(s for s, _ in sdpa)
+    live_sdpa = live_peak(index, "sdpa")
     timing, memory = [], []
     for case in group:
         count = {
@@ -124,7 +161,8 @@ def run_group(group: list[Case]) -> tuple[list[str], list[str]]:
         )
         memory.append(
             f"| {case.name} | {max(m for _, m in sdpa):.1f} | {max(m for _, m in ours[case.name]):.1f} | "
-            f"{max(m for _, m in theirs[case.name]):.1f} | {q.numel() * q.element_size() / 2**20:.1f} |"
+            f"{max(m for _, m in theirs[case.name]):.1f} | {live_sdpa:.1f} | {live_peak(index, case.name):.1f} | "
+            f"{q.numel() * q.element_size() / 2**20:.1f} |"
         )
     return timing, memory
 
@@ -135,8 +173,8 @@ def main() -> None:
         f"{HEADS} heads x {DIM}; load average at start {os.getloadavg()[0]:.1f}\n"
     )
     timing, memory = [], []
-    for group in GROUPS:
-        rows = run_group(group)
+    for index in range(len(GROUPS)):
+        rows = run_group(index)
         timing += rows[0]
         memory += rows[1]
     print(
@@ -148,13 +186,18 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(timing))
     print(
-        "\nPeak resident growth during one call, MiB (max over the repeats; the output alone is the last column):\n"
+        "\nPeak resident growth during one call, MiB: in this process with glibc's defaults (max over the "
+        f"repeats), and live (fresh process per method, {LIVE_ENV}, max of {LIVE_REPEATS} calls after a "
+        "warm-up); the output alone is the last column:\n"
     )
-    print("| shape | SDPA | tiles | Flex | output |")
-    print("|---|---|---|---|---|")
+    print("| shape | SDPA | tiles | Flex | SDPA live | tiles live | output |")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(memory))
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--live-peak"]:
+        _live_peak_here(int(sys.argv[2]), sys.argv[3])
+    else:
+        main()
