@@ -105,3 +105,11 @@ def test_samples_follow_colour_and_layout(model):
 def test_samples_at_4096_tokens(model):
     image = generate(model, "a big yellow square on a striped blue background", 128, steps=4)
     assert image.shape == (256, 256, 3) and torch.isfinite(image).all()
+
+
+def test_training_stops_at_once_without_native_bfloat16(monkeypatch):
+    """Emulated bfloat16 would turn the 80-minute recipe into a day: the script must say so."""
+    train = pack_import("demo.train")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(SystemExit, match="no native bfloat16 matmul"):
+        train.train(0, 1.0, 1.0, 1, [32], None, None)
