@@ -69,8 +69,9 @@ class TilePlan:
 
 
 def default_tile(layout: TokenLayout, window: Window) -> tuple[int, ...]:
-    """Tile shape measured fastest on CPU (FLUX shapes, one thread): 64 tokens of the band,
-    8 x 8 (x 1 frame) boxes; smaller tiles compute fewer masked-out pairs but call more often."""
+    """Tile shape measured fastest on an AVX-512 CPU (FLUX shapes, one thread): 64 tokens of the
+    band, 8 x 8 (x 1 frame) boxes; smaller tiles compute fewer masked-out pairs but call more
+    often. On AVX2 such tiles run ATen's flash kernel at half speed (BENCHMARKS.md)."""
     if window.shape == "band":
         return (64,)
     return (8, 8) if len(layout.grid) == 2 else (1, 8, 8)

@@ -6,8 +6,8 @@ pooled rows at a time and freed); then each query tile attends to its own image 
 when contiguous, else gathered rows; a run of identical tiles, a band's interior, in one
 call) and is merged in exactly through the log-sum-exps. The two phases never hold their
 temporaries at once, and the number of heads per pass keeps all concurrent passes under a
-fixed budget: the window path peaks at about what full SDPA does
-(its output plus a few MiB), never at the O(N^2) of a dense mask.
+fixed budget: the window path peaks at about what full SDPA does (its output plus a few
+MiB), never at the O(N^2) of a dense mask.
 """
 
 from __future__ import annotations
