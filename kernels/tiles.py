@@ -71,16 +71,14 @@ class TilePlan:
 def default_tile(layout: TokenLayout, window: Window) -> tuple[int, ...]:
     """Tile shape measured fastest on an AVX-512 CPU (FLUX shapes, one thread): 64 tokens of the
     band, 8 x 8 (x 1 frame) boxes; smaller tiles compute fewer masked-out pairs but call more
-    often. Kept on the AVX2 CPU of later runs, where 8 x 16 was not clearly faster."""
+    often. On AVX2 such tiles run ATen's flash kernel at half speed (BENCHMARKS.md)."""
     if window.shape == "band":
         return (64,)
     return (8, 8) if len(layout.grid) == 2 else (1, 8, 8)
 
 
 RUN_TOKENS = 256  # the most queries one batched call computes (its output is scratch)
-# The most non-contiguous keys attended (so gathered) at once: a whole CLEAR r16 tile (1276
-# keys) fits, so it is one call; measured faster than parts of 512 on an AVX2 CPU (BENCHMARKS.md).
-GATHER_KEYS = 2048
+GATHER_KEYS = 512  # the most non-contiguous keys attended (so gathered) at once
 
 
 def _span(index: Tensor) -> tuple[int, int] | None:

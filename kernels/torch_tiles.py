@@ -4,8 +4,7 @@ Per pass over a few heads: text rows attend densely; every image row attends to 
 image queries see, one key set at a time (the text keys, then the pooled keys, made a few
 pooled rows at a time and freed); then each query tile attends to its own image keys (a view
 when contiguous, else gathered rows; a run of identical tiles, a band's interior, in one
-call) and is merged in exactly through the log-sum-exps. Passes run one per core, or one
-at a time when tiles gather keys (see _concurrent_passes). The two phases never hold their
+call) and is merged in exactly through the log-sum-exps. The two phases never hold their
 temporaries at once, and the number of heads per pass keeps all concurrent passes under a
 fixed budget: the window path peaks at about what full SDPA does (its output plus a few
 MiB), never at the O(N^2) of a dense mask.
@@ -119,8 +118,7 @@ def window_attention(p: Problem) -> Tensor:
     qf, kf, vf = (x.contiguous().view(1, rows, seq, dim) for x in (p.q, p.k, p.v))
     out = torch.empty_like(qf)
     text_rows = _row_chunks(layout.text_start, layout.text_start + layout.text_len)
-    passes = _concurrent_passes(plan, p.q.device)
-    chunk = _heads_per_pass(plan, layout, window, dim, p.q.element_size(), rows, passes)
+    chunk = _heads_per_pass(plan, layout, window, dim, p.q.element_size(), rows, workers(p.q.device))
 
     def heads_pass(hs: slice) -> None:
         part = _Heads(qf, kf, vf, out, hs, layout.image_start, _gathered_rows(plan))
@@ -130,7 +128,7 @@ def window_attention(p: Problem) -> Tensor:
         for run in plan.runs:
             _local_attention(part, run, masks, scale, lse)
 
-    run_all(heads_pass, [slice(h, min(h + chunk, rows)) for h in range(0, rows, chunk)], passes)
+    run_all(heads_pass, [slice(h, min(h + chunk, rows)) for h in range(0, rows, chunk)], p.q.device)
     out = out.view(batch, heads, seq, dim)
     return out if p.residual is None else out.add_(p.residual)
 
@@ -245,14 +243,6 @@ def _gathered_rows(plan: TilePlan) -> tuple[int, int]:
     queries = max((t.queries.numel() for t in lone if t.query_span is None), default=0)
     keys = max((p.keys.numel() for t in lone for p in t.parts if p.span is None), default=0)
     return queries, keys
-
-
-def _concurrent_passes(plan: TilePlan, device: torch.device) -> int:
-    """Passes run at once: one per core, unless the tiles gather keys (2D and 3D windows). Those
-    run one pass at a time with every core inside each kernel call, which halves the gather
-    buffers and so affords whole key sets per tile (one call, no merges); measured faster on an
-    AVX2 CPU (BENCHMARKS.md). Band tiles gather nothing and run fastest one pass per core."""
-    return 1 if any(_gathered_rows(plan)) else workers(device)
 
 
 def _heads_per_pass(

@@ -4,7 +4,6 @@ Window attention is hundreds of small kernel calls; letting each call split itse
 cores costs a synchronisation per call, and on a busy machine a core that waits for a
 descheduled peer spins. Giving every core its own queue of whole head chunks instead keeps
 each kernel call single-threaded (ATen releases the GIL), with no synchronisation between them.
-Work whose every call is large (gathered 2D/3D tiles) may instead run one item at a time.
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ def workers(device: torch.device) -> int:
     return torch.get_num_threads() if device.type == "cpu" else 1
 
 
-def run_all(work: Callable[[T], None], items: Sequence[T], count: int) -> None:
-    """Call `work` on every item, `count` at once (each at one intra-op thread); with count 1
-    one after another in the caller's thread, every kernel call using all its threads."""
+def run_all(work: Callable[[T], None], items: Sequence[T], device: torch.device) -> None:
+    """Call `work` on every item; on CPU spread over the cores, each at one intra-op thread."""
+    count = workers(device)
     if count == 1 or len(items) == 1:
         for item in items:
             work(item)

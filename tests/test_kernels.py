@@ -172,22 +172,12 @@ def test_band_interior_tiles_run_as_one_batched_call(monkeypatch, text_len, text
     check_backend("torch", layout, window, 2, 3, torch.float32)
 
 
-@pytest.fixture
-def small_gather_budget(monkeypatch):
-    """GATHER_KEYS at 512, with tile plans (cached, built under the budget) rebuilt around it."""
-    tiles = pack_import("kernels.tiles")
-    monkeypatch.setattr(tiles, "GATHER_KEYS", 512)
-    tiles.tile_plan.cache_clear()
-    yield tiles
-    tiles.tile_plan.cache_clear()
-
-
 @pytest.mark.parametrize("text_len,text_first", [(0, True), (77, False)])
-def test_large_gathered_key_sets_split_into_interleaved_parts(small_gather_budget, text_len, text_first):
+def test_large_gathered_key_sets_split_into_interleaved_parts(text_len, text_first):
     """A 2D tile whose keys exceed GATHER_KEYS attends to them in interleaved parts merged by
     log-sum-exp (so its gather buffers stay small); where a part would leave a query without
     keys (a 1-token circle seen across frames), the keys stay whole. Both match the reference."""
-    tiles = small_gather_budget
+    tiles = pack_import("kernels.tiles")
     split = (TokenLayout(text_len, (40, 44), text_first), Window("circle", 14, pool=4))
     whole = (TokenLayout(text_len, (12, 16, 16), text_first), Window("circle", 1, temporal_radius=5))
     for (layout, window), expect_split in ((split, True), (whole, False)):
@@ -223,19 +213,15 @@ def test_pooled_keys_made_and_attended_in_parts(monkeypatch, layout, window):
 
 
 def test_head_chunks_on_worker_threads(monkeypatch):
-    """A tiny scratch budget forces one head per pass; band passes (no gathers) are spread over
-    two worker threads, gathering (2D) passes run one at a time. Results are unchanged and the
-    caller's intra-op thread count is restored."""
-    torch_tiles = pack_import("kernels.torch_tiles")
-    monkeypatch.setattr(torch_tiles, "SCRATCH_BYTES", 1)
+    """A tiny scratch budget forces one head per pass, spread over two worker threads; the
+    result is unchanged and the caller's intra-op thread count is restored."""
+    monkeypatch.setattr(pack_import("kernels.torch_tiles"), "SCRATCH_BYTES", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        layout, cpu = TokenLayout(77, (11, 15), text_first=False), torch.device("cpu")
-        for window, passes in ((Window("band", 20), 2), (Window("circle", 4), 1)):
-            assert torch_tiles._concurrent_passes(torch_tiles.plan_for(layout, window), cpu) == passes
-            check_backend("torch", layout, window, 2, 5, torch.float32)
-            assert torch.get_num_threads() == 2
+        layout = TokenLayout(77, (11, 15), text_first=False)
+        check_backend("torch", layout, Window("circle", 4), 2, 5, torch.float32)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 
