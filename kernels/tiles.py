@@ -70,15 +70,19 @@ class TilePlan:
 
 def default_tile(layout: TokenLayout, window: Window) -> tuple[int, ...]:
     """Tile shape measured fastest on an AVX-512 CPU (FLUX shapes, one thread): 64 tokens of the
-    band, 8 x 8 (x 1 frame) boxes; smaller tiles compute fewer masked-out pairs but call more
-    often. On AVX2 such tiles run ATen's flash kernel at half speed (BENCHMARKS.md)."""
+    band, 8 x 8 (x 1 frame) boxes; smaller tiles compute fewer masked-out pairs but make more,
+    smaller kernel calls, which run slower per FLOP, more so on AVX2 (BENCHMARKS.md)."""
     if window.shape == "band":
         return (64,)
     return (8, 8) if len(layout.grid) == 2 else (1, 8, 8)
 
 
 RUN_TOKENS = 256  # the most queries one batched call computes (its output is scratch)
-GATHER_KEYS = 512  # the most non-contiguous keys attended (so gathered) at once
+# The most non-contiguous keys attended (so gathered) at once: a CLEAR r16 tile's 1276 keys in
+# two parts, a video r8/t2 tile's <= 2260 in three. Fewer parts mean fewer, larger calls and
+# merges; the bound keeps two workers' key and value buffers (2 MiB at head_dim 128, float32)
+# under the ~2.7 MiB that SDPA allocates beyond its output.
+GATHER_KEYS = 1024
 
 
 def _span(index: Tensor) -> tuple[int, int] | None:

@@ -172,12 +172,22 @@ def test_band_interior_tiles_run_as_one_batched_call(monkeypatch, text_len, text
     check_backend("torch", layout, window, 2, 3, torch.float32)
 
 
+@pytest.fixture
+def small_gather_budget(monkeypatch):
+    """GATHER_KEYS at 512, with the cached tile plans rebuilt under it (and again after)."""
+    tiles = pack_import("kernels.tiles")
+    monkeypatch.setattr(tiles, "GATHER_KEYS", 512)
+    tiles.tile_plan.cache_clear()
+    yield tiles
+    tiles.tile_plan.cache_clear()
+
+
 @pytest.mark.parametrize("text_len,text_first", [(0, True), (77, False)])
-def test_large_gathered_key_sets_split_into_interleaved_parts(text_len, text_first):
+def test_large_gathered_key_sets_split_into_interleaved_parts(small_gather_budget, text_len, text_first):
     """A 2D tile whose keys exceed GATHER_KEYS attends to them in interleaved parts merged by
     log-sum-exp (so its gather buffers stay small); where a part would leave a query without
     keys (a 1-token circle seen across frames), the keys stay whole. Both match the reference."""
-    tiles = pack_import("kernels.tiles")
+    tiles = small_gather_budget
     split = (TokenLayout(text_len, (40, 44), text_first), Window("circle", 14, pool=4))
     whole = (TokenLayout(text_len, (12, 16, 16), text_first), Window("circle", 1, temporal_radius=5))
     for (layout, window), expect_split in ((split, True), (whole, False)):
