@@ -1,13 +1,15 @@
 """Torch tile backend: the CPU fast path (also runs on GPU).
 
-Per pass over a few heads: text rows attend densely; every image row attends to the keys all
-image queries see, one key set at a time (the text keys, then the pooled keys, made a few
-pooled rows at a time and freed); then each query tile attends to its own image keys (a view
-when contiguous, else gathered rows; a run of identical tiles, a band's interior, in one
-call) and is merged in exactly through the log-sum-exps. The two phases never hold their
-temporaries at once, and the number of heads per pass keeps all concurrent passes under a
-fixed budget: the window path peaks at about what full SDPA does (its output plus a few
-MiB), never at the O(N^2) of a dense mask.
+Per pass over a few heads: text rows attend densely; each query tile attends to its own image
+keys (a view when contiguous, else gathered rows; a run of identical tiles, a band's interior,
+in one call) and writes its output rows and their log-sum-exps; then every image row attends
+to the keys all image queries see, one key set at a time (the text keys, then the pooled keys,
+made a few pooled rows at a time and freed), merged in exactly through the log-sum-exps over
+contiguous chunks of rows. Tiles first keep the per-tile work to a few kernel calls (no
+read-merge-write of scattered rows). The two phases never hold their temporaries at once, and
+the number of heads per pass keeps all concurrent passes under a fixed budget: the window path
+peaks at about what full SDPA does (its output plus a few MiB), never at the O(N^2) of a dense
+mask.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from .tiles import Run, TilePlan, default_tile, tile_plan
 from .window import Window
 from .workers import run_all, workers
 
-SCRATCH_BYTES = 2 << 20  # all concurrent passes; SDPA on CPU allocates ~2.7 MiB beyond its output
+# Our scratch across all concurrent passes. SDPA on CPU holds 1.4 - 2.7 MiB beyond its output
+# at FLUX sizes; ATen's per-call buffers come on top of this budget, and the shared keys' phase
+# runs last, when the whole output is already resident.
+SCRATCH_BYTES = 1 << 20
 # Query rows per call against text / shared keys: below 768 rows ATen's CPU flash kernel works
 # in 64-row blocks, whose per-thread buffer is a quarter of the 256-row one's.
 ROWS_PER_CALL = 512
@@ -57,56 +62,85 @@ def plan_for(layout: TokenLayout, window: Window) -> TilePlan:
 
 
 class _Heads:
-    """q, k, v, out of a few heads, viewed as [1, heads, seq, dim], with row access by image
-    index: slices for contiguous rows, else gathers (into one buffer per tensor, made at the
-    first gather and reused for the rest of the pass) and scatters."""
+    """q, k, v, out of a few heads, viewed as [1, heads, seq, dim], and their image rows, read
+    by image index: slices where contiguous, else gathered (into one buffer per tensor, made at
+    the first gather and reused for the rest of the pass)."""
 
     def __init__(
-        self, q: Tensor, k: Tensor, v: Tensor, out: Tensor, heads: slice, image_start: int, gathered: tuple[int, int]
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        heads: slice,
+        layout: TokenLayout,
+        gathered: tuple[int, int],
     ):
         self.q, self.k, self.v, self.out = (x[:, heads] for x in (q, k, v, out))
-        self.all = (q, k, v, out)
-        self.heads, self.image_start = heads, image_start
-        seq = q.shape[2]
-        self.offsets = torch.arange(heads.start, heads.stop, device=q.device)[:, None] * seq + image_start
+        self.count = heads.stop - heads.start
+        image = slice(layout.image_start, layout.image_start + layout.image_len)
+        self.image = tuple(x[:, :, image] for x in (self.q, self.k, self.v, self.out))
         queries, keys = gathered
-        self._buffer_rows = [len(self.offsets) * n for n in (queries, keys, keys, queries)]  # q, k, v, out
-        self._buffers: list[Tensor | None] = [None] * 4
+        self._buffer_rows = (queries, keys, keys)  # q, k, v
+        self._buffers: list[Tensor | None] = [None] * 3
+        self._views: dict[tuple[int, int], Tensor] = {}
 
-    def rows(self, span: tuple[int, int] | None, index: Tensor) -> slice | Tensor:
-        if span is not None:
-            return slice(self.image_start + span[0], self.image_start + span[1])
-        return (self.offsets + index.to(self.offsets.device)).reshape(-1)
-
-    def read(self, which: int, rows: slice | Tensor) -> Tensor:
-        """Rows of q, k, v or out (which = 0..3): a view, or a gathered copy valid until the
+    def read(self, which: int, span: tuple[int, int] | None, index: Tensor) -> Tensor:
+        """Image rows of q, k or v (which = 0..2): a view, or a gathered copy valid until the
         next read of the same tensor."""
-        x = self.all[which]
-        if isinstance(rows, slice):
-            return x[:, self.heads, rows]
-        if self._buffers[which] is None:
-            self._buffers[which] = x.new_empty(self._buffer_rows[which], x.shape[-1])
-        buffer = self._buffers[which][: rows.numel()]
-        torch.index_select(x.view(-1, x.shape[-1]), 0, rows, out=buffer)
-        return buffer.view(1, len(self.offsets), -1, x.shape[-1])
+        x = self.image[which]
+        if span is not None:
+            return x[:, :, span[0] : span[1]]
+        return torch.index_select(x, 2, index.to(x.device), out=self._buffer(which, index.numel()))
+
+    def _buffer(self, which: int, rows: int) -> Tensor:
+        """[1, heads, rows, dim] at the start of tensor `which`'s gather buffer (one view per
+        size, kept: tiles of a plan gather a few distinct sizes many times)."""
+        view = self._views.get((which, rows))
+        if view is None:
+            dim = self.image[which].shape[-1]
+            if self._buffers[which] is None:
+                self._buffers[which] = self.image[which].new_empty(
+                    self.count * self._buffer_rows[which] * dim
+                )
+            view = self._buffers[which][: self.count * rows * dim].view(1, self.count, rows, dim)
+            self._views[which, rows] = view
+        return view
+
+    def free_buffers(self) -> None:
+        """Drop the gather buffers (the next gather makes them again)."""
+        self._buffers = [None] * 3
+        self._views.clear()
 
     def tiled(self, which: int, first: int, length: int, count: int, step: int) -> Tensor:
         """[count, heads, length, dim]: `length` image rows from first + i * step for tile i;
         overlapping views of the same storage, no copy."""
-        x = self.all[which]
+        x = self.image[which]
         _, head_stride, row_stride, _ = x.stride()
         return x.as_strided(
-            (count, len(self.offsets), length, x.shape[-1]),
+            (count, self.count, length, x.shape[-1]),
             (step * row_stride, head_stride, row_stride, 1),
-            x.storage_offset() + self.heads.start * head_stride + (self.image_start + first) * row_stride,
+            x.storage_offset() + first * row_stride,
         )
 
-    def write(self, rows: slice | Tensor, value: Tensor) -> None:
-        out = self.all[3]
-        if isinstance(rows, slice):
-            out[:, self.heads, rows] = value
+    def write(
+        self,
+        span: tuple[int, int] | None,
+        index: Tensor,
+        value: Tensor,
+        lse: Tensor | None,
+        value_lse: Tensor,
+    ) -> None:
+        """Image rows of the output (and of the image rows' log-sum-exps, when kept)."""
+        if span is not None:
+            self.image[3][:, :, span[0] : span[1]] = value
+            if lse is not None:
+                lse[:, :, span[0] : span[1]] = value_lse
         else:
-            out.view(-1, out.shape[-1]).index_copy_(0, rows, value.reshape(-1, value.shape[-1]))
+            index = index.to(value.device)
+            self.image[3].index_copy_(2, index, value)
+            if lse is not None:
+                lse.index_copy_(2, index, value_lse)
 
 
 def window_attention(p: Problem) -> Tensor:
@@ -119,73 +153,42 @@ def window_attention(p: Problem) -> Tensor:
     out = torch.empty_like(qf)
     text_rows = _row_chunks(layout.text_start, layout.text_start + layout.text_len)
     chunk = _heads_per_pass(plan, layout, window, dim, p.q.element_size(), rows, workers(p.q.device))
+    shared = bool(layout.text_len or window.pool)
+    lse_dtype = torch.promote_types(p.q.dtype, torch.float32)
 
     def heads_pass(hs: slice) -> None:
-        part = _Heads(qf, kf, vf, out, hs, layout.image_start, _gathered_rows(plan))
+        part = _Heads(qf, kf, vf, out, hs, layout, _gathered_rows(plan))
         for rows in text_rows:
             part.out[:, :, rows] = attend(part.q[:, :, rows], part.k, part.v, None, scale)[0]
-        lse = _shared_attention(part, layout, window, p.pool_weight, scale)
+        lse = part.q.new_empty((1, part.count, layout.image_len), dtype=lse_dtype) if shared else None
         for run in plan.runs:
             _local_attention(part, run, masks, scale, lse)
+        part.free_buffers()  # the shared keys' scratch must not stack on the gather buffers
+        if shared:
+            _shared_attention(part, layout, window, p.pool_weight, scale, lse)
 
     run_all(heads_pass, [slice(h, min(h + chunk, rows)) for h in range(0, rows, chunk)], p.q.device)
     out = out.view(batch, heads, seq, dim)
     return out if p.residual is None else out.add_(p.residual)
 
 
-def _shared_attention(
-    part: _Heads, layout: TokenLayout, window: Window, pool_weight: Tensor | None, scale: float
-) -> Tensor | None:
-    """Every image row's attention to the keys all image queries see (text, pooled), written to
-    the output; returns its log-sum-exp per image row [1, heads, image_len], or None when
-    there are no such keys. One key set at a time, over all image rows."""
-    start = layout.image_start
-    chunks = _row_chunks(start, start + layout.image_len)
-    lse = None
-    for i, (k, v) in enumerate(_shared_key_sets(part.k, part.v, layout, window, pool_weight)):
-        if i == 0:
-            lse_dtype = torch.promote_types(part.q.dtype, torch.float32)
-            lse = part.q.new_empty((1, len(part.offsets), layout.image_len), dtype=lse_dtype)
-        for rows in chunks:
-            out_rows, lse_rows = part.out[:, :, rows], lse[:, :, rows.start - start : rows.stop - start]
-            out, out_lse = attend(part.q[:, :, rows], k, v, None, scale)
-            if i == 0:
-                out_rows.copy_(out)
-                lse_rows.copy_(out_lse)
-            else:
-                _merge(out_rows, lse_rows, out, out_lse)
-        del k, v  # a pooled part is freed before the next one is made
-    return lse
-
-
 def _local_attention(part: _Heads, run: Run, masks: list[Tensor], scale: float, lse: Tensor | None) -> None:
-    """The tiles of a run attend to their own image keys, written to the output or, when the
-    shared keys' part is there (`lse`), merged into it."""
+    """The tiles of a run attend to their own image keys; each writes its output rows and,
+    where shared keys are merged in later (`lse`), their log-sum-exps."""
     tile = run.first
     if tile.query_span is not None and tile.key_span is not None:
         _batched_run(part, run, None if tile.mask is None else masks[tile.mask], scale, lse)
         return
-    q_rows = part.rows(tile.query_span, tile.queries)
-    q = part.read(0, q_rows)
+    q = part.read(0, tile.query_span, tile.queries)
     out = out_lse = None
     for key_part in tile.parts:
-        k_rows = part.rows(key_part.span, key_part.keys)
-        mask = None if key_part.mask is None else masks[key_part.mask]
-        result = attend(q, part.read(1, k_rows), part.read(2, k_rows), mask, scale)
+        k, v = (part.read(i, key_part.span, key_part.keys) for i in (1, 2))
+        result = attend(q, k, v, None if key_part.mask is None else masks[key_part.mask], scale)
         if out is None:
             out, out_lse = result
         else:
             _merge(out, out_lse, *result)
-    if lse is None:
-        part.write(q_rows, out)
-    elif isinstance(q_rows, slice):
-        _merge(part.out[:, :, q_rows], lse[:, :, tile.query_span[0] : tile.query_span[1]], out, out_lse)
-    else:
-        index = tile.queries.to(lse.device)
-        merged, merged_lse = part.read(3, q_rows), lse.index_select(2, index)
-        _merge(merged, merged_lse, out, out_lse)
-        part.write(q_rows, merged)
-        lse.index_copy_(2, index, merged_lse)
+    part.write(tile.query_span, tile.queries, out, lse, out_lse)
 
 
 def _batched_run(part: _Heads, run: Run, mask: Tensor | None, scale: float, lse: Tensor | None) -> None:
@@ -195,13 +198,24 @@ def _batched_run(part: _Heads, run: Run, mask: Tensor | None, scale: float, lse:
     q = part.tiled(0, q_start, length, count, length)
     k, v = (part.tiled(i, k_start, k_stop - k_start, count, length) for i in (1, 2))
     out, out_lse = attend(q, k, v, mask, scale)  # [count, heads, length, (dim)]
-    rows = slice(part.image_start + q_start, part.image_start + q_start + count * length)
-    target = part.out[0, :, rows].unflatten(1, (count, length))
-    if lse is None:
-        target.copy_(out.transpose(0, 1))
-    else:
-        image = lse[0, :, q_start : q_start + count * length].unflatten(1, (count, length))
-        _merge(target, image, out.transpose(0, 1), out_lse.transpose(0, 1))
+    rows = slice(q_start, q_start + count * length)
+    part.image[3][0, :, rows].unflatten(1, (count, length)).copy_(out.transpose(0, 1))
+    if lse is not None:
+        lse[0, :, rows].unflatten(1, (count, length)).copy_(out_lse.transpose(0, 1))
+
+
+def _shared_attention(
+    part: _Heads, layout: TokenLayout, window: Window, pool_weight: Tensor | None, scale: float, lse: Tensor
+) -> None:
+    """Every image row's attention to the keys all image queries see (text, pooled), merged
+    into the tiles' output and log-sum-exps (`lse`, per image row [1, heads, image_len]). One
+    key set at a time, over contiguous chunks of image rows."""
+    chunks = _row_chunks(0, layout.image_len)
+    for k, v in _shared_key_sets(part.k, part.v, layout, window, pool_weight):
+        for rows in chunks:
+            out, out_lse = attend(part.image[0][:, :, rows], k, v, None, scale)
+            _merge(part.image[3][:, :, rows], lse[:, :, rows], out, out_lse)
+        del k, v  # a pooled part is freed before the next one is made
 
 
 def _merge(out: Tensor, lse: Tensor, other: Tensor, other_lse: Tensor) -> None:
