@@ -10,6 +10,7 @@ import torch
 
 # name -> (module in this package, what must be importable for it to run)
 BACKENDS = {
+    "native": ("native", None),  # also needs its C++ source to build here (native.available)
     "torch": ("torch_tiles", None),
     "flex": ("flex", "torch.nn.attention.flex_attention"),
     "triton": ("triton_kernel", "triton"),
@@ -25,21 +26,30 @@ def _importable(name: str | None) -> bool:
         return False
 
 
+def _runs_here(name: str) -> bool:
+    module, needs = BACKENDS[name]
+    if not _importable(needs):
+        return False
+    return name != "native" or importlib.import_module(f".{module}", __package__).available()
+
+
 def available_backends() -> list[str]:
-    """Backends whose dependencies are importable here (triton on CPU needs TRITON_INTERPRET=1)."""
-    return [name for name, (_, needs) in BACKENDS.items() if _importable(needs)]
+    """Backends that can run here: dependencies importable (triton on CPU needs TRITON_INTERPRET=1),
+    the native kernel built (on the first call; cached on disk after)."""
+    return [name for name in BACKENDS if _runs_here(name)]
 
 
 def choose_backend(name: str, device: torch.device) -> str:
-    """Resolve "auto": torch tiles on CPU; Triton on GPU when importable, else FlexAttention."""
+    """Resolve "auto": the native kernel on CPU (torch tiles where it cannot be built); Triton on
+    GPU when importable, else FlexAttention."""
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {available_backends()}")
-        if name not in available_backends():
-            raise ValueError(f"backend {name!r} is not importable here; available: {available_backends()}")
+        if not _runs_here(name):
+            raise ValueError(f"backend {name!r} cannot run here; available: {available_backends()}")
         return name
     if device.type == "cpu":
-        return "torch"
+        return "native" if _runs_here("native") else "torch"
     return "triton" if "triton" in available_backends() else "flex"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -50,3 +52,19 @@ def pool_tokens(x: Tensor, layout: TokenLayout, window: Window, weight: Tensor |
         for px in range(d):
             pooled.addcmul_(image.select(-4, py).select(-2, px), weight[py, px])
     return pooled.to(x.dtype).reshape(batch, heads, -1, dim)
+
+
+def pooled_parts(
+    k: Tensor, v: Tensor, layout: TokenLayout, window: Window, weight: Tensor | None, max_keys: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """The pooled keys and values of k, v [B, H, N, D], made one part at a time (whole pooled
+    rows, at most `max_keys` pooled tokens each, in the order of `pool_tokens`), so that only one
+    part need exist at once."""
+    width, pool = layout.grid[-1], window.pool
+    pooled_rows = layout.image_len // (width * pool)  # (frames x) height / pool
+    rows_per_part = max(1, max_keys // (width // pool))
+    for row in range(0, pooled_rows, rows_per_part):
+        stop = min(row + rows_per_part, pooled_rows)
+        band = slice(layout.image_start + row * pool * width, layout.image_start + stop * pool * width)
+        band_layout = TokenLayout(0, ((stop - row) * pool, width))  # pooling never crosses frames
+        yield tuple(pool_tokens(x[:, :, band], band_layout, window, weight) for x in (k, v))

@@ -129,12 +129,14 @@ def _runs(tiles: list[Tile]) -> list[Run]:
     return runs
 
 
-def _key_parts(keys: Tensor, sees: Tensor, mask_id: Callable[[Tensor], int | None]) -> tuple[KeyPart, ...]:
-    """Non-contiguous keys in n interleaved parts keys[j::n] of at most GATHER_KEYS each, which
+def _key_parts(
+    keys: Tensor, sees: Tensor, mask_id: Callable[[Tensor], int | None], gather_keys: int
+) -> tuple[KeyPart, ...]:
+    """Non-contiguous keys in n interleaved parts keys[j::n] of at most `gather_keys` each, which
     bounds the gather buffers (the parts' results are merged through their log-sum-exps).
     Every query must see a key of every part (a query's window holds runs of adjacent keys);
     where one would not, the keys stay whole."""
-    count = 1 if _span(keys) is not None else -(-keys.numel() // GATHER_KEYS)
+    count = 1 if _span(keys) is not None else -(-keys.numel() // gather_keys)
     if not all(bool(sees[:, j::count].any(dim=1).all()) for j in range(count)):
         count = 1
     return tuple(
@@ -150,8 +152,11 @@ def _reach(window: Window, dims: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=32)
-def tile_plan(layout: TokenLayout, window: Window, tile: tuple[int, ...]) -> TilePlan:
-    """Cover the image grid with tiles of shape `tile` (smaller at the far edges)."""
+def tile_plan(
+    layout: TokenLayout, window: Window, tile: tuple[int, ...], gather_keys: int = GATHER_KEYS
+) -> TilePlan:
+    """Cover the image grid with tiles of shape `tile` (smaller at the far edges); a tile's
+    non-contiguous keys come in parts of at most `gather_keys`."""
     grid = (layout.image_len,) if window.shape == "band" else layout.grid
     if len(tile) != len(grid):
         raise ValueError(f"tile {tile} must have one size per grid axis of {grid}")
@@ -183,7 +188,7 @@ def tile_plan(layout: TokenLayout, window: Window, tile: tuple[int, ...]) -> Til
         keys, sees = candidates[needed], sees[:, needed]
         computed += sees.numel()
         kept += int(sees.sum())
-        parts = _key_parts(keys, sees, mask_id)
+        parts = _key_parts(keys, sees, mask_id, gather_keys)
         whole = parts[0].mask if len(parts) == 1 else None
         tiles.append(Tile(queries, keys, whole, _span(queries), _span(keys), parts))
     return TilePlan(_runs(tiles), masks, computed, kept)

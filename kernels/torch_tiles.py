@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .layout import TokenLayout
-from .pooling import pool_tokens
+from .pooling import pooled_parts
 from .problem import Problem
 from .tiles import Run, TilePlan, default_tile, tile_plan
 from .window import Window
@@ -239,16 +239,8 @@ def _shared_key_sets(
     if layout.text_len:
         text = slice(layout.text_start, layout.text_start + layout.text_len)
         yield k[:, :, text], v[:, :, text]
-    if not window.pool:
-        return
-    width, pool = layout.grid[-1], window.pool
-    pooled_rows = layout.image_len // (width * pool)  # (frames x) height / pool
-    rows_per_part = max(1, POOLED_KEYS // (width // pool))
-    for row in range(0, pooled_rows, rows_per_part):
-        stop = min(row + rows_per_part, pooled_rows)
-        band = slice(layout.image_start + row * pool * width, layout.image_start + stop * pool * width)
-        band_layout = TokenLayout(0, ((stop - row) * pool, width))  # pooling never crosses frames
-        yield tuple(pool_tokens(x[:, :, band], band_layout, window, pool_weight) for x in (k, v))
+    if window.pool:
+        yield from pooled_parts(k, v, layout, window, pool_weight, POOLED_KEYS)
 
 
 def _gathered_rows(plan: TilePlan) -> tuple[int, int]:

@@ -61,9 +61,10 @@ def check_backend(backend, layout, window, batch, heads, dtype, dim=16):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("text_len,text_first", TEXT)
 @pytest.mark.parametrize("grid,window", WINDOWS, ids=lambda x: str(x))
-def test_torch_tiles_match_reference(grid, window, text_len, text_first, dtype):
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_cpu_backends_match_reference(backend, grid, window, text_len, text_first, dtype):
     batch, heads = (2, 24) if text_len == 77 else (1, 1)
-    check_backend("torch", TokenLayout(text_len, grid, text_first), window, batch, heads, dtype)
+    check_backend(backend, TokenLayout(text_len, grid, text_first), window, batch, heads, dtype)
 
 
 # FlexAttention compiles once per shape and dtype (seconds each on CPU): a few cases that
@@ -80,7 +81,7 @@ def test_flex_matches_reference(layout, window, batch, heads, dtype):
     check_backend("flex", layout, window, batch, heads, dtype)
 
 
-@pytest.mark.parametrize("backend", ["torch", "flex"])
+@pytest.mark.parametrize("backend", ["native", "torch", "flex"])
 @pytest.mark.parametrize(
     "grid,window",
     [
@@ -236,7 +237,8 @@ def test_head_chunks_on_worker_threads(monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_worker_threads_run_under_the_callers_inference_mode(monkeypatch):
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_worker_threads_run_under_the_callers_inference_mode(monkeypatch, backend):
     """ComfyUI samples under torch.inference_mode(); the worker threads must too, or writing
     into the output (an inference tensor) fails."""
     monkeypatch.setattr(pack_import("kernels.torch_tiles"), "SCRATCH_BYTES", 1)
@@ -244,9 +246,34 @@ def test_worker_threads_run_under_the_callers_inference_mode(monkeypatch):
     torch.set_num_threads(2)
     try:
         with torch.inference_mode():
-            check_backend("torch", TokenLayout(16, (8, 8)), Window("band", 9), 1, 4, torch.float32)
+            check_backend(backend, TokenLayout(16, (8, 8)), Window("band", 9), 1, 4, torch.float32)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_native_tiles_pack_short_key_runs_and_resume_over_pooled_parts(monkeypatch):
+    """The native kernel reads a 2D tile's keys as dozens of short runs (one per grid row),
+    packed into blocks of 512 keys (so one run can straddle two blocks), then the text; pooled
+    keys come in several calls, each resuming the rows' softmax. All match the reference."""
+    native = pack_import("kernels.native")
+    layout, window = TokenLayout(77, (40, 44), text_first=False), Window("circle", 14, pool=4)
+    monkeypatch.setattr(native, "POOLED_KEYS", 2 * layout.grid[-1] // window.pool)  # 5 parts
+    plan = native.span_plan(layout, window)
+    runs_per_tile = plan.key_offsets.diff()
+    lengths = plan.key_runs[:, 1]
+    widest = int(runs_per_tile.argmax())
+    tile_runs = lengths[plan.key_offsets[widest] : plan.key_offsets[widest + 1]]
+    assert tile_runs[:-1].max() < 128 and tile_runs[:-1].sum() > 512  # short image runs over > 1 block
+    assert tile_runs[-1] == 77 and plan.key_runs[plan.key_offsets[widest + 1] - 1, 0] == layout.image_len
+    check_backend("native", layout, window, 2, 3, torch.float32)
+
+
+def test_native_backend_refuses_other_devices():
+    layout = TokenLayout(4, (4, 4))
+    q = torch.randn(1, 1, layout.seq_len, 8, device="meta")
+    with pytest.raises(ValueError, match="native backend runs on CPU only"):
+        kernels.window_attention(q, q, q, layout, Window("band", 2), backend="native")
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -374,8 +401,12 @@ def test_validation_messages():
         kernels.window_attention(q, q, q, layout, Window("band", 2), residual=q[:, :1])
 
 
-def test_available_backends_and_auto_choice():
-    assert "torch" in kernels.available_backends()
+def test_available_backends_and_auto_choice(monkeypatch):
+    assert {"native", "torch"} <= set(kernels.available_backends())
     choose = pack_import("kernels.backends").choose_backend
-    assert choose("auto", torch.device("cpu")) == "torch"
+    assert choose("auto", torch.device("cpu")) == "native"
     assert choose("auto", torch.device("cuda")) in ("triton", "flex")
+    monkeypatch.setattr(pack_import("kernels.native"), "available", lambda: False)  # no C++ compiler
+    assert choose("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="backend 'native' cannot run here"):
+        choose("native", torch.device("cpu"))

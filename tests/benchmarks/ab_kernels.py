@@ -1,4 +1,4 @@
-"""Side by side: this checkout's torch tile backend against another commit's, on one shape of
+"""Side by side: this checkout's window attention (what "auto" runs on CPU) against another commit's, on one shape of
 bench_kernels.py, with full SDPA on the same q, k, v, interleaved in one process.
 
 On a shared, noisy machine the same call moves by 10 - 30% between runs minutes apart, so a
@@ -29,7 +29,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_kernels import DIM, GROUPS, kernels  # noqa: E402
 
-SHAPES = dict(zip(("band", "r16", "r8", "r16-pool", "r8-pool", "video"), [c for g in GROUPS for c in g], strict=True))
+SHAPES = dict(
+    zip(("band", "r16", "r8", "r16-pool", "r8-pool", "video"), [c for g in GROUPS for c in g], strict=True)
+)
 
 
 def kernels_at(rev: str, worktree: Path) -> ModuleType:
@@ -86,7 +88,9 @@ def main() -> None:
         try:
             compare(args.shape, kernels_at(args.rev, worktree), args.heads, args.repeats)
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], check=False)
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], check=False
+            )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Window-attention kernels on CPU against full attention (torch SDPA) and compiled FlexAttention.
 
+Ours: the native backend (what "auto" runs on CPU) and the torch tile backend (its fallback).
+
 Shapes are FLUX's (24 heads of 128; 512 text tokens first) at 1024^2 and 2048^2 and a video
 shape (16 x 32 x 32 latent frames, text after the image), float32, batch 1. For each shape
 the methods run interleaved (SDPA, tiles, Flex, SDPA, ...) so machine noise hits all alike;
@@ -93,23 +95,23 @@ def inputs(layout: TokenLayout) -> tuple[torch.Tensor, ...]:
     return tuple(torch.randn(1, HEADS, layout.seq_len, DIM, generator=gen) for _ in range(3))
 
 
-def live_peak(group: int, method: str) -> float:
-    """Peak resident growth (MiB) of `method` ("sdpa" or a case name of GROUPS[group]) in a
-    fresh process with LIVE_ENV: max over LIVE_REPEATS calls after a warm-up call."""
+def live_peak(group: int, method: str, backend: str = "native") -> float:
+    """Peak resident growth (MiB) of `method` ("sdpa" or a case name of GROUPS[group], run by
+    `backend`) in a fresh process with LIVE_ENV: max over LIVE_REPEATS calls after a warm-up."""
     env = {**os.environ, **LIVE_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [sys.executable, __file__, "--live-peak", str(group), method]
+    command = [sys.executable, __file__, "--live-peak", str(group), method, backend]
     run = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return float(run.stdout.split()[-1])
 
 
-def _live_peak_here(group: int, method: str) -> None:
+def _live_peak_here(group: int, method: str, backend: str) -> None:
     cases = GROUPS[group]
     q, k, v = inputs(cases[0].layout)
     if method == "sdpa":
         fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
     else:
         case = next(c for c in cases if c.name == method)
-        fn = lambda: kernels.window_attention(q, k, v, case.layout, case.window)  # noqa: E731
+        fn = lambda: kernels.window_attention(q, k, v, case.layout, case.window, backend=backend)  # noqa: E731
     measured(fn)
     print(max(measured(fn)[1] for _ in range(LIVE_REPEATS)))
 
@@ -120,15 +122,13 @@ def run_group(index: int) -> tuple[list[str], list[str]]:
     layout = group[0].layout
     q, k, v = inputs(layout)
 
-    def tiles(case: Case) -> torch.Tensor:
-        return kernels.window_attention(q, k, v, case.layout, case.window)
+    def method(backend: str):
+        return lambda case: kernels.window_attention(q, k, v, case.layout, case.window, backend=backend)
 
-    def flex(case: Case) -> torch.Tensor:
-        return kernels.window_attention(q, k, v, case.layout, case.window, backend="flex")
-
-    # first calls: tile plans, block masks, compilation
-    first = {c.name: (measured(lambda c=c: tiles(c))[0], measured(lambda c=c: flex(c))[0]) for c in group}
-    sdpa, ours, theirs = [], {c.name: [] for c in group}, {c.name: [] for c in group}
+    methods = {name: method(name) for name in ("native", "torch", "flex")}
+    # first calls: tile plans, block masks, compilation (the native kernel is built before)
+    first = {(c.name, m): measured(lambda c=c, f=f: f(c))[0] for c in group for m, f in methods.items()}
+    sdpa, times = [], {(c.name, m): [] for c in group for m in methods}
     small = layout.seq_len < 8192
     repeats = SMALL_SHAPE_REPEATS if small else REPEATS
     sdpa_repeats = repeats if small else SLOW_BASELINE_REPEATS
@@ -136,8 +136,8 @@ def run_group(index: int) -> tuple[list[str], list[str]]:
         if repeat < sdpa_repeats:
             sdpa.append(measured(lambda: F.scaled_dot_product_attention(q, k, v)))
         for case in group:
-            ours[case.name].append(measured(lambda c=case: tiles(c)))
-            theirs[case.name].append(measured(lambda c=case: flex(c)))
+            for name, fn in methods.items():
+                times[case.name, name].append(measured(lambda c=case, f=fn: f(c)))
     base = statistics.median(s for s, _ in sdpa)
     live_sdpa = live_peak(index, "sdpa")
     timing, memory = [], []
@@ -148,21 +148,22 @@ def run_group(index: int) -> tuple[list[str], list[str]]:
             )
             for b in ("torch", "flex")
         }
-        flops = count["torch"]
-        mine = statistics.median(s for s, _ in ours[case.name])
-        flexed = statistics.median(s for s, _ in theirs[case.name])
+        flops = count["torch"]  # the native backend computes the torch backend's tiles
+        median = {m: statistics.median(s for s, _ in times[case.name, m]) for m in methods}
+        native, tiles, flexed = median["native"], median["torch"], median["flex"]
         allowed = flops.full / flops.mask
         timing.append(
             f"| {case.name} | {layout.seq_len} | {flops.mask / flops.full:.1%} | "
             f"{flops.computed / flops.full:.1%} | {count['flex'].computed / flops.full:.1%} | "
-            f"{base:.2f} ({len(sdpa)}) | {mine:.3f} | {flexed:.3f} | {base / mine:.2f}x | "
-            f"{allowed:.2f}x | {base / mine / allowed:.0%} | {flexed / mine:.2f}x | "
-            f"{first[case.name][0]:.2f} / {first[case.name][1]:.1f} |"
+            f"{base:.2f} ({len(sdpa)}) | {native:.3f} | {tiles:.3f} | {flexed:.3f} | "
+            f"**{base / native:.2f}x** | {base / tiles:.2f}x | {allowed:.2f}x | {base / native / allowed:.0%} | "
+            f"{flexed / native:.2f}x | " + " / ".join(f"{first[case.name, m]:.2f}" for m in methods) + " |"
         )
+        peak = {m: max(p for _, p in times[case.name, m]) for m in methods}
         memory.append(
-            f"| {case.name} | {max(m for _, m in sdpa):.1f} | {max(m for _, m in ours[case.name]):.1f} | "
-            f"{max(m for _, m in theirs[case.name]):.1f} | {live_sdpa:.1f} | {live_peak(index, case.name):.1f} | "
-            f"{q.numel() * q.element_size() / 2**20:.1f} |"
+            f"| {case.name} | {max(p for _, p in sdpa):.1f} | {peak['native']:.1f} | {peak['torch']:.1f} | "
+            f"{peak['flex']:.1f} | {live_sdpa:.1f} | {live_peak(index, case.name):.1f} | "
+            f"{live_peak(index, case.name, 'torch'):.1f} | {q.numel() * q.element_size() / 2**20:.1f} |"
         )
     return timing, memory
 
@@ -172,6 +173,10 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, batch 1, "
         f"{HEADS} heads x {DIM}; load average at start {os.getloadavg()[0]:.1f}\n"
     )
+    if "native" not in kernels.available_backends():  # builds the native kernel (once) before any timing
+        sys.exit(
+            "the native kernel cannot be built here (the log says why); it is what this benchmark measures"
+        )
     timing, memory = [], []
     for index in range(len(GROUPS)):
         rows = run_group(index)
@@ -179,25 +184,27 @@ def main() -> None:
         memory += rows[1]
     print(
         "| shape | tokens | FLOPs kept by the exact mask | computed by the tiles | computed by Flex "
-        "(128-blocks) | SDPA median s (repeats) | tiles median s | Flex median s | tiles vs SDPA | "
-        "allowed by the mask FLOPs | share of allowed | tiles vs Flex | first call s: tiles / Flex "
-        "(compile) |"
+        "(128-blocks) | SDPA median s (repeats) | native median s | torch tiles median s | Flex median s | "
+        "native vs SDPA | torch tiles vs SDPA | allowed by the mask FLOPs | share of allowed (native) | "
+        "native vs Flex | first call s: native / torch tiles / Flex (compile) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(timing))
     print(
         "\nPeak resident growth during one call, MiB: in this process with glibc's defaults (max over the "
         f"repeats), and live (fresh process per method, {LIVE_ENV}, max of {LIVE_REPEATS} calls after a "
         "warm-up); the output alone is the last column:\n"
     )
-    print("| shape | SDPA | tiles | Flex | SDPA live | tiles live | output |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| shape | SDPA | native | torch tiles | Flex | SDPA live | native live | torch tiles live | output |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(memory))
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--live-peak"]:
-        _live_peak_here(int(sys.argv[2]), sys.argv[3])
+        _live_peak_here(int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "native")
     else:
         main()
