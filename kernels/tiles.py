@@ -1,4 +1,4 @@
-"""Query tiles and the exact key set each tile needs: the plan of the torch tile backend.
+"""Query tiles and the exact key set each tile needs: the plan of the native and torch tile backends.
 
 A tile is a box of image queries; its keys are the union of its queries' windows, found by
 evaluating the mask on the box grown by the radius. A tile carries a mask only when some of

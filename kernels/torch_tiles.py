@@ -1,4 +1,5 @@
-"""Torch tile backend: the CPU fast path (also runs on GPU).
+"""Torch tile backend: pure torch over ATen's flash kernel; the CPU fallback where the native kernel
+cannot be built, and it also runs on GPU.
 
 Per pass over a few heads: text rows attend densely; each query tile attends to its own image
 keys (a view when contiguous, else gathered rows; a run of identical tiles, a band's interior,

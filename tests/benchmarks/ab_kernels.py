@@ -1,5 +1,6 @@
-"""Side by side: this checkout's window attention (what "auto" runs on CPU) against another commit's, on one shape of
-bench_kernels.py, with full SDPA on the same q, k, v, interleaved in one process.
+"""Side by side: this checkout's window attention (what "auto" runs on CPU) against another
+commit's, on one shape of bench_kernels.py, with full SDPA on the same q, k, v, interleaved in
+one process.
 
 On a shared, noisy machine the same call moves by 10 - 30% between runs minutes apart, so a
 tile change worth that much is judged here before a full `make bench`: each repeat times SDPA,
