@@ -2,8 +2,12 @@
 
 ComfyUI calls the override as `override(func, q, k, v, heads, mask=..., skip_reshape=...,
 skip_output_reshape=..., transformer_options=..., **more)`; some models pass `heads` or
-`mask` positionally, and newer hosts add keyword arguments. `func` is the attention backend
-the override replaced: calling it again does not recurse.
+`mask` positionally, and newer hosts add keyword arguments (`scale`, `enable_gqa`,
+`low_precision_attention`) and may pass q/k/v as tensor containers. `func` is the attention
+backend the override replaced: calling it again does not recurse.
+
+A method that recomputes attention itself (a window, a copy) first asks `unreadable()`: an
+argument this module cannot honour means the call must run as the host would, in full.
 """
 
 from __future__ import annotations
@@ -15,6 +19,15 @@ from typing import Any
 import torch
 
 Override = Callable[..., torch.Tensor]
+
+# Keyword arguments whose meaning the methods honour: the layout flags and the mask are read
+# here; `scale` is passed to the window kernels; `enable_gqa` expands k/v heads as SDPA does;
+# `attn_precision` and `low_precision_attention` only allow a backend less precision than the
+# float32 our kernels compute in; `_inside_attn_wrapper` is the host's own recursion guard.
+UNDERSTOOD_KWARGS = frozenset({
+    "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape", "transformer_options",
+    "scale", "enable_gqa", "low_precision_attention", "_inside_attn_wrapper",
+})
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,20 @@ class AttentionCall:
         return bool(self.kwargs.get("skip_output_reshape", False))
 
     @property
+    def scale(self) -> float | None:
+        return self.kwargs.get("scale")
+
+    def unreadable(self) -> str | None:
+        """Why this call's tensors cannot be recomputed here (None if they can): q/k/v that are
+        not plain tensors (a newer host's containers) or an argument this pack does not know."""
+        if not all(type(t) is torch.Tensor for t in self.args[:3]):
+            return "q/k/v passed as tensor containers"
+        unknown = sorted(set(self.kwargs) - UNDERSTOOD_KWARGS)
+        if unknown:
+            return f"unknown attention arguments {', '.join(unknown)}"
+        return None
+
+    @property
     def batch(self) -> int:
         return self.q.shape[0]
 
@@ -82,10 +109,17 @@ class AttentionCall:
         return self.func(*self.args, **self.kwargs)
 
     def heads_first(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as [B, H, N, D], whatever the model passed (packed [B, N, H*D] or [B, N, H, D])."""
+        """q, k, v as [B, H, N, D], whatever the model passed (packed [B, N, H*D] or [B, N, H, D]).
+        Grouped-query k/v (fewer heads, `enable_gqa`) are repeated to q's heads, as SDPA does."""
         if self.skip_reshape:
-            return self.q, self.k, self.v
-        return tuple(t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2) for t in (self.q, self.k, self.v))
+            q, k, v = self.q, self.k, self.v
+        else:
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], -1, self.head_dim).transpose(1, 2)
+                       for t in (self.q, self.k, self.v))
+        if k.shape[1] != q.shape[1]:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return q, k, v
 
     def format_output(self, out: torch.Tensor) -> torch.Tensor:
         """Turn a [B, H, N, D] result into the shape the model expects back from `func`."""

@@ -1,28 +1,42 @@
 """DiTFastAttn as an attention method: carries out a Schedule with the run's caches.
 
-Caches live in the SamplingRun (dropped when sampling ends), keyed by layer and batch chunk
-(the host's id of each conditioning in the batch, so two positive prompts never share an
-entry), and are filled only when a later step will read them:
-a layer's output when the next step reuses it, its residual (full - window, per head,
-before the output projection) when the next computed step uses the window.
-Where a technique cannot apply to a call (no image grid, an attention mask, a cache that is
-missing or from another shape) the call is computed in full: never a silently wrong result.
+The techniques act on self-attention over image tokens only (joint text + image, or image
+alone), as the paper patches `attn1`: cross-attention and text-only calls always run as the host
+computes them (sharing a cross-attention across CFG halves would turn CFG off).
+
+Caches live in the SamplingRun (dropped when sampling ends), keyed by layer and by each batch
+chunk's identity (its conditioning, context window, device, and which evaluation of the step it
+is), and each entry says what it was made for (token layout, window): a layer's output when the
+next step reuses it, its residual (full - window, per head, before the output projection) when
+a later step uses that window. A cache that is missing or was made for something else is never
+used: the call is computed in full and the report says why.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
-from ..kernels import TokenLayout, attention_flops, window_attention
+from ..kernels import attention_flops, window_attention
 from .call import AttentionCall
+from .padding import hidden_text_keys, padded_window_attention
 from .report import CallSite
-from .runtime import SamplingRun
-from .schedule import CFGSharing, Choice, Schedule, WindowSize
+from .runtime import COND, UNCOND, SamplingRun
+from .schedule import Choice, Schedule
 
-WINDOWED_KINDS = ("joint", "image")
+SELF_ATTENTION_KINDS = ("joint", "image")
+FULL = Choice("full")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A cached tensor, the step that made it, and what it was made for."""
+
+    step: int
+    tensor: torch.Tensor
+    made_for: tuple  # (layout,) for outputs; (layout, window) for residuals
+    model_input: torch.Tensor | None = None  # for CFG copies: the chunk's model input
 
 
 class DiTFastAttn:
@@ -32,121 +46,142 @@ class DiTFastAttn:
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
         choice = self.schedule.choose(site.step, site.total_steps, site.layer)
-        chunks = _chunks(call, site)
+        reason = _stands_aside(call, site)
+        if reason is not None:
+            if choice != FULL:
+                run.stood_aside(reason)
+            return call.run_default(), call.flops(), "full"
         if choice.compute == "reuse":
-            stored = _gather(run, "output", site.layer, chunks.ids, call.output_shape)
+            stored = _gather(run, "output", site.layer, site.chunk_ids, call.output_shape, (site.layout,), site.step)
             if stored is not None:
                 return stored, 0, "step sharing"
+            run.stood_aside("step sharing had no output of this layer stored for this call (the first of its kind "
+                            "in the run, or another shape)")
             choice = Choice("full", choice.share_cfg)
-        if choice.share_cfg and chunks.has_both_halves:
-            out, flops, technique = self._cfg_in_batch(call, site, run, choice, chunks)
-        elif choice.share_cfg and 0 in chunks.halves:  # the unconditional call may follow
-            out, flops, technique = self._compute(call, site, run, choice, chunks.ids)
-            run.cache[("cfg", site.layer)] = (site.step, out[: chunks.size])
-        elif choice.share_cfg and (shared := _cfg_copy(run, site, chunks, call.output_shape)) is not None:
-            out, flops, technique = shared, 0, "cfg sharing"
-        else:
-            if choice.share_cfg:
-                _log_once(run, "FastAttn: CFG sharing skipped an unconditional call made apart from its conditional "
-                               "one: the conditional output was not available first or has another shape (ComfyUI "
-                               "runs the halves apart under low memory or when prompt lengths differ).")
-            out, flops, technique = self._compute(call, site, run, choice, chunks.ids)
+        out, flops, technique = self._with_cfg_sharing(call, site, run, choice)
         if self.schedule.choose(site.step + 1, site.total_steps, site.layer).compute == "reuse":
-            _store(run, "output", site.layer, chunks.ids, site.step, out)
+            _store(run, "output", site.layer, site.chunk_ids, site.step, out, (site.layout,))
         return out, flops, technique
 
-    def _cfg_in_batch(self, call: AttentionCall, site: CallSite, run: SamplingRun, choice: Choice,
-                      chunks: Chunks) -> tuple[torch.Tensor, int, str]:
-        """Compute the conditional chunks only; each unconditional chunk gets the first one's output."""
-        conditional = [i for i, half in enumerate(chunks.halves) if half == 0]
-        rows = torch.cat([torch.arange(i * chunks.size, (i + 1) * chunks.size) for i in conditional])
-        ids = tuple(chunks.ids[i] for i in conditional)
-        out, flops, technique = self._compute(call.select(rows.to(call.q.device)), site, run, choice, ids)
-        computed = dict(zip(conditional, out.chunk(len(conditional)), strict=True))
-        first = computed[conditional[0]]
-        return torch.cat([computed.get(i, first) for i in range(len(chunks.halves))]), flops, f"{technique} + cfg sharing"
+    def _with_cfg_sharing(self, call: AttentionCall, site: CallSite, run: SamplingRun,
+                          choice: Choice) -> tuple[torch.Tensor, int, str]:
+        """Compute every chunk except the unconditional ones that can copy a conditional output of
+        this step with the same model input (in this batch, or from a call just before)."""
+        chunks = len(site.chunk_ids)
+        if not choice.share_cfg or chunks == 0 or len(site.inputs) != chunks:
+            return self._compute(call, site, run, choice, site.chunk_ids)
+        if COND not in site.halves and UNCOND not in site.halves:
+            run.stood_aside("CFG sharing needs ComfyUI's CFG guider (positive, negative); this guider orders its "
+                            "conditionings otherwise")
+            return self._compute(call, site, run, choice, site.chunk_ids)
+        copies = {i: _cfg_source(run, site, i) for i, half in enumerate(site.halves) if half == UNCOND}
+        for i in [i for i, source in copies.items() if source is None]:
+            del copies[i]
+            run.stood_aside("CFG sharing found no conditional output of this step to copy to an unconditional call "
+                            "(other prompt lengths, area conditioning, or the conditional call came after)")
+        computed = [i for i in range(chunks) if i not in copies]
+        parts: dict[int, torch.Tensor] = {}
+        flops, technique = 0, ""
+        if computed:
+            size = call.batch // chunks
+            rows = torch.cat([torch.arange(i * size, (i + 1) * size) for i in computed]).to(call.q.device)
+            sub = call if len(computed) == chunks else call.select(rows)
+            out, flops, technique = self._compute(sub, site, run, choice, tuple(site.chunk_ids[i] for i in computed))
+            parts = dict(zip(computed, out.chunk(len(computed)), strict=True))
+            for i in computed:
+                if site.halves[i] == COND:
+                    key = ("cfg", site.layer, site.chunk_ids[i][1:])
+                    run.cache[key] = Entry(site.step, parts[i], (site.layout,), site.inputs[i])
+        for i, source in copies.items():
+            parts[i] = parts[source] if isinstance(source, int) else source
+        out = torch.cat([parts[i] for i in range(chunks)])
+        if not copies:
+            return out, flops, technique
+        return out, flops, f"{technique} + cfg sharing" if technique else "cfg sharing"
 
     def _compute(self, call: AttentionCall, site: CallSite, run: SamplingRun, choice: Choice,
                  ids: tuple) -> tuple[torch.Tensor, int, str]:
-        layout = site.layout if site.kind in WINDOWED_KINDS and call.mask is None else None
-        if choice.compute == "window" and layout is not None:
+        layout = site.layout
+        if choice.compute == "window":
             q, k, v = call.heads_first()
-            residual = _gather(run, "residual", site.layer, ids, q.shape) if choice.residual else None
-            if residual is not None or not choice.residual:
-                window = choice.window.window_for(layout)
-                out = window_attention(q, k, v, layout, window, residual=residual, backend=self.backend)
-                technique = "window+residual" if choice.residual else "window"
-                return call.format_output(out), self._flops(call, layout, window), technique
+            window = choice.window.window_for(layout)
+            residual = None
+            if choice.residual:
+                residual = _gather(run, "residual", site.layer, ids, q.shape, (layout, window), site.step)
+            hidden = hidden_text_keys(call.mask, layout, call.batch)
+            if hidden is None:
+                run.stood_aside("an attention mask other than a text padding mask")
+            elif choice.residual and residual is None:
+                run.stood_aside("window + residual had no residual cached for this window and call (the first of "
+                                "its kind in the run, or another shape)")
+            else:
+                out = self._window(q, k, v, call, layout, window, hidden)
+                out = out if residual is None else out + residual
+                return call.format_output(out), self._flops(call, layout, window), \
+                    "window+residual" if choice.residual else "window"
         out = call.run_default()
         flops = call.flops()
-        residual_window = self.schedule.residual_window(site.step, site.total_steps, site.layer)
-        if residual_window is not None and layout is not None:
-            flops += self._cache_residual(call, site, run, ids, out, layout, residual_window)
+        size = self.schedule.residual_window(site.step, site.total_steps, site.layer)
+        hidden = hidden_text_keys(call.mask, layout, call.batch) if size is not None else None
+        if hidden is not None:
+            q, k, v = call.heads_first()
+            window = size.window_for(layout)
+            windowed = self._window(q, k, v, call, layout, window, hidden)
+            _store(run, "residual", site.layer, ids, site.step, call.output_heads_first(out) - windowed, (layout, window))
+            flops += self._flops(call, layout, window)
         return out, flops, "full"
 
-    def _cache_residual(self, call: AttentionCall, site: CallSite, run: SamplingRun, ids: tuple,
-                        full: torch.Tensor, layout: TokenLayout, size: WindowSize) -> int:
-        q, k, v = call.heads_first()
-        window = size.window_for(layout)
-        windowed = window_attention(q, k, v, layout, window, backend=self.backend)
-        _store(run, "residual", site.layer, ids, site.step, call.output_heads_first(full) - windowed)
-        return self._flops(call, layout, window)
+    def _window(self, q, k, v, call: AttentionCall, layout, window, hidden: list[torch.Tensor]) -> torch.Tensor:
+        if all(row.numel() == 0 for row in hidden):
+            return window_attention(q, k, v, layout, window, backend=self.backend, scale=call.scale)
+        return padded_window_attention(q, k, v, layout, window, hidden, scale=call.scale, backend=self.backend)
 
-    def _flops(self, call: AttentionCall, layout: TokenLayout, window) -> int:
+    def _flops(self, call: AttentionCall, layout, window) -> int:
         return attention_flops(layout, window, batch=call.batch, heads=call.heads, head_dim=call.head_dim).computed
 
     def finish_run(self, run: SamplingRun) -> None:
-        shares_cfg = any(isinstance(t, CFGSharing) for t in self.schedule.techniques)
-        if shares_cfg and not any(1 in halves for halves in run.report.batch_halves):
-            logging.info("FastAttn: CFG sharing did nothing: this run had no unconditional batch (CFG 1).")
+        if self.schedule.shares_cfg and not any(1 in halves for halves in run.report.batch_halves):
+            run.stood_aside("CFG sharing did nothing: this run had no unconditional batch (CFG 1)")
 
 
-@dataclass(frozen=True)
-class Chunks:
-    """One call's batch as the host assembled it: chunks of `size` rows, each with its half
-    (0 = conditional, 1 = unconditional) and a stable id."""
-
-    halves: tuple[int, ...]
-    ids: tuple
-    size: int
-
-    @property
-    def has_both_halves(self) -> bool:
-        return 0 in self.halves and 1 in self.halves
+def _stands_aside(call: AttentionCall, site: CallSite) -> str | None:
+    """Why no technique may touch this call, if none may."""
+    if site.stand_aside is not None:
+        return site.stand_aside
+    if site.kind == "cross":
+        return "cross-attention (the techniques act on self-attention only)"
+    if site.kind not in SELF_ATTENTION_KINDS:
+        return f"{site.kind} attention call with no image grid (text-only refiners, or a length that cannot be placed)"
+    return call.unreadable()
 
 
-def _chunks(call: AttentionCall, site: CallSite) -> Chunks:
-    halves = site.cond_or_uncond
-    if not halves or call.batch % len(halves) or len(site.chunk_ids) != len(halves):
-        return Chunks((-1,), ("batch",), call.batch)  # a batch we cannot split: one chunk, no CFG sharing
-    return Chunks(halves, site.chunk_ids, call.batch // len(halves))
-
-
-def _cfg_copy(run: SamplingRun, site: CallSite, chunks: Chunks, shape: torch.Size) -> torch.Tensor | None:
-    """For an unconditional-only call: the conditional output of this step and layer, if it fits."""
-    entry = run.cache.get(("cfg", site.layer))
-    if entry is None or entry[0] != site.step:
+def _cfg_source(run: SamplingRun, site: CallSite, chunk: int) -> int | torch.Tensor | None:
+    """What an unconditional chunk copies: a conditional chunk of this call with the same model
+    input, else the output a conditional call of this step stored for it, else None."""
+    for other, half in enumerate(site.halves):
+        if half == COND and torch.equal(site.inputs[other], site.inputs[chunk]):
+            return other
+    entry = run.cache.get(("cfg", site.layer, site.chunk_ids[chunk][1:]))
+    if (entry is None or entry.step != site.step or entry.made_for != (site.layout,)
+            or entry.model_input.shape != site.inputs[chunk].shape
+            or not torch.equal(entry.model_input, site.inputs[chunk])):
         return None
-    out = torch.cat([entry[1]] * len(chunks.halves))
-    return out if out.shape == shape else None
+    return entry.tensor
 
 
-def _log_once(run: SamplingRun, message: str) -> None:
-    if ("logged", message) not in run.cache:
-        run.cache[("logged", message)] = True
-        logging.info(message)
-
-
-def _store(run: SamplingRun, kind: str, layer: int, ids: tuple, step: int, tensor: torch.Tensor) -> None:
+def _store(run: SamplingRun, kind: str, layer: int, ids: tuple, step: int, tensor: torch.Tensor,
+           made_for: tuple) -> None:
     for chunk_id, chunk in zip(ids, tensor.chunk(len(ids)), strict=True):
-        run.cache[(kind, layer, chunk_id)] = (step, chunk)
+        run.cache[(kind, layer, chunk_id)] = Entry(step, chunk, made_for)
 
 
-def _gather(run: SamplingRun, kind: str, layer: int, ids: tuple, shape: torch.Size) -> torch.Tensor | None:
-    """The cached chunks for these ids, concatenated; None if any is missing or the result is
-    not of `shape` (another resolution or batch)."""
+def _gather(run: SamplingRun, kind: str, layer: int, ids: tuple, shape: torch.Size, made_for: tuple,
+            before_step: int) -> torch.Tensor | None:
+    """The cached chunks for these ids, concatenated; None if any is missing, was made at this
+    step or later, or for something else (another layout or window), or the result is not of
+    `shape` (another resolution or batch)."""
     entries = [run.cache.get((kind, layer, chunk_id)) for chunk_id in ids]
-    if any(entry is None for entry in entries):
+    if any(entry is None or entry.step >= before_step or entry.made_for != made_for for entry in entries):
         return None
-    out = torch.cat([entry[1] for entry in entries])
+    out = torch.cat([entry.tensor for entry in entries])
     return out if out.shape == shape else None

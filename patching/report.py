@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..kernels import TokenLayout
 
 
@@ -16,8 +18,11 @@ class CallSite:
     layer: int  # order of the call within one diffusion-model forward
     kind: str  # "joint" (text + image), "image", "text", "cross", or "unknown"
     layout: TokenLayout | None  # None when the call has no image grid the adapter can place
-    cond_or_uncond: tuple[int, ...]  # one entry per batch chunk: 0 = conditional, 1 = unconditional
-    chunk_ids: tuple = ()  # one stable id per batch chunk (the host's cond uuids): keys for per-chunk caches
+    cond_or_uncond: tuple[int, ...]  # one entry per batch chunk: its index in the guider's conditionings
+    chunk_ids: tuple = ()  # one identity per batch chunk (conditioning, context window, device, evaluation)
+    halves: tuple[int, ...] = ()  # one entry per chunk: 0 conditional, 1 unconditional, -1 neither or unknown
+    inputs: tuple[torch.Tensor, ...] = ()  # each chunk's model input (CFG sharing copies only between equal ones)
+    stand_aside: str | None = None  # why no technique may act on this forward, if none may
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class RunReport:
     batch_halves: set[tuple[int, ...]] = field(default_factory=set)
     # technique -> [attention FLOPs computed, FLOPs full attention would have computed]
     flops_by_technique: dict[str, list[int]] = field(default_factory=dict)
+    # why a technique set for a call did not apply to it -> how many calls
+    stood_aside: dict[str, int] = field(default_factory=dict)
 
     def count(self, technique: str, computed: int, full: int) -> None:
         tally = self.flops_by_technique.setdefault(technique, [0, 0])
@@ -63,7 +70,8 @@ class RunReport:
             f"{name}: {computed / full:.0%} of its full cost on {full / self.full_flops:.0%} of the calls' work"
             for name, (computed, full) in sorted(self.flops_by_technique.items()) if full
         )
+        fallbacks = "".join(f"; stood aside on {count} calls: {reason}" for reason, count in sorted(self.stood_aside.items()))
         return (
             f"{self.architecture}: {self.forwards} forwards over {len(self.steps_seen)}/{self.total_steps} steps, "
-            f"{len(self.layers)} attention layers; attention FLOPs computed {kept:.1f}% of full ({parts})"
+            f"{len(self.layers)} attention layers; attention FLOPs computed {kept:.1f}% of full ({parts}){fallbacks}"
         )

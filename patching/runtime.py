@@ -22,6 +22,7 @@ from typing import Protocol
 
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.samplers
 import torch
 
 from ..kernels import TokenLayout
@@ -59,10 +60,14 @@ class AttentionPatch:
 class SamplingRun:
     """State of one sampling run: the schedule, caches the methods keep, and the report."""
 
-    def __init__(self, patch: AttentionPatch, sample_sigmas: torch.Tensor) -> None:
+    def __init__(self, patch: AttentionPatch, sample_sigmas: torch.Tensor, roles: dict[int, int] | None = None,
+                 block_replacements: frozenset = frozenset()) -> None:
         self.patch = patch
         self.sigmas = [float(s) for s in sample_sigmas]
         self.total_steps = max(len(self.sigmas) - 1, 1)
+        self.roles = roles  # conditioning index -> COND / UNCOND, None when the guider is not ComfyUI's CFG
+        self.block_replacements = block_replacements  # the model's own patches_replace keys
+        self.evaluations: dict[tuple, int] = {}  # (step, chunk) -> model evaluations seen so far
         self.cache: dict = {}
         self.report = RunReport(patch.adapter.name, self.total_steps)
 
@@ -72,12 +77,27 @@ class SamplingRun:
         reached = sum(1 for s in self.sigmas[:-1] if s >= sigma or abs(s - sigma) <= 1e-5 * max(abs(s), 1e-8))
         return min(max(reached - 1, 0), self.total_steps - 1)
 
+    def evaluation_of(self, step: int, chunk: tuple) -> int:
+        """How many times this chunk was already evaluated in this step: 0 for the first model call,
+        1 for a second-order sampler's second call (or an extension's extra forward)..."""
+        count = self.evaluations.get((step, chunk), 0)
+        self.evaluations[(step, chunk)] = count + 1
+        return count
+
+    def stood_aside(self, reason: str) -> None:
+        """A technique set for this call could not apply to it (so the call ran as the host computes
+        it, or without that technique): counted in the report, logged once per run and reason."""
+        if reason not in self.report.stood_aside:
+            logging.info("FastAttn: a technique stood aside: %s", reason)
+        self.report.stood_aside[reason] = self.report.stood_aside.get(reason, 0) + 1
+
     def close(self) -> RunReport:
         """End of the run: let the method conclude (e.g. log what it skipped), drop the caches."""
         finish = getattr(self.patch.method, "finish_run", None)
         if finish is not None:
             finish(self)
         self.cache.clear()
+        self.evaluations.clear()
         return self.report
 
 
@@ -85,11 +105,16 @@ class ForwardPass:
     """The attention override for one model call: numbers and classifies each attention call."""
 
     def __init__(self, run: SamplingRun, step: int, cond_or_uncond: tuple[int, ...], chunk_ids: tuple,
-                 grid: tuple[int, ...], text_len: int, previous_override: Callable | None) -> None:
+                 grid: tuple[int, ...], text_len: int, previous_override: Callable | None,
+                 halves: tuple[int, ...] = (), inputs: tuple[torch.Tensor, ...] = (),
+                 stand_aside: str | None = None) -> None:
         self.run = run
         self.step = step
         self.cond_or_uncond = cond_or_uncond
         self.chunk_ids = chunk_ids
+        self.halves = halves
+        self.inputs = inputs
+        self.stand_aside = stand_aside
         self.grid = grid
         self.text_len = text_len
         self.previous_override = previous_override
@@ -98,7 +123,8 @@ class ForwardPass:
     def __call__(self, func: Callable, *args, **kwargs) -> torch.Tensor:
         call = AttentionCall(func, args, kwargs, self.previous_override)
         kind, layout = self._classify(call.q_len, call.k_len)
-        site = CallSite(self.step, self.run.total_steps, self.layers, kind, layout, self.cond_or_uncond, self.chunk_ids)
+        site = CallSite(self.step, self.run.total_steps, self.layers, kind, layout, self.cond_or_uncond, self.chunk_ids,
+                        self.halves, self.inputs, self.stand_aside)
         self.layers += 1
         report = self.run.report
         if report.forwards == 0:
@@ -113,6 +139,8 @@ class ForwardPass:
             return "cross", TokenLayout(0, self.grid) if q_len == image_len else None
         if self.text_len and q_len == self.text_len + image_len:
             return "joint", TokenLayout(self.text_len, self.grid, self.run.patch.adapter.text_first)
+        if q_len == image_len and q_len == self.text_len:
+            return "unknown", None  # as long as the text: cannot tell image from text tokens
         if q_len == image_len:
             return "image", TokenLayout(0, self.grid)
         if q_len == self.text_len:
@@ -127,13 +155,34 @@ class ForwardPass:
         report.batch_halves.add(self.cond_or_uncond)
 
 
+COND, UNCOND, OTHER = 0, 1, -1  # a batch chunk's role for CFG sharing
+
+
+def _cfg_roles(guider) -> dict[int, int] | None:
+    """Which conditioning index is the conditional and which the unconditional prediction.
+
+    `cond_or_uncond` indexes the guider's list of conditionings. ComfyUI's CFG guider (KSampler,
+    BasicGuider, CFGGuider) evaluates [positive, negative]; guiders that override predict_noise
+    (DualCFGGuider: [negative, middle, positive]; PerpNeg: [positive, negative, empty]) order
+    them otherwise, so their chunks get no CFG role (None: CFG sharing stands aside)."""
+    if getattr(type(guider), "predict_noise", None) is comfy.samplers.CFGGuider.predict_noise:
+        return {0: COND, 1: UNCOND}
+    return None
+
+
+def _block_replacements(transformer_options: dict) -> frozenset:
+    """The (kind, key) of every whole-block replacement the forward will use."""
+    return frozenset((kind, key) for kind, blocks in transformer_options.get("patches_replace", {}).items()
+                     for key in blocks)
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Create the run's state when sampling starts; drop it when sampling ends, however it ends."""
     guider = executor.class_obj
     original_options = guider.model_options
     patch: AttentionPatch = original_options["transformer_options"][PATCH_KEY]
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    run = SamplingRun(patch, sigmas)
+    run = SamplingRun(patch, sigmas, _cfg_roles(guider), _block_replacements(original_options["transformer_options"]))
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     guider.model_options["transformer_options"][RUN_KEY] = run
     try:
@@ -152,22 +201,49 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     adapter = run.patch.adapter
     sigmas = transformer_options.get("sigmas", t)
+    step = run.step_of(float(sigmas.flatten()[0]))
     cond_or_uncond = tuple(transformer_options.get("cond_or_uncond", ()))
-    uuids = tuple(transformer_options.get("uuids", ()))
     forward = ForwardPass(
         run,
-        step=run.step_of(float(sigmas.flatten()[0])),
+        step=step,
         cond_or_uncond=cond_or_uncond,
-        chunk_ids=uuids if len(uuids) == len(cond_or_uncond) else cond_or_uncond,
+        chunk_ids=_chunk_ids(run, step, cond_or_uncond, transformer_options, x.device),
         grid=adapter.image_grid(x.shape),
         text_len=adapter.text_len(c_crossattn),
         previous_override=transformer_options.get(OVERRIDE_KEY),
+        halves=tuple(OTHER if run.roles is None else run.roles.get(index, OTHER) for index in cond_or_uncond),
+        inputs=tuple(x.chunk(len(cond_or_uncond))) if cond_or_uncond and x.shape[0] % len(cond_or_uncond) == 0 else (),
+        stand_aside=_stand_aside(run, transformer_options),
     )
     options = {**transformer_options, OVERRIDE_KEY: forward}
     with adapter.routed(options):
         out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
     forward.finish()
     return out
+
+
+def _chunk_ids(run: SamplingRun, step: int, cond_or_uncond: tuple[int, ...], transformer_options: dict,
+               device: torch.device) -> tuple:
+    """A cache identity per batch chunk: its conditioning (the host's uuid, else its index and
+    place), the frames of a context window, the device, and which evaluation of this step it is
+    (a second-order sampler's second call, an extension's extra forward), so that a cache is read
+    only by the same kind of call that wrote it."""
+    uuids = tuple(transformer_options.get("uuids", ()))
+    if len(uuids) != len(cond_or_uncond):
+        uuids = tuple((index, cond_or_uncond[:place].count(index)) for place, index in enumerate(cond_or_uncond))
+    window = transformer_options.get("context_window")
+    frames = tuple(getattr(window, "index_list", ())) if window is not None else ()
+    chunks = tuple((uuid, frames, str(device)) for uuid in uuids)
+    return tuple((*chunk, run.evaluation_of(step, chunk)) for chunk in chunks)
+
+
+def _stand_aside(run: SamplingRun, transformer_options: dict) -> str | None:
+    """Why no technique may touch this forward, if one must stand aside: a forward that replaces
+    blocks the model itself does not (Skip Layer Guidance skipping layers) numbers its attention
+    layers differently, so neither the schedule's layers nor the caches apply to it."""
+    if _block_replacements(transformer_options) != run.block_replacements:
+        return "a forward with blocks replaced for it alone (e.g. Skip Layer Guidance)"
+    return None
 
 
 def install(model, method: AttentionMethod = full_attention):

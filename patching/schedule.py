@@ -143,6 +143,10 @@ class Schedule:
     def then(self, technique: Technique) -> Schedule:
         return Schedule((*self.techniques, technique))
 
+    @property
+    def shares_cfg(self) -> bool:
+        return any(isinstance(technique, CFGSharing) for technique in self.techniques)
+
     def _last(self, kind: type, step: int, total_steps: int, layer: int):
         found = None
         for technique in self.techniques:

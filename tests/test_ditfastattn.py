@@ -119,7 +119,7 @@ def test_cfg_sharing_copies_the_conditional_half(arch_model):
     _run(patched, arch, _latent(arch, batch=2))
     for site, technique, out, _ in spy.records:
         assert site.cond_or_uncond == (1, 0)
-        if site.layer in (0, 1):
+        if site.layer in (0, 1) and site.kind in ("joint", "image"):  # cross-attention is never shared
             assert technique == "full + cfg sharing"
             uncond, cond = out.chunk(2)
             assert torch.equal(uncond, cond)
@@ -149,7 +149,9 @@ def test_cfg_sharing_across_separate_calls(caplog):
     sd3, spy = _spied(build_model("sd3"), S.CFGSharing())
     with caplog.at_level("INFO"):
         sample(sd3, conditioning("sd3", 7), conditioning("sd3", 2), _latent("sd3"), steps=2, cfg=3.0)
-    assert sum("CFG sharing skipped" in message for message in caplog.messages) == 1
+    stood_aside = [message for message in caplog.messages if message.startswith("FastAttn: a technique stood aside")]
+    assert len(stood_aside) == 1 and "CFG sharing found no conditional output" in stood_aside[0]
+    assert list(patching.patch_of(sd3).last_report.stood_aside.values()) == [4]  # 2 steps x 2 joint layers
 
 
 def test_cfg_one_makes_cfg_sharing_a_logged_no_op(caplog):
@@ -160,7 +162,7 @@ def test_cfg_one_makes_cfg_sharing_a_logged_no_op(caplog):
     with caplog.at_level("INFO"):
         out = _run(patched, arch, _latent(arch), cfg=1.0)
     assert torch.equal(out, reference)
-    assert sum("CFG sharing did nothing" in message for message in caplog.messages) == 1
+    assert sum("stood aside: CFG sharing did nothing" in message for message in caplog.messages) == 1
 
 
 def test_no_state_leaks_across_runs_resolutions_and_batch_sizes():
