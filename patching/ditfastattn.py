@@ -88,9 +88,9 @@ class DiTFastAttn:
             sub = call if len(computed) == chunks else call.select(rows)
             out, flops, technique = self._compute(sub, site, run, choice, tuple(site.chunk_ids[i] for i in computed))
             parts = dict(zip(computed, out.chunk(len(computed)), strict=True))
-            for i in computed:
-                if site.halves[i] == COND:
-                    key = ("cfg", site.layer, site.chunk_ids[i][1:])
+            for i in computed:  # the first conditional output of the step, for an unconditional call after
+                key = ("cfg", site.layer, site.chunk_ids[i][1:])
+                if site.halves[i] == COND and getattr(run.cache.get(key), "step", None) != site.step:
                     run.cache[key] = Entry(site.step, parts[i], (site.layout,), site.inputs[i])
         for i, source in copies.items():
             parts[i] = parts[source] if isinstance(source, int) else source

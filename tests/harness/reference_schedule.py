@@ -1,0 +1,300 @@
+"""An independent, slow float64 implementation of what a chain of DiTFastAttn nodes computes.
+
+Written apart from the pack's runtime (it shares none of its code): a chain is a list of plain
+dicts, the pack builds it with its own nodes (`patched_with_nodes`) and this module carries it
+out through a different host hook (the model function wrapper) with dense float64 attention
+(`reference_model`). Tests sample both and compare. The semantics, as the README states them:
+
+- a model evaluation belongs to the schedule step whose sigma interval holds it; the n-th
+  evaluation of a conditioning in a step (a second-order sampler's second call, an extension's
+  extra forward, a context window) only shares caches with the n-th evaluations of other steps;
+- techniques act on self-attention over image tokens (joint or image-only calls) of forwards
+  whose block replacements are the model's own; everything else is the host's attention;
+- per (step, layer): the last step-sharing node covering it reuses the layer's last computed
+  output between its computed steps; else the last window node covering it computes its full
+  steps in full and the steps between as window + (full - window) of the last full step (made
+  for the window of the next step that computes); CFG sharing (any node covering it) computes
+  the conditional chunks and copies the first one with the same model input to each
+  unconditional chunk, under ComfyUI's CFG guider only;
+- a cache that is missing or made for another window or shape means a full computation;
+  text padding masks hide their keys from every query, windows included.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .host import pack_import
+
+TEXT_FIRST = {"hunyuan_video": False}
+PATCH = {"wan": (1, 2, 2), "hunyuan_video": (1, 2, 2)}
+
+
+def patched_with_nodes(model, chain: list[dict]):
+    """The model patched by the pack's own nodes, one per dict of `chain`, in order."""
+    nodes = pack_import("nodes.ditfastattn")
+    shapes = {value: key for key, value in nodes.WINDOW_SHAPES.items()}
+    for spec in chain:
+        scope = (spec.get("start", 0.0), spec.get("end", 1.0), spec.get("layers", ""))
+        if spec["technique"] == "window":
+            model = nodes.WindowResidualAttention.execute(
+                model, shapes[spec.get("shape", "band")], spec.get("fraction", 0.125), spec.get("tokens", 0),
+                spec.get("refresh_every", 2), spec.get("residual", True), *scope).result[0]
+        elif spec["technique"] == "step":
+            model = nodes.StepSharingAttention.execute(model, spec.get("compute_every", 2), *scope).result[0]
+        else:
+            model = nodes.CFGSharingAttention.execute(model, *scope).result[0]
+    return model
+
+
+def reference_model(model, chain: list[dict], arch: str, cfg_guider: bool = True):
+    """A clone of `model` whose attention follows `chain` as specified above, in float64."""
+    clone = model.clone()
+    reference = _Reference(chain, arch, cfg_guider, _replacements(clone.model_options.get("transformer_options", {})))
+    clone.set_model_unet_function_wrapper(reference.forward)
+    return clone
+
+
+def _ceil(x: float) -> int:
+    return math.ceil(round(x, 9))
+
+
+def _layers(text: str) -> set[int] | None:
+    if not text.strip():
+        return None
+    found: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        found.update(range(int(first), int(last or first) + 1))
+    return found
+
+
+def _covers(spec: dict, step: int, total: int, layer: int) -> bool:
+    layers = _layers(spec.get("layers", ""))
+    first, end = _ceil(spec.get("start", 0.0) * total), _ceil(spec.get("end", 1.0) * total)
+    return first <= step < end and (layers is None or layer in layers)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    compute: str  # "full", "window", "reuse"
+    cfg: bool
+    window: dict | None = None
+
+
+def _choose(chain: list[dict], step: int, total: int, layer: int) -> _Choice:
+    covering = [spec for spec in chain if _covers(spec, step, total, layer)]
+    cfg = any(spec["technique"] == "cfg" for spec in covering)
+    sharing = [spec for spec in covering if spec["technique"] == "step"]
+    if sharing:
+        spec = sharing[-1]
+        if (step - _ceil(spec.get("start", 0.0) * total)) % spec.get("compute_every", 2):
+            return _Choice("reuse", cfg)
+    windows = [spec for spec in covering if spec["technique"] == "window"]
+    if not windows:
+        return _Choice("full", cfg)
+    spec = windows[-1]
+    if (step - _ceil(spec.get("start", 0.0) * total)) % spec.get("refresh_every", 2) == 0:
+        return _Choice("full", cfg)
+    return _Choice("window", cfg, spec)
+
+
+def _next_window(chain: list[dict], step: int, total: int, layer: int) -> dict | None:
+    """The window (with residual) of the layer's next step that computes, if it uses one."""
+    for later in range(step + 1, total):
+        choice = _choose(chain, later, total, layer)
+        if choice.compute != "reuse":
+            return choice.window if choice.window is not None and choice.window.get("residual", True) else None
+    return None
+
+
+def _allowed(spec: dict, text_len: int, grid: tuple[int, ...], text_first: bool, mask_keep: torch.Tensor) -> torch.Tensor:
+    """[N, N] keys each query may see: the window between image tokens, text rows and columns
+    whole, and (for every query) only the keys the host's mask keeps."""
+    image_len = math.prod(grid)
+    n = text_len + image_len
+    start = text_len if text_first else 0
+    pos = torch.arange(n)
+    is_image = (pos >= start) & (pos < start + image_len)
+    index = (pos - start).clamp(0, image_len - 1)
+    shape = spec.get("shape", "band")
+    fraction, tokens = spec.get("fraction", 0.125), spec.get("tokens", 0)
+    if shape == "band":
+        radius = tokens or max(1, round(fraction * image_len))
+        near = (index[:, None] - index[None, :]).abs() <= radius
+    else:
+        radius = tokens or max(1, round(fraction * max(grid[-2:])))
+        temporal = max(0, round(fraction * grid[0])) if len(grid) == 3 else 0
+        width, height = grid[-1], grid[-2]
+        x, y, t = index % width, (index // width) % height, index // (width * height)
+        dx, dy, dt = (a[:, None] - a[None, :] for a in (x, y, t))
+        near = (dx * dx + dy * dy < radius * radius) if shape == "circle" else (dx.abs() <= radius) & (dy.abs() <= radius)
+        near = near & (dt.abs() <= temporal)
+    window = torch.where(is_image[:, None] & is_image[None, :], near, torch.ones_like(near))
+    return window & mask_keep
+
+
+def _attend(q, k, v, allowed, scale):
+    scores = (q @ k.transpose(-1, -2)) * scale
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+def _replacements(transformer_options: dict) -> frozenset:
+    return frozenset((kind, key) for kind, blocks in transformer_options.get("patches_replace", {}).items()
+                     for key in blocks)
+
+
+@dataclass
+class _Reference:
+    chain: list[dict]
+    arch: str
+    cfg_guider: bool
+    own_replacements: frozenset
+    outputs: dict = field(default_factory=dict)  # (layer, chunk) -> (step, output)
+    residuals: dict = field(default_factory=dict)  # (layer, chunk) -> (step, window's mask, residual)
+    conditional: dict = field(default_factory=dict)  # (layer, step, evaluation, frames) -> (input, output)
+    evaluations: dict = field(default_factory=dict)
+
+    def forward(self, apply_model, args: dict) -> torch.Tensor:
+        x, c = args["input"], dict(args["c"])
+        options = c["transformer_options"]
+        sigmas = [float(s) for s in options["sample_sigmas"]]
+        total = len(sigmas) - 1
+        sigma = float(options["sigmas"].flatten()[0])
+        reached = sum(1 for s in sigmas[:-1] if s >= sigma or math.isclose(s, sigma, rel_tol=1e-5))
+        step = min(max(reached - 1, 0), total - 1)
+        roles = list(args["cond_or_uncond"])
+        window = options.get("context_window")
+        frames = tuple(window.index_list) if window is not None else ()
+        chunks = []
+        for place, uuid in enumerate(options.get("uuids", roles)):
+            self.evaluations[(step, uuid, frames)] = self.evaluations.get((step, uuid, frames), -1) + 1
+            chunks.append((uuid, frames, self.evaluations[(step, uuid, frames)], place))
+        patch = PATCH.get(self.arch, (2, 2))
+        grid = tuple(-(-size // p) for size, p in zip(x.shape[-len(patch):], patch, strict=False))
+        context = c.get("c_crossattn")
+        forward = _Forward(self, step, total, roles, chunks, x.chunk(len(roles)), grid,
+                           0 if context is None else context.shape[1],
+                           _replacements(options) != self.own_replacements)
+        c["transformer_options"] = {**options, "optimized_attention_override": forward}
+        if self.arch != "pixart":
+            return apply_model(x, args["timestep"], **c)
+        blocks = importlib.import_module("comfy.ldm.pixart.blocks")  # its attention ignores the override:
+        original = blocks.optimized_attention  # give it the transformer options for this forward
+        blocks.optimized_attention = functools.partial(original, transformer_options=c["transformer_options"])
+        try:
+            return apply_model(x, args["timestep"], **c)
+        finally:
+            blocks.optimized_attention = original
+
+
+@dataclass
+class _Forward:
+    ref: _Reference
+    step: int
+    total: int
+    roles: list[int]
+    chunks: list[tuple]
+    inputs: tuple
+    grid: tuple[int, ...]
+    text_len: int
+    altered: bool
+    layer: int = 0
+
+    def __call__(self, func, q, k, v, heads, mask=None, **kwargs):
+        layer = self.layer
+        self.layer += 1
+        image_len = math.prod(self.grid)
+        n = q.shape[2] if kwargs.get("skip_reshape") else q.shape[1]
+        joint = self.text_len and n == self.text_len + image_len
+        self_attention = (k.shape[2] if kwargs.get("skip_reshape") else k.shape[1]) == n
+        placed = joint or (n == image_len and n != self.text_len)
+        if self.altered or not self_attention or not placed:
+            return func(q, k, v, heads, mask=mask, **kwargs)
+        text_len = self.text_len if joint else 0
+        qh, kh, vh = (self._heads_first(t, heads, kwargs) for t in (q, k, v))
+        keep = self._mask_keep(mask, q.shape[0], n)
+        choice = _choose(self.ref.chain, self.step, self.total, layer)
+        size = q.shape[0] // len(self.chunks)
+        rows = [slice(i * size, (i + 1) * size) for i in range(len(self.chunks))]
+        stored = [self.ref.outputs.get((layer, chunk[:3])) for chunk in self.chunks]
+        if choice.compute == "reuse" and all(s is not None and s[0] < self.step and s[1].shape == qh[r].shape
+                                             for s, r in zip(stored, rows, strict=True)):
+            return self._format(torch.cat([s[1] for s in stored]), q.dtype, kwargs)
+        sources = {i: self._cfg_source(choice, layer, i, qh[rows[i]].shape) for i in range(len(self.chunks))}
+        outs: list = [None] * len(self.chunks)
+        for i, source in sources.items():
+            if source is None:
+                r = rows[i]
+                outs[i] = self._compute(choice, layer, i, qh[r], kh[r], vh[r], keep[r], text_len)
+                key = (layer, self.step, self.chunks[i][2], self.chunks[i][1])
+                if choice.cfg and self.roles[i] == 0 and self.ref.cfg_guider and key not in self.ref.conditional:
+                    self.ref.conditional[key] = (self.inputs[i], outs[i])
+        for i, source in sources.items():
+            if source is not None:
+                outs[i] = outs[source] if isinstance(source, int) else source
+        if _choose(self.ref.chain, self.step + 1, self.total, layer).compute == "reuse":
+            for chunk, out in zip(self.chunks, outs, strict=True):
+                self.ref.outputs[(layer, chunk[:3])] = (self.step, out)
+        return self._format(torch.cat(outs), q.dtype, kwargs)
+
+    def _cfg_source(self, choice: _Choice, layer: int, i: int, shape: torch.Size) -> int | torch.Tensor | None:
+        """What an unconditional chunk copies: the first conditional chunk of this call with the
+        same input, else the conditional output an earlier call of this step made for it."""
+        if not (choice.cfg and self.ref.cfg_guider and self.roles[i] == 1):
+            return None
+        for j, role in enumerate(self.roles):
+            if role == 0 and torch.equal(self.inputs[j], self.inputs[i]):
+                return j
+        earlier = self.ref.conditional.get((layer, self.step, self.chunks[i][2], self.chunks[i][1]))
+        if (earlier is not None and earlier[1].shape == shape and earlier[0].shape == self.inputs[i].shape
+                and torch.equal(earlier[0], self.inputs[i])):
+            return earlier[1]
+        return None
+
+    def _compute(self, choice, layer, i, q, k, v, keep, text_len) -> torch.Tensor:
+        scale = q.shape[-1] ** -0.5
+        chunk = self.chunks[i][:3]
+        text_first = TEXT_FIRST.get(self.ref.arch, True)
+        if choice.compute == "window":
+            spec = choice.window
+            allowed = _allowed(spec, text_len, self.grid, text_first, keep)
+            windowed = _attend(q, k, v, allowed, scale)
+            if not spec.get("residual", True):
+                return windowed
+            residual = self.ref.residuals.get((layer, chunk))
+            if residual is not None and residual[0] < self.step and torch.equal(residual[1], allowed):
+                return windowed + residual[2]
+        full = _attend(q, k, v, keep, scale)
+        later = _next_window(self.ref.chain, self.step, self.total, layer)
+        if later is not None:
+            allowed = _allowed(later, text_len, self.grid, text_first, keep)
+            self.ref.residuals[(layer, chunk)] = (self.step, allowed, full - _attend(q, k, v, allowed, scale))
+        return full
+
+    def _heads_first(self, t, heads, kwargs) -> torch.Tensor:
+        t = t.double()
+        if kwargs.get("skip_reshape"):
+            return t
+        return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+    def _format(self, out, dtype, kwargs) -> torch.Tensor:
+        out = out.to(dtype)
+        if kwargs.get("skip_output_reshape"):
+            return out
+        return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+    @staticmethod
+    def _mask_keep(mask, batch: int, n: int) -> torch.Tensor:
+        """[B, 1, N, N] keys kept by the host's mask (bool, or additive with 0 and very negative)."""
+        if mask is None:
+            return torch.ones(batch, 1, n, n, dtype=torch.bool)
+        while mask.ndim < 4:
+            mask = mask.unsqueeze(0 if mask.ndim == 2 else 1)
+        keep = mask if mask.dtype == torch.bool else mask > -1.0e4
+        return keep.expand(batch, 1, n, n)
