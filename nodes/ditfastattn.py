@@ -35,7 +35,9 @@ def _scope_inputs() -> list:
                        tooltip="The technique stops before this fraction of the sampling steps."),
         io.String.Input("layers", default="",
                         tooltip="Attention layers to act on, as the Attention Inspector numbers them, "
-                                "e.g. '0-3, 7'. Empty: all layers."),
+                                "e.g. '0-3, 7'. Empty: all layers. Cross-attention and text-only layers keep "
+                                "their numbers but are never changed: the techniques act on self-attention over "
+                                "image tokens."),
     ]
 
 
@@ -127,8 +129,9 @@ class CFGSharingAttention(io.ComfyNode):
         return _technique_schema(
             "FastAttnCFGSharing",
             "Attention Sharing Across CFG (DiTFastAttn)",
-            "Computes attention for the conditional half only and gives the unconditional half a copy. Does "
-            "nothing at CFG 1 (no unconditional half).",
+            "Computes attention for the conditional half only and gives the unconditional half a copy (self-attention "
+            "only: sharing cross-attention would turn CFG off). Needs ComfyUI's CFG guider (KSampler, CFGGuider); "
+            "with other guiders (DualCFG, PerpNeg) and at CFG 1 it does nothing, and the Attention Report says so.",
             [],
         )
 
