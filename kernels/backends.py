@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from types import ModuleType
 
 import torch
@@ -15,6 +16,7 @@ BACKENDS = {
     "flex": ("flex", "torch.nn.attention.flex_attention"),
     "triton": ("triton_kernel", "triton"),
 }
+log = logging.getLogger(__name__)
 
 
 def _importable(name: str | None) -> bool:
@@ -26,11 +28,15 @@ def _importable(name: str | None) -> bool:
         return False
 
 
+def _native() -> ModuleType:
+    return importlib.import_module(f".{BACKENDS['native'][0]}", __package__)
+
+
 def _runs_here(name: str) -> bool:
     module, needs = BACKENDS[name]
     if not _importable(needs):
         return False
-    return name != "native" or importlib.import_module(f".{module}", __package__).available()
+    return name != "native" or _native().available()
 
 
 def available_backends() -> list[str]:
@@ -40,19 +46,25 @@ def available_backends() -> list[str]:
 
 
 def choose_backend(name: str, device: torch.device) -> str:
-    """Resolve "auto": the native kernel on CPU (torch tiles where it cannot be built); Triton on
-    GPU when importable, else FlexAttention."""
+    """Resolve "auto": on CPU the native kernel (the torch tiles while it is being built in the
+    background, or where it cannot be built); elsewhere Triton when importable, else FlexAttention.
+    Off CPU the native kernel is never built nor imported: it could not run there."""
     if name != "auto":
         if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {available_backends()}")
+            raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {list(BACKENDS)}")
         if not _runs_here(name):
             raise ValueError(f"backend {name!r} cannot run here; available: {available_backends()}")
         return name
-    if device.type == "cpu":
-        return "native" if _runs_here("native") else "torch"
-    return "triton" if "triton" in available_backends() else "flex"
+    if device.type != "cpu":
+        return "triton" if _runs_here("triton") else "flex"
+    if _native().building():
+        log.info("FastAttn: the native CPU kernel is still being built; this call uses the torch tiles")
+        return "torch"
+    return "native" if _runs_here("native") else "torch"
 
 
 def backend_module(name: str) -> ModuleType:
-    """The module implementing backend `name` (imported on first use)."""
-    return importlib.import_module(f".{BACKENDS[choose_backend(name, torch.device('cpu'))][0]}", __package__)
+    """The module implementing backend `name` (imported on first use; `name` is a resolved name)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {list(BACKENDS)}")
+    return importlib.import_module(f".{BACKENDS[name][0]}", __package__)

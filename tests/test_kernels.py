@@ -3,10 +3,13 @@ float64 reference, FLOP accounting and input validation."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -402,6 +405,7 @@ def test_validation_messages():
 
 
 def test_available_backends_and_auto_choice(monkeypatch):
+    pack_import("kernels.native").build_in_background().join()  # started when the pack loaded
     assert {"native", "torch"} <= set(kernels.available_backends())
     choose = pack_import("kernels.backends").choose_backend
     assert choose("auto", torch.device("cpu")) == "native"
@@ -410,3 +414,79 @@ def test_available_backends_and_auto_choice(monkeypatch):
     assert choose("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="backend 'native' cannot run here"):
         choose("native", torch.device("cpu"))
+
+
+AUTO_ON_GPU_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from kernels.backends import BACKENDS, choose_backend
+print(choose_backend("auto", torch.device("cuda")), "kernels.native" in sys.modules)
+"""
+
+
+def test_auto_on_a_gpu_neither_builds_nor_imports_the_native_kernel():
+    """In a fresh interpreter (nothing imported yet): choosing for a CUDA device leaves the CPU
+    kernel alone, and picks Triton when importable, else FlexAttention."""
+    repo = Path(kernels.__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", AUTO_ON_GPU_SCRIPT, str(repo)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    chosen, imported = run.stdout.split()
+    assert chosen == ("triton" if importlib.util.find_spec("triton") else "flex") and imported == "False"
+
+
+def test_auto_on_a_gpu_without_triton_is_flex(monkeypatch):
+    backends, native = pack_import("kernels.backends"), pack_import("kernels.native")
+
+    def never() -> bool:
+        raise AssertionError("the native kernel was consulted for a GPU")
+
+    monkeypatch.setattr(native, "available", never)
+    monkeypatch.setattr(native, "building", never)
+    monkeypatch.setattr(backends, "_importable", lambda needs: needs != "triton")
+    assert backends.choose_backend("auto", torch.device("cuda")) == "flex"
+
+
+def test_calls_during_the_background_build_use_the_torch_tiles(monkeypatch):
+    """While the native kernel builds (here a build held until released), "auto" on CPU runs the
+    torch tiles at once, with the torch backend's result; once built, the native kernel."""
+    native, torch_tiles = pack_import("kernels.native"), pack_import("kernels.torch_tiles")
+    built = native.extension()
+    release = threading.Event()
+
+    def held_build():
+        assert release.wait(60), "the test never released the build"
+        return built
+
+    monkeypatch.setattr(native, "extension", held_build)
+    monkeypatch.setattr(native, "available", functools.cache(native.available.__wrapped__))
+    monkeypatch.setattr(native, "_background", [])
+    used = []
+    for module in (native, torch_tiles):
+        monkeypatch.setattr(module, "window_attention", _recording(module, used))
+    layout, window = TokenLayout(77, (11, 15)), Window("circle", 4)
+    (q, k, v), _, _ = random_inputs(layout, 1, 3)
+    q, k, v = (x.float() for x in (q, k, v))
+    ref = kernels.reference_attention(q.double(), k.double(), v.double(), layout, window)
+
+    build = native.build_in_background()
+    assert native.building()
+    during = kernels.window_attention(q, k, v, layout, window)
+    assert used == ["torch_tiles"] and native.building()
+    assert torch.equal(during, kernels.window_attention(q, k, v, layout, window, backend="torch"))
+    release.set()
+    build.join(60)
+    assert not native.building() and native.available()
+    after = kernels.window_attention(q, k, v, layout, window)
+    assert used[-1] == "native"
+    assert rel_error(during, ref) < 1e-5 and rel_error(after, ref) < 1e-5
+
+
+def _recording(module, used):
+    real = module.window_attention
+
+    def window_attention(problem):
+        used.append(module.__name__.rsplit(".", 1)[-1])
+        return real(problem)
+
+    return window_attention
