@@ -32,7 +32,8 @@ def _native() -> ModuleType:
     return importlib.import_module(f".{BACKENDS['native'][0]}", __package__)
 
 
-def _runs_here(name: str) -> bool:
+def runs_here(name: str) -> bool:
+    """Whether backend `name` can run here (builds the native kernel on the first call)."""
     module, needs = BACKENDS[name]
     if not _importable(needs):
         return False
@@ -42,7 +43,7 @@ def _runs_here(name: str) -> bool:
 def available_backends() -> list[str]:
     """Backends that can run here: dependencies importable (triton on CPU needs TRITON_INTERPRET=1),
     the native kernel built (on the first call; cached on disk after)."""
-    return [name for name in BACKENDS if _runs_here(name)]
+    return [name for name in BACKENDS if runs_here(name)]
 
 
 def choose_backend(name: str, device: torch.device) -> str:
@@ -52,15 +53,15 @@ def choose_backend(name: str, device: torch.device) -> str:
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {list(BACKENDS)}")
-        if not _runs_here(name):
+        if not runs_here(name):
             raise ValueError(f"backend {name!r} cannot run here; available: {available_backends()}")
         return name
     if device.type != "cpu":
-        return "triton" if _runs_here("triton") else "flex"
+        return "triton" if runs_here("triton") else "flex"
     if _native().building():
         log.info("FastAttn: the native CPU kernel is still being built; this call uses the torch tiles")
         return "torch"
-    return "native" if _runs_here("native") else "torch"
+    return "native" if runs_here("native") else "torch"
 
 
 def backend_module(name: str) -> ModuleType:

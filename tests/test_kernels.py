@@ -490,3 +490,26 @@ def _recording(module, used):
         return real(problem)
 
     return window_attention
+
+
+def test_flex_past_its_shape_limit_hands_new_shapes_to_the_torch_tiles(monkeypatch, caplog):
+    """torch.compile recompiles flex for every shape and, past its recompile limit, would run it
+    eagerly (the full score matrix). FLEX_SHAPES (64; here 1, then 2) sets that limit for flex's
+    calls, and a shape past it runs on the torch tiles (Triton on a GPU) with a log line."""
+    flex, torch_tiles = pack_import("kernels.flex"), pack_import("kernels.torch_tiles")
+    torch._dynamo.reset()  # no compiled shapes from earlier tests
+    flex._announce_fallback.cache_clear()
+    monkeypatch.setattr(flex, "FLEX_SHAPES", 1)
+    used = []
+    monkeypatch.setattr(torch_tiles, "window_attention", _recording(torch_tiles, used))
+    window = Window("circle", 2)
+    first, second = TokenLayout(3, (4, 5)), TokenLayout(3, (5, 5))
+    check_backend("flex", first, window, 1, 1, torch.float32)
+    assert used == []
+    with caplog.at_level("WARNING"):
+        check_backend("flex", second, window, 1, 1, torch.float32)
+    assert used == ["torch_tiles"] and "FlexAttention has compiled 1 shapes" in caplog.text
+    check_backend("flex", first, window, 1, 1, torch.float32)  # compiled before: still flex
+    monkeypatch.setattr(flex, "FLEX_SHAPES", 2)
+    check_backend("flex", second, window, 1, 1, torch.float32)
+    assert used == ["torch_tiles"]
