@@ -1,7 +1,11 @@
 """Triton backend for GPUs: one program per (query block, batch x head) walks its list of
 key blocks (full blocks without a mask, partial blocks with the window mask computed from
 indices), with an online softmax, and optionally adds the residual before the store
-(DiTFastAttn's window + residual in one pass). Checked on CPU with TRITON_INTERPRET=1."""
+(DiTFastAttn's window + residual in one pass). Checked on CPU with TRITON_INTERPRET=1.
+
+float32 inputs are multiplied in full precision: TF32 (10-bit mantissas, ~1e-3 errors) only
+where the user allowed it for torch's own float32 matmuls, torch.set_float32_matmul_precision
+("high" or "medium")."""
 
 from __future__ import annotations
 
@@ -55,21 +59,35 @@ def _allowed(
 
 
 @triton.jit
-def _step(q, k_ptrs, v_ptrs, offs_n, kv_len, d_ok, m_i, l_i, acc, scale, allowed, UPCAST: tl.constexpr):
+def _step(
+    q,
+    k_ptrs,
+    v_ptrs,
+    offs_n,
+    kv_len,
+    d_ok,
+    m_i,
+    l_i,
+    acc,
+    scale,
+    allowed,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One key block of the online softmax; `allowed` is the block's [BLOCK_M, BLOCK_N] mask."""
     k = tl.load(k_ptrs, mask=(offs_n[:, None] < kv_len) & d_ok, other=0.0)
     v = tl.load(v_ptrs, mask=(offs_n[:, None] < kv_len) & d_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k)) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -90,6 +108,7 @@ def _window_kernel(
     scale,
     HAS_RES: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -120,7 +139,19 @@ def _window_kernel(
         kv_offsets = kv_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
         everything = offs_n[None, :] < kv_len
         m_i, l_i, acc = _step(
-            q, K + kv_offsets, V + kv_offsets, offs_n, kv_len, d_ok, m_i, l_i, acc, scale, everything, UPCAST
+            q,
+            K + kv_offsets,
+            V + kv_offsets,
+            offs_n,
+            kv_len,
+            d_ok,
+            m_i,
+            l_i,
+            acc,
+            scale,
+            everything,
+            UPCAST,
+            PRECISION,
         )
     for j in range(tl.load(partial_count + pid_m)):
         offs_n = tl.load(partial_index + pid_m * kv_blocks + j) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -139,12 +170,32 @@ def _window_kernel(
             GRID_W,
         )
         m_i, l_i, acc = _step(
-            q, K + kv_offsets, V + kv_offsets, offs_n, kv_len, d_ok, m_i, l_i, acc, scale, allowed, UPCAST
+            q,
+            K + kv_offsets,
+            V + kv_offsets,
+            offs_n,
+            kv_len,
+            d_ok,
+            m_i,
+            l_i,
+            acc,
+            scale,
+            allowed,
+            UPCAST,
+            PRECISION,
         )
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if HAS_RES:
         acc += tl.load(Res + q_offsets, mask=q_ok, other=0.0).to(tl.float32)
     tl.store(Out + q_offsets, acc.to(Out.dtype.element_ty), mask=q_ok)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: "ieee" for float32 unless TF32 is allowed for float32 matmuls
+    (torch.set_float32_matmul_precision); other dtypes multiply in their own precision."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
 
 
 @functools.lru_cache(maxsize=32)
@@ -181,6 +232,7 @@ def window_attention(p: Problem) -> Tensor:
         HAS_RES=p.residual is not None,
         # the interpreter multiplies bfloat16 bit patterns in tl.dot (triton issue 11584)
         UPCAST=triton.knobs.runtime.interpret and q.dtype == torch.bfloat16,
+        PRECISION=input_precision(q.dtype),
         HEAD_DIM=dim,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
         BLOCK_M=BLOCK,

@@ -22,7 +22,7 @@ masks = pack_import("kernels.masks")
 TokenLayout, Window = kernels.TokenLayout, kernels.Window
 
 # relative error bound (Frobenius norm) of each precision against the float64 reference
-BOUND = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
 # (grid, window): grids are not multiples of the tiles (64 tokens, 8 x 8, 1 x 8 x 8)
 WINDOWS = [
@@ -144,6 +144,7 @@ TRITON_CASES = [  # text, grid, text first, window, batch, heads, dtype, fused r
     ),
     (77, (6, 7), True, {"shape": "circle", "radius": 3}, 2, 1, "float32", False, False),
     (5, (6, 7), False, {"shape": "circle", "radius": 100}, 1, 2, "float32", False, True),
+    (77, (7, 9), True, {"shape": "circle", "radius": 3, "pool": 0}, 1, 2, "float16", True, False),
 ]
 
 
@@ -160,6 +161,20 @@ def test_triton_matches_reference_in_the_interpreter():
     errors = json.loads(run.stdout.strip().splitlines()[-1])
     for case, err in zip(TRITON_CASES, errors, strict=True):
         assert err < BOUND[getattr(torch, case[6])], f"triton {case}: rel err {err:.2e}"
+
+
+def test_triton_float32_is_full_precision_unless_tf32_is_allowed():
+    """The interpreter ignores tl.dot's input precision, so the choice itself is checked: float32
+    is multiplied in IEEE float32 (not TF32) unless the user allows TF32 for float32 matmuls."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
+    precision = pack_import("kernels.triton_kernel").input_precision
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert precision(torch.float32) == "ieee"
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("highest")
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash", "plain-math"])
