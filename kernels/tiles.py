@@ -145,7 +145,7 @@ def _key_parts(
     )
 
 
-def _reach(window: Window, dims: int) -> list[int]:
+def reach(window: Window, dims: int) -> list[int]:
     """How far (per grid axis) a query's window extends."""
     spatial = window.radius - 1 if window.shape == "circle" else window.radius
     return ([window.temporal_radius] if dims == 3 else []) + [spatial] * min(dims, 2)
@@ -161,7 +161,7 @@ def tile_plan(
     if len(tile) != len(grid):
         raise ValueError(f"tile {tile} must have one size per grid axis of {grid}")
     allowed = image_mask(layout, window)
-    reach = _reach(window, len(grid))
+    extent = reach(window, len(grid))
     tiles: list[Tile] = []
     masks: list[Tensor] = []
     mask_ids: dict = {}
@@ -180,8 +180,8 @@ def tile_plan(
     for corner in itertools.product(*(range(0, g, t) for g, t in zip(grid, tile, strict=True))):
         top = [min(c + t, g) for c, t, g in zip(corner, tile, grid, strict=True)]
         queries = _box(list(corner), top, grid)
-        low = [max(c - r, 0) for c, r in zip(corner, reach, strict=True)]
-        high = [min(t + r, g) for t, r, g in zip(top, reach, grid, strict=True)]
+        low = [max(c - r, 0) for c, r in zip(corner, extent, strict=True)]
+        high = [min(t + r, g) for t, r, g in zip(top, extent, grid, strict=True)]
         candidates = _box(low, high, grid)
         sees = allowed(queries[:, None], candidates[None, :])
         needed = sees.any(dim=0)

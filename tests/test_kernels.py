@@ -528,3 +528,32 @@ def test_flex_past_its_shape_limit_hands_new_shapes_to_the_torch_tiles(monkeypat
     monkeypatch.setattr(flex, "FLEX_SHAPES", 2)
     check_backend("flex", second, window, 1, 1, torch.float32)
     assert used == ["torch_tiles"]
+
+
+def dense_block_classes(layout, window, block):
+    """Per query block, the key blocks with some / every pair in the dense mask (the definition)."""
+    keys = layout.seq_len + window.pooled_len(layout)
+    seen = masks.sequence_mask(layout, window)(torch.arange(layout.seq_len)[:, None], torch.arange(keys)[None, :])
+    partial, full = [], []
+    for rows in seen.split(block, dim=0):
+        pairs = list(enumerate(rows.split(block, dim=1)))
+        full.append([j for j, pair in pairs if pair.shape[1] == block and bool(pair.all())])
+        partial.append([j for j, pair in pairs if bool(pair.any()) and j not in full[-1]])
+    return partial, full
+
+
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("text_len,text_first", [(0, True), (77, False), (130, True)])
+@pytest.mark.parametrize(
+    "grid,window",
+    [*WINDOWS, ((11, 15), Window("band", 10_000)), ((11, 15), Window("circle", 100)), ((9, 40), Window("circle", 9))],
+    ids=lambda x: str(x),
+)
+def test_block_map_from_key_intervals_matches_the_dense_mask(grid, window, text_len, text_first, block):
+    """The block map is built from per-row key intervals, never the dense mask: it must classify
+    every (query block, key block) pair as the dense mask does, in ascending key-block order."""
+    layout = TokenLayout(text_len, grid, text_first)
+    blocks = pack_import("kernels.blocks").block_map(layout, window, block)
+    partial, full = dense_block_classes(layout, window, block)
+    assert [row[:n].tolist() for row, n in zip(blocks.partial_index, blocks.partial_count, strict=True)] == partial
+    assert [row[:n].tolist() for row, n in zip(blocks.full_index, blocks.full_count, strict=True)] == full
