@@ -85,6 +85,13 @@ def _image_intervals(layout: TokenLayout, window: Window) -> tuple[Tensor, Tenso
     return starts, torch.where(inside, row * width + last + 1, 0)
 
 
+@functools.lru_cache(maxsize=32)
+def kept_image_pairs(layout: TokenLayout, window: Window) -> int:
+    """(image query, image key) pairs the window keeps: the lengths of the key intervals."""
+    starts, stops = _image_intervals(layout, window)
+    return int((stops - starts).sum())
+
+
 def _key_intervals(layout: TokenLayout, window: Window, kv_len: int) -> tuple[Tensor, Tensor]:
     """Per sequence query, the [start, stop) intervals of keys it sees, [seq_len, rows + 2]:
     text queries every original key; image queries their window, the text and the pooled keys."""
@@ -95,7 +102,10 @@ def _key_intervals(layout: TokenLayout, window: Window, kv_len: int) -> tuple[Te
     text = slice(layout.text_start, layout.text_start + layout.text_len)
     image = slice(layout.image_start, layout.image_start + layout.image_len)
     stops[text, 0] = layout.seq_len
-    starts[image, :-2], stops[image, :-2] = image_starts + layout.image_start, image_stops + layout.image_start
+    starts[image, :-2], stops[image, :-2] = (
+        image_starts + layout.image_start,
+        image_stops + layout.image_start,
+    )
     starts[image, -2], stops[image, -2] = text.start, text.stop
     starts[image, -1], stops[image, -1] = layout.seq_len, kv_len
     return starts, stops

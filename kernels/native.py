@@ -91,7 +91,9 @@ def _build_and_report() -> None:
 def build_in_background() -> threading.Thread:
     """Build (or load from the cache) the kernel on a daemon thread, started once; returns it."""
     if not _background:
-        _background.append(threading.Thread(target=_build_and_report, name="fastattn-native-build", daemon=True))
+        _background.append(
+            threading.Thread(target=_build_and_report, name="fastattn-native-build", daemon=True)
+        )
         _background[0].start()
     return _background[0]
 

@@ -54,7 +54,6 @@ class TilePlan:
     runs: list[Run]  # every tile once, in row-major order of their corners
     masks: list[Tensor]  # distinct boolean masks [queries, keys]; many tiles share one
     computed_pairs: int  # (query, image key) pairs the tiles compute
-    kept_pairs: int  # (query, image key) pairs the window keeps
     _additive: dict = field(default_factory=dict, repr=False)
 
     def additive_masks(self, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
@@ -176,7 +175,7 @@ def tile_plan(
             masks.append(sees.contiguous())
         return index
 
-    computed = kept = 0
+    computed = 0
     for corner in itertools.product(*(range(0, g, t) for g, t in zip(grid, tile, strict=True))):
         top = [min(c + t, g) for c, t, g in zip(corner, tile, grid, strict=True)]
         queries = _box(list(corner), top, grid)
@@ -187,8 +186,7 @@ def tile_plan(
         needed = sees.any(dim=0)
         keys, sees = candidates[needed], sees[:, needed]
         computed += sees.numel()
-        kept += int(sees.sum())
         parts = _key_parts(keys, sees, mask_id, gather_keys)
         whole = parts[0].mask if len(parts) == 1 else None
         tiles.append(Tile(queries, keys, whole, _span(queries), _span(keys), parts))
-    return TilePlan(_runs(tiles), masks, computed, kept)
+    return TilePlan(_runs(tiles), masks, computed)

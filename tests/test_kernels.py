@@ -145,6 +145,14 @@ TRITON_CASES = [  # text, grid, text first, window, batch, heads, dtype, fused r
     (77, (6, 7), True, {"shape": "circle", "radius": 3}, 2, 1, "float32", False, False),
     (5, (6, 7), False, {"shape": "circle", "radius": 100}, 1, 2, "float32", False, True),
     (77, (7, 9), True, {"shape": "circle", "radius": 3, "pool": 0}, 1, 2, "float16", True, False),
+    # the grid-tile kernel (circle, square): boxes cut at odd grid edges, text before / after / none
+    (0, (13, 17), True, {"shape": "circle", "radius": 4}, 1, 2, "float32", True, False),
+    (77, (13, 17), False, {"shape": "square", "radius": 2}, 1, 2, "bfloat16", False, False),
+    (7, (12, 20), True, {"shape": "circle", "radius": 5, "pool": 4}, 1, 2, "float16", True, False),
+    (70, (12, 20), False, {"shape": "circle", "radius": 3, "pool": 2}, 1, 1, "float32", False, False),
+    (33, (3, 7, 9), False, {"shape": "circle", "radius": 3, "temporal_radius": 1}, 1, 2, "bfloat16", True, False),
+    (130, (2, 8, 10), True, {"shape": "square", "radius": 2, "temporal_radius": 1, "pool": 2}, 1, 1, "float32", True, False),
+    (0, (4, 9, 11), True, {"shape": "circle", "radius": 9, "temporal_radius": 0}, 1, 1, "float16", False, False),
 ]
 
 
@@ -163,11 +171,45 @@ def test_triton_matches_reference_in_the_interpreter():
         assert err < BOUND[getattr(torch, case[6])], f"triton {case}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize(
+    "layout,window",
+    [
+        (TokenLayout(5, (13, 17)), Window("circle", 4)),
+        (TokenLayout(0, (17, 9)), Window("square", 3)),
+        (TokenLayout(3, (3, 10, 12), text_first=False), Window("circle", 5, temporal_radius=1)),
+        (TokenLayout(0, (4, 9, 11)), Window("square", 1, temporal_radius=2)),
+    ],
+    ids=["circle", "square", "circle-3d", "square-3d"],
+)
+def test_grid_boxes_are_classified_as_the_dense_mask_says(layout, window):
+    """The Triton grid kernel's key boxes per query box, from per-axis gaps, against the mask
+    evaluated on every pair of tokens of every pair of boxes: none missed, whole ones first."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
+    grid_kernel = pack_import("kernels.triton_grid")
+    lists = grid_kernel.box_lists(layout, window)
+    *_, first, last = grid_kernel._boxes(layout)
+    dims = len(layout.grid)
+    tokens = []
+    for box in range(first[0].numel()):
+        axes = [torch.arange(first[a][box], last[a][box] + 1) for a in range(3 - dims, 3)]
+        index = torch.zeros((), dtype=torch.long)
+        for axis, size in zip(axes, layout.grid, strict=True):
+            index = index[..., None] * size + axis
+        tokens.append(index.reshape(-1))
+    image = masks.image_mask(layout, window)
+    for q, q_tokens in enumerate(tokens):
+        seen = [image(q_tokens[:, None], k_tokens[None, :]) for k_tokens in tokens]
+        full = [k for k, pair in enumerate(seen) if bool(pair.all())]
+        some = [k for k, pair in enumerate(seen) if bool(pair.any())]
+        listed = lists.key_boxes[q, : lists.key_count[q]].tolist()
+        assert sorted(listed) == some and sorted(listed[: lists.full_count[q]]) == full
+
+
 def test_triton_float32_is_full_precision_unless_tf32_is_allowed():
     """The interpreter ignores tl.dot's input precision, so the choice itself is checked: float32
     is multiplied in IEEE float32 (not TF32) unless the user allows TF32 for float32 matmuls."""
     pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
-    precision = pack_import("kernels.triton_kernel").input_precision
+    precision = pack_import("kernels.triton_steps").input_precision
     assert torch.get_float32_matmul_precision() == "highest"
     assert precision(torch.float32) == "ieee"
     torch.set_float32_matmul_precision("high")
