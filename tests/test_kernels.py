@@ -205,6 +205,52 @@ def test_grid_boxes_are_classified_as_the_dense_mask_says(layout, window):
         assert sorted(listed) == some and sorted(listed[: lists.full_count[q]]) == full
 
 
+# The interpreter runs the kernels as numpy without Triton's type checks; this compiles them for a
+# Hopper GPU (sm_90, no GPU needed: Triton ships ptxas) as a launch on one would.
+COMPILE_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import triton_grid, triton_kernel
+
+def compile_for_hopper(kernel, pointers, dtype, scalars, constants):
+    types = {**{name: "*" + dtype for name in pointers[:5]}, **{name: "*i32" for name in pointers[5:]}}
+    types.update({name: "fp32" if name == "scale" else "i32" for name in scalars})
+    types.update({name: "constexpr" for name in constants})
+    signature = {name: types[name] for name in kernel.arg_names}  # in the kernel's order
+    constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
+    source = ASTSource(kernel, signature, constexprs)
+    assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+
+common = dict(UPCAST=False, HEAD_DIM=128, BLOCK_D=128)
+compile_for_hopper(
+    triton_grid._grid_kernel, ["Q", "K", "V", "Out", "Res", "key_count", "full_count", "key_boxes"], "bf16",
+    ["max_keys", "seq_len", "kv_len", "scale"],
+    dict(common, HAS_RES=True, PRECISION="tf32", TILE_H=8, TILE_W=8, BLOCK=64, ROWS=16, COLUMNS=16, BOXES=256,
+         IMAGE_START=512, TEXT_START=0, TEXT_LEN=512, GRID_H=128, GRID_W=128, CIRCLE=True, RADIUS=16, T_RADIUS=0),
+)
+compile_for_hopper(
+    triton_kernel._band_kernel, ["Q", "K", "V", "Out", "Res", "partial_count", "partial_index", "full_count",
+    "full_index"], "fp32", ["seq_len", "kv_len", "kv_blocks", "scale"],
+    dict(common, HAS_RES=False, PRECISION="ieee", BLOCK_M=64, IMAGE_START=512, IMAGE_LEN=4096, RADIUS=512),
+)
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_a_gpu():
+    """Both Triton kernels pass Triton's compiler for sm_90 (bfloat16 grid kernel with text,
+    float32 band kernel in IEEE precision): the type errors the interpreter cannot see."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
+    repo = Path(kernels.__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, str(repo)], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
 def test_triton_float32_is_full_precision_unless_tf32_is_allowed():
     """The interpreter ignores tl.dot's input precision, so the choice itself is checked: float32
     is multiplied in IEEE float32 (not TF32) unless the user allows TF32 for float32 matmuls."""
