@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -59,9 +60,14 @@ def choose_backend(name: str, device: torch.device) -> str:
     if device.type != "cpu":
         return "triton" if runs_here("triton") else "flex"
     if _native().building():
-        log.info("FastAttn: the native CPU kernel is still being built; this call uses the torch tiles")
+        _announce_build_in_progress()
         return "torch"
     return "native" if runs_here("native") else "torch"
+
+
+@functools.cache
+def _announce_build_in_progress() -> None:
+    log.info("FastAttn: the native CPU kernel is still being built; calls use the torch tiles until it is ready")
 
 
 def backend_module(name: str) -> ModuleType:

@@ -554,6 +554,7 @@ def test_calls_during_the_background_build_use_the_torch_tiles(monkeypatch):
     """While the native kernel builds (here a build held until released), "auto" on CPU runs the
     torch tiles at once, with the torch backend's result; once built, the native kernel."""
     native, torch_tiles = pack_import("kernels.native"), pack_import("kernels.torch_tiles")
+    native.build_in_background().join()  # the pack's own build, started when it loaded
     built = native.extension()
     release = threading.Event()
 
