@@ -11,9 +11,14 @@ PACK_LINK    := $(COMFYUI_PATH)/custom_nodes/comfyui_fastattn
 READY        := $(VENV)/.ready
 export COMFYUI_PATH
 
-.PHONY: setup test bench demo serve lint clean
+.PHONY: setup native test bench demo serve lint clean
 
-setup: $(READY) $(PACK_LINK)
+setup: $(READY) $(PACK_LINK) native
+
+# Build the native CPU kernel now (about a minute once; then a load from torch's cache), so that
+# no test, demo or timed run pays for it. Where it cannot be built the torch tiles are used.
+native: $(READY)
+	$(PY) -c 'from kernels import native; print("native CPU kernel:", "ready" if native.available() else "unavailable, using the torch tiles")'
 
 # torch and torchvision are pinned (ComfyUI imports torchvision at start-up); the host's
 # own requirements are installed with torch held at that pin.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .backends import backend_module
+from .blocks import kept_image_pairs
 from .layout import TokenLayout
-from .torch_tiles import plan_for
 from .window import Window
 
 
@@ -25,7 +25,7 @@ def attention_flops(
     """Count FLOPs without running attention (plans and block maps are cached and reused)."""
     window.check(layout)
     per_pair = 4 * head_dim * batch * heads
-    kept = window.shared_pairs(layout) + plan_for(layout, window).kept_pairs
+    kept = window.shared_pairs(layout) + kept_image_pairs(layout, window)
     return FlopCount(
         full=per_pair * layout.seq_len**2,
         mask=per_pair * kept,

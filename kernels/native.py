@@ -8,9 +8,11 @@ its tiles (native/span_attention.cpp): every tile is one online softmax over its
 every image query sees, follow in parts (made one at a time, as in the torch backend), each a
 call that resumes the rows' softmax from the previous call's output and log-sum-exp.
 
-The C++ source is compiled on first use (about a minute, cached by torch under
-~/.cache/torch_extensions) for this CPU's vector instructions; where it cannot be built,
-`available()` says so and "auto" falls back to the torch backend.
+The C++ source is compiled for this CPU's vector instructions (about a minute, cached by torch
+under ~/.cache/torch_extensions): by `make setup`, and for ComfyUI users on a background thread
+started when the pack loads (`build_in_background`), so that no sample waits for it; until it is
+ready "auto" uses the torch backend. Where it cannot be built, `available()` says so and "auto"
+falls back to the torch backend for good.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -60,17 +63,44 @@ def extension() -> ModuleType:
     return load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *flags], verbose=False)
 
 
+_build_lock = threading.Lock()  # one build at a time: the background one and a caller's
+
+
 @functools.cache
 def available() -> bool:
     """Whether the kernel builds and loads here (needs a C++ compiler; the reason is logged)."""
     if sys.platform == "win32" or not hasattr(torch.backends.cpu, "get_cpu_capability"):
         return False
-    try:
-        extension()
-    except Exception as error:  # any build or load failure means: use the torch backend
-        log.warning("FastAttn: the native CPU kernel is unavailable (%s); using the torch backend", error)
-        return False
+    with _build_lock:
+        try:
+            extension()
+        except Exception as error:  # any build or load failure means: use the torch backend
+            log.warning("FastAttn: the native CPU kernel is unavailable (%s); using the torch backend", error)
+            return False
     return True
+
+
+_background: list[threading.Thread] = []  # the background build, once started
+
+
+def _build_and_report() -> None:
+    if available():
+        log.info("FastAttn: the native CPU kernel is ready")
+
+
+def build_in_background() -> threading.Thread:
+    """Build (or load from the cache) the kernel on a daemon thread, started once; returns it."""
+    if not _background:
+        _background.append(
+            threading.Thread(target=_build_and_report, name="fastattn-native-build", daemon=True)
+        )
+        _background[0].start()
+    return _background[0]
+
+
+def building() -> bool:
+    """Whether the background build is under way (calls meanwhile use the torch backend)."""
+    return bool(_background) and _background[0].is_alive()
 
 
 @dataclass(frozen=True)

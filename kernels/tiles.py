@@ -54,7 +54,6 @@ class TilePlan:
     runs: list[Run]  # every tile once, in row-major order of their corners
     masks: list[Tensor]  # distinct boolean masks [queries, keys]; many tiles share one
     computed_pairs: int  # (query, image key) pairs the tiles compute
-    kept_pairs: int  # (query, image key) pairs the window keeps
     _additive: dict = field(default_factory=dict, repr=False)
 
     def additive_masks(self, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
@@ -145,7 +144,7 @@ def _key_parts(
     )
 
 
-def _reach(window: Window, dims: int) -> list[int]:
+def reach(window: Window, dims: int) -> list[int]:
     """How far (per grid axis) a query's window extends."""
     spatial = window.radius - 1 if window.shape == "circle" else window.radius
     return ([window.temporal_radius] if dims == 3 else []) + [spatial] * min(dims, 2)
@@ -161,7 +160,7 @@ def tile_plan(
     if len(tile) != len(grid):
         raise ValueError(f"tile {tile} must have one size per grid axis of {grid}")
     allowed = image_mask(layout, window)
-    reach = _reach(window, len(grid))
+    extent = reach(window, len(grid))
     tiles: list[Tile] = []
     masks: list[Tensor] = []
     mask_ids: dict = {}
@@ -176,19 +175,18 @@ def tile_plan(
             masks.append(sees.contiguous())
         return index
 
-    computed = kept = 0
+    computed = 0
     for corner in itertools.product(*(range(0, g, t) for g, t in zip(grid, tile, strict=True))):
         top = [min(c + t, g) for c, t, g in zip(corner, tile, grid, strict=True)]
         queries = _box(list(corner), top, grid)
-        low = [max(c - r, 0) for c, r in zip(corner, reach, strict=True)]
-        high = [min(t + r, g) for t, r, g in zip(top, reach, grid, strict=True)]
+        low = [max(c - r, 0) for c, r in zip(corner, extent, strict=True)]
+        high = [min(t + r, g) for t, r, g in zip(top, extent, grid, strict=True)]
         candidates = _box(low, high, grid)
         sees = allowed(queries[:, None], candidates[None, :])
         needed = sees.any(dim=0)
         keys, sees = candidates[needed], sees[:, needed]
         computed += sees.numel()
-        kept += int(sees.sum())
         parts = _key_parts(keys, sees, mask_id, gather_keys)
         whole = parts[0].mask if len(parts) == 1 else None
         tiles.append(Tile(queries, keys, whole, _span(queries), _span(keys), parts))
-    return TilePlan(_runs(tiles), masks, computed, kept)
+    return TilePlan(_runs(tiles), masks, computed)

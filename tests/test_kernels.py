@@ -3,10 +3,13 @@ float64 reference, FLOP accounting and input validation."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ masks = pack_import("kernels.masks")
 TokenLayout, Window = kernels.TokenLayout, kernels.Window
 
 # relative error bound (Frobenius norm) of each precision against the float64 reference
-BOUND = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
 # (grid, window): grids are not multiples of the tiles (64 tokens, 8 x 8, 1 x 8 x 8)
 WINDOWS = [
@@ -141,6 +144,15 @@ TRITON_CASES = [  # text, grid, text first, window, batch, heads, dtype, fused r
     ),
     (77, (6, 7), True, {"shape": "circle", "radius": 3}, 2, 1, "float32", False, False),
     (5, (6, 7), False, {"shape": "circle", "radius": 100}, 1, 2, "float32", False, True),
+    (77, (7, 9), True, {"shape": "circle", "radius": 3, "pool": 0}, 1, 2, "float16", True, False),
+    # the grid-tile kernel (circle, square): boxes cut at odd grid edges, text before / after / none
+    (0, (13, 17), True, {"shape": "circle", "radius": 4}, 1, 2, "float32", True, False),
+    (77, (13, 17), False, {"shape": "square", "radius": 2}, 1, 2, "bfloat16", False, False),
+    (7, (12, 20), True, {"shape": "circle", "radius": 5, "pool": 4}, 1, 2, "float16", True, False),
+    (70, (12, 20), False, {"shape": "circle", "radius": 3, "pool": 2}, 1, 1, "float32", False, False),
+    (33, (3, 7, 9), False, {"shape": "circle", "radius": 3, "temporal_radius": 1}, 1, 2, "bfloat16", True, False),
+    (130, (2, 8, 10), True, {"shape": "square", "radius": 2, "temporal_radius": 1, "pool": 2}, 1, 1, "float32", True, False),
+    (0, (4, 9, 11), True, {"shape": "circle", "radius": 9, "temporal_radius": 0}, 1, 1, "float16", False, False),
 ]
 
 
@@ -157,6 +169,100 @@ def test_triton_matches_reference_in_the_interpreter():
     errors = json.loads(run.stdout.strip().splitlines()[-1])
     for case, err in zip(TRITON_CASES, errors, strict=True):
         assert err < BOUND[getattr(torch, case[6])], f"triton {case}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    "layout,window",
+    [
+        (TokenLayout(5, (13, 17)), Window("circle", 4)),
+        (TokenLayout(0, (17, 9)), Window("square", 3)),
+        (TokenLayout(3, (3, 10, 12), text_first=False), Window("circle", 5, temporal_radius=1)),
+        (TokenLayout(0, (4, 9, 11)), Window("square", 1, temporal_radius=2)),
+    ],
+    ids=["circle", "square", "circle-3d", "square-3d"],
+)
+def test_grid_boxes_are_classified_as_the_dense_mask_says(layout, window):
+    """The Triton grid kernel's key boxes per query box, from per-axis gaps, against the mask
+    evaluated on every pair of tokens of every pair of boxes: none missed, whole ones first."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
+    grid_kernel = pack_import("kernels.triton_grid")
+    lists = grid_kernel.box_lists(layout, window)
+    *_, first, last = grid_kernel._boxes(layout)
+    dims = len(layout.grid)
+    tokens = []
+    for box in range(first[0].numel()):
+        axes = [torch.arange(first[a][box], last[a][box] + 1) for a in range(3 - dims, 3)]
+        index = torch.zeros((), dtype=torch.long)
+        for axis, size in zip(axes, layout.grid, strict=True):
+            index = index[..., None] * size + axis
+        tokens.append(index.reshape(-1))
+    image = masks.image_mask(layout, window)
+    for q, q_tokens in enumerate(tokens):
+        seen = [image(q_tokens[:, None], k_tokens[None, :]) for k_tokens in tokens]
+        full = [k for k, pair in enumerate(seen) if bool(pair.all())]
+        some = [k for k, pair in enumerate(seen) if bool(pair.any())]
+        listed = lists.key_boxes[q, : lists.key_count[q]].tolist()
+        assert sorted(listed) == some and sorted(listed[: lists.full_count[q]]) == full
+
+
+# The interpreter runs the kernels as numpy without Triton's type checks; this compiles them for a
+# Hopper GPU (sm_90, no GPU needed: Triton ships ptxas) as a launch on one would.
+COMPILE_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import triton_grid, triton_kernel
+
+def compile_for_hopper(kernel, pointers, dtype, scalars, constants):
+    types = {**{name: "*" + dtype for name in pointers[:5]}, **{name: "*i32" for name in pointers[5:]}}
+    types.update({name: "fp32" if name == "scale" else "i32" for name in scalars})
+    types.update({name: "constexpr" for name in constants})
+    signature = {name: types[name] for name in kernel.arg_names}  # in the kernel's order
+    constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
+    source = ASTSource(kernel, signature, constexprs)
+    assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+
+common = dict(UPCAST=False, HEAD_DIM=128, BLOCK_D=128)
+compile_for_hopper(
+    triton_grid._grid_kernel, ["Q", "K", "V", "Out", "Res", "key_count", "full_count", "key_boxes"], "bf16",
+    ["max_keys", "seq_len", "kv_len", "scale"],
+    dict(common, HAS_RES=True, PRECISION="tf32", TILE_H=8, TILE_W=8, BLOCK=64, ROWS=16, COLUMNS=16, BOXES=256,
+         IMAGE_START=512, TEXT_START=0, TEXT_LEN=512, GRID_H=128, GRID_W=128, CIRCLE=True, RADIUS=16, T_RADIUS=0),
+)
+compile_for_hopper(
+    triton_kernel._band_kernel, ["Q", "K", "V", "Out", "Res", "partial_count", "partial_index", "full_count",
+    "full_index"], "fp32", ["seq_len", "kv_len", "kv_blocks", "scale"],
+    dict(common, HAS_RES=False, PRECISION="ieee", BLOCK_M=64, IMAGE_START=512, IMAGE_LEN=4096, RADIUS=512),
+)
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_a_gpu():
+    """Both Triton kernels pass Triton's compiler for sm_90 (bfloat16 grid kernel with text,
+    float32 band kernel in IEEE precision): the type errors the interpreter cannot see."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
+    repo = Path(kernels.__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, str(repo)], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+def test_triton_float32_is_full_precision_unless_tf32_is_allowed():
+    """The interpreter ignores tl.dot's input precision, so the choice itself is checked: float32
+    is multiplied in IEEE float32 (not TF32) unless the user allows TF32 for float32 matmuls."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
+    precision = pack_import("kernels.triton_steps").input_precision
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert precision(torch.float32) == "ieee"
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision("highest")
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash", "plain-math"])
@@ -402,6 +508,7 @@ def test_validation_messages():
 
 
 def test_available_backends_and_auto_choice(monkeypatch):
+    pack_import("kernels.native").build_in_background().join()  # started when the pack loaded
     assert {"native", "torch"} <= set(kernels.available_backends())
     choose = pack_import("kernels.backends").choose_backend
     assert choose("auto", torch.device("cpu")) == "native"
@@ -410,3 +517,145 @@ def test_available_backends_and_auto_choice(monkeypatch):
     assert choose("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="backend 'native' cannot run here"):
         choose("native", torch.device("cpu"))
+
+
+AUTO_ON_GPU_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from kernels.backends import BACKENDS, choose_backend
+print(choose_backend("auto", torch.device("cuda")), "kernels.native" in sys.modules)
+"""
+
+
+def test_auto_on_a_gpu_neither_builds_nor_imports_the_native_kernel():
+    """In a fresh interpreter (nothing imported yet): choosing for a CUDA device leaves the CPU
+    kernel alone, and picks Triton when importable, else FlexAttention."""
+    repo = Path(kernels.__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", AUTO_ON_GPU_SCRIPT, str(repo)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    chosen, imported = run.stdout.split()
+    assert chosen == ("triton" if importlib.util.find_spec("triton") else "flex") and imported == "False"
+
+
+def test_auto_on_a_gpu_without_triton_is_flex(monkeypatch):
+    backends, native = pack_import("kernels.backends"), pack_import("kernels.native")
+
+    def never() -> bool:
+        raise AssertionError("the native kernel was consulted for a GPU")
+
+    monkeypatch.setattr(native, "available", never)
+    monkeypatch.setattr(native, "building", never)
+    monkeypatch.setattr(backends, "_importable", lambda needs: needs != "triton")
+    assert backends.choose_backend("auto", torch.device("cuda")) == "flex"
+
+
+def test_calls_during_the_background_build_use_the_torch_tiles(monkeypatch):
+    """While the native kernel builds (here a build held until released), "auto" on CPU runs the
+    torch tiles at once, with the torch backend's result; once built, the native kernel."""
+    native, torch_tiles = pack_import("kernels.native"), pack_import("kernels.torch_tiles")
+    native.build_in_background().join()  # the pack's own build, started when it loaded
+    built = native.extension()
+    release = threading.Event()
+
+    def held_build():
+        assert release.wait(60), "the test never released the build"
+        return built
+
+    monkeypatch.setattr(native, "extension", held_build)
+    monkeypatch.setattr(native, "available", functools.cache(native.available.__wrapped__))
+    monkeypatch.setattr(native, "_background", [])
+    used = []
+    for module in (native, torch_tiles):
+        monkeypatch.setattr(module, "window_attention", _recording(module, used))
+    layout, window = TokenLayout(77, (11, 15)), Window("circle", 4)
+    (q, k, v), _, _ = random_inputs(layout, 1, 3)
+    q, k, v = (x.float() for x in (q, k, v))
+    ref = kernels.reference_attention(q.double(), k.double(), v.double(), layout, window)
+
+    build = native.build_in_background()
+    assert native.building()
+    during = kernels.window_attention(q, k, v, layout, window)
+    assert used == ["torch_tiles"] and native.building()
+    assert torch.equal(during, kernels.window_attention(q, k, v, layout, window, backend="torch"))
+    release.set()
+    build.join(60)
+    assert not native.building() and native.available()
+    after = kernels.window_attention(q, k, v, layout, window)
+    assert used[-1] == "native"
+    assert rel_error(during, ref) < 1e-5 and rel_error(after, ref) < 1e-5
+
+
+def _recording(module, used):
+    real = module.window_attention
+
+    def window_attention(problem):
+        used.append(module.__name__.rsplit(".", 1)[-1])
+        return real(problem)
+
+    return window_attention
+
+
+def test_flex_past_its_shape_limit_hands_new_shapes_to_the_torch_tiles(monkeypatch, caplog):
+    """torch.compile recompiles flex for every shape and, past its recompile limit, would run it
+    eagerly (the full score matrix). FLEX_SHAPES (64; here 1, then 2) sets that limit for flex's
+    calls, and a shape past it runs on the torch tiles (Triton on a GPU) with a log line."""
+    flex, torch_tiles = pack_import("kernels.flex"), pack_import("kernels.torch_tiles")
+    torch._dynamo.reset()  # no compiled shapes from earlier tests
+    flex._announce_fallback.cache_clear()
+    monkeypatch.setattr(flex, "FLEX_SHAPES", 1)
+    used = []
+    monkeypatch.setattr(torch_tiles, "window_attention", _recording(torch_tiles, used))
+    window = Window("circle", 2)
+    first, second = TokenLayout(3, (4, 5)), TokenLayout(3, (5, 5))
+    check_backend("flex", first, window, 1, 1, torch.float32)
+    assert used == []
+    with caplog.at_level("WARNING"):
+        check_backend("flex", second, window, 1, 1, torch.float32)
+    assert used == ["torch_tiles"] and "FlexAttention has compiled 1 shapes" in caplog.text
+    check_backend("flex", first, window, 1, 1, torch.float32)  # compiled before: still flex
+    monkeypatch.setattr(flex, "FLEX_SHAPES", 2)
+    check_backend("flex", second, window, 1, 1, torch.float32)
+    assert used == ["torch_tiles"]
+
+
+def dense_block_classes(layout, window, block):
+    """Per query block, the key blocks with some / every pair in the dense mask (the definition)."""
+    keys = layout.seq_len + window.pooled_len(layout)
+    seen = masks.sequence_mask(layout, window)(torch.arange(layout.seq_len)[:, None], torch.arange(keys)[None, :])
+    partial, full = [], []
+    for rows in seen.split(block, dim=0):
+        pairs = list(enumerate(rows.split(block, dim=1)))
+        full.append([j for j, pair in pairs if pair.shape[1] == block and bool(pair.all())])
+        partial.append([j for j, pair in pairs if bool(pair.any()) and j not in full[-1]])
+    return partial, full
+
+
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("text_len,text_first", [(0, True), (77, False), (130, True)])
+@pytest.mark.parametrize(
+    "grid,window",
+    [*WINDOWS, ((11, 15), Window("band", 10_000)), ((11, 15), Window("circle", 100)), ((9, 40), Window("circle", 9))],
+    ids=lambda x: str(x),
+)
+def test_block_map_from_key_intervals_matches_the_dense_mask(grid, window, text_len, text_first, block):
+    """The block map is built from per-row key intervals, never the dense mask: it must classify
+    every (query block, key block) pair as the dense mask does, in ascending key-block order."""
+    layout = TokenLayout(text_len, grid, text_first)
+    blocks = pack_import("kernels.blocks").block_map(layout, window, block)
+    partial, full = dense_block_classes(layout, window, block)
+    assert [row[:n].tolist() for row, n in zip(blocks.partial_index, blocks.partial_count, strict=True)] == partial
+    assert [row[:n].tolist() for row, n in zip(blocks.full_index, blocks.full_count, strict=True)] == full
+
+
+def test_gpu_benchmark_script_runs_in_smoke_mode():
+    """tests/benchmarks/bench_gpu.py is run on GPUs only when one is at hand: its --smoke mode
+    (CPU, tiny shapes, Triton interpreted) keeps the script itself working in CI."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
+    script = Path(kernels.__file__).resolve().parents[1] / "tests" / "benchmarks" / "bench_gpu.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--no-flex"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "| triton | 77 text + (13, 17), circle r4 | float32 |" in run.stdout
+    assert "0 correctness failures" in run.stdout
