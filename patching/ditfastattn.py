@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import attention_flops, window_attention
+from ..kernels.backends import choose_backend
 from .call import AttentionCall
 from .padding import hidden_text_keys, padded_window_attention
 from .report import CallSite
@@ -137,7 +138,10 @@ class DiTFastAttn:
         return padded_window_attention(q, k, v, layout, window, hidden, scale=call.scale, backend=self.backend)
 
     def _flops(self, call: AttentionCall, layout, window) -> int:
-        return attention_flops(layout, window, batch=call.batch, heads=call.heads, head_dim=call.head_dim).computed
+        """Attention FLOPs the backend that runs this call computes (its tiles or blocks)."""
+        backend = choose_backend(self.backend, call.q.device)
+        return attention_flops(layout, window, batch=call.batch, heads=call.heads, head_dim=call.head_dim,
+                               backend=backend).computed
 
     def finish_run(self, run: SamplingRun) -> None:
         if self.schedule.shares_cfg and not any(1 in halves for halves in run.report.batch_halves):
