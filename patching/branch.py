@@ -51,8 +51,12 @@ class BranchPlan:
         return bool(self.cached)
 
     @property
-    def acts(self) -> bool:
-        return self.skip or self.store or bool(self.sources)
+    def before_attention(self) -> bool:
+        """Whether the QKV projections change (so the attention call must share as planned)."""
+        return self.skip or bool(self.sources)
+
+    def acts_on(self, role: str) -> bool:
+        return self.before_attention or (role == "out" and self.store)
 
 
 def projection_forward(projection: Projection, original: Callable) -> Callable:
@@ -61,7 +65,7 @@ def projection_forward(projection: Projection, original: Callable) -> Callable:
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = ACTIVE.get()
         plan = active.plan(projection) if active is not None and not args and not kwargs else None
-        if plan is None or not plan.acts:
+        if plan is None or not plan.acts_on(projection.role):
             return original(x, *args, **kwargs)
         run = active.run
         if projection.role == "qkv":

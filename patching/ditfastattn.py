@@ -60,7 +60,7 @@ class DiTFastAttn:
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
         choice = self.schedule.choose(site.step, site.total_steps, site.layer)
         reason = _stands_aside(call, site)
-        if site.branch is not None and (site.branch.skip or site.branch.sources) and reason is not None:
+        if site.branch is not None and site.branch.before_attention and reason is not None:
             raise RuntimeError(f"FastAttn: layer {site.layer}'s projections were already skipped for sharing, but its "
                                f"attention call cannot be shared ({reason}). Please report this with your workflow; "
                                "remove the step/CFG sharing nodes meanwhile.")

@@ -139,7 +139,7 @@ class ForwardPass:
             return call.run_default()
         kind, layout = self._classify(call.q_len, call.k_len)
         plan = self.plans.get(self.layers)
-        if plan is not None and plan.acts and kind != self._planned_kinds[self.layers]:
+        if plan is not None and plan.before_attention and kind != self._planned_kinds[self.layers]:
             raise RuntimeError(f"FastAttn: attention call {self.layers} of {self.run.patch.adapter.name} is a {kind} "
                                f"call, but its projections were mapped to a {self._planned_kinds[self.layers]} call "
                                "(a model variant this pack does not know). Please report it; remove the sharing "
