@@ -9,7 +9,9 @@ chunk's identity (its conditioning, context window, device, and which evaluation
 is), and each entry says what it was made for (token layout, window): a layer's output when the
 next step reuses it, its residual (full - window, per head, before the output projection) when
 a later step uses that window. A cache that is missing or was made for something else is never
-used: the call is computed in full and the report says why.
+used: the call is computed in full and the report says why. Where the adapter maps a layer's
+projections, sharing acts on the whole branch (branch.py): the output projections store the
+projected output instead, and `plan_branch` tells them and the QKV projections what to skip.
 """
 
 from __future__ import annotations
