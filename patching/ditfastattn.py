@@ -9,17 +9,19 @@ chunk's identity (its conditioning, context window, device, and which evaluation
 is), and each entry says what it was made for (token layout, window): a layer's output when the
 next step reuses it, its residual (full - window, per head, before the output projection) when
 a later step uses that window. A cache that is missing or was made for something else is never
-used: the call is computed in full and the report says why.
+used: the call is computed in full and the report says why. Where the adapter maps a layer's
+projections, sharing acts on the whole branch (branch.py): the output projections store the
+projected output instead, and `plan_branch` tells them and the QKV projections what to skip.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from ..kernels import attention_flops, window_attention
 from ..kernels.backends import choose_backend
+from .branch import BranchPlan
+from .cache import Entry, gather_chunks, store_chunks
 from .call import AttentionCall
 from .padding import hidden_text_keys, padded_window_attention
 from .report import CallSite
@@ -30,38 +32,58 @@ SELF_ATTENTION_KINDS = ("joint", "image")
 FULL = Choice("full")
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A cached tensor, the step that made it, and what it was made for."""
-
-    step: int
-    tensor: torch.Tensor
-    made_for: tuple  # (layout,) for outputs; (layout, window) for residuals
-    model_input: torch.Tensor | None = None  # for CFG copies: the chunk's model input
-
-
 class DiTFastAttn:
-    def __init__(self, schedule: Schedule, backend: str = "auto") -> None:
+    def __init__(self, schedule: Schedule, backend: str = "auto", skip_branch: bool = True) -> None:
         self.schedule = schedule
         self.backend = backend
+        self.skip_branch = skip_branch  # share whole attention branches where the adapter maps them
+
+    def plan_branch(self, site: CallSite, run: SamplingRun, outputs: tuple[str, ...]) -> BranchPlan | None:
+        """What the projections of this layer's branch do in this forward (asked before its attention
+        call): skip it on a step-shared layer whose `outputs` were all stored, store them when the
+        next step reuses them, and compute conditional rows only where CFG sharing copies within
+        the batch. The attention call then decides the same from the same state."""
+        if not self.skip_branch:
+            return None
+        choice = self.schedule.choose(site.step, site.total_steps, site.layer)
+        made_for = (site.layout,)
+        if choice.compute == "reuse":
+            cached = {path: gather_chunks(run, ("branch", site.layer, path), site.chunk_ids, made_for, site.step)
+                      for path in outputs}
+            if all(tensor is not None for tensor in cached.values()):
+                return BranchPlan(site.layer, site.step, site.chunk_ids, made_for, cached=cached)
+            choice = Choice("full", choice.share_cfg)
+        sources = {}
+        if choice.share_cfg and len(site.inputs) == len(site.chunk_ids):
+            sources = {i: _in_batch_source(site, i) for i, half in enumerate(site.halves) if half == UNCOND}
+            sources = {} if None in sources.values() else sources
+        store = self.schedule.choose(site.step + 1, site.total_steps, site.layer).compute == "reuse"
+        return BranchPlan(site.layer, site.step, site.chunk_ids, made_for, store=store, sources=sources)
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
         choice = self.schedule.choose(site.step, site.total_steps, site.layer)
         reason = _stands_aside(call, site)
+        if site.branch is not None and site.branch.before_attention and reason is not None:
+            raise RuntimeError(f"FastAttn: layer {site.layer}'s projections were already skipped for sharing, but its "
+                               f"attention call cannot be shared ({reason}). Please report this with your workflow; "
+                               "remove the step/CFG sharing nodes meanwhile.")
+        if site.branch is not None and site.branch.skip:  # the block's output projections return the stored output
+            return call.q.new_zeros(call.output_shape), 0, "step sharing"
         if reason is not None:
             if choice != FULL:
                 run.stood_aside(reason)
             return call.run_default(), call.flops(), "full"
         if choice.compute == "reuse":
-            stored = _gather(run, "output", site.layer, site.chunk_ids, call.output_shape, (site.layout,), site.step)
-            if stored is not None:
+            stored = gather_chunks(run, ("output", site.layer), site.chunk_ids, (site.layout,), site.step)
+            if stored is not None and stored.shape == call.output_shape:
                 return stored, 0, "step sharing"
             run.stood_aside("step sharing had no output of this layer stored for this call (the first of its kind "
                             "in the run, or another shape)")
             choice = Choice("full", choice.share_cfg)
         out, flops, technique = self._with_cfg_sharing(call, site, run, choice)
-        if self.schedule.choose(site.step + 1, site.total_steps, site.layer).compute == "reuse":
-            _store(run, "output", site.layer, site.chunk_ids, site.step, out, (site.layout,))
+        next_reuses = self.schedule.choose(site.step + 1, site.total_steps, site.layer).compute == "reuse"
+        if next_reuses and site.branch is None:  # else the output projections store the branch's output
+            store_chunks(run, ("output", site.layer), site.chunk_ids, site.step, out, (site.layout,))
         return out, flops, technique
 
     def _with_cfg_sharing(self, call: AttentionCall, site: CallSite, run: SamplingRun,
@@ -108,7 +130,8 @@ class DiTFastAttn:
             window = choice.window.window_for(layout)
             residual = None
             if choice.residual:
-                residual = _gather(run, "residual", site.layer, ids, q.shape, (layout, window), site.step)
+                residual = gather_chunks(run, ("residual", site.layer), ids, (layout, window), site.step)
+                residual = residual if residual is not None and residual.shape == q.shape else None
             hidden = hidden_text_keys(call.mask, layout, call.batch)
             if hidden is None:
                 run.stood_aside("an attention mask other than a text padding mask")
@@ -128,7 +151,8 @@ class DiTFastAttn:
             q, k, v = call.heads_first()
             window = size.window_for(layout)
             windowed = self._window(q, k, v, call, layout, window, hidden)
-            _store(run, "residual", site.layer, ids, site.step, call.output_heads_first(out) - windowed, (layout, window))
+            store_chunks(run, ("residual", site.layer), ids, site.step, call.output_heads_first(out) - windowed,
+                         (layout, window))
             flops += self._flops(call, layout, window)
         return out, flops, "full"
 
@@ -162,9 +186,9 @@ def _stands_aside(call: AttentionCall, site: CallSite) -> str | None:
 def _cfg_source(run: SamplingRun, site: CallSite, chunk: int) -> int | torch.Tensor | None:
     """What an unconditional chunk copies: a conditional chunk of this call with the same model
     input, else the output a conditional call of this step stored for it, else None."""
-    for other, half in enumerate(site.halves):
-        if half == COND and torch.equal(site.inputs[other], site.inputs[chunk]):
-            return other
+    other = _in_batch_source(site, chunk)
+    if other is not None:
+        return other
     entry = run.cache.get(("cfg", site.layer, site.chunk_ids[chunk][1:]))
     if (entry is None or entry.step != site.step or entry.made_for != (site.layout,)
             or entry.model_input.shape != site.inputs[chunk].shape
@@ -173,19 +197,7 @@ def _cfg_source(run: SamplingRun, site: CallSite, chunk: int) -> int | torch.Ten
     return entry.tensor
 
 
-def _store(run: SamplingRun, kind: str, layer: int, ids: tuple, step: int, tensor: torch.Tensor,
-           made_for: tuple) -> None:
-    for chunk_id, chunk in zip(ids, tensor.chunk(len(ids)), strict=True):
-        run.cache[(kind, layer, chunk_id)] = Entry(step, chunk, made_for)
-
-
-def _gather(run: SamplingRun, kind: str, layer: int, ids: tuple, shape: torch.Size, made_for: tuple,
-            before_step: int) -> torch.Tensor | None:
-    """The cached chunks for these ids, concatenated; None if any is missing, was made at this
-    step or later, or for something else (another layout or window), or the result is not of
-    `shape` (another resolution or batch)."""
-    entries = [run.cache.get((kind, layer, chunk_id)) for chunk_id in ids]
-    if any(entry is None or entry.step >= before_step or entry.made_for != made_for for entry in entries):
-        return None
-    out = torch.cat([entry.tensor for entry in entries])
-    return out if out.shape == shape else None
+def _in_batch_source(site: CallSite, chunk: int) -> int | None:
+    """The first conditional chunk of this call with the same model input as `chunk`, if any."""
+    return next((other for other, half in enumerate(site.halves)
+                 if half == COND and torch.equal(site.inputs[other], site.inputs[chunk])), None)

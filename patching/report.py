@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..kernels import TokenLayout
+
+if TYPE_CHECKING:
+    from .branch import BranchPlan
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class CallSite:
     halves: tuple[int, ...] = ()  # one entry per chunk: 0 conditional, 1 unconditional, -1 neither or unknown
     inputs: tuple[torch.Tensor, ...] = ()  # each chunk's model input (CFG sharing copies only between equal ones)
     stand_aside: str | None = None  # why no technique may act on this forward, if none may
+    branch: BranchPlan | None = None  # what this layer's projections did (mapped layers only)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class RunReport:
     flops_by_technique: dict[str, list[int]] = field(default_factory=dict)
     # why a technique set for a call did not apply to it -> how many calls
     stood_aside: dict[str, int] = field(default_factory=dict)
+    branch_note: str = ""  # whether sharing skips whole attention branches on this model
+    projection_flops_saved: int = 0  # FLOPs of QKV / output projections not run on shared layers
 
     def count(self, technique: str, computed: int, full: int) -> None:
         tally = self.flops_by_technique.setdefault(technique, [0, 0])
@@ -70,8 +77,11 @@ class RunReport:
             f"{name}: {computed / full:.0%} of its full cost on {full / self.full_flops:.0%} of the calls' work"
             for name, (computed, full) in sorted(self.flops_by_technique.items()) if full
         )
+        branch = f"; {self.branch_note}" if self.branch_note else ""
+        if self.projection_flops_saved:
+            branch += f", {self.projection_flops_saved / 1e9:.3g} GFLOPs of projections saved"
         fallbacks = "".join(f"; stood aside on {count} calls: {reason}" for reason, count in sorted(self.stood_aside.items()))
         return (
             f"{self.architecture}: {self.forwards} forwards over {len(self.steps_seen)}/{self.total_steps} steps, "
-            f"{len(self.layers)} attention layers; attention FLOPs computed {kept:.1f}% of full ({parts}){fallbacks}"
+            f"{len(self.layers)} attention layers; attention FLOPs computed {kept:.1f}% of full ({parts}){branch}{fallbacks}"
         )

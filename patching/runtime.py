@@ -7,7 +7,9 @@
                            the conditioning, and installs a ForwardPass as the attention override
                            of this call only (chaining any override already present).
     ForwardPass            each attention call: numbers the layer, classifies it, and hands it
-                           to the patch's method (full attention, a window, a cached output...).
+                           to the patch's method (full attention, a window, a cached output...);
+                           for the mapped projection layers of a self-attention branch, says what
+                           they do in this call (branch-level sharing, see branch.py).
 
 APPLY_MODEL (not DIFFUSION_MODEL) wrappers are used because every architecture runs them;
 SD3's model never calls DIFFUSION_MODEL wrappers.
@@ -26,7 +28,8 @@ import comfy.samplers
 import torch
 
 from ..kernels import TokenLayout
-from .adapters import Adapter, adapter_for
+from .adapters import Adapter, Projection, adapter_for
+from .branch import ACTIVE, BranchPlan, projection_forward
 from .call import AttentionCall
 from .report import CallSite, LayerRecord, RunReport
 
@@ -51,9 +54,15 @@ class AttentionPatch:
     """The holder stored on a patched model clone: which method computes attention, and the
     report of the last run. Carries no per-run state; ModelPatcher.clone() may copy it."""
 
-    def __init__(self, method: AttentionMethod, adapter: Adapter) -> None:
+    def __init__(self, method: AttentionMethod, adapter: Adapter, projections: tuple[Projection, ...] = (),
+                 branch_note: str = "") -> None:
         self.method = method
         self.adapter = adapter
+        self.outputs: dict[int, tuple[str, ...]] = {}  # layer -> its branch's output projections (mapped layers)
+        for projection in projections:
+            paths = self.outputs.setdefault(projection.layer, ())
+            self.outputs[projection.layer] = paths + ((projection.path,) if projection.role == "out" else ())
+        self.branch_note = branch_note  # how sharing acts on this model, for the report
         self.last_report: RunReport | None = None
 
 
@@ -69,7 +78,7 @@ class SamplingRun:
         self.block_replacements = block_replacements  # the model's own patches_replace keys
         self.evaluations: dict[tuple, int] = {}  # (step, chunk) -> model evaluations seen so far
         self.cache: dict = {}
-        self.report = RunReport(patch.adapter.name, self.total_steps)
+        self.report = RunReport(patch.adapter.name, self.total_steps, branch_note=patch.branch_note)
 
     def step_of(self, sigma: float) -> int:
         """Index of the schedule step whose interval holds `sigma` (intermediate sigmas of
@@ -119,6 +128,8 @@ class ForwardPass:
         self.text_len = text_len
         self.previous_override = previous_override
         self.layers = 0
+        self.plans: dict[int, BranchPlan | None] = {}  # mapped layer -> what its projections do in this call
+        self._planned_kinds: dict[int, str] = {}
 
     def __call__(self, func: Callable, *args, **kwargs) -> torch.Tensor:
         call = AttentionCall(func, args, kwargs, self.previous_override)
@@ -127,8 +138,14 @@ class ForwardPass:
             self.run.stood_aside("q/k/v passed as objects without a shape")
             return call.run_default()
         kind, layout = self._classify(call.q_len, call.k_len)
+        plan = self.plans.get(self.layers)
+        if plan is not None and plan.before_attention and kind != self._planned_kinds[self.layers]:
+            raise RuntimeError(f"FastAttn: attention call {self.layers} of {self.run.patch.adapter.name} is a {kind} "
+                               f"call, but its projections were mapped to a {self._planned_kinds[self.layers]} call "
+                               "(a model variant this pack does not know). Please report it; remove the sharing "
+                               "nodes meanwhile.")
         site = CallSite(self.step, self.run.total_steps, self.layers, kind, layout, self.cond_or_uncond, self.chunk_ids,
-                        self.halves, self.inputs, self.stand_aside)
+                        self.halves, self.inputs, self.stand_aside, plan)
         self.layers += 1
         report = self.run.report
         if report.forwards == 0:
@@ -137,16 +154,38 @@ class ForwardPass:
         report.count(technique, computed, call.flops())
         return out
 
+    def plan(self, projection: Projection) -> BranchPlan | None:
+        """What the projections of `projection`'s layer do in this call, decided once per layer by
+        the method (None: they run as the host runs them)."""
+        layer = projection.layer
+        if layer not in self.plans:
+            self._planned_kinds[layer] = projection.kind
+            plan_branch = getattr(self.run.patch.method, "plan_branch", None)
+            mapped = layer in self.run.patch.outputs and layer >= self.layers
+            if plan_branch is None or not mapped or self.stand_aside is not None or self.run.block_replacements:
+                self.plans[layer] = None
+            else:
+                layout = self._layout(projection.kind)
+                site = CallSite(self.step, self.run.total_steps, layer, projection.kind, layout, self.cond_or_uncond,
+                                self.chunk_ids, self.halves, self.inputs)
+                self.plans[layer] = plan_branch(site, self.run, self.run.patch.outputs[layer])
+        return self.plans[layer]
+
+    def _layout(self, kind: str) -> TokenLayout:
+        if kind == "joint":
+            return TokenLayout(self.text_len, self.grid, self.run.patch.adapter.text_first)
+        return TokenLayout(0, self.grid)
+
     def _classify(self, q_len: int, k_len: int) -> tuple[str, TokenLayout | None]:
         image_len = math.prod(self.grid)
         if q_len != k_len:
             return "cross", TokenLayout(0, self.grid) if q_len == image_len else None
         if self.text_len and q_len == self.text_len + image_len:
-            return "joint", TokenLayout(self.text_len, self.grid, self.run.patch.adapter.text_first)
+            return "joint", self._layout("joint")
         if q_len == image_len and q_len == self.text_len:
             return "unknown", None  # as long as the text: cannot tell image from text tokens
         if q_len == image_len:
-            return "image", TokenLayout(0, self.grid)
+            return "image", self._layout("image")
         if q_len == self.text_len:
             return "text", None
         return "unknown", None
@@ -220,8 +259,12 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         stand_aside=_stand_aside(run, transformer_options),
     )
     options = {**transformer_options, OVERRIDE_KEY: forward}
-    with adapter.routed(options):
-        out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+    token = ACTIVE.set(forward)
+    try:
+        with adapter.routed(options):
+            out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+    finally:
+        ACTIVE.reset(token)
     forward.finish()
     return out
 
@@ -256,12 +299,33 @@ def install(model, method: AttentionMethod = full_attention):
     Raises UnsupportedArchitectureError, naming the model class, if no adapter knows it."""
     adapter = adapter_for(model.model.diffusion_model)
     patched = model.clone()
-    patched.model_options["transformer_options"][PATCH_KEY] = AttentionPatch(method, adapter)
+    projections, note = _branch_projections(patched, adapter, method)
+    for projection in projections:
+        key = f"diffusion_model.{projection.path}.forward"
+        current = patched.get_model_object(key)
+        patched.add_object_patch(key, projection_forward(projection, getattr(current, "fastattn_original", current)))
+    patched.model_options["transformer_options"][PATCH_KEY] = AttentionPatch(method, adapter, tuple(projections), note)
     for wrapper_type in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
         patched.remove_wrappers_with_key(wrapper_type, PATCH_KEY)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, outer_sample_wrapper)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, PATCH_KEY, apply_model_wrapper)
     return patched
+
+
+def _branch_projections(model, adapter: Adapter, method: AttentionMethod) -> tuple[list[Projection], str]:
+    """The projection layers to hook for branch-level sharing, and the report's line on it.
+
+    Fused layers (one weight for the branch and the MLP) are sliced, which needs a plain weight."""
+    if not getattr(method, "skip_branch", False):
+        return [], ""
+    projections = adapter.projections(model.model.diffusion_model) if adapter.projections else []
+    fused_quantized = {p.layer for p in projections if p.branch_features is not None
+                       and type(model.get_model_object(f"diffusion_model.{p.path}").weight.data) is not torch.Tensor}
+    projections = [p for p in projections if p.layer not in fused_quantized]
+    if not projections:
+        return [], (f"sharing skips attention calls only (no branch map for this {adapter.name} model): "
+                    "projections still run")
+    return projections, "sharing skips whole attention branches (QKV and output projections)"
 
 
 def patch_of(model) -> AttentionPatch | None:

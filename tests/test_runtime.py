@@ -208,6 +208,6 @@ def test_unknown_architecture_is_named_at_patch_time():
 
 
 def test_step_of_maps_intermediate_sigmas_to_their_step():
-    run = runtime.SamplingRun(types.SimpleNamespace(adapter=patching.adapter_for(build_model("sd3").model.diffusion_model)),
-                              torch.tensor([1.0, 0.6, 0.3, 0.0]))
+    patch = runtime.AttentionPatch(runtime.full_attention, patching.adapter_for(build_model("sd3").model.diffusion_model))
+    run = runtime.SamplingRun(patch, torch.tensor([1.0, 0.6, 0.3, 0.0]))
     assert [run.step_of(s) for s in (1.0, 0.8, 0.6, 0.45, 0.3, 0.1)] == [0, 0, 1, 1, 2, 2]

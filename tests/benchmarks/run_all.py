@@ -1,6 +1,6 @@
 """`make bench`: run every tests/benchmarks/bench_*.py in turn (each prints its own table).
 
-Pass names to run only some: `python tests/benchmarks/run_all.py runtime kernels`.
+Pass names to run only some: `python tests/benchmarks/run_all.py runtime kernels`; `--flags` go to the scripts.
 """
 
 from __future__ import annotations
@@ -24,4 +24,4 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main([arg for arg in sys.argv[1:] if not arg.startswith("--")])  # flags are for the scripts

@@ -1,0 +1,207 @@
+"""Branch-level vs call-level sharing on real-dimension blocks of ComfyUI's own classes.
+
+One block, random weights, float32, batch 1 (2 for the CFG rows): the time of a full step, of a
+step-shared step that skips only the attention call (call level) and of one that skips the whole
+attention branch (branch level: QKV and output projections too), and for the FLUX double block a
+CFG-shared step (conditional and unconditional rows with the same input). Each shared step runs
+through the pack's runtime (ForwardPass, DiTFastAttn, the projection wrappers) after a computed
+step stored its caches. Variants run interleaved, medians over the repeats; `bound` is the shared
+step's share of the full step's FLOPs (linear layers + attention), counted from the same runs.
+Run: `python tests/benchmarks/run_all.py branch` (FLUX double block at 1024^2, step-shared: about 5
+minutes on 2 busy cores); `--all` adds its CFG-shared step, the FLUX single block and SD3.5's joint
+block, `--large` FLUX at 2048^2.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import comfy.ops
+import torch
+from comfy.ldm.flux.layers import DoubleStreamBlock, EmbedND, SingleStreamBlock
+from comfy.ldm.modules.diffusionmodules.mmdit import JointBlock
+from harness import pack_import
+
+patching = pack_import("patching")
+adapters = pack_import("patching.adapters")
+branch = pack_import("patching.branch")
+runtime = pack_import("patching.runtime")
+schedule = pack_import("patching.schedule")
+DiTFastAttn = pack_import("patching.ditfastattn").DiTFastAttn
+
+REPEATS = 3
+OPS = comfy.ops.disable_weight_init
+
+
+@dataclass
+class Case:
+    name: str
+    block: torch.nn.Module
+    container: torch.nn.Module  # the block where the adapter's map expects it
+    adapter: str
+    grid: tuple[int, ...]
+    text_len: int
+    inputs: Callable[[int], tuple[tuple, dict]]  # batch -> the block's args, kwargs (fresh: blocks add in place)
+
+
+def _random(module: torch.nn.Module) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(0)
+    for parameter in module.parameters():
+        parameter.data = torch.randn(parameter.shape, generator=generator) * 0.02
+    return module.eval()
+
+
+def _flux_pe(grid: tuple[int, int], text_len: int) -> torch.Tensor:
+    ids = torch.zeros(text_len + grid[0] * grid[1], 3)
+    ids[text_len:, 1] = torch.arange(grid[0]).repeat_interleave(grid[1])
+    ids[text_len:, 2] = torch.arange(grid[1]).repeat(grid[0])
+    return EmbedND(128, 10000, [16, 56, 56])(ids[None])
+
+
+def _flux_case(kind: str, side: int) -> Case:
+    hidden, grid, text = 3072, (side // 16, side // 16), 512
+    image = grid[0] * grid[1]
+    pe = _flux_pe(grid, text)
+    container = torch.nn.Module()
+    if kind == "double":
+        block = _random(DoubleStreamBlock(hidden, 24, 4.0, qkv_bias=True, operations=OPS))
+        container.double_blocks, container.single_blocks = torch.nn.ModuleList([block]), torch.nn.ModuleList()
+
+        def inputs(batch: int) -> tuple[tuple, dict]:
+            g = torch.Generator().manual_seed(1)
+            img, txt = torch.randn(1, image, hidden, generator=g), torch.randn(1, text, hidden, generator=g)
+            return (img.repeat(batch, 1, 1), txt.repeat(batch, 1, 1), torch.randn(batch, hidden, generator=g),
+                    pe.expand(batch, -1, -1, -1, -1, -1)), {}
+    else:
+        block = _random(SingleStreamBlock(hidden, 24, 4.0, operations=OPS))
+        container.double_blocks, container.single_blocks = torch.nn.ModuleList(), torch.nn.ModuleList([block])
+
+        def inputs(batch: int) -> tuple[tuple, dict]:
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(1, text + image, hidden, generator=g)
+            return (x.repeat(batch, 1, 1), torch.randn(batch, hidden, generator=g),
+                    pe.expand(batch, -1, -1, -1, -1, -1)), {}
+    return Case(f"FLUX {kind} block {side}^2 ({image}+{text} tokens)", block, container, "Flux", grid, text, inputs)
+
+
+def _sd35_case() -> Case:
+    hidden, heads, grid, text = 64 * 38, 38, (64, 64), 333  # SD3.5 Large at 1024^2, 77 + 256 text tokens
+    block = _random(JointBlock(hidden, heads, mlp_ratio=4, qkv_bias=True, attn_mode="torch", pre_only=False,
+                               qk_norm="rms", operations=OPS))
+    container = torch.nn.Module()
+    container.joint_blocks, container.context_processor = torch.nn.ModuleList([block]), None
+
+    def inputs(batch: int) -> tuple[tuple, dict]:
+        g = torch.Generator().manual_seed(1)
+        context = torch.randn(1, text, hidden, generator=g).repeat(batch, 1, 1)
+        x = torch.randn(1, grid[0] * grid[1], hidden, generator=g).repeat(batch, 1, 1)
+        return (context, x), {"c": torch.randn(batch, hidden, generator=g)}
+    return Case("SD3.5 Large joint block 1024^2 (4096+333 tokens)", block, container, "SD3 (MMDiT)", grid, text, inputs)
+
+
+class Runner:
+    """Runs a case's block as one model call of a sampling run of `method`, at a given step."""
+
+    def __init__(self, case: Case, method, halves: tuple[int, ...]) -> None:
+        self.case = case
+        adapter = next(a for a in adapters.ADAPTERS if a.name == case.adapter)
+        projections = adapter.projections(case.container) if getattr(method, "skip_branch", False) else []
+        self.patch = runtime.AttentionPatch(method, adapter, tuple(projections))
+        self.run = runtime.SamplingRun(self.patch, torch.linspace(1.0, 0.0, 5))
+        self.projections = projections
+        self.halves = halves
+
+    def __call__(self, step: int) -> tuple[float, torch.Tensor]:
+        args, kwargs = self.case.inputs(len(self.halves))
+        chunks = tuple((f"chunk {i}", (), "cpu", 0) for i in range(len(self.halves)))
+        forward = runtime.ForwardPass(self.run, step, tuple(range(len(self.halves))), chunks, self.case.grid,
+                                      self.case.text_len, None, self.halves, tuple(args[0].chunk(len(self.halves))))
+        modules = [self.case.container.get_submodule(p.path) for p in self.projections]
+        for projection, module in zip(self.projections, modules, strict=True):
+            module.forward = branch.projection_forward(projection, module.forward)
+        token = branch.ACTIVE.set(forward)
+        try:
+            with torch.no_grad():
+                start = time.perf_counter()
+                out = self.case.block(*args, **kwargs, transformer_options={runtime.OVERRIDE_KEY: forward})
+                seconds = time.perf_counter() - start
+        finally:
+            branch.ACTIVE.reset(token)
+            for module in modules:
+                del module.forward
+        return seconds, out[0] if isinstance(out, tuple) else out
+
+
+def _counted(run: Callable[[], tuple[float, torch.Tensor]]) -> tuple[float, torch.Tensor, int]:
+    """`run`'s result and the multiply-adds of its torch linear calls."""
+    macs = 0
+    original = torch.nn.functional.linear
+
+    def counted(x, weight, bias=None):
+        nonlocal macs
+        macs += x[..., 0].numel() * weight.shape[0] * weight.shape[1]
+        return original(x, weight, bias)
+
+    torch.nn.functional.linear = counted
+    try:
+        seconds, out = run()
+    finally:
+        torch.nn.functional.linear = original
+    return seconds, out, macs
+
+
+def _measure(case: Case, cfg: bool) -> str:
+    halves = (runtime.COND, runtime.UNCOND) if cfg else (runtime.OTHER,)
+    technique = schedule.CFGSharing(schedule.Scope()) if cfg else schedule.StepSharing(2, schedule.Scope())
+    plan = schedule.Schedule().then(technique)
+    shared_step = 0 if cfg else 1
+    variants = {"full": Runner(case, DiTFastAttn(schedule.Schedule()), halves),
+                "call level": Runner(case, DiTFastAttn(plan, skip_branch=False), halves),
+                "branch level": Runner(case, DiTFastAttn(plan), halves)}
+    if not cfg:
+        for name in ("call level", "branch level"):
+            variants[name](0)  # the computed step that stores the caches
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    flops, outputs = {}, {}
+    for repeat in range(REPEATS):
+        for name, runner in variants.items():
+            if repeat:
+                times[name].append(runner(shared_step)[0])
+                continue
+            before = runner.run.report.computed_flops
+            seconds, outputs[name], macs = _counted(lambda runner=runner: runner(shared_step))
+            times[name].append(seconds)
+            flops[name] = 2 * macs + runner.run.report.computed_flops - before
+    error = (outputs["branch level"] - outputs["call level"]).abs().max().item()
+    full = statistics.median(times["full"])
+    cells = []
+    for name in ("call level", "branch level"):
+        median = statistics.median(times[name])
+        cells.append(f"{median:.3f} ({median / full:.0%}, bound {flops[name] / flops['full']:.0%})")
+    label = "CFG-shared (batch 2)" if cfg else "step-shared"
+    return f"| {case.name} | {label} | {full:.3f} | {cells[0]} | {cells[1]} | {error:.1e} |"
+
+
+def main(everything: bool, large: bool) -> None:
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {REPEATS} repeats interleaved\n")
+    print("| block | shared step | full median s | call level median s (of full, FLOP bound) | "
+          "branch level median s (of full, FLOP bound) | max abs diff branch vs call |")
+    print("|---|---|---|---|---|---|")
+    double = _flux_case("double", 1024)
+    print(_measure(double, cfg=False), flush=True)
+    if everything:
+        print(_measure(double, cfg=True), flush=True)
+        print(_measure(_flux_case("single", 1024), cfg=False), flush=True)
+        print(_measure(_sd35_case(), cfg=False), flush=True)
+    if large:
+        print(_measure(_flux_case("double", 2048), cfg=False), flush=True)
+        print(_measure(_flux_case("single", 2048), cfg=False), flush=True)
+
+
+if __name__ == "__main__":
+    main("--all" in sys.argv, "--large" in sys.argv)

@@ -1,0 +1,113 @@
+"""Branch-level sharing: shared layers skip their QKV and output projections, and compute what
+call-level sharing computes (the output projection is a fixed linear map of the attention output)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import pack_import
+from harness.models import build_model, conditioning, empty_latent, sample
+from harness.reference_schedule import patched_with_nodes
+
+patching = pack_import("patching")
+DiTFastAttn = pack_import("patching.ditfastattn").DiTFastAttn
+
+BRANCH_ARCHS = ("flux", "sd3", "wan")
+SIZE = {"wan": (8, 12)}
+FRAMES = {"wan": 2}
+STEPS = 4
+STEP_AND_CFG = [{"technique": "step", "compute_every": 2}, {"technique": "cfg"}]
+
+
+def _run(model, arch: str) -> torch.Tensor:
+    height, width = SIZE.get(arch, (16, 16))
+    latent = empty_latent(arch, height, width, frames=FRAMES.get(arch, 1))
+    return sample(model, conditioning(arch, 7, seed=1), conditioning(arch, 7, seed=2), latent, steps=STEPS)
+
+
+def _call_level(model, chain: list[dict]):
+    """The same schedule as the nodes build, sharing attention calls only."""
+    schedule = patching.patch_of(patched_with_nodes(model, chain)).method.schedule
+    return patching.install(model, DiTFastAttn(schedule, skip_branch=False))
+
+
+class LinearWork:
+    """Multiply-adds of every torch linear call during a block, per weight storage (= per module)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.macs: dict[int, int] = {}
+        original = torch.nn.functional.linear
+
+        def counted(x, weight, bias=None):
+            key = weight.untyped_storage().data_ptr()
+            self.macs[key] = self.macs.get(key, 0) + x[..., 0].numel() * weight.shape[0] * weight.shape[1]
+            return original(x, weight, bias)
+
+        monkeypatch.setattr(torch.nn.functional, "linear", counted)
+
+    def take(self) -> dict[int, int]:
+        """The work counted since the last take."""
+        taken, self.macs = self.macs, {}
+        return taken
+
+
+def _of(macs: dict[int, int], module: torch.nn.Module) -> int:
+    return macs.get(module.weight.untyped_storage().data_ptr(), 0)
+
+
+@pytest.mark.parametrize("arch", BRANCH_ARCHS)
+def test_branch_sharing_equals_call_sharing_and_skips_the_projections(arch, monkeypatch):
+    model = build_model(arch)
+    work = LinearWork(monkeypatch)
+    plain = _run(model, arch)
+    plain_work = work.take()
+    call_level = _run(_call_level(model, STEP_AND_CFG), arch)
+    branch = patched_with_nodes(model, STEP_AND_CFG)
+    work.take()
+    out = _run(branch, arch)
+    branch_work = work.take()
+
+    error = (out - call_level).abs().max().item()
+    assert error <= 1e-5 * call_level.abs().max().item(), error
+    assert (out - plain).abs().max() > 1e-4  # sharing changed something, so the comparison means something
+
+    report = patching.patch_of(branch).last_report
+    assert "whole attention branches" in report.summary() and report.projection_flops_saved > 0
+    assert all(reason.startswith("cross-attention") for reason in report.stood_aside)
+    projections = patching.adapter_for(model.model.diffusion_model).projections(model.model.diffusion_model)
+    assert projections
+    mapped = {model.get_model_object(f"diffusion_model.{p.path}").weight.untyped_storage().data_ptr()
+              for p in projections}
+    unmapped = {key: macs for key, macs in plain_work.items() if key not in mapped}
+    assert {key: branch_work.get(key) for key in unmapped} == unmapped  # MLPs, cross-attention: all computed
+    for projection in projections:
+        module = model.get_model_object(f"diffusion_model.{projection.path}")
+        full = _of(plain_work, module)
+        # 2 of 4 steps computed (step sharing), and of those, the conditional half of the batch (CFG sharing)
+        if projection.branch_features is None:
+            assert _of(branch_work, module) * 4 == full, projection.path
+        else:  # fused: only the branch's features are skipped
+            branch_share = projection.branch_features / (module.out_features if projection.role == "qkv"
+                                                         else module.in_features)
+            assert _of(branch_work, module) == round(full * (1 - branch_share * 3 / 4)), projection.path
+
+
+@pytest.mark.parametrize("arch", BRANCH_ARCHS)
+def test_model_is_untouched_after_branch_sharing(arch):
+    model = build_model(arch)
+    _run(patched_with_nodes(model, STEP_AND_CFG), arch)
+    after = _run(model, arch)
+    assert torch.equal(after, _run(build_model(arch), arch))
+    for projection in patching.adapter_for(model.model.diffusion_model).projections(model.model.diffusion_model):
+        module = model.get_model_object(f"diffusion_model.{projection.path}")
+        assert not hasattr(module.forward, "fastattn_original"), projection.path
+
+
+def test_architectures_without_a_branch_map_share_attention_calls_and_say_so():
+    arch = "qwen_image"
+    model = build_model(arch)
+    patched = patched_with_nodes(model, STEP_AND_CFG)
+    _run(patched, arch)
+    summary = patching.patch_of(patched).last_report.summary()
+    assert "sharing skips attention calls only" in summary
+    assert "step sharing" in summary
