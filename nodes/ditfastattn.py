@@ -108,7 +108,7 @@ class StepSharingAttention(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return _technique_schema(
             "FastAttnStepSharing",
-            "Attention Sharing Across Steps (DiTFastAttn)",
+            "Step Attention Sharing (DiTFastAttn)",
             "Computes attention every compute_every-th step and reuses each layer's last output (per batch half) "
             "in between.",
             [io.Int.Input("compute_every", default=2, min=2, max=1000,
@@ -126,7 +126,7 @@ class CFGSharingAttention(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return _technique_schema(
             "FastAttnCFGSharing",
-            "Attention Sharing Across CFG (DiTFastAttn)",
+            "CFG Attention Sharing (DiTFastAttn)",
             "Computes attention for the conditional half only and gives the unconditional half a copy. Does "
             "nothing at CFG 1 (no unconditional half).",
             [],
