@@ -56,7 +56,7 @@ def busy(tmp_path_factory):
             queued = {}
             for index, (name, graph) in enumerate(prompts.items()):
                 queued[name] = server.queue(graph)
-                if index % 3 == 2 and bad:  # bad prompts interleaved with good ones
+                if index % 4 == 3 and bad:  # bad prompts interleaved with good ones, between pairs
                     bad_name = next(iter(bad))
                     queued[f"bad_{bad_name}"] = server.queue(bad.pop(bad_name).graph)
             queued.update({f"bad_{name}": server.queue(prompt.graph) for name, prompt in bad.items()})
