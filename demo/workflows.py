@@ -1,8 +1,11 @@
-"""The demo's workflows, defined once in API format and written out in UI format.
+"""The example workflows, defined once in API format and written out in UI format.
 
-`make demo` and the server test queue the API graphs; `example_workflows/*.json` (shown in
-ComfyUI's template browser) are the same graphs laid out for the editor. A test checks the
-committed files are what this module writes.
+The demo model's workflows (one per technique, and the inspector) are what `make demo` and the
+server tests queue. The workflows for real models (FLUX.1-dev, SD3.5 Large, Wan 2.1) use the
+stock loaders of ComfyUI's own examples and the techniques at the settings the demo benchmarks
+(`MODEL_FILES` names the weights they expect). `example_workflows/*.json` (shown in ComfyUI's
+template browser) are all these graphs laid out for the editor; a test checks the committed
+files are what this module writes, and the browser test loads them in the real frontend.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ TECHNIQUES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
 
 
 def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], caption: str = CAPTION,
-               prefix: str | None = None) -> dict:
+               prefix: str | None = None, batch_size: int = 1, seed: int = SAMPLER["seed"]) -> dict:
     """API-format graph: demo model -> technique nodes -> KSampler -> decode -> save (+ report)."""
     graph: dict[str, dict] = {
         "loader": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILE, "weight_dtype": "default"}},
         "positive": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
         "negative": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": ""}},
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "latent": {"class_type": "EmptySD3LatentImage",
+                   "inputs": {"width": size, "height": size, "batch_size": batch_size}},
     }
     model = ["loader", 0]
     for index, (class_type, inputs) in enumerate(TECHNIQUES[technique][1]):
@@ -52,7 +56,7 @@ def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], 
         graph[node_id] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
         model = [node_id, 0]
     graph["sampler"] = {"class_type": "KSampler", "inputs": {
-        "model": model, **SAMPLER, "steps": steps, "positive": ["positive", 0], "negative": ["negative", 0],
+        "model": model, **SAMPLER, "seed": seed, "steps": steps, "positive": ["positive", 0], "negative": ["negative", 0],
         "latent_image": ["latent", 0]}}
     graph["decode"] = {"class_type": "FastAttnDemoDecode", "inputs": {"samples": ["sampler", 0]}}
     graph["save"] = {"class_type": "SaveImage",
@@ -71,6 +75,91 @@ def inspector_graph(size: int = 1024, caption: str = CAPTION) -> dict:
         "inspector": {"class_type": "FastAttnInspector",
                       "inputs": {"model": ["loader", 0], "positive": ["positive", 0], "latent": ["latent", 0]}},
     }
+
+
+# Real models: name -> the weight files each loader expects (ComfyUI's models/ subfolder, file).
+MODEL_FILES: dict[str, list[tuple[str, str]]] = {
+    "flux1_dev": [("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
+                  ("text_encoders", "t5xxl_fp16.safetensors"), ("vae", "ae.safetensors")],
+    "sd3.5_large": [("checkpoints", "sd3.5_large.safetensors"), ("text_encoders", "clip_l.safetensors"),
+                    ("text_encoders", "clip_g.safetensors"), ("text_encoders", "t5xxl_fp16.safetensors")],
+    "wan2.1_t2v_1.3B": [("diffusion_models", "wan2.1_t2v_1.3B_fp16.safetensors"),
+                        ("text_encoders", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"),
+                        ("vae", "wan_2.1_vae.safetensors")],
+}
+MODEL_TITLES = {
+    "flux1_dev": "FLUX.1-dev at 1024 x 1024 with window attention + residual (CFG sharing does nothing at "
+                 "FLUX's CFG 1).",
+    "sd3.5_large": "SD3.5 Large at 1024 x 1024 with window attention + residual and CFG sharing (the "
+                   "paper's combined mode).",
+    "wan2.1_t2v_1.3B": "Wan 2.1 text to video 1.3B, 832 x 480 x 33 frames, with window attention + residual "
+                       "and CFG sharing.",
+}
+PROMPT = "a red fox in a snowy birch forest at dawn, soft light, highly detailed"
+NEGATIVE = "blurry, low quality, distorted"
+
+
+def _stock_tail(graph: dict, model: list, techniques: list[tuple[str, dict]], sampler: dict,
+                save: dict) -> dict:
+    """Our nodes after the model, then the sampler, VAE decode, the save node and the report."""
+    for index, (class_type, inputs) in enumerate(techniques):
+        graph[f"fastattn{index}"] = {"class_type": class_type, "inputs": {"model": model, **inputs}}
+        model = [f"fastattn{index}", 0]
+    graph["sampler"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": SAMPLER["seed"], **sampler, "positive": ["positive", 0],
+        "negative": ["negative", 0], "latent_image": ["latent", 0], "denoise": 1.0}}
+    graph["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}}
+    graph["save"] = {**save, "inputs": {"images": ["decode", 0], **save["inputs"]}}
+    graph["report"] = {"class_type": "FastAttnReport", "inputs": {"model": model, "samples": ["sampler", 0]}}
+    return graph
+
+
+def model_graph(name: str) -> dict:
+    """API-format graph for one of the real models in MODEL_FILES."""
+    files = [file for _, file in MODEL_FILES[name]]
+    save_image = {"class_type": "SaveImage", "inputs": {"filename_prefix": f"fastattn_{name}"}}
+    if name == "flux1_dev":
+        graph = {
+            "loader": {"class_type": "UNETLoader", "inputs": {"unet_name": files[0], "weight_dtype": "default"}},
+            "clip": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": files[1], "clip_name2": files[2],
+                                                                "type": "flux", "device": "default"}},
+            "vae": {"class_type": "VAELoader", "inputs": {"vae_name": files[3]}},
+            "prompt": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["clip", 0]}},
+            "positive": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["prompt", 0], "guidance": 3.5}},
+            "negative": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["prompt", 0]}},
+            "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        }
+        sampler = {"steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
+        return _stock_tail(graph, ["loader", 0], [("FastAttnWindowResidual", WINDOW_BAND)], sampler, save_image)
+    if name == "sd3.5_large":
+        graph = {
+            "checkpoint": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": files[0]}},
+            "clip": {"class_type": "TripleCLIPLoader",
+                     "inputs": {"clip_name1": files[1], "clip_name2": files[2], "clip_name3": files[3]}},
+            "positive": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["clip", 0]}},
+            "negative": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["clip", 0]}},
+            "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        }
+        sampler = {"steps": 28, "cfg": 4.5, "sampler_name": "dpmpp_2m", "scheduler": "sgm_uniform"}
+        graph = _stock_tail(graph, ["checkpoint", 0], [("FastAttnWindowResidual", WINDOW_BAND),
+                                                       ("FastAttnCFGSharing", CFG_SHARING)], sampler, save_image)
+        graph["decode"]["inputs"]["vae"] = ["checkpoint", 2]  # SD3.5's checkpoint brings its VAE
+        return graph
+    graph = {
+        "loader": {"class_type": "UNETLoader", "inputs": {"unet_name": files[0], "weight_dtype": "default"}},
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": files[1], "type": "wan", "device": "default"}},
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": files[2]}},
+        "shift": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["loader", 0], "shift": 8.0}},
+        "positive": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["clip", 0]}},
+        "negative": {"class_type": "CLIPTextEncode", "inputs": {"text": NEGATIVE, "clip": ["clip", 0]}},
+        "latent": {"class_type": "EmptyHunyuanLatentVideo",
+                   "inputs": {"width": 832, "height": 480, "length": 33, "batch_size": 1}},
+    }
+    sampler = {"steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple"}
+    save_video = {"class_type": "SaveAnimatedWEBP", "inputs": {"filename_prefix": f"fastattn_{name}", "fps": 16.0,
+                                                               "lossless": False, "quality": 90, "method": "default"}}
+    return _stock_tail(graph, ["shift", 0], [("FastAttnWindowResidual", WINDOW_BAND),
+                                             ("FastAttnCFGSharing", CFG_SHARING)], sampler, save_video)
 
 
 InputTypes = Callable[[str], tuple[list[tuple[str, str]], list[str]]]
@@ -119,7 +208,7 @@ def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
             "outputs": [{"name": kind, "type": kind, "slot_index": slot} for slot, kind in enumerate(output_types)],
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
         }
-        if key in TITLES:
+        if key in TITLES and node["class_type"] == "FastAttnDemoTextEncode":
             ui_node["title"] = TITLES[key]
         nodes.append(ui_node)
     for node, key in zip(nodes, graph, strict=True):
@@ -132,13 +221,19 @@ def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
             "groups": [], "config": {}, "extra": {"info": title}, "version": 0.4}
 
 
+def example_graphs() -> dict[str, tuple[dict, str]]:
+    """File name -> (API graph, description) of every example workflow."""
+    graphs = {f"fastattn_demo_{name}.json": (demo_graph(name), description)
+              for name, (description, _) in TECHNIQUES.items()}
+    graphs["fastattn_attention_inspector.json"] = (
+        inspector_graph(), "Attention Inspector on the demo model at 1024 x 1024 (4096 image tokens).")
+    graphs.update({f"fastattn_{name}.json": (model_graph(name), title) for name, title in MODEL_TITLES.items()})
+    return graphs
+
+
 def example_workflows(node_io: InputTypes) -> dict[str, dict]:
     """File name -> UI-format workflow, for example_workflows/."""
-    files = {f"fastattn_demo_{name}.json": to_ui(demo_graph(name), node_io, description)
-             for name, (description, _) in TECHNIQUES.items()}
-    files["fastattn_attention_inspector.json"] = to_ui(
-        inspector_graph(), node_io, "Attention Inspector on the demo model at 1024 x 1024 (4096 image tokens).")
-    return files
+    return {name: to_ui(graph, node_io, title) for name, (graph, title) in example_graphs().items()}
 
 
 def write_example_workflows(node_io: InputTypes, directory: Path = EXAMPLES_DIR) -> list[Path]:

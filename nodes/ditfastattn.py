@@ -110,7 +110,7 @@ class StepSharingAttention(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return _technique_schema(
             "FastAttnStepSharing",
-            "Attention Sharing Across Steps (DiTFastAttn)",
+            "Step Attention Sharing (DiTFastAttn)",
             "Computes attention every compute_every-th step and reuses each layer's last output (per batch half) "
             "in between. On FLUX, SD3 and Wan the whole attention branch is skipped (QKV and output projections "
             "too); elsewhere only the attention call.",
@@ -129,7 +129,7 @@ class CFGSharingAttention(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return _technique_schema(
             "FastAttnCFGSharing",
-            "Attention Sharing Across CFG (DiTFastAttn)",
+            "CFG Attention Sharing (DiTFastAttn)",
             "Computes attention for the conditional half only and gives the unconditional half a copy (self-attention "
             "only: sharing cross-attention would turn CFG off; on FLUX, SD3 and Wan its projections run on the "
             "conditional half only too). Needs ComfyUI's CFG guider (KSampler, CFGGuider); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import comfy.sample
 from comfy_api.latest import io, ui
 
 from ..patching import patch_of
@@ -33,8 +34,25 @@ class AttentionInspector(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: io.Model.Type, positive: io.Conditioning.Type, latent: io.Latent.Type) -> io.NodeOutput:
+        _check_latent(model, latent["samples"])
         report = profile_attention(model, positive, latent).to_text()
         return io.NodeOutput(report, ui=ui.PreviewText(report))
+
+
+def _check_latent(model: io.Model.Type, samples) -> None:
+    """The shape the sampler would accept, checked up front: a wrong latent is named here rather
+    than failing as a tensor-shape error deep inside the traced forward."""
+    if samples.is_nested:
+        return
+    samples = comfy.sample.fix_empty_latent_channels(model, samples)  # as the sampler does: empty latents adapt
+    latent_format = model.get_model_object("latent_format")
+    channels, dimensions = latent_format.latent_channels, latent_format.latent_dimensions
+    if samples.ndim != 2 + dimensions or samples.shape[1] != channels:
+        raise ValueError(
+            f"Attention Inspector: this model samples latents of shape [batch, {channels}, "
+            f"{', '.join(['frames', 'height', 'width'][-dimensions:])}], got {list(samples.shape)}. Connect "
+            f"the empty latent node made for this model (e.g. EmptySD3LatentImage for SD3 and FLUX, "
+            f"EmptyHunyuanLatentVideo for Wan).")
 
 
 class AttentionReport(io.ComfyNode):

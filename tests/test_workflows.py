@@ -28,3 +28,10 @@ def test_ui_workflows_link_every_socket_and_fill_every_widget():
             widgets = len(inputs) - len(sockets) + (1 if any(n == "seed" for n, _ in inputs) else 0)
             assert len(node["widgets_values"]) == widgets, (name, node["type"])
             assert [i["name"] for i in node["inputs"]] == sockets, (name, node["type"])
+
+
+def test_every_example_workflow_has_its_template_thumbnail():
+    """The template browser shows a custom node's example `<name>.json` with `<name>.jpg`
+    (docs/make_screenshots.py makes them)."""
+    for path in workflows.EXAMPLES_DIR.glob("*.json"):
+        assert path.with_suffix(".jpg").is_file(), f"no thumbnail for {path.name}"

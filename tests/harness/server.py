@@ -2,6 +2,7 @@
 
     with ComfyServer(tmp_path) as server:
         result = server.run(api_graph)      # POST /prompt, follow /ws, read /history
+        ids = [server.queue(g) for g in graphs]; results = [server.wait(i) for i in ids]  # a busy queue
 
 The server runs as `main.py --cpu --use-pytorch-cross-attention` on a free loopback port,
 with its output, temp, user and database inside a scratch folder, and is always shut down.
@@ -41,9 +42,19 @@ class PromptResult:
     history: dict
     messages: list[dict] = field(default_factory=list)  # websocket messages about this prompt
 
+    @classmethod
+    def from_history(cls, prompt_id: str, history: dict) -> PromptResult:
+        """The result as /history records it (its status messages carry no arrival times)."""
+        messages = [{"type": kind, "data": data} for kind, data in history["status"]["messages"]]
+        return cls(prompt_id, history["status"]["status_str"], history, messages)
+
     @property
     def error(self) -> dict | None:
         return next((m["data"] for m in self.messages if m["type"] == "execution_error"), None)
+
+    @property
+    def interrupted(self) -> bool:
+        return any(m["type"] == "execution_interrupted" for m in self.messages)
 
     def outputs(self, node_id: str) -> dict:
         return self.history["outputs"].get(node_id, {})
@@ -65,7 +76,7 @@ def _free_port() -> int:
 
 class ComfyServer:
     def __init__(self, scratch: Path, extra_model_paths: Path | None = None, start_timeout: float = 180.0,
-                 output_dir: Path | None = None) -> None:
+                 output_dir: Path | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.scratch = scratch
         self.output_dir = output_dir or scratch / "output"
         self.port = _free_port()
@@ -73,6 +84,7 @@ class ComfyServer:
         self.client_id = uuid.uuid4().hex
         self.extra_model_paths = extra_model_paths
         self.start_timeout = start_timeout
+        self.extra_args = extra_args  # e.g. ("--cache-none",)
         self.log_path = scratch / "server.log"
         self.process: subprocess.Popen | None = None
 
@@ -89,6 +101,7 @@ class ComfyServer:
         ]
         if self.extra_model_paths is not None:
             command += ["--extra-model-paths-config", str(self.extra_model_paths)]
+        command += self.extra_args
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=comfy_path(), stdout=self._log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -125,29 +138,76 @@ class ComfyServer:
         raise TimeoutError(f"ComfyUI did not answer within {self.start_timeout} s:\n{self.log()[-4000:]}")
 
     def get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+        with self.open(path) as response:
             return json.loads(response.read())
+
+    def open(self, path: str):
+        """GET any path (a file the server serves); raises HTTPError for 4xx/5xx."""
+        return urllib.request.urlopen(self.url + path, timeout=30)
 
     def post(self, path: str, body: dict) -> dict:
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read())
+                return json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as error:
             raise PromptRejectedError(json.loads(error.read() or b"{}")) from error
 
+    def connect(self, timeout: float = 600.0) -> websocket.WebSocket:
+        """The websocket this client's prompts report on (progress, executing, errors)."""
+        return websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=timeout)
+
+    def queue(self, graph: dict) -> str:
+        """POST /prompt without waiting; returns the prompt id."""
+        return self.post("/prompt", {"prompt": graph, "client_id": self.client_id})["prompt_id"]
+
     def run(self, graph: dict, timeout: float = 600.0) -> PromptResult:
         """Queue an API-format graph and wait until it has finished, successfully or not."""
-        ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=timeout)
+        ws = self.connect(timeout)
         try:
-            prompt_id = self.post("/prompt", {"prompt": graph, "client_id": self.client_id})["prompt_id"]
+            prompt_id = self.queue(graph)
             messages = self._follow(ws, prompt_id, timeout)
         finally:
             ws.close()
         history = self._history(prompt_id)
         status = "error" if any(m["type"] == "execution_error" for m in messages) else "success"
         return PromptResult(prompt_id, status, history, messages)
+
+    def run_alone(self, graph: dict, timeout: float = 600.0) -> PromptResult:
+        """Run a graph from scratch: the server first drops every cached node output and model
+        (POST /free, applied by the idle worker), and the result must show no cached node."""
+        for _ in range(3):
+            self.post("/free", {"unload_models": True, "free_memory": True})
+            time.sleep(0.2)  # the idle worker wakes on the flag at once; a prompt queued first would win
+            result = self.run(graph, timeout)
+            if not any(m["type"] == "execution_cached" and m["data"]["nodes"] for m in result.messages):
+                return result
+        raise RuntimeError("POST /free did not clear the server's cache before the next prompt")
+
+    def wait(self, prompt_id: str, timeout: float = 600.0) -> PromptResult:
+        """A queued prompt's result, once /history has it."""
+        return PromptResult.from_history(prompt_id, self._history(prompt_id, timeout))
+
+    def wait_for_step(self, ws: websocket.WebSocket, prompt_id: str, step: int) -> None:
+        """Block until the sampler of `prompt_id` reports `step` on `ws` (opened before queueing)."""
+        while True:
+            message = ws.recv()
+            if not isinstance(message, str):
+                continue
+            message = json.loads(message)
+            data = message.get("data", {})
+            if data.get("prompt_id") != prompt_id:
+                continue
+            if message["type"] == "progress" and data["value"] >= step:
+                return
+            if message["type"] in ("execution_error", "execution_success", "execution_interrupted"):
+                raise RuntimeError(f"prompt {prompt_id} ended ({message['type']}) before step {step}")
+
+    def peak_memory_bytes(self) -> int:
+        """The server process's peak resident memory so far (Linux VmHWM)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
 
     def _history(self, prompt_id: str, timeout: float = 30.0) -> dict:
         """The prompt's history entry: written just after the last websocket message, so poll."""

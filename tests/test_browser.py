@@ -1,0 +1,109 @@
+"""The pack in ComfyUI's real web frontend (headless Chromium against a real server): every
+example workflow loads with all its nodes and widget values and no console error, our nodes
+are found by their display names in the node search and show their tooltips, a demo workflow
+queued from the Run button shows its image, and the reports appear on their nodes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from harness import pack_import
+from harness.browser import api_differences, open_frontend
+from harness.server import ComfyServer
+
+workflows = pack_import("demo.workflows")
+ABSENT_WEIGHTS = frozenset(file for files in workflows.MODEL_FILES.values() for _, file in files)
+OUR_NODES = {
+    "FastAttnInspector": "latent", "FastAttnReport": "samples", "FastAttnWindowResidual": "window_fraction",
+    "FastAttnStepSharing": "compute_every", "FastAttnCFGSharing": "start_percent",
+    "FastAttnDemoTextEncode": "caption", "FastAttnDemoDecode": "samples",
+}  # node -> an input whose tooltip is checked (a widget where the node has one)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ComfyServer(tmp_path_factory.mktemp("browser")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with open_frontend(server) as frontend:
+        yield frontend
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.get("/object_info")
+
+
+def test_the_page_starts_without_errors_from_the_pack(page):
+    """The host itself logs a few start-up errors on a fresh user folder (404s for user.css and
+    userdata, a settings lookup); none may come from the pack."""
+    ours = [line for line in page.console if "fastattn" in line.lower()]
+    assert ours == []
+    assert page.page.evaluate("() => window.app.extensionManager !== undefined")
+    assert page.page.evaluate("() => window.app.extensions.some((e) => e.name === 'FastAttn.ShowReport')")
+
+
+@pytest.mark.parametrize("name", sorted(workflows.example_graphs()))
+def test_every_example_workflow_loads_cleanly(page, name):
+    workflow = json.loads((workflows.EXAMPLES_DIR / name).read_text())
+    assert page.load(workflow, name, absent_files=ABSENT_WEIGHTS) == []
+    graph, _ = workflows.example_graphs()[name]
+    assert api_differences(graph, page.api_graph()) == []
+
+
+@pytest.mark.parametrize("node_type", list(OUR_NODES))
+def test_our_nodes_are_found_by_display_name_with_tooltips(page, object_info, node_type):
+    spec = object_info[node_type]
+    found = page.search(spec["display_name"])
+    assert any(option.startswith(spec["display_name"]) for option in found), found
+    page.page.evaluate("(t) => { const n = window.LiteGraph.createNode(t); n.pos = [200, 200]; "
+                       "window.app.graph.add(n); }", node_type)
+    page.page.wait_for_timeout(300)
+    name = OUR_NODES[node_type]
+    expected = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}[name][1]["tooltip"]
+    node_id = page.node_id(node_type)
+    on_canvas = page.page.evaluate("([id, n]) => !!window.app.graph.getNodeById(id).widgets?.some("
+                                   "(w) => w.name === n && !w.element)", [node_id, name])
+    if on_canvas:  # a widget litegraph draws: hover over it as a user would
+        assert page.tooltip(node_id, name) == expected
+    else:  # a socket or a text box: the frontend reads its tooltip from the same node definition
+        assert page.page.evaluate("([id, n]) => window.app.graph.getNodeById(id).constructor.nodeData"
+                                  ".inputs[n].tooltip", [node_id, name]) == expected
+
+
+def test_a_demo_workflow_queued_from_the_page_shows_its_image_and_report(page):
+    page.load(json.loads((workflows.EXAMPLES_DIR / "fastattn_demo_combined.json").read_text()), "combined")
+    page.set_widgets("EmptySD3LatentImage", width=128, height=128)  # small and quick, as a user might
+    page.set_widgets("KSampler", steps=3)
+    entry = page.run()
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    save = page.node_id("SaveImage")
+    shown = page.page.evaluate("(id) => (window.app.graph.getNodeById(id).imgs || [])"
+                               ".map((img) => [img.src, img.complete, img.naturalWidth])", save)
+    assert len(shown) == 1 and shown[0][1] and shown[0][2] == 32, shown  # 128 px empty latent -> 32 px image
+    assert "/view?filename=fastattn_demo_combined" in shown[0][0]
+    assert "attention FLOPs computed" in page.widget_text(page.node_id("FastAttnReport"))
+
+
+def test_the_inspector_report_appears_on_its_node(page):
+    page.load(json.loads((workflows.EXAMPLES_DIR / "fastattn_attention_inspector.json").read_text()), "inspector")
+    entry = page.run()
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    text = page.widget_text(page.node_id("FastAttnInspector"))
+    assert "Image tokens: 4096 (grid 64 x 64)" in text and "Attention layers per forward: 4" in text
+
+
+def test_node_help_pages_are_served_for_every_node(server, object_info):
+    """The frontend's node library opens /extensions/<pack>/docs/<node>.md for a custom node."""
+    ours = [name for name, spec in object_info.items() if spec["python_module"].endswith("comfyui_fastattn")]
+    assert set(OUR_NODES) <= set(ours)
+    for name in ours:
+        with server.open(f"/extensions/comfyui_fastattn/docs/{name}.md") as response:
+            text = response.read().decode()
+        assert text.startswith("# " + object_info[name]["display_name"]), name
+        for input_name in object_info[name]["input_order"]["required"]:
+            assert f"`{input_name}`" in text, f"docs/{name}.md does not describe {input_name}"
