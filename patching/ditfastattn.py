@@ -20,7 +20,7 @@ from ..kernels import TokenLayout, attention_flops, window_attention
 from .call import AttentionCall
 from .report import CallSite
 from .runtime import SamplingRun
-from .schedule import CFGSharing, Choice, Schedule, WindowSize
+from .schedule import Choice, Schedule, WindowSize
 
 WINDOWED_KINDS = ("joint", "image")
 
@@ -96,8 +96,7 @@ class DiTFastAttn:
         return attention_flops(layout, window, batch=call.batch, heads=call.heads, head_dim=call.head_dim).computed
 
     def finish_run(self, run: SamplingRun) -> None:
-        shares_cfg = any(isinstance(t, CFGSharing) for t in self.schedule.techniques)
-        if shares_cfg and not any(1 in halves for halves in run.report.batch_halves):
+        if self.schedule.shares_cfg and not any(1 in halves for halves in run.report.batch_halves):
             logging.info("FastAttn: CFG sharing did nothing: this run had no unconditional batch (CFG 1).")
 
 

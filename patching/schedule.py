@@ -143,6 +143,11 @@ class Schedule:
     def then(self, technique: Technique) -> Schedule:
         return Schedule((*self.techniques, technique))
 
+    @property
+    def shares_cfg(self) -> bool:
+        """Whether any step may share attention across CFG halves (DiTFastAttn logs if it never could)."""
+        return any(isinstance(technique, CFGSharing) for technique in self.techniques)
+
     def _last(self, kind: type, step: int, total_steps: int, layer: int):
         found = None
         for technique in self.techniques:
