@@ -9,12 +9,11 @@ from ..patching import adapter_for, install
 from ..patching.schedule import WindowSize
 from ..plans import MODES, Plan, PlannedAttention, PlanError, Settings, calibrate, list_plans, load_plan, save_plan
 from ..plans.heatmap import image_tensor, render_heatmap
-from ..plans.storage import plan_path
+from ..plans.storage import NO_PLAN, plan_path
 from .ditfastattn import WINDOW_SHAPES
 
 CATEGORY = "FastAttn/DiTFastAttn"
 PlanType = io.Custom("FASTATTN_PLAN")
-NO_PLAN = "(none: use plan_json or the plan input)"
 
 
 class Calibrate(io.ComfyNode):

@@ -11,6 +11,7 @@ import folder_paths
 from .schema import Plan, PlanError
 
 FOLDER = "fastattn_plans"
+NO_PLAN = "(none: use plan_json or the plan input)"  # Apply Plan's first choice in its list of saved plans
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}")
 
 
