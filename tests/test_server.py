@@ -82,8 +82,8 @@ def test_a_workflow_calibrates_then_applies_and_a_saved_plan_is_listed_and_appli
     assert result.outputs("heatmap")["images"] and "attention FLOPs computed" in "".join(result.outputs("report")["text"])
     assert (server.scratch / "user" / "default" / "fastattn_plans" / "e2e plan.json").is_file()
 
-    assert "e2e plan" in server.get("/object_info/FastAttnApplyPlan")["FastAttnApplyPlan"]["input"]["required"][
-        "plan_name"][0]
+    listed = server.get("/object_info/FastAttnApplyPlan")["FastAttnApplyPlan"]["input"]["required"]["plan_name"]
+    assert "e2e plan" in listed[1]["options"]
     by_name = workflows.demo_graph("plan", size=128, steps=3, prefix="test_by_name")
     by_name["fastattn0"]["inputs"].update(plan_name="e2e plan", plan_json="")
     applied = server.run(by_name)
