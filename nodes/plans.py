@@ -7,7 +7,17 @@ from comfy_api.latest import io
 
 from ..patching import adapter_for, install
 from ..patching.schedule import WindowSize
-from ..plans import MODES, Plan, PlannedAttention, PlanError, Settings, calibrate, list_plans, load_plan, save_plan
+from ..plans import (
+    MODES,
+    Plan,
+    PlanError,
+    PlannedAttention,
+    Settings,
+    calibrate,
+    list_plans,
+    load_plan,
+    save_plan,
+)
 from ..plans.heatmap import image_tensor, render_heatmap
 from ..plans.storage import NO_PLAN, plan_path
 from .ditfastattn import WINDOW_SHAPES
