@@ -90,11 +90,10 @@ class TrialSchedule:
     step. Asked about the next step, it answers "reuse" so every output is kept for a possible
     AST; every full step caches the residual for a possible WA-RS."""
 
-    shares_cfg = True
-
-    def __init__(self, window: WindowSize, caches_residual: bool) -> None:
+    def __init__(self, window: WindowSize, caches_residual: bool, shares_cfg: bool) -> None:
         self.window = window
         self.caches_residual = caches_residual
+        self.shares_cfg = shares_cfg
         self.step = -1
         self.assignment: dict[int, str] = {}
 
@@ -174,7 +173,8 @@ class Calibration:
         self.settings = settings
         self.steps = steps
         caches_residual = any(name.startswith("wars") for name in settings.candidates)
-        self.schedule = TrialSchedule(settings.window, caches_residual)
+        shares_cfg = any(name.endswith("+asc") for name in settings.candidates)
+        self.schedule = TrialSchedule(settings.window, caches_residual, shares_cfg)
         self.scorer = Scorer(settings.window, settings.candidates) if settings.mode == "fast" else None
         self.scoring = False
         self.architecture = ""
