@@ -75,7 +75,7 @@ class CalibrationInfo:
     scheduler: str = ""
     cfg: float = 1.0
     grid: tuple[int, ...] = ()
-    prompts: int = 1
+    latents: int = 1  # latents in the calibration batch (seeds or prompts)
     seed: int = 0
     delta: float = 0.0
     mode: str = ""
