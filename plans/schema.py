@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from ..patching.ditfastattn import WINDOWED_KINDS  # layers any technique may act on; cross / text stay full
 from ..patching.schedule import Choice, WindowSize
 
 FORMAT = "fastattn-plan"
@@ -22,7 +23,6 @@ VERSION = 1
 # asc: attention sharing across CFG.
 CANDIDATES = ("ast", "wars+asc", "wars", "full+asc")
 TECHNIQUES = ("full", *CANDIDATES)
-WINDOWED_KINDS = ("joint", "image")  # layers any technique may act on; cross / text layers stay full
 WINDOW_SHAPES = ("band", "square", "circle")
 
 
