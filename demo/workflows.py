@@ -14,9 +14,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from ..plans.storage import NO_PLAN
 from . import DIT_FILE
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_workflows"
+SHIPPED_PLAN = Path(__file__).resolve().parent / "plans" / "fastattn_demo_sd3_fast.json"
 CAPTION = "a red circle and a blue square on a striped green background"
 SAMPLER = {"seed": 7, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
 WINDOW_BAND = {"window_shape": "band (1D over the token sequence, as the paper)", "window_fraction": 0.125,
@@ -37,7 +39,12 @@ TECHNIQUES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                     [("FastAttnCFGSharing", CFG_SHARING)]),
     "combined": ("Window + residual with CFG sharing (second half of the steps), the paper's combined mode.",
                  [("FastAttnWindowResidual", WINDOW_BAND), ("FastAttnCFGSharing", CFG_SHARING)]),
+    "plan": ("A plan calibrated for the demo model (fast search), pasted into Apply Plan: the workflow file "
+             "carries it, no other file needed.",
+             [("FastAttnApplyPlan", {"plan_name": NO_PLAN, "plan_json": SHIPPED_PLAN.read_text()})]),
 }
+CALIBRATE = {"delta": 0.1, "search_mode": "fast", "step_sharing": True, "window_residual": True, "cfg_sharing": True,
+             "window_shape": WINDOW_BAND["window_shape"], "window_fraction": 0.125, "plan_name": "", "overwrite": False}
 
 
 def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], caption: str = CAPTION,
@@ -63,6 +70,27 @@ def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], 
                      "inputs": {"images": ["decode", 0], "filename_prefix": prefix or f"fastattn_demo_{technique}"}}
     if TECHNIQUES[technique][1]:
         graph["report"] = {"class_type": "FastAttnReport", "inputs": {"model": model, "samples": ["sampler", 0]}}
+    return graph
+
+
+def calibrate_graph(size: int = 1024, steps: int = SAMPLER["steps"], caption: str = CAPTION,
+                    prefix: str = "fastattn_demo_calibrate", plan_name: str = "") -> dict:
+    """API-format graph: calibrate a plan on the demo model (saving it if `plan_name`), show its
+    heatmap, then apply it to the model and sample again: the same image as the calibration run's."""
+    graph = demo_graph("baseline", size, steps, caption, prefix)
+    sampler = {key: value for key, value in graph["sampler"]["inputs"].items() if key != "denoise"}
+    graph["calibrate"] = {"class_type": "FastAttnCalibrate", "inputs": {
+        **{key: value for key, value in sampler.items() if key != "latent_image"}, "steps": steps,
+        "latent_image": ["latent", 0], **CALIBRATE, "plan_name": plan_name}}
+    graph["heatmap"] = {"class_type": "SaveImage", "inputs": {"images": ["calibrate", 4],
+                                                              "filename_prefix": f"{prefix}_heatmap"}}
+    graph["apply"] = {"class_type": "FastAttnApplyPlan", "inputs": {
+        "model": ["loader", 0], "plan_name": NO_PLAN, "plan_json": "", "plan": ["calibrate", 1]}}
+    graph["sampler"]["inputs"]["model"] = ["apply", 0]
+    graph["report"] = {"class_type": "FastAttnReport", "inputs": {"model": ["apply", 0], "samples": ["sampler", 0]}}
+    graph["decode_calibration"] = {"class_type": "FastAttnDemoDecode", "inputs": {"samples": ["calibrate", 3]}}
+    graph["save_calibration"] = {"class_type": "SaveImage", "inputs": {"images": ["decode_calibration", 0],
+                                                                       "filename_prefix": f"{prefix}_calibration"}}
     return graph
 
 
@@ -162,9 +190,10 @@ def model_graph(name: str) -> dict:
                                              ("FastAttnCFGSharing", CFG_SHARING)], sampler, save_video)
 
 
+WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 InputTypes = Callable[[str], tuple[list[tuple[str, str]], list[str]]]
 TITLES = {"positive": "Positive caption", "negative": "Negative caption (empty)"}
-SIZES = {"FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
+SIZES = {"FastAttnCalibrate": [380, 560], "FastAttnApplyPlan": [420, 220], "FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
          "KSampler": [320, 270], "FastAttnDemoTextEncode": [360, 130]}
 
 
@@ -197,6 +226,8 @@ def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
                 links.append([link_id, ids[value[0]], value[1], ids[key], len(ui_inputs), kind])
                 outputs_links.setdefault((value[0], value[1]), []).append(link_id)
                 ui_inputs.append({"name": name, "type": kind, "link": link_id})
+            elif kind not in WIDGET_KINDS:  # an optional socket left unconnected
+                ui_inputs.append({"name": name, "type": kind, "link": None})
             elif value is not None:
                 widgets.append(value)
                 if name in ("seed", "noise_seed"):
@@ -225,6 +256,9 @@ def example_graphs() -> dict[str, tuple[dict, str]]:
     """File name -> (API graph, description) of every example workflow."""
     graphs = {f"fastattn_demo_{name}.json": (demo_graph(name), description)
               for name, (description, _) in TECHNIQUES.items()}
+    graphs["fastattn_demo_calibrate.json"] = (
+        calibrate_graph(), "Calibrate a plan on the demo model (fast search, delta 0.1), see it as a heatmap, apply it "
+        "and sample: set plan_name to save it for Apply Plan.")
     graphs["fastattn_attention_inspector.json"] = (
         inspector_graph(), "Attention Inspector on the demo model at 1024 x 1024 (4096 image tokens).")
     graphs.update({f"fastattn_{name}.json": (model_graph(name), title) for name, title in MODEL_TITLES.items()})

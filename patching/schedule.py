@@ -145,6 +145,7 @@ class Schedule:
 
     @property
     def shares_cfg(self) -> bool:
+        """Whether any step may share attention across CFG halves (DiTFastAttn reports if it never could)."""
         return any(isinstance(technique, CFGSharing) for technique in self.techniques)
 
     def _last(self, kind: type, step: int, total_steps: int, layer: int):

@@ -66,3 +66,29 @@ def test_every_demo_workflow_runs_through_the_queue(server, technique):
     assert result.outputs("save")["images"][0]["filename"].startswith(f"test_{technique}")
     if technique != "baseline":
         assert "attention FLOPs computed" in "".join(result.outputs("report")["text"])
+
+
+def _saved_pixels(server, result, node_id: str) -> bytes:
+    from PIL import Image
+
+    saved = result.outputs(node_id)["images"][0]
+    return Image.open(server.output_dir / saved.get("subfolder", "") / saved["filename"]).tobytes()
+
+
+def test_a_workflow_calibrates_then_applies_and_a_saved_plan_is_listed_and_applied(server):
+    result = server.run(workflows.calibrate_graph(size=128, steps=3, prefix="test_calibrate", plan_name="e2e plan"))
+    assert result.status == "success", result.error
+    assert _saved_pixels(server, result, "save") == _saved_pixels(server, result, "save_calibration")
+    assert result.outputs("heatmap")["images"] and "attention FLOPs computed" in "".join(result.outputs("report")["text"])
+    assert (server.scratch / "user" / "default" / "fastattn_plans" / "e2e plan.json").is_file()
+
+    listed = server.get("/object_info/FastAttnApplyPlan")["FastAttnApplyPlan"]["input"]["required"]["plan_name"]
+    assert "e2e plan" in listed[1]["options"]
+    by_name = workflows.demo_graph("plan", size=128, steps=3, prefix="test_by_name")
+    by_name["fastattn0"]["inputs"].update(plan_name="e2e plan", plan_json="")
+    applied = server.run(by_name)
+    assert applied.status == "success", applied.error
+    assert _saved_pixels(server, applied, "save") == _saved_pixels(server, result, "save")
+
+    again = server.run(workflows.calibrate_graph(size=128, steps=3, prefix="test_again", plan_name="e2e plan"))
+    assert again.status == "error" and "already exists" in again.error["exception_message"]

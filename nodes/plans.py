@@ -1,0 +1,152 @@
+"""Calibrate (find a plan by sampling once) and Apply Plan (carry a saved or pasted plan out)."""
+
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..patching import adapter_for, install
+from ..patching.schedule import WindowSize
+from ..plans import (
+    MODES,
+    Plan,
+    PlanError,
+    PlannedAttention,
+    Settings,
+    calibrate,
+    list_plans,
+    load_plan,
+    save_plan,
+)
+from ..plans.heatmap import image_tensor, render_heatmap
+from ..plans.storage import NO_PLAN, plan_path
+from .ditfastattn import WINDOW_SHAPES
+
+CATEGORY = "FastAttn/DiTFastAttn"
+PlanType = io.Custom("FASTATTN_PLAN")
+
+
+class Calibrate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnCalibrate",
+            display_name="Calibrate Attention Plan (DiTFastAttn)",
+            category=CATEGORY,
+            description="Samples once while choosing, for every step and attention layer, the cheapest DiTFastAttn "
+                        "technique whose error stays within delta. Outputs the patched model, the plan (to save, "
+                        "apply and share), this run's latent and a picture of the plan.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion transformer to calibrate (from the model loader)."),
+                io.Conditioning.Input("positive", tooltip="Prompt(s) to calibrate on, as for the sampler."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt, as for the sampler."),
+                io.Latent.Input("latent_image", tooltip="Latent of the size you will sample; a batch of several "
+                                                        "(the paper used 6-8) makes the plan more general."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed of the calibration run."),
+                io.Int.Input("steps", default=20, min=1, max=10000,
+                             tooltip="Sampling steps; the plan maps to other step counts by position."),
+                io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale, as for the sampler."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
+                               tooltip="Sampler of the calibration run."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
+                               tooltip="Scheduler of the calibration run."),
+                io.Float.Input("delta", default=0.1, min=0.0, max=10.0, step=0.005,
+                               tooltip="Error threshold. Greedy: layer i of L may add up to (i+1)/L x delta of "
+                                       "model-output error (the paper swept 0.025-0.15). Fast: each layer's "
+                                       "relative attention error and each step's output error stay within delta. "
+                                       "0 keeps full attention everywhere."),
+                io.Combo.Input("search_mode", options=list(MODES), default="fast",
+                               tooltip="greedy: the paper's search, one model forward per candidate per layer per "
+                                       "step (slow, faithful). fast: one scoring forward and one check per step."),
+                io.Boolean.Input("step_sharing", default=True,
+                                 tooltip="Candidate: reuse the layer's attention output of the previous step."),
+                io.Boolean.Input("window_residual", default=True,
+                                 tooltip="Candidate: window attention plus the residual cached at the last full step."),
+                io.Boolean.Input("cfg_sharing", default=True,
+                                 tooltip="Candidate: compute the conditional half only and copy it to the "
+                                         "unconditional half (alone and with window + residual)."),
+                io.Combo.Input("window_shape", options=list(WINDOW_SHAPES), default=next(iter(WINDOW_SHAPES)),
+                               tooltip="Window of the window + residual technique (as in its own node)."),
+                io.Float.Input("window_fraction", default=0.125, min=0.01, max=1.0, step=0.005,
+                               tooltip="Window radius as a fraction of the image tokens (band) or of the larger grid "
+                                       "side; a fraction, so the plan carries to other resolutions."),
+                io.String.Input("plan_name", default="",
+                                tooltip="Save the plan under this name in your user folder (fastattn_plans), listed "
+                                        "by Apply Plan. Empty: do not save."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace a saved plan of the same name. Off: an existing name is an error."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="A clone carrying out the plan; the input is unchanged."),
+                PlanType.Output(display_name="plan", tooltip="The plan, for Apply Plan."),
+                io.String.Output(display_name="plan_json", tooltip="The plan as JSON text (paste it into Apply Plan)."),
+                io.Latent.Output(display_name="latent", tooltip="The calibration run's final latent (as sampled with "
+                                                                "the plan)."),
+                io.Image.Output(display_name="heatmap", tooltip="Technique per layer (rows) x step (columns), with "
+                                                                "a legend and the attention FLOPs kept."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
+                scheduler: str, delta: float, search_mode: str, step_sharing: bool, window_residual: bool,
+                cfg_sharing: bool, window_shape: str, window_fraction: float, plan_name: str,
+                overwrite: bool) -> io.NodeOutput:
+        plan_name = plan_name.strip()
+        if plan_name and plan_path(plan_name).exists() and not overwrite:  # fail before the long run, not after
+            raise PlanError(f"FastAttn Calibrate: a plan named {plan_name!r} already exists; switch `overwrite` on "
+                            "to replace it, or choose another plan name.")
+        enabled = {"ast": step_sharing, "wars+asc": window_residual and cfg_sharing, "wars": window_residual,
+                   "full+asc": cfg_sharing}
+        settings = Settings(delta, tuple(name for name, on in enabled.items() if on),
+                            WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode)
+        plan, samples = calibrate(model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
+                                  sampler=sampler_name, scheduler=scheduler, settings=settings)
+        if plan_name:
+            save_plan(plan, plan_name, overwrite)
+        latent = {**latent_image, "samples": samples}
+        heatmap = image_tensor(render_heatmap(plan))
+        return io.NodeOutput(install(model, PlannedAttention(plan)), plan, plan.to_json(), latent, heatmap)
+
+
+class ApplyPlan(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnApplyPlan",
+            display_name="Apply Attention Plan (DiTFastAttn)",
+            category=CATEGORY,
+            description="Carries out a calibrated plan: the plan input if connected, else the pasted plan_json, "
+                        "else the saved plan picked. Checked against the model when sampling starts; another step "
+                        "count uses the plan step at the same position in the schedule.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion transformer the plan was calibrated for."),
+                io.Combo.Input("plan_name", options=[NO_PLAN, *list_plans()], default=NO_PLAN,
+                               tooltip="A plan saved by Calibrate (in your user folder, fastattn_plans)."),
+                io.String.Input("plan_json", default="", multiline=True,
+                                tooltip="Plan JSON pasted here travels inside the workflow file: the workflow "
+                                        "reproduces the result on another machine with no other file."),
+                PlanType.Input("plan", optional=True, tooltip="A plan straight from a Calibrate node."),
+            ],
+            outputs=[io.Model.Output(tooltip="A patched clone; the input model is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, plan_name: str, plan_json: str, plan: Plan | None = None) -> io.NodeOutput:
+        if plan is None and plan_json.strip():
+            plan = Plan.from_json(plan_json)
+        elif plan is None and plan_name != NO_PLAN:
+            plan = load_plan(plan_name)
+        if plan is None:
+            raise PlanError("FastAttn Apply Plan: no plan given; connect a Calibrate node's plan, paste plan JSON, "
+                            "or pick a saved plan.")
+        architecture = adapter_for(model.model.diffusion_model).name
+        if architecture != plan.fingerprint.architecture:
+            raise PlanError(f"FastAttn Apply Plan: the plan is for a {plan.fingerprint.architecture} model, this "
+                            f"model is {architecture}; calibrate a plan for this model.")
+        return io.NodeOutput(install(model, PlannedAttention(plan)))
+
+
+PLAN_NODES: list[type[io.ComfyNode]] = [Calibrate, ApplyPlan]

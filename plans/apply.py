@@ -1,0 +1,45 @@
+"""Carrying out a plan: DiTFastAttn with the plan as its schedule, checked against the model
+it runs on when sampling starts (the plan node itself sees no conditioning or latent)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..patching import AttentionCall, CallSite, SamplingRun
+from ..patching.ditfastattn import DiTFastAttn
+from .schema import LayerInfo, Plan, PlanError
+
+
+class PlannedAttention(DiTFastAttn):
+    def __init__(self, plan: Plan, backend: str = "auto") -> None:
+        super().__init__(plan, backend)
+        self.plan = plan
+
+    def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
+        if run.report.forwards <= 1:
+            self._check(call, site, run)
+        return super().__call__(call, site, run)
+
+    def _check(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> None:
+        """Fail the run with a clear message if the plan was calibrated on another model."""
+        fingerprint = self.plan.fingerprint
+        problem = None
+        if run.patch.adapter.name != fingerprint.architecture:
+            problem = f"the plan is for a {fingerprint.architecture} model, this model is {run.patch.adapter.name}"
+        elif site.layer >= len(fingerprint.layers):
+            problem = f"the plan has {len(fingerprint.layers)} attention layers per forward, this model has more"
+        elif (found := LayerInfo(site.kind, call.heads, call.head_dim)) != fingerprint.layers[site.layer]:
+            problem = (f"attention layer {site.layer} differs: the plan has {fingerprint.layers[site.layer]}, "
+                       f"this model has {found}")
+        elif run.report.forwards == 1 and run.report.layers_per_forward != {len(fingerprint.layers)}:
+            problem = (f"the plan has {len(fingerprint.layers)} attention layers per forward, this model has "
+                       f"{sorted(run.report.layers_per_forward)}")
+        if problem is not None:
+            raise PlanError(f"FastAttn Apply Plan: this plan does not fit the model: {problem}. Calibrate a plan "
+                            "for this model (the Calibrate node), or pick the plan made for it.")
+        if site.layer == 0 and run.report.forwards == 0 and site.total_steps != self.plan.steps:
+            logging.warning("FastAttn Apply Plan: the plan was calibrated at %d steps and this run has %d; each "
+                            "step uses the plan step at the same position in the schedule.",
+                            self.plan.steps, site.total_steps)

@@ -1,0 +1,337 @@
+"""Calibration: one sampling run that decides, step by step, which technique each attention
+layer uses, and continues on the compressed trajectory it chose.
+
+An APPLY_MODEL wrapper, placed outside the runtime's own, sees each model call of the run.
+At the first call of a step it runs the diffusion model several times (each a forward of
+its own for the runtime, with DiTFastAttn carrying out a trial assignment and the run's
+caches restored between trials), decides the step, and returns the output of the decided
+assignment, so the next step starts where applying the plan would.
+
+    greedy  the paper's search: layers in forward order, candidates AST, WA-RS+ASC, WA-RS,
+            full+ASC; the first whose model-output loss is within (i+1)/L x delta is kept.
+    fast    one scoring forward (full attention everywhere) scores each layer's candidates
+            against its full output; the cheapest under delta is kept per layer; one forward
+            checks the step's model output and falls back to full attention if it fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+import comfy.utils
+import torch
+
+from ..kernels import attention_flops, window_attention
+from ..patching import AttentionCall, CallSite, SamplingRun, install
+from ..patching.ditfastattn import DiTFastAttn
+from ..patching.runtime import PATCH_KEY, RUN_KEY, apply_model_wrapper
+from ..patching.schedule import Choice, WindowSize
+from .schema import CANDIDATES, WINDOWED_KINDS, CalibrationInfo, Fingerprint, LayerInfo, Plan, choice_of
+
+CALIBRATION_KEY = "fastattn_calibration"
+MODES = ("greedy", "fast")
+
+
+@dataclass(frozen=True)
+class Settings:
+    delta: float  # error threshold: model-output loss (greedy: grows with depth), local error (fast)
+    candidates: tuple[str, ...] = CANDIDATES  # kept in the paper's order
+    window: WindowSize = WindowSize()
+    mode: str = "greedy"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"search mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.delta < 0:
+            raise ValueError(f"delta must be >= 0, got {self.delta}")
+        unknown = set(self.candidates) - set(CANDIDATES)
+        if unknown:
+            raise ValueError(f"unknown candidate techniques {sorted(unknown)}; known: {', '.join(CANDIDATES)}")
+
+
+def output_loss(compressed: torch.Tensor, reference: torch.Tensor) -> float:
+    """The paper's loss: mean of clip(|a - b| / (max(|a|, |b|) + 1e-6), 0, 10)."""
+    a, b = compressed.double(), reference.double()
+    return ((a - b).abs() / (torch.maximum(a.abs(), b.abs()) + 1e-6)).clamp(0, 10).mean().item()
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """||approx - exact|| / ||exact||: how far a candidate's attention output is from the full one."""
+    return ((approx.double() - exact.double()).norm() / exact.double().norm().clamp_min(1e-12)).item()
+
+
+def share_cfg(tensor: torch.Tensor, halves: tuple[int, ...]) -> torch.Tensor:
+    """Every unconditional chunk of the batch replaced by the first conditional chunk."""
+    chunks = tensor.chunk(len(halves))
+    conditional = chunks[halves.index(0)]
+    return torch.cat([conditional if half == 1 else chunk for chunk, half in zip(chunks, halves, strict=True)])
+
+
+@dataclass(frozen=True)
+class LayerSlot:
+    """One attention layer as the first forward saw it, with its costs over the whole batch."""
+
+    info: LayerInfo
+    compressible: bool  # joint / image self-attention with an image grid
+    full_flops: int
+    window_flops: int
+
+    def cost(self, technique: str) -> float:
+        base = {"ast": 0, "full": self.full_flops, "full+asc": self.full_flops}.get(technique, self.window_flops)
+        return base / 2 if technique.endswith("+asc") else base
+
+
+class TrialSchedule:
+    """What DiTFastAttn consults while calibrating: the assignment being tried at the current
+    step. Asked about the next step, it answers "reuse" so every output is kept for a possible
+    AST; every full step caches the residual for a possible WA-RS."""
+
+    def __init__(self, window: WindowSize, caches_residual: bool, shares_cfg: bool) -> None:
+        self.window = window
+        self.caches_residual = caches_residual
+        self.shares_cfg = shares_cfg
+        self.step = -1
+        self.assignment: dict[int, str] = {}
+
+    def choose(self, step: int, total_steps: int, layer: int) -> Choice:
+        if step != self.step:
+            return Choice("reuse")
+        return choice_of(self.assignment.get(layer, "full"), self.window)
+
+    def residual_window(self, step: int, total_steps: int, layer: int) -> WindowSize | None:
+        return self.window if self.caches_residual else None
+
+
+class Scorer:
+    """Fast mode's local scores: each candidate's attention output against the layer's full one
+    (AST: the last step's full output; WA-RS: window now + residual of the layer's last full step)."""
+
+    def __init__(self, window: WindowSize, candidates: tuple[str, ...]) -> None:
+        self.window = window
+        self.candidates = candidates
+        self.previous: dict[int, torch.Tensor] = {}
+        self.residual: dict[int, torch.Tensor] = {}
+        self.pending_residual: dict[int, torch.Tensor] = {}
+        self.errors: dict[int, dict[str, float]] = {}
+
+    def score(self, call: AttentionCall, site: CallSite, full: torch.Tensor) -> None:
+        errors: dict[str, float] = {}
+        previous = self.previous.get(site.layer)
+        if "ast" in self.candidates and previous is not None and previous.shape == full.shape:
+            errors["ast"] = relative_error(previous, full)
+        self.previous[site.layer] = full
+        has_cfg = 0 in site.cond_or_uncond and 1 in site.cond_or_uncond and full.shape[0] % len(site.cond_or_uncond) == 0
+        if has_cfg:
+            errors["full+asc"] = relative_error(share_cfg(full, site.cond_or_uncond), full)
+        if any(name.startswith("wars") for name in self.candidates):
+            q, k, v = call.heads_first()
+            window = window_attention(q, k, v, site.layout, self.window.window_for(site.layout))
+            full_heads = call.output_heads_first(full)
+            self.pending_residual[site.layer] = full_heads - window
+            residual = self.residual.get(site.layer)
+            if residual is not None and residual.shape == window.shape:
+                approx = window + residual
+                errors["wars"] = relative_error(approx, full_heads)
+                if has_cfg:
+                    errors["wars+asc"] = relative_error(share_cfg(approx, site.cond_or_uncond), full_heads)
+        self.errors[site.layer] = {name: error for name, error in errors.items() if name in self.candidates}
+
+    def commit(self, assignment: dict[int, str]) -> None:
+        """The step is decided: layers that computed full attention refresh their residual."""
+        for layer, residual in self.pending_residual.items():
+            if assignment.get(layer, "full").startswith("full"):
+                self.residual[layer] = residual
+        self.pending_residual.clear()
+        self.errors.clear()
+
+
+class CalibrationMethod:
+    """The attention method of the calibration run: DiTFastAttn with the trial schedule, which
+    also records each layer's costs (first forward) and, in a scoring forward, scores it."""
+
+    def __init__(self, calibration: Calibration) -> None:
+        self.calibration = calibration
+        self.ditfastattn = DiTFastAttn(calibration.schedule)
+
+    def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
+        out, flops, technique = self.ditfastattn(call, site, run)
+        self.calibration.observe(call, site, run, out)
+        return out, flops, technique
+
+    def finish_run(self, run: SamplingRun) -> None:
+        self.ditfastattn.finish_run(run)
+
+
+class Calibration:
+    """The state of one calibration run: decided steps, losses, layer costs, progress."""
+
+    def __init__(self, settings: Settings, steps: int) -> None:
+        self.settings = settings
+        self.steps = steps
+        caches_residual = any(name.startswith("wars") for name in settings.candidates)
+        shares_cfg = any(name.endswith("+asc") for name in settings.candidates)
+        self.schedule = TrialSchedule(settings.window, caches_residual, shares_cfg)
+        self.scorer = Scorer(settings.window, settings.candidates) if settings.mode == "fast" else None
+        self.scoring = False
+        self.architecture = ""
+        self.grid: tuple[int, ...] = ()  # the image token grid, as the runtime placed it
+        self.layers: list[LayerSlot] = []
+        self.methods: list[list[str]] = []
+        self.losses: list[list[float | None]] = []
+        self.step_losses: list[float] = []
+        self.progress = comfy.utils.ProgressBar(steps)
+
+    def observe(self, call: AttentionCall, site: CallSite, run: SamplingRun, out: torch.Tensor) -> None:
+        if site.layer == len(self.layers) and not self.methods:
+            self.architecture = run.patch.adapter.name
+            self.grid = self.grid or (tuple(site.layout.grid) if site.layout is not None else ())
+            self.layers.append(self._slot(call, site))
+        if self.scoring and site.layer < len(self.layers) and self.layers[site.layer].compressible:
+            self.scorer.score(call, site, out)
+
+    def _slot(self, call: AttentionCall, site: CallSite) -> LayerSlot:
+        compressible = site.kind in WINDOWED_KINDS and site.layout is not None and call.mask is None
+        full = call.flops()
+        window = full
+        if compressible:
+            size = self.settings.window.window_for(site.layout)
+            window = attention_flops(site.layout, size, batch=call.batch, heads=call.heads,
+                                     head_dim=call.head_dim).computed
+        return LayerSlot(LayerInfo(site.kind, call.heads, call.head_dim), compressible, full, window)
+
+    def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
+                            transformer_options=None, **kwargs):
+        run: SamplingRun = transformer_options[RUN_KEY]
+        step = run.step_of(float(transformer_options.get("sigmas", t).flatten()[0]))
+        evaluations = dict(run.evaluations)  # every trial is the same evaluation of the step for the caches
+
+        def forward(assignment: dict[int, str], state: dict | None) -> torch.Tensor:
+            """One forward with `assignment` at this step, from the run's caches as in `state`."""
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if state is not None:
+                run.cache.clear()
+                run.cache.update(state)
+            run.evaluations.clear()
+            run.evaluations.update(evaluations)
+            self.schedule.step, self.schedule.assignment = step, assignment
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+        while len(self.methods) < step:  # a step the sampler never evaluated: nothing was compressed
+            self._record(["full"] * len(self.layers), [None] * len(self.layers), 0.0)
+        if step < len(self.methods):  # a later call of a decided step (other CFG half, second evaluation)
+            return forward(dict(enumerate(self.methods[step])), None)
+        halves = tuple(transformer_options.get("cond_or_uncond", ()))
+        has_cfg = 0 in halves and 1 in halves
+        decide = self._greedy if self.settings.mode == "greedy" else self._fast
+        out = decide(step, has_cfg, run.cache, forward)
+        self.progress.update_absolute(step + 1)
+        return out
+
+    def _candidates(self, layer: int, has_cfg: bool) -> list[str]:
+        if not self.layers[layer].compressible:
+            return []
+        return [name for name in self.settings.candidates if has_cfg or not name.endswith("+asc")]
+
+    def _greedy(self, step: int, has_cfg: bool, cache: dict, forward: Callable) -> torch.Tensor:
+        before = dict(cache)
+        reference = forward({}, None)
+        after_full = dict(cache)
+        count = len(self.layers)
+        assignment: dict[int, str] = {}
+        losses: list[float | None] = [None] * count
+        if step > 0 and self.settings.delta > 0:
+            for layer in range(count):
+                budget = (layer + 1) / count * self.settings.delta
+                for name in self._candidates(layer, has_cfg):
+                    loss = output_loss(forward({**assignment, layer: name}, before), reference)
+                    if loss <= budget:
+                        assignment[layer], losses[layer] = name, loss
+                        break
+                self.progress.update_absolute(step + (layer + 1) / count)
+        out = forward(assignment, before) if assignment else reference
+        if not assignment:
+            cache.clear()
+            cache.update(after_full)
+        self._record([assignment.get(layer, "full") for layer in range(count)], losses, output_loss(out, reference))
+        return out
+
+    def _fast(self, step: int, has_cfg: bool, cache: dict, forward: Callable) -> torch.Tensor:
+        before = dict(cache)
+        self.scoring = True
+        try:
+            reference = forward({}, None)
+        finally:
+            self.scoring = False
+        after_full = dict(cache)
+        count = len(self.layers)
+        assignment: dict[int, str] = {}
+        losses: list[float | None] = [None] * count
+        if step > 0 and self.settings.delta > 0:
+            for layer, errors in self.scorer.errors.items():
+                fits = [name for name in self._candidates(layer, has_cfg)
+                        if errors.get(name, float("inf")) <= self.settings.delta]
+                if fits:
+                    assignment[layer] = min(fits, key=self.layers[layer].cost)
+                    losses[layer] = errors[assignment[layer]]
+        out, loss = reference, 0.0
+        if assignment:
+            out = forward(assignment, before)
+            loss = output_loss(out, reference)
+            if loss > self.settings.delta:  # the step as a whole fails its check: full attention
+                assignment, losses, out, loss = {}, [None] * count, reference, 0.0
+                cache.clear()
+                cache.update(after_full)
+        self.scorer.commit(assignment)
+        self._record([assignment.get(layer, "full") for layer in range(count)], losses, loss)
+        return out
+
+    def _record(self, methods: list[str], losses: list[float | None], step_loss: float) -> None:
+        self.methods.append(methods)
+        self.losses.append(losses)
+        self.step_losses.append(step_loss)
+
+    def plan(self, info: CalibrationInfo) -> Plan:
+        if not self.methods:
+            raise RuntimeError("FastAttn Calibrate: the sampler never called the model; nothing was calibrated.")
+        while len(self.methods) < self.steps:
+            self._record(["full"] * len(self.layers), [None] * len(self.layers), 0.0)
+        fingerprint = Fingerprint(self.architecture, tuple(slot.info for slot in self.layers))
+        plan = Plan(fingerprint, info, self.settings.window, self.methods, self.losses, self.step_losses)
+        plan.flops_kept = flops_kept(plan, self.layers)
+        return plan
+
+
+def flops_kept(plan: Plan, layers: list[LayerSlot]) -> float:
+    """Attention FLOPs the plan computes / full attention's, at the calibrated steps (a full
+    step that caches a residual also pays for the window)."""
+    computed = full = 0.0
+    for step, row in enumerate(plan.methods):
+        for layer, (name, slot) in enumerate(zip(row, layers, strict=True)):
+            full += slot.full_flops
+            computed += slot.cost(name)
+            if name.startswith("full") and plan.residual_window(step, plan.steps, layer) is not None:
+                computed += slot.window_flops / (2 if name.endswith("+asc") else 1)
+    return computed / full if full else 1.0
+
+
+def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int, steps: int, cfg: float,
+              sampler: str, scheduler: str, settings: Settings) -> tuple[Plan, torch.Tensor]:
+    """Sample once while calibrating; returns the plan and the run's final latent."""
+    calibration = Calibration(settings, steps)
+    patched = install(model, CalibrationMethod(calibration))
+    # Outside the runtime's APPLY_MODEL wrapper, so that every trial is a forward of its own.
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    patched.remove_wrappers_with_key(apply_model, PATCH_KEY)
+    patched.add_wrapper_with_key(apply_model, CALIBRATION_KEY, calibration.apply_model_wrapper)
+    patched.add_wrapper_with_key(apply_model, PATCH_KEY, apply_model_wrapper)
+    latent_image = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    samples = comfy.sample.sample(patched, noise, steps, cfg, sampler, scheduler, positive, negative, latent_image,
+                                  noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
+    info = CalibrationInfo(steps, sampler, scheduler, cfg, calibration.grid, latent_image.shape[0], seed, settings.delta,
+                           settings.mode)
+    return calibration.plan(info), samples

@@ -1,0 +1,67 @@
+"""A plan as a picture: technique per layer (rows) x step (columns), a legend with each
+technique's share of the cells, and the attention FLOPs the plan keeps."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .schema import TECHNIQUES, Plan
+
+COLOURS = {
+    "full": (90, 90, 90),
+    "full+asc": (70, 130, 220),
+    "wars": (60, 170, 90),
+    "wars+asc": (30, 200, 200),
+    "ast": (240, 150, 40),
+}
+LABELS = {
+    "full": "full attention",
+    "full+asc": "full + CFG sharing",
+    "wars": "window + residual",
+    "wars+asc": "window + residual + CFG sharing",
+    "ast": "step sharing (reuse)",
+}
+BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
+MARGIN, LABEL_WIDTH, FONT_SIZE = 16, 70, 14
+
+
+def render_heatmap(plan: Plan) -> Image.Image:
+    steps, layers = plan.steps, len(plan.fingerprint.layers)
+    cell = int(max(6, min(36, 640 / max(steps, layers))))
+    font = ImageFont.load_default(size=FONT_SIZE)
+    line = FONT_SIZE + 6
+    grid_width, grid_height = cell * steps, cell * layers
+    width = max(MARGIN * 2 + LABEL_WIDTH + grid_width, 520)
+    title_height = 2 * line + MARGIN
+    legend_top = title_height + grid_height + line + MARGIN
+    height = legend_top + line * len(TECHNIQUES) + MARGIN
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    info = plan.calibration
+    draw.text((MARGIN, MARGIN // 2), f"{plan.fingerprint.architecture}: {steps} steps x {layers} attention layers, "
+              f"{info.mode or 'plan'} delta {info.delta:g}", fill=INK, font=font)
+    draw.text((MARGIN, MARGIN // 2 + line), f"attention FLOPs kept: {plan.flops_kept:.1%} of full", fill=INK, font=font)
+    left, top = MARGIN + LABEL_WIDTH, title_height
+    for step, row in enumerate(plan.methods):
+        for layer, name in enumerate(row):
+            x, y = left + step * cell, top + layer * cell
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=COLOURS[name], outline=BACKGROUND)
+    label_every = max(1, round(FONT_SIZE / cell))
+    for layer in range(0, layers, label_every):
+        kind = plan.fingerprint.layers[layer].kind
+        draw.text((MARGIN, top + layer * cell + max(0, (cell - FONT_SIZE) // 2)), f"{layer} {kind}", fill=INK, font=font)
+    draw.text((left, top + grid_height + 2), "step 0  ->  last step (rows: attention layers)", fill=INK, font=font)
+    counts = plan.counts()
+    total = max(1, sum(counts.values()))
+    for index, name in enumerate(TECHNIQUES):
+        y = legend_top + index * line
+        draw.rectangle((MARGIN, y + 2, MARGIN + FONT_SIZE, y + 2 + FONT_SIZE), fill=COLOURS[name])
+        draw.text((MARGIN + FONT_SIZE + 8, y), f"{LABELS[name]}: {counts[name] / total:.0%} of cells", fill=INK, font=font)
+    return image
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image as a ComfyUI IMAGE: [1, H, W, 3] floats in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]

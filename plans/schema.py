@@ -1,0 +1,209 @@
+"""A plan as data: which technique each attention layer uses at each step, and what it was
+calibrated on. Versioned JSON; loading validates everything and names what is wrong.
+
+A plan answers DiTFastAttn's two questions (`choose`, `residual_window`) like a hand-set
+Schedule does, mapping a sampling step to the plan step at the same POSITION in the schedule,
+so a plan calibrated at 20 steps serves 30.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from ..patching.ditfastattn import SELF_ATTENTION_KINDS as WINDOWED_KINDS  # layers any technique may act on; cross / text stay full
+from ..patching.schedule import Choice, WindowSize
+
+FORMAT = "fastattn-plan"
+VERSION = 1
+
+# The paper's candidates (REFERENCE.md section 1), in the order greedy search tries them.
+# ast: attention sharing across timesteps; wars: window attention + residual sharing;
+# asc: attention sharing across CFG.
+CANDIDATES = ("ast", "wars+asc", "wars", "full+asc")
+TECHNIQUES = ("full", *CANDIDATES)
+WINDOW_SHAPES = ("band", "square", "circle")
+
+
+class PlanError(ValueError):
+    """A plan that cannot be read or does not fit the model; the message says what to do."""
+
+
+def choice_of(technique: str, window: WindowSize) -> Choice:
+    """The DiTFastAttn choice for one technique name."""
+    share_cfg = technique.endswith("+asc")
+    if technique == "ast":
+        return Choice("reuse")
+    if technique.startswith("wars"):
+        return Choice("window", share_cfg, window, True)
+    return Choice("full", share_cfg)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    kind: str
+    heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """The model a plan fits: architecture and its attention layers, in forward order."""
+
+    architecture: str
+    layers: tuple[LayerInfo, ...]
+
+    def mismatch(self, other: Fingerprint) -> str | None:
+        """Why a plan for `self` does not fit a model with fingerprint `other`, or None."""
+        if self.architecture != other.architecture:
+            return f"the plan is for a {self.architecture} model, this model is {other.architecture}"
+        if len(self.layers) != len(other.layers):
+            return f"the plan has {len(self.layers)} attention layers per forward, this model has {len(other.layers)}"
+        for index, (mine, theirs) in enumerate(zip(self.layers, other.layers, strict=True)):
+            if mine != theirs:
+                return f"attention layer {index} differs: the plan has {mine}, this model has {theirs}"
+        return None
+
+
+@dataclass(frozen=True)
+class CalibrationInfo:
+    """What a plan was calibrated on (for the user and for mapping; only `steps` is used)."""
+
+    steps: int
+    sampler: str = ""
+    scheduler: str = ""
+    cfg: float = 1.0
+    grid: tuple[int, ...] = ()
+    latents: int = 1  # latents in the calibration batch (seeds or prompts)
+    seed: int = 0
+    delta: float = 0.0
+    mode: str = ""
+
+
+@dataclass
+class Plan:
+    fingerprint: Fingerprint
+    calibration: CalibrationInfo
+    window: WindowSize
+    methods: list[list[str]]  # [plan step][layer] -> technique name
+    losses: list[list[float | None]] = field(default_factory=list)  # loss recorded for each accepted choice
+    step_losses: list[float] = field(default_factory=list)  # model-output loss of each step's choices
+    flops_kept: float = 1.0  # attention FLOPs computed / full, over the calibration run
+
+    def __post_init__(self) -> None:
+        self._tables: dict[int, list[list[Choice]]] = {}
+
+    @property
+    def steps(self) -> int:
+        return len(self.methods)
+
+    @property
+    def shares_cfg(self) -> bool:
+        return any(name.endswith("+asc") for row in self.methods for name in row)
+
+    def plan_step(self, step: int, total_steps: int) -> int:
+        """The plan step at the same position in the schedule as `step` of `total_steps`."""
+        if total_steps == self.steps:
+            return step
+        return min(self.steps - 1, math.floor(step * self.steps / total_steps))
+
+    def choose(self, step: int, total_steps: int, layer: int) -> Choice:
+        table = self._table(total_steps)
+        if not 0 <= step < total_steps or layer >= len(table[0]):
+            return Choice("full")
+        return table[step][layer]
+
+    def residual_window(self, step: int, total_steps: int, layer: int) -> WindowSize | None:
+        """At a full step: the window, if any later step of this layer uses window + residual.
+        (Any later one, not only the next: a calibration run caches the residual at every full
+        step, so applying the plan reads the same residual it did.)"""
+        table = self._table(total_steps)
+        if layer >= len(table[0]):
+            return None
+        later = (table[s][layer] for s in range(step + 1, total_steps))
+        return self.window if any(choice.compute == "window" for choice in later) else None
+
+    def _table(self, total_steps: int) -> list[list[Choice]]:
+        if total_steps not in self._tables:
+            self._tables[total_steps] = [
+                [choice_of(name, self.window) for name in self.methods[self.plan_step(step, total_steps)]]
+                for step in range(total_steps)
+            ]
+        return self._tables[total_steps]
+
+    def counts(self) -> dict[str, int]:
+        """How many (step, layer) cells use each technique."""
+        tally = dict.fromkeys(TECHNIQUES, 0)
+        for row in self.methods:
+            for name in row:
+                tally[name] += 1
+        return tally
+
+    def to_json(self) -> str:
+        data = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": {"architecture": self.fingerprint.architecture,
+                      "layers": [asdict(layer) for layer in self.fingerprint.layers]},
+            "calibration": asdict(self.calibration),
+            "window": {"shape": self.window.shape, "fraction": self.window.fraction},
+            "methods": self.methods,
+            "losses": self.losses,
+            "step_losses": self.step_losses,
+            "flops_kept": self.flops_kept,
+        }
+        return json.dumps(data, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Parse and validate a plan; every problem raises PlanError saying what is wrong."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise PlanError(f"the plan is not valid JSON ({error}); paste the whole text a Calibrate node wrote") from None
+        _require(isinstance(data, dict) and data.get("format") == FORMAT,
+                 f"this is not a FastAttn plan (no \"format\": \"{FORMAT}\" field)")
+        version = data.get("version")
+        _require(isinstance(version, int), "the plan has no integer \"version\"")
+        _require(version <= VERSION, f"the plan has schema version {version}, newer than this FastAttn reads "
+                                     f"({VERSION}); update the FastAttn node pack")
+        model, calibration, window = (_section(data, name) for name in ("model", "calibration", "window"))
+        layers = model.get("layers")
+        _require(isinstance(layers, list) and layers, "model.layers must be a non-empty list")
+        try:
+            fingerprint = Fingerprint(str(model["architecture"]), tuple(
+                LayerInfo(str(layer["kind"]), int(layer["heads"]), int(layer["head_dim"])) for layer in layers))
+            info = CalibrationInfo(**{**calibration, "grid": tuple(calibration.get("grid", ()))})
+            size = WindowSize(window["shape"], float(window["fraction"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise PlanError(f"the plan's model, calibration or window section is incomplete or wrong: {error}") from None
+        _require(size.shape in WINDOW_SHAPES, f"unknown window shape {size.shape!r}; one of {', '.join(WINDOW_SHAPES)}")
+        methods = data.get("methods")
+        _require(isinstance(methods, list) and methods and all(isinstance(row, list) for row in methods),
+                 "methods must be a non-empty list of steps, each a list of technique names")
+        for step, row in enumerate(methods):
+            _require(len(row) == len(layers), f"methods step {step} has {len(row)} layers, the model section {len(layers)}")
+            for layer, name in enumerate(row):
+                _require(name in TECHNIQUES, f"unknown technique {name!r} at step {step}, layer {layer}; "
+                                             f"known: {', '.join(TECHNIQUES)}")
+                _require(name == "full" or layers[layer]["kind"] in WINDOWED_KINDS,
+                         f"step {step}, layer {layer}: {name} on a {layers[layer]['kind']} layer (only joint / image "
+                         "self-attention may be compressed)")
+        _require(all(name not in ("ast", "wars", "wars+asc") for name in methods[0]),
+                 "step 0 must compute attention (full or full+asc): nothing is cached before it")
+        flops_kept = data.get("flops_kept", 1.0)
+        _require(isinstance(flops_kept, (int, float)), "flops_kept must be a number")
+        return cls(fingerprint, info, size, methods, data.get("losses", []), data.get("step_losses", []),
+                   float(flops_kept))
+
+
+def _section(data: dict, name: str) -> dict:
+    section = data.get(name)
+    _require(isinstance(section, dict), f"the plan has no {name!r} section")
+    return section
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise PlanError(f"FastAttn plan: {message}.")

@@ -1,0 +1,307 @@
+"""Plans: calibration on real tiny models (controlled ones where the answer is known), the
+plan file and its validation, storage, and applying a plan."""
+
+from __future__ import annotations
+
+import json
+
+import folder_paths
+import pytest
+import torch
+from harness import pack_import
+from harness.models import build_model, conditioning, empty_latent, sample
+
+plans = pack_import("plans")
+patching = pack_import("patching")
+kernels = pack_import("kernels")
+schema = pack_import("plans.schema")
+nodes = pack_import("nodes.plans")
+
+STEPS = 4
+DELTA = {"greedy": 0.1, "fast": 0.3}  # accepts some techniques on the random tiny model, refuses others
+ARCH = "sd3"  # 3 attention layers per forward: joint, image (layer 1, 8 x 8 tokens), joint
+WINDOW = pack_import("patching.schedule").WindowSize("band", 0.125)  # 8 tokens per side on the 64 image tokens
+
+
+def _inputs(arch: str = ARCH) -> tuple:
+    return conditioning(arch, 7, seed=1), conditioning(arch, 7, seed=2), empty_latent(arch, 16, 16, batch=2)
+
+
+def _calibrate(model, mode: str, delta: float, candidates=plans.CANDIDATES, arch: str = ARCH):
+    positive, negative, latent = _inputs(arch)
+    settings = plans.Settings(delta, tuple(candidates), WINDOW, mode)
+    return plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
+                           scheduler="simple", settings=settings)
+
+
+def _apply(model, plan, steps: int = STEPS, arch: str = ARCH) -> torch.Tensor:
+    positive, negative, latent = _inputs(arch)
+    return sample(patching.install(model, plans.PlannedAttention(plan)), positive, negative, latent, steps=steps,
+                  seed=3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(ARCH)
+
+
+@pytest.fixture(scope="module", params=plans.MODES)
+def calibrated(request, model):
+    """(mode, plan, final latent) at a delta that accepts some techniques and refuses others."""
+    plan, latent = _calibrate(model, request.param, DELTA[request.param])
+    return request.param, plan, latent
+
+
+@pytest.fixture
+def user_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    return tmp_path
+
+
+def with_image_layer(model, attention):
+    """A clone whose image-only attention layer (layer 1, the only call over the 64 image tokens
+    alone) is computed by `attention(call)`: a controlled model, where its right plan is known."""
+
+    def override(func, *args, **kwargs):
+        call = patching.AttentionCall(func, args, kwargs, None)
+        return attention(call) if call.q_len == 64 else func(*args, **kwargs)
+
+    clone = model.clone()
+    clone.model_options["transformer_options"]["optimized_attention_override"] = override
+    return clone
+
+
+def local_attention(call) -> torch.Tensor:
+    """Layer 1 (image-only, 8 x 8 tokens) made truly local: exactly the candidate window."""
+    q, k, v = call.heads_first()
+    layout = kernels.TokenLayout(0, (8, 8))
+    return call.format_output(kernels.reference_attention(q, k, v, layout, WINDOW.window_for(layout)))
+
+
+def constant_attention(call) -> torch.Tensor:
+    """An attention output that never changes across steps."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(call.output_shape, generator=generator)
+
+
+# --- calibration ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", plans.MODES)
+def test_a_layer_made_local_gets_the_window(model, mode):
+    plan, _ = _calibrate(with_image_layer(model, local_attention), mode, 1e-3, candidates=("wars",))
+    assert [row[1] for row in plan.methods] == ["full"] + ["wars"] * (STEPS - 1)
+    assert all(row[0] == row[2] == "full" for row in plan.methods)  # real layers err far more than 1e-3
+
+
+@pytest.mark.parametrize("mode", plans.MODES)
+def test_a_layer_constant_across_steps_gets_step_sharing(model, mode):
+    plan, _ = _calibrate(with_image_layer(model, constant_attention), mode, 1e-3)
+    assert [row[1] for row in plan.methods] == ["full"] + ["ast"] * (STEPS - 1)
+    assert all(row[0] == row[2] == "full" for row in plan.methods)
+
+
+@pytest.mark.parametrize("mode", plans.MODES)
+def test_delta_zero_keeps_full_attention_and_the_unpatched_result(model, mode):
+    plan, latent = _calibrate(model, mode, 0.0)
+    assert plan.counts()["full"] == STEPS * 3
+    positive, negative, inputs = _inputs()
+    reference = sample(model, positive, negative, inputs, steps=STEPS, seed=3)
+    assert torch.allclose(latent, reference, atol=1e-5)
+
+
+def test_some_techniques_are_accepted_and_some_refused(calibrated):
+    _, plan, _ = calibrated
+    counts = plan.counts()
+    assert counts["full"] > 3 and sum(counts.values()) - counts["full"] > 0  # step 0 plus refusals
+
+
+def test_every_accepted_choice_is_within_its_budget(calibrated):
+    mode, plan, _ = calibrated
+    layers = len(plan.fingerprint.layers)
+    checked = 0
+    for step, (row, losses) in enumerate(zip(plan.methods, plan.losses, strict=True)):
+        assert plan.step_losses[step] <= plan.calibration.delta
+        for layer, (name, loss) in enumerate(zip(row, losses, strict=True)):
+            if name != "full":
+                budget = (layer + 1) / layers * plan.calibration.delta if mode == "greedy" else plan.calibration.delta
+                assert loss is not None and 0 <= loss <= budget
+                checked += 1
+    assert checked > 0
+
+
+def test_the_same_inputs_give_the_same_plan(model, calibrated):
+    mode, plan, latent = calibrated
+    again, latent_again = _calibrate(model, mode, DELTA[mode])
+    assert again.methods == plan.methods and again.to_json() == plan.to_json()
+    assert torch.equal(latent_again, latent)
+
+
+def test_applying_the_saved_plan_reproduces_the_calibration_run(model, calibrated, user_directory):
+    _, plan, latent = calibrated
+    plans.save_plan(plan, "mine", overwrite=False)
+    loaded = plans.load_plan("mine")
+    assert torch.equal(_apply(model, loaded), latent)
+
+
+def test_flops_kept_is_what_the_applied_run_computes(model, calibrated):
+    _, plan, _ = calibrated
+    applied = patching.install(model, plans.PlannedAttention(plan))
+    positive, negative, latent = _inputs()
+    sample(applied, positive, negative, latent, steps=STEPS, seed=3)
+    report = patching.patch_of(applied).last_report
+    assert plan.flops_kept == pytest.approx(report.computed_flops / report.full_flops, rel=1e-9)
+
+
+def test_another_step_count_maps_by_position(calibrated):
+    _, plan, _ = calibrated
+    assert [plan.plan_step(step, 2 * STEPS) for step in range(2 * STEPS)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert plan.choose(5, 2 * STEPS, 1) == schema.choice_of(plan.methods[2][1], plan.window)
+
+
+def test_a_plan_runs_at_another_step_count(model, calibrated):
+    _, plan, _ = calibrated
+    out = _apply(model, plan, steps=2 * STEPS)
+    assert torch.isfinite(out).all()
+
+
+def test_interrupt_stops_calibration_cleanly(model, monkeypatch):
+    import comfy.model_management
+
+    calls = {"count": 0}
+
+    def interrupt_on_third():
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt_on_third)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        _calibrate(model, "greedy", 0.1)
+    assert "fastattn_run" not in model.model_options["transformer_options"]
+
+
+# --- the plan file ----------------------------------------------------------------------------
+
+
+def test_a_plan_round_trips_through_its_file(calibrated, user_directory):
+    _, plan, _ = calibrated
+    path = plans.save_plan(plan, "round trip", overwrite=False)
+    assert path == user_directory / "default" / "fastattn_plans" / "round trip.json"
+    loaded = plans.load_plan("round trip")
+    assert loaded.to_json() == plan.to_json()
+    assert (loaded.fingerprint, loaded.calibration, loaded.window) == (plan.fingerprint, plan.calibration, plan.window)
+    assert plans.list_plans() == ["round trip"]
+
+
+def test_saving_never_overwrites_without_the_switch(calibrated, user_directory):
+    _, plan, _ = calibrated
+    path = plans.save_plan(plan, "kept", overwrite=False)
+    path.write_text(path.read_text().replace('"flops_kept"', '"flops_kept" '))
+    before = path.read_text()
+    with pytest.raises(plans.PlanError, match="already exists.*overwrite"):
+        plans.save_plan(plan, "kept", overwrite=False)
+    assert path.read_text() == before
+    plans.save_plan(plan, "kept", overwrite=True)
+    assert path.read_text() == plan.to_json()
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden", "x" * 200])
+def test_plan_names_stay_in_the_plans_folder(name, user_directory):
+    with pytest.raises(plans.PlanError, match="not a usable plan name"):
+        plans.load_plan(name)
+
+
+def test_a_missing_saved_plan_is_a_clear_error(user_directory):
+    with pytest.raises(plans.PlanError, match="no saved plan named 'absent'"):
+        plans.load_plan("absent")
+
+
+def _edited(plan, edit) -> str:
+    data = json.loads(plan.to_json())
+    edit(data)
+    return json.dumps(data)
+
+
+def _set(path: tuple, value):
+    def edit(data):
+        for key in path[:-1]:
+            data = data[key]
+        data[path[-1]] = value
+    return edit
+
+
+INVALID = {
+    "corrupt JSON": (lambda plan: plan.to_json()[:-20], "not valid JSON"),
+    "not a plan": (lambda plan: json.dumps({"hello": 1}), "not a FastAttn plan"),
+    "newer version": (lambda plan: _edited(plan, _set(("version",), 99)), "newer than this FastAttn reads"),
+    "no version": (lambda plan: _edited(plan, _set(("version",), "1")), "integer \"version\""),
+    "missing section": (lambda plan: _edited(plan, lambda d: d.pop("window")), "no 'window' section"),
+    "incomplete layers": (lambda plan: _edited(plan, _set(("model", "layers", 0), {"kind": "joint"})),
+                          "incomplete or wrong"),
+    "bad window": (lambda plan: _edited(plan, _set(("window", "shape"), "hexagon")), "window"),
+    "unknown technique": (lambda plan: _edited(plan, _set(("methods", 1, 0), "magic")), "unknown technique 'magic'"),
+    "wrong layer count": (lambda plan: _edited(plan, _set(("methods", 1), ["full"])), "has 1 layers"),
+    "compressed cross layer": (lambda plan: _edited(plan, _set(("model", "layers", 0, "kind"), "cross")),
+                               "only joint / image"),
+    "reuse at step 0": (lambda plan: _edited(plan, _set(("methods", 0, 0), "ast")), "step 0 must compute"),
+    "no methods": (lambda plan: _edited(plan, _set(("methods",), [])), "non-empty list of steps"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_every_invalid_plan_is_a_clear_error(case, calibrated):
+    _, plan, _ = calibrated
+    if case == "compressed cross layer" and plan.methods[1][0] == "full":
+        plan = plans.Plan(plan.fingerprint, plan.calibration, plan.window,
+                          [plan.methods[0], ["ast", *plan.methods[1][1:]], *plan.methods[2:]])
+    text, message = INVALID[case]
+    with pytest.raises(plans.PlanError, match=message):
+        plans.Plan.from_json(text(plan))
+
+
+def test_a_plan_for_another_model_fails_when_sampling_starts(model, calibrated):
+    _, plan, _ = calibrated
+    layers = list(plan.fingerprint.layers)
+    layers[1] = schema.LayerInfo("image", layers[1].heads * 2, layers[1].head_dim // 2)
+    other = plans.Plan(schema.Fingerprint(plan.fingerprint.architecture, tuple(layers)), plan.calibration,
+                       plan.window, plan.methods)
+    with pytest.raises(plans.PlanError, match="attention layer 1 differs"):
+        _apply(model, other)
+    flux = build_model("flux")
+    with pytest.raises(plans.PlanError, match="the plan is for a SD3"):
+        _apply(flux, plan, arch="flux")
+    with pytest.raises(plans.PlanError, match="the plan is for a SD3"):
+        nodes.ApplyPlan.execute(flux, nodes.NO_PLAN, plan.to_json())
+
+
+# --- nodes and picture ------------------------------------------------------------------------
+
+
+def test_calibrate_node_outputs_and_refuses_to_overwrite_before_running(model, user_directory):
+    positive, negative, latent = _inputs()
+    args = dict(seed=3, steps=STEPS, cfg=3.0, sampler_name="euler", scheduler="simple", delta=0.1,
+                search_mode="fast", step_sharing=True, window_residual=True, cfg_sharing=True,
+                window_shape=next(iter(nodes.WINDOW_SHAPES)), window_fraction=0.125, plan_name="node plan",
+                overwrite=False)
+    patched, plan, text, out, heatmap = nodes.Calibrate.execute(model, positive, negative, latent, **args).result
+    assert plans.Plan.from_json(text).to_json() == plan.to_json() == plans.load_plan("node plan").to_json()
+    assert out["samples"].shape == latent["samples"].shape and heatmap.ndim == 4 and heatmap.shape[-1] == 3
+    assert patching.patch_of(model) is None and patching.patch_of(patched) is not None
+    with pytest.raises(plans.PlanError, match="already exists"):
+        nodes.Calibrate.execute(None, positive, negative, latent, **args)  # refused before touching the model
+    (applied,) = nodes.ApplyPlan.execute(model, "node plan", "").result
+    assert torch.equal(sample(applied, positive, negative, latent, steps=STEPS, seed=3), out["samples"])
+    with pytest.raises(plans.PlanError, match="no plan given"):
+        nodes.ApplyPlan.execute(model, nodes.NO_PLAN, "  ")
+
+
+def test_heatmap_shows_every_cell_in_its_technique_colour(calibrated):
+    heatmap = pack_import("plans.heatmap")
+    _, plan, _ = calibrated
+    image = heatmap.render_heatmap(plan)
+    colours = {colour for _, colour in image.getcolors(1 << 20)}
+    used = {heatmap.COLOURS[name] for row in plan.methods for name in row}
+    assert used <= colours
+    tensor = heatmap.image_tensor(image)
+    assert tensor.shape == (1, image.height, image.width, 3) and 0.0 <= tensor.min() <= tensor.max() <= 1.0
