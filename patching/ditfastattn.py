@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import TokenLayout, attention_flops, window_attention
+from ..kernels import TokenLayout, Window, attention_flops, window_attention
 from .call import AttentionCall
 from .report import CallSite
 from .runtime import SamplingRun
@@ -72,9 +72,11 @@ class DiTFastAttn:
         if choice.compute == "window" and layout is not None:
             q, k, v = call.heads_first()
             residual = _gather(run, "residual", site.layer, ids, q.shape) if choice.residual else None
-            if residual is not None or not choice.residual:
-                window = choice.window.window_for(layout)
-                out = window_attention(q, k, v, layout, window, residual=residual, backend=self.backend)
+            window = choice.window.window_for(layout)
+            if (residual is not None or not choice.residual) and _fits(run, window, layout):
+                pool_weight = choice.pool_weights.get(site.layer) if choice.pool_weights else None
+                out = window_attention(q, k, v, layout, window, residual=residual, pool_weight=pool_weight,
+                                       backend=self.backend)
                 technique = "window+residual" if choice.residual else "window"
                 return call.format_output(out), self._flops(call, layout, window), technique
         out = call.run_default()
@@ -129,6 +131,17 @@ def _cfg_copy(run: SamplingRun, site: CallSite, chunks: Chunks, shape: torch.Siz
         return None
     out = torch.cat([entry[1]] * len(chunks.halves))
     return out if out.shape == shape else None
+
+
+def _fits(run: SamplingRun, window: Window, layout: TokenLayout) -> bool:
+    """Whether `window` applies to this grid (pooling needs sides it divides; circles need a
+    2D grid); if not, the call is computed in full and the log says why, once per run."""
+    try:
+        window.check(layout)
+    except ValueError as error:
+        _log_once(run, f"FastAttn: full attention where the window cannot apply: {error}")
+        return False
+    return True
 
 
 def _log_once(run: SamplingRun, message: str) -> None:
