@@ -21,6 +21,8 @@ WINDOW_BAND = {"window_shape": "band (1D over the token sequence, as the paper)"
                "residual": True}
 STEP_SHARING = {"compute_every": 2, "start_percent": 0.2, "end_percent": 1.0, "layers": ""}
 CFG_SHARING = {"start_percent": 0.5, "end_percent": 1.0, "layers": ""}  # early steps need real guidance
+CLEAR_R16 = {"radius": 16, "radius_fraction": 0.25, "pooling": "off", "temporal_radius": 1, "start_percent": 0.0,
+             "end_percent": 1.0, "layers_kept_full": ""}
 
 # name -> (description, the FastAttn nodes between the loader and the sampler, in order)
 TECHNIQUES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
@@ -34,6 +36,9 @@ TECHNIQUES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                     [("FastAttnCFGSharing", CFG_SHARING)]),
     "combined": ("Window + residual with CFG sharing (second half of the steps), the paper's combined mode.",
                  [("FastAttnWindowResidual", WINDOW_BAND), ("FastAttnCFGSharing", CFG_SHARING)]),
+    "clear_zero_shot": ("CLEAR local attention, zero-shot: each image token sees a circle of radius 16 tokens "
+                        "(a quarter of the 64 x 64 grid) and every text token, at every step.",
+                        [("FastAttnClearAttention", CLEAR_R16)]),
 }
 
 

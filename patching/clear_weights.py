@@ -8,11 +8,14 @@ ComfyUI fuses q, k, v into one matrix (double_blocks.N.img_attn.qkv, and the fir
 rows of single_blocks.N.linear1); the host's own diffusers key map gives the rows of each.
 Patches are "set" patches on those rows: unpatching restores the model, and LoRAs added after
 apply on top of the CLEAR weights.
+
+Files from the pack's distillation (any supported architecture) are in ComfyUI's own names
+instead: whole tensors by state-dict key, pooling weights by attention layer, and metadata
+saying so (clear_format = "comfyui") and which radius, pooling and architecture they are for.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from dataclasses import dataclass
@@ -27,7 +30,10 @@ from .schedule import PoolWeights
 PROJECTIONS = ("attn.to_q.", "attn.to_k.", "attn.to_v.", "attn.to_out.0.")
 BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 RELEASED_NAME = re.compile(r"clear_local_(\d+)(?:_down_(\d+))?")
-RADIUS_KEY, POOL_KEY = "clear_radius", "clear_pool"  # metadata of the files this pack writes
+# metadata and pooling-weight names of the files this pack writes
+FORMAT_KEY, RADIUS_KEY, POOL_KEY, ARCHITECTURE_KEY = "clear_format", "clear_radius", "clear_pool", "clear_architecture"
+NATIVE_FORMAT = "comfyui"
+LAYER_POOL_WEIGHT = "fastattn.pool_weight."  # + attention layer index
 
 
 class ClearWeightsError(ValueError):
@@ -36,10 +42,15 @@ class ClearWeightsError(ValueError):
 
 @dataclass(frozen=True)
 class ClearWeights:
-    projections: dict[str, torch.Tensor]  # diffusers name -> tensor
-    pool_weights: dict[str, torch.Tensor]  # block prefix ("transformer_blocks.3.") -> [d * d]
+    projections: dict[str, torch.Tensor]  # diffusers name (or state-dict key if native) -> tensor
+    pool_weights: dict[str, torch.Tensor]  # block prefix ("transformer_blocks.3.", or layer if native) -> [d * d]
     radius: int | None  # from the file's metadata or released name; None if neither says
     pool: int  # 0: no pooled keys
+    metadata: dict[str, str]
+
+    @property
+    def native(self) -> bool:
+        return self.metadata.get(FORMAT_KEY) == NATIVE_FORMAT
 
 
 def read_clear_file(path: str | Path) -> ClearWeights:
@@ -49,9 +60,14 @@ def read_clear_file(path: str | Path) -> ClearWeights:
     pool_weights: dict[str, torch.Tensor] = {}
     with safetensors.safe_open(str(path), framework="pt") as file:
         metadata = file.metadata() or {}
+        native = metadata.get(FORMAT_KEY) == NATIVE_FORMAT
         for name in file.keys():  # noqa: SIM118  (safe_open has no __iter__)
             block = BLOCK.match(name)
-            if block and name.endswith("spatial_weight"):
+            if native and name.startswith(LAYER_POOL_WEIGHT):
+                pool_weights[name.removeprefix(LAYER_POOL_WEIGHT)] = file.get_tensor(name).flatten()
+            elif native:
+                projections[name] = file.get_tensor(name)
+            elif block and name.endswith("spatial_weight"):
                 pool_weights[block.group(0)] = file.get_tensor(name).flatten()
             elif block and any(name[block.end():].startswith(p) for p in PROJECTIONS):
                 projections[name] = file.get_tensor(name)
@@ -61,7 +77,7 @@ def read_clear_file(path: str | Path) -> ClearWeights:
                     "'transformer_blocks.0.attn.to_q.weight' or '...attn.processor.spatial_weight')")
     if not projections:
         raise ClearWeightsError(f"{path.name} holds no attention projections; is it a CLEAR weights file?")
-    return ClearWeights(projections, pool_weights, *_settings(path, metadata, pool_weights))
+    return ClearWeights(projections, pool_weights, *_settings(path, metadata, pool_weights), metadata)
 
 
 def _settings(path: Path, metadata: dict, pool_weights: dict[str, torch.Tensor]) -> tuple[int | None, int]:
@@ -91,9 +107,29 @@ def resolve_radius(weights: ClearWeights, requested: int, file_name: str) -> int
     return weights.radius
 
 
+def model_patches(model, weights: ClearWeights) -> tuple[dict, PoolWeights | None]:
+    """ModelPatcher patches putting `weights` on `model`, and the pooling weights by attention layer."""
+    if not weights.native:
+        return flux_patches(model, weights)
+    architecture = type(model.model.diffusion_model).__name__
+    if weights.metadata.get(ARCHITECTURE_KEY, architecture) != architecture:
+        raise ClearWeightsError(f"these CLEAR weights were distilled for a {weights.metadata[ARCHITECTURE_KEY]} model, "
+                                f"not this {architecture}")
+    state = model.model_state_dict()
+    for key, tensor in weights.projections.items():
+        if key not in state or state[key].shape != tensor.shape:
+            found = "missing" if key not in state else f"of shape {tuple(state[key].shape)}"
+            raise ClearWeightsError(f"{key} ({tuple(tensor.shape)}) in the CLEAR file is {found} in this model: the "
+                                    "file was distilled for another model of this architecture")
+    patches = {key: ("set", (tensor,)) for key, tensor in weights.projections.items()}
+    by_layer = {int(layer): tensor.float() for layer, tensor in weights.pool_weights.items()}
+    return patches, PoolWeights(by_layer) if by_layer else None
+
+
 def flux_patches(model, weights: ClearWeights) -> tuple[dict, PoolWeights | None]:
-    """ModelPatcher patches putting `weights` on the FLUX `model`, and the pooling weights by
-    attention layer (double block N is layer N, single block N is layer depth + N)."""
+    """ModelPatcher patches putting released (diffusers-named) `weights` on the FLUX `model`, and
+    the pooling weights by attention layer (double block N is layer N, single block N is layer
+    depth + N)."""
     config = model.model.model_config.unet_config
     if config.get("image_model") != "flux" or "depth_single_blocks" not in config:
         raise ClearWeightsError(f"CLEAR weights are for FLUX models; this model is {type(model.model).__name__}")
@@ -115,9 +151,6 @@ def flux_patches(model, weights: ClearWeights) -> tuple[dict, PoolWeights | None
         if tensor.shape != shape:
             raise ClearWeightsError(f"{name} has shape {tuple(tensor.shape)}, the model's {key} needs {tuple(shape)}")
         patches[key if offset is None else (key, offset)] = ("set", (tensor,))
-    if any(key in model.patches for key in (k if isinstance(k, str) else k[0] for k in patches)):
-        logging.warning("FastAttn: CLEAR weights replace the attention weights of patches loaded before them "
-                        "(LoRAs); load LoRAs after the CLEAR loader to apply them on top.")
     return patches, _pool_weights_by_layer(weights, config["depth"], config["depth_single_blocks"])
 
 

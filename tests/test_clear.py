@@ -234,3 +234,64 @@ def test_radius_and_pooling_must_match_the_file(flux, tmp_path):
     assert clear_nodes.load_clear(flux, _write(tmp_path, "mine.safetensors", _clear_file()), radius=5) is not flux
     with pytest.raises(ClearWeightsError, match="for FLUX models"):
         clear_nodes.load_clear(build_model("sd3"), _write(tmp_path, "clear_local_8.safetensors", _clear_file()))
+
+
+# ---- distillation ----
+
+distillation = pack_import("patching.clear_distill")
+
+
+def _distil(model, arch: str, tmp_path, settings, start=None) -> tuple[str, torch.Tensor]:
+    """Teacher samples at the test size, then distillation; returns the file and the samples."""
+    node = clear_nodes
+    latent = {"samples": torch.zeros_like(_latent(arch)["samples"]).repeat(2, 1, 1, 1)}
+    samples = node.teacher_samples(model, conditioning(arch, 7, seed=1), conditioning(arch, 7, seed=2), latent,
+                                   seed=0, steps=STEPS, cfg=3.0)
+    path = str(tmp_path / f"distilled_{settings.iterations}.safetensors")
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        distillation.distill(model, conditioning(arch, 7, seed=1), conditioning(arch, 7, seed=2), 3.0, samples, settings,
+                             lambda tensors, metadata: save_file(tensors, path, metadata=metadata), start)
+    return path, samples
+
+
+def test_distillation_brings_the_student_closer_to_the_teacher(tmp_path):
+    arch = "sd3"
+    model = build_model(arch)
+    teacher = _run(model, arch)
+    zero_shot = _run(clear_nodes.ClearAttention.execute(model, 2, 0.25, "off", 1, 0.0, 1.0, "").result[0], arch)
+    # a random model does not predict its data: only the teacher terms (CLEAR's flow matching is off)
+    settings = distillation.DistillSettings(radius=2, iterations=40, learning_rate=3e-4, flow_matching=0.0)
+    path, _ = _distil(model, arch, tmp_path, settings)
+    distilled_model = clear_nodes.load_clear(model, path)
+    distilled = _run(distilled_model, arch)
+    error = lambda x: (x - teacher).pow(2).mean().item()  # noqa: E731
+    assert error(distilled) < 0.8 * error(zero_shot)
+    (local,) = patching.patch_of(distilled_model).method.schedule.techniques
+    assert local.window == S.WindowSize("circle", tokens=2, temporal_tokens=1)
+
+
+def test_distilled_file_holds_the_attention_projections_and_pooling_and_resumes(tmp_path):
+    arch = "sd3"
+    model = build_model(arch)
+    base = {k: v.clone() for k, v in model.model_state_dict().items()}
+    path, _ = _distil(model, arch, tmp_path, distillation.DistillSettings(radius=2, pool=2, iterations=2,
+                                                                          learning_rate=1e-3))
+    weights = pack_import("patching.clear_weights").read_clear_file(path)
+    assert weights.native and weights.radius == 2 and weights.pool == 2
+    assert sorted(weights.pool_weights) == ["0", "1", "2"]  # every windowed layer trained its pooling
+    assert not any(torch.equal(w, torch.full((4,), 0.25)) for w in weights.pool_weights.values())
+    assert weights.projections and all(".x_block.attn" in key for key in weights.projections)
+    assert not any(torch.equal(tensor, base[key]) for key, tensor in weights.projections.items())
+    assert all(torch.equal(v, model.model_state_dict()[k]) for k, v in base.items())  # the model is untouched
+    start = {**weights.projections, **{f"fastattn.pool_weight.{k}": v for k, v in weights.pool_weights.items()}}
+    resumed, _ = _distil(model, arch, tmp_path, distillation.DistillSettings(radius=2, pool=2, iterations=1),
+                         start=start)
+    loaded = clear_nodes.load_clear(model, resumed)
+    assert patching.patch_of(loaded).method.schedule.techniques[0].window.pool == 2
+    with pytest.raises(ClearWeightsError, match="distilled for a OpenAISignatureMMDITWrapper model, not this Flux"):
+        clear_nodes.load_clear(build_model("flux"), resumed)
+
+
+def test_distillation_of_flux_is_refused_clearly(flux):
+    with pytest.raises(ValueError, match="Flux is not supported yet"):
+        distillation.trainable_for(flux)
