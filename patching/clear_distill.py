@@ -8,7 +8,10 @@ kernels' reference; the fast kernels have no backward). Training runs inside Com
 sampling path as a custom Sampler, so conditioning, model loading and the runtime's wrappers
 are the host's. Losses as CLEAR (REFERENCE.md section 3), on the model's prediction
 (x_t - denoised) / sigma (velocity for flow models): flow matching against the teacher's
-samples + 0.5 x MSE(student, teacher) + 0.5 x MSE of every local layer's attention output.
+samples + 0.5 x MSE(student, teacher) + 0.5 x MSE of every local layer's attention output,
+with the sampling's prompts and CFG scale (the guided prediction is what sampling uses).
+SD3-class models only for now: FLUX's blocks in the host add to their inputs in place, which
+autograd rejects without per-block recomputation (see TRAINABLE).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ from .runtime import SamplingRun, install
 from .schedule import WindowSize
 
 # Image-stream attention projections CLEAR trains, by the host's module names (SD3-class MMDiT).
-# FLUX is left out: the host's FLUX blocks add to their inputs in place, which autograd rejects.
+# FLUX is left out: the host's FLUX blocks add to their inputs in place, which autograd rejects;
+# gradient checkpointing would avoid that but replays the attention calls, renumbering layers.
 TRAINABLE = re.compile(r"joint_blocks\.\d+\.x_block\.attn2?\.(qkv|proj)$")
 PREFIX = "diffusion_model."
 

@@ -53,9 +53,8 @@ def main(argv: list[str]) -> None:
     positive, negative = encode(workflows.CAPTION).result[0], encode("").result[0]
     latent = {"samples": torch.zeros(1, 16, SIZE, SIZE)}
     configs = {"baseline": model}
-    for radius in sorted({16, args.radius}, reverse=True):
-        configs[f"CLEAR r{radius} zero-shot"] = clear_nodes.ClearAttention.execute(
-            model, radius, 0.25, POOLING[args.pool], 1, 0.0, 1.0, "").result[0]
+    configs[f"CLEAR r{args.radius} zero-shot"] = clear_nodes.ClearAttention.execute(
+        model, args.radius, 0.25, POOLING[args.pool], 1, 0.0, 1.0, "").result[0]
     training = ""
     if args.iterations:
         batch = {"samples": torch.zeros(args.samples, 16, SIZE, SIZE)}
