@@ -26,6 +26,8 @@ WINDOW_BAND = {"window_shape": "band (1D over the token sequence, as the paper)"
                "residual": True}
 STEP_SHARING = {"compute_every": 2, "start_percent": 0.2, "end_percent": 1.0, "layers": ""}
 CFG_SHARING = {"start_percent": 0.5, "end_percent": 1.0, "layers": ""}  # early steps need real guidance
+CLEAR_R16 = {"radius": 16, "radius_fraction": 0.25, "pooling": "off", "temporal_radius": 1, "start_percent": 0.0,
+             "end_percent": 1.0, "layers_kept_full": ""}
 
 # name -> (description, the FastAttn nodes between the loader and the sampler, in order)
 TECHNIQUES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
@@ -42,6 +44,9 @@ TECHNIQUES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
     "plan": ("A plan calibrated for the demo model (fast search), pasted into Apply Plan: the workflow file "
              "carries it, no other file needed.",
              [("FastAttnApplyPlan", {"plan_name": NO_PLAN, "plan_json": SHIPPED_PLAN.read_text()})]),
+    "clear_zero_shot": ("CLEAR local attention, zero-shot: each image token sees a circle of radius 16 tokens "
+                        "(a quarter of the 64 x 64 grid) and every text token, at every step.",
+                        [("FastAttnClearAttention", CLEAR_R16)]),
 }
 CALIBRATE = {"delta": 0.1, "search_mode": "fast", "step_sharing": True, "window_residual": True, "cfg_sharing": True,
              "window_shape": WINDOW_BAND["window_shape"], "window_fraction": 0.125, "plan_name": "", "overwrite": False}

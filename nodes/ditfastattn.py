@@ -61,7 +61,7 @@ def _technique_schema(node_id: str, display_name: str, description: str, inputs:
     )
 
 
-def _with_technique(model, technique: Technique):
+def with_technique(model, technique: Technique):
     """A clone of `model` with `technique` added after the DiTFastAttn techniques it already has."""
     existing = patch_of(model)
     schedule = existing.method.schedule if existing and isinstance(existing.method, DiTFastAttn) else Schedule()
@@ -102,7 +102,7 @@ class WindowResidualAttention(io.ComfyNode):
                 residual: bool, start_percent: float, end_percent: float, layers: str) -> io.NodeOutput:
         window = WindowSize(WINDOW_SHAPES[window_shape], window_fraction, window_tokens)
         technique = WindowResidual(window, refresh_every, _scope(start_percent, end_percent, layers), residual)
-        return io.NodeOutput(_with_technique(model, technique))
+        return io.NodeOutput(with_technique(model, technique))
 
 
 class StepSharingAttention(io.ComfyNode):
@@ -121,7 +121,7 @@ class StepSharingAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, compute_every: int, start_percent: float, end_percent: float, layers: str) -> io.NodeOutput:
         technique = StepSharing(compute_every, _scope(start_percent, end_percent, layers))
-        return io.NodeOutput(_with_technique(model, technique))
+        return io.NodeOutput(with_technique(model, technique))
 
 
 class CFGSharingAttention(io.ComfyNode):
@@ -139,7 +139,7 @@ class CFGSharingAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, start_percent: float, end_percent: float, layers: str) -> io.NodeOutput:
-        return io.NodeOutput(_with_technique(model, CFGSharing(_scope(start_percent, end_percent, layers))))
+        return io.NodeOutput(with_technique(model, CFGSharing(_scope(start_percent, end_percent, layers))))
 
 
 DITFASTATTN_NODES: list[type[io.ComfyNode]] = [WindowResidualAttention, StepSharingAttention, CFGSharingAttention]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import attention_flops, window_attention
+from ..kernels import TokenLayout, Window, attention_flops, window_attention
 from ..kernels.backends import choose_backend
 from .branch import BranchPlan
 from .cache import Entry, gather_chunks, store_chunks
@@ -133,13 +133,15 @@ class DiTFastAttn:
                 residual = gather_chunks(run, ("residual", site.layer), ids, (layout, window), site.step)
                 residual = residual if residual is not None and residual.shape == q.shape else None
             hidden = hidden_text_keys(call.mask, layout, call.batch)
-            if hidden is None:
+            pool_weight = choice.pool_weights.get(site.layer) if choice.pool_weights else None
+            fits = _fits(run, window, layout)
+            if fits and hidden is None:
                 run.stood_aside("an attention mask other than a text padding mask")
-            elif choice.residual and residual is None:
+            elif fits and choice.residual and residual is None:
                 run.stood_aside("window + residual had no residual cached for this window and call (the first of "
                                 "its kind in the run, or another shape)")
-            else:
-                out = self._window(q, k, v, call, layout, window, hidden)
+            elif fits:
+                out = self._window(q, k, v, call, layout, window, hidden, pool_weight)
                 out = out if residual is None else out + residual
                 return call.format_output(out), self._flops(call, layout, window), \
                     "window+residual" if choice.residual else "window"
@@ -156,9 +158,14 @@ class DiTFastAttn:
             flops += self._flops(call, layout, window)
         return out, flops, "full"
 
-    def _window(self, q, k, v, call: AttentionCall, layout, window, hidden: list[torch.Tensor]) -> torch.Tensor:
+    def _window(self, q, k, v, call: AttentionCall, layout, window, hidden: list[torch.Tensor],
+                pool_weight: torch.Tensor | None = None) -> torch.Tensor:
         if all(row.numel() == 0 for row in hidden):
-            return window_attention(q, k, v, layout, window, backend=self.backend, scale=call.scale)
+            return window_attention(q, k, v, layout, window, backend=self.backend, scale=call.scale,
+                                    pool_weight=pool_weight)
+        if window.pool:
+            raise ValueError("FastAttn: pooled keys with a text padding mask are not supported; remove the CLEAR "
+                             "pooling (pool = off) for this model.")
         return padded_window_attention(q, k, v, layout, window, hidden, scale=call.scale, backend=self.backend)
 
     def _flops(self, call: AttentionCall, layout, window) -> int:
@@ -201,3 +208,14 @@ def _in_batch_source(site: CallSite, chunk: int) -> int | None:
     """The first conditional chunk of this call with the same model input as `chunk`, if any."""
     return next((other for other, half in enumerate(site.halves)
                  if half == COND and torch.equal(site.inputs[other], site.inputs[chunk])), None)
+
+
+def _fits(run: SamplingRun, window: Window, layout: TokenLayout) -> bool:
+    """Whether `window` applies to this grid (pooling needs sides it divides; circles need a
+    2D grid); if not, the call is computed in full and the report says why."""
+    try:
+        window.check(layout)
+    except ValueError as error:
+        run.stood_aside(f"the window cannot apply: {error}")
+        return False
+    return True

@@ -1,10 +1,11 @@
-"""DiTFastAttn's techniques as data, and the choice they make for each (step, layer).
+"""DiTFastAttn's and CLEAR's techniques as data, and the choice they make for each (step, layer).
 
 Each node adds one technique; a chain of nodes is a tuple of techniques. For one attention
 call the schedule answers: reuse the layer's output of an earlier step (step sharing), or
-compute it, with a window plus the cached residual (window attention with residual sharing)
-or in full, and in both cases for the conditional half only, copied to the unconditional
-half (CFG sharing). When two techniques of the same kind cover a call, the later node wins.
+compute it, with a window plus the cached residual (window attention with residual sharing),
+with a window alone (CLEAR's local attention) or in full, and in all cases for the
+conditional half only, copied to the unconditional half (CFG sharing). When two techniques
+of the same kind cover a call, the later node wins (the two window techniques are one kind).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import functools
 import re
 from dataclasses import dataclass
 from typing import Literal, Union
+
+import torch
 
 from ..kernels import TokenLayout, Window
 
@@ -61,9 +64,11 @@ def parse_layers(text: str) -> frozenset[int] | None:
 class Scope:
     steps: StepRange = StepRange()
     layers: frozenset[int] | None = None  # None: every layer
+    kept_full: frozenset[int] = frozenset()  # layers left out even if `layers` names them
 
     def covers(self, step: int, total_steps: int, layer: int) -> bool:
-        return self.steps.contains(step, total_steps) and (self.layers is None or layer in self.layers)
+        return (self.steps.contains(step, total_steps) and (self.layers is None or layer in self.layers)
+                and layer not in self.kept_full)
 
 
 @dataclass(frozen=True)
@@ -71,23 +76,32 @@ class WindowSize:
     """A window as a fraction of the image (per side) or in tokens per side.
 
     band: radius = fraction x image tokens; circle/square: radius = fraction x the larger grid
-    side (and temporal radius = fraction x frames for video). `tokens` > 0 overrides fraction."""
+    side (and temporal radius = fraction x frames for video, or `temporal_tokens` frames when
+    not None). `tokens` > 0 overrides fraction. `pool` > 0 adds CLEAR's pooled keys."""
 
     shape: Literal["band", "circle", "square"] = "band"
     fraction: float = 0.125
     tokens: int = 0
+    temporal_tokens: int | None = None
+    pool: int = 0
 
     def __post_init__(self) -> None:
         if self.tokens < 0 or not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"window: fraction must be in (0, 1] and tokens >= 0, got {self.fraction} and {self.tokens}")
+        if self.temporal_tokens is not None and self.temporal_tokens < 0:
+            raise ValueError(f"window: temporal radius must be >= 0 frames, got {self.temporal_tokens}")
+        if self.pool < 0 or self.pool == 1 or (self.pool and self.shape == "band"):
+            raise ValueError(f"window: pool must be 0 (off) or >= 2 with a circle or square window, got {self.pool}")
 
     def window_for(self, layout: TokenLayout) -> Window:
         if self.shape == "band":
             return Window("band", self.tokens or max(1, round(self.fraction * layout.image_len)))
         spatial = max(layout.grid[-2:])
         radius = self.tokens or max(1, round(self.fraction * spatial))
-        temporal = max(0, round(self.fraction * layout.grid[0])) if len(layout.grid) == 3 else 0
-        return Window(self.shape, radius, temporal_radius=temporal)
+        temporal = 0
+        if len(layout.grid) == 3:
+            temporal = self.temporal_tokens if self.temporal_tokens is not None else round(self.fraction * layout.grid[0])
+        return Window(self.shape, radius, temporal_radius=max(0, temporal), pool=self.pool)
 
 
 @dataclass(frozen=True)
@@ -125,7 +139,36 @@ class CFGSharing:
     scope: Scope = Scope()
 
 
-Technique = Union[WindowResidual, StepSharing, CFGSharing]
+class PoolWeights:
+    """CLEAR's learned pooling weights, one [pool * pool] tensor per attention layer (as the
+    Attention Inspector numbers them); layers not listed pool with plain averages. Compared by
+    identity, so schedules holding them stay hashable."""
+
+    def __init__(self, by_layer: dict[int, torch.Tensor]) -> None:
+        self.by_layer = dict(by_layer)
+
+    def get(self, layer: int) -> torch.Tensor | None:
+        return self.by_layer.get(layer)
+
+
+@dataclass(frozen=True)
+class LocalAttention:
+    """CLEAR: every covered step computes the window alone (no full steps, no residual): image
+    queries see the image tokens within the radius, all text tokens and, with pooling, the
+    pooled keys; text queries see everything."""
+
+    window: WindowSize = WindowSize("circle", tokens=16)
+    scope: Scope = Scope()
+    pool_weights: PoolWeights | None = None
+
+    def __post_init__(self) -> None:
+        if self.window.shape == "band":
+            raise ValueError("CLEAR's local attention needs a circle or square window on the image grid, got band")
+        if self.pool_weights is not None and not self.window.pool:
+            raise ValueError("pool weights were given but the window has no pooling (pool=0)")
+
+
+Technique = Union[WindowResidual, StepSharing, CFGSharing, LocalAttention]
 
 
 @dataclass(frozen=True)
@@ -134,6 +177,7 @@ class Choice:
     share_cfg: bool = False
     window: WindowSize | None = None  # for "window"
     residual: bool = True  # for "window": add the residual cached at the last full step
+    pool_weights: PoolWeights | None = None  # for a window with pooling: learned weights per layer
 
 
 @dataclass(frozen=True)
@@ -148,7 +192,7 @@ class Schedule:
         """Whether any step may share attention across CFG halves (DiTFastAttn reports if it never could)."""
         return any(isinstance(technique, CFGSharing) for technique in self.techniques)
 
-    def _last(self, kind: type, step: int, total_steps: int, layer: int):
+    def _last(self, kind: type | tuple[type, ...], step: int, total_steps: int, layer: int):
         found = None
         for technique in self.techniques:
             if isinstance(technique, kind) and technique.scope.covers(step, total_steps, layer):
@@ -161,9 +205,11 @@ class Schedule:
         sharing = self._last(StepSharing, step, total_steps, layer)
         if sharing is not None and (step - sharing.scope.steps.first_step(total_steps)) % sharing.compute_every:
             return Choice("reuse", share_cfg)
-        windowed = self._last(WindowResidual, step, total_steps, layer)
+        windowed = self._last((WindowResidual, LocalAttention), step, total_steps, layer)
         if windowed is None:
             return Choice("full", share_cfg)
+        if isinstance(windowed, LocalAttention):
+            return Choice("window", share_cfg, windowed.window, residual=False, pool_weights=windowed.pool_weights)
         if (step - windowed.scope.steps.first_step(total_steps)) % windowed.refresh_every == 0:
             return Choice("full", share_cfg)
         return Choice("window", share_cfg, windowed.window, windowed.residual)
