@@ -39,7 +39,7 @@ from .clear_weights import (
     POOL_KEY,
     RADIUS_KEY,
 )
-from .ditfastattn import WINDOWED_KINDS
+from .ditfastattn import SELF_ATTENTION_KINDS
 from .report import CallSite
 from .runtime import SamplingRun, install
 from .schedule import WindowSize
@@ -84,7 +84,7 @@ class DistillAttention:
         self.outputs: dict[int, torch.Tensor] = {}
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
-        layout = site.layout if site.kind in WINDOWED_KINDS and call.mask is None else None
+        layout = site.layout if site.kind in SELF_ATTENTION_KINDS and call.mask is None else None
         if layout is None:
             return call.run_default(), call.flops(), "full"
         window = self.window.window_for(layout)

@@ -12,7 +12,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..patching.ditfastattn import SELF_ATTENTION_KINDS as WINDOWED_KINDS  # layers any technique may act on; cross / text stay full
+from ..patching.ditfastattn import (
+    SELF_ATTENTION_KINDS as WINDOWED_KINDS,  # layers any technique may act on; cross / text stay full
+)
 from ..patching.schedule import Choice, WindowSize
 
 FORMAT = "fastattn-plan"

@@ -94,12 +94,14 @@ class Frontend:
         nodes = self.nodes()
         if len(nodes) != len(workflow["nodes"]):
             problems.append(f"{len(nodes)} nodes on the canvas, {len(workflow['nodes'])} in the file")
+        left_open = {(node["id"], item["name"]) for node in workflow["nodes"] for item in node["inputs"]
+                     if item.get("link") is None}  # optional sockets the file itself leaves unconnected
         for node in nodes:
             label = f"node {node['id']} {node['type']}"
             if not node["registered"] or node["has_errors"]:
                 problems.append(f"{label}: not a registered node type (missing node)")
             for item in node["inputs"]:
-                if item["link"] is None and not item["widget"]:
+                if item["link"] is None and not item["widget"] and (node["id"], item["name"]) not in left_open:
                     problems.append(f"{label}: input {item['name']} not connected")
             for widget in node["widgets"]:
                 if widget["in_choices"] is False and widget["value"] not in absent_files:
