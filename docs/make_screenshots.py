@@ -26,10 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from harness import pack_import  # noqa: E402
 from harness.browser import Frontend, api_differences, open_frontend  # noqa: E402  (loads the host)
 from harness.server import ComfyServer  # noqa: E402
 
-from demo.workflows import EXAMPLES_DIR, MODEL_FILES, example_graphs  # noqa: E402
+_workflows = pack_import("demo.workflows")  # the pack's own module (its imports are relative)
+EXAMPLES_DIR, MODEL_FILES, example_graphs = _workflows.EXAMPLES_DIR, _workflows.MODEL_FILES, _workflows.example_graphs
 
 OUT_DIR = ROOT / "docs" / "workflows"
 THUMBNAIL_WIDTH = 512
