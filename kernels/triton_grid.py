@@ -1,6 +1,6 @@
 """Triton kernel for circle and square windows, in tile-major blocks: each query block and each
-key block is a TILE box of the image grid (one frame deep on video), addressed through index
-maps inside the kernel, so q, k, v stay in their row-major order and nothing is permuted.
+key block is a box of the image grid (GridConfig: frames x rows x columns), addressed through
+index maps inside the kernel, so q, k, v stay in their row-major order and nothing is permuted.
 
 A 64-token block of row-major order is a strip of a grid row (half a row of a 128-wide grid),
 whose circle reaches whole rows of keys: at FLUX 2048^2 r16 the row-major blocks compute 27% of
@@ -8,7 +8,7 @@ the scores where the mask keeps 10%. A box's window is a box: far fewer key bloc
 block. Per image query box: its key boxes (seen whole first: no mask but the grid's edge; then
 the partial ones, masked by the window computed from coordinates), then the text keys and the
 pooled keys (every image query sees them) in the same online softmax; the residual is added
-before the store. Text queries attend to every original key in 64-row blocks.
+before the store. Text queries attend to every original key in blocks of the sequence.
 
 Which key boxes a query box needs is exact and cheap: the mask is monotone in |dt|, |dy|, |dx|,
 so a box pair has some pair in the window iff its smallest per-axis gaps are in it, and every
@@ -31,8 +31,32 @@ from .problem import Problem
 from .triton_steps import attend_block, attend_range, launch_options, load_rows, store_rows
 from .window import Window
 
-TILE = (8, 8)  # (rows, columns) of a block: 64 tokens (not yet tuned on a GPU)
 PAIR_CHUNK = 1 << 22  # box pairs classified at once
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """How the kernel cuts the work: the query and key boxes, (frames, rows, columns) each with a
+    power-of-two token count (the blocks of the matrix products), and the launch's warps and
+    software-pipeline stages."""
+
+    query_box: tuple[int, int, int] = (1, 16, 8)
+    key_box: tuple[int, int, int] = (1, 8, 8)
+    num_warps: int = 8
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for box in (self.query_box, self.key_box):
+            tokens = math.prod(box)
+            if len(box) != 3 or min(box) < 1 or tokens < 16 or tokens & (tokens - 1):
+                raise ValueError(f"a box is (frames, rows, columns) of a power-of-two >= 16 tokens, got {box}")
+
+
+def default_config(layout: TokenLayout) -> GridConfig:
+    """Query boxes of 16 rows x 8 columns, key boxes of 8 x 8, one frame deep, 8 warps, 3 stages:
+    the fastest of the configurations tried on an H200 at every FLUX and Wan shape of
+    tests/benchmarks/bench_gpu.py (BENCHMARKS.md), 1.2 - 1.5x the 8 x 8 / 4 warps start."""
+    return GridConfig()
 
 
 @dataclass(frozen=True)
@@ -40,46 +64,55 @@ class BoxLists:
     """Per query box (frame-major, then row-major over the boxes of a frame): its key boxes,
     the `full_count` seen whole first."""
 
-    key_count: Tensor  # [boxes] int32
-    full_count: Tensor  # [boxes] int32
-    key_boxes: Tensor  # [boxes, max key boxes] int32
+    key_count: Tensor  # [query boxes] int32
+    full_count: Tensor  # [query boxes] int32
+    key_boxes: Tensor  # [query boxes, max key boxes] int32
 
 
-def _boxes(layout: TokenLayout) -> tuple[int, int, int, list[Tensor], list[Tensor]]:
-    """The grid's boxes: (frames, boxes per column, per row, first and last coordinate per axis)."""
-    frames, (height, width) = (layout.grid[0] if len(layout.grid) == 3 else 1), layout.grid[-2:]
-    rows, columns = -(-height // TILE[0]), -(-width // TILE[1])
-    box = torch.arange(frames * rows * columns)
-    t, y, x = box // (rows * columns), box // columns % rows, box % columns
-    first = [t, y * TILE[0], x * TILE[1]]
-    last = [t, (first[1] + TILE[0]).clamp(max=height) - 1, (first[2] + TILE[1]).clamp(max=width) - 1]
-    return frames, rows, columns, first, last
+@dataclass(frozen=True)
+class Boxes:
+    """The grid cut into boxes of one shape (cut at the grid's far edges)."""
+
+    counts: tuple[int, int, int]  # boxes along frames, rows, columns
+    first: list[Tensor]  # per axis (frame, row, column), each box's first coordinate
+    last: list[Tensor]  # and its last
 
 
-def _gaps(first: list[Tensor], last: list[Tensor], queries: slice) -> tuple[list[Tensor], list[Tensor]]:
-    """Per axis, the smallest and largest |offset| between any query of boxes[queries] and any
-    key of each box: [queries, boxes] each."""
+def grid_boxes(layout: TokenLayout, box: tuple[int, int, int]) -> Boxes:
+    grid = (layout.grid[0] if len(layout.grid) == 3 else 1, *layout.grid[-2:])
+    counts = tuple(-(-size // side) for size, side in zip(grid, box, strict=True))
+    index = torch.arange(math.prod(counts))
+    coords = (index // (counts[1] * counts[2]), index // counts[2] % counts[1], index % counts[2])
+    first = [c * side for c, side in zip(coords, box, strict=True)]
+    last = [(f + side).clamp(max=size) - 1 for f, side, size in zip(first, box, grid, strict=True)]
+    return Boxes(counts, first, last)
+
+
+def _gaps(queries: Boxes, keys: Boxes, chunk: slice) -> tuple[list[Tensor], list[Tensor]]:
+    """Per axis, the smallest and largest |offset| between any query of query boxes[chunk] and
+    any key of each key box: [queries, keys] each."""
     near, far = [], []
-    for lo, hi in zip(first, last, strict=True):
-        near.append(
-            torch.maximum(lo[None, :] - hi[queries, None], lo[queries, None] - hi[None, :]).clamp(min=0)
-        )
-        far.append(torch.maximum(hi[None, :] - lo[queries, None], hi[queries, None] - lo[None, :]))
+    for q_lo, q_hi, k_lo, k_hi in zip(queries.first, queries.last, keys.first, keys.last, strict=True):
+        q_lo, q_hi = q_lo[chunk, None], q_hi[chunk, None]
+        near.append(torch.maximum(k_lo[None, :] - q_hi, q_lo - k_hi[None, :]).clamp(min=0))
+        far.append(torch.maximum(k_hi[None, :] - q_lo, q_hi - k_lo[None, :]))
     return near, far
 
 
 @functools.lru_cache(maxsize=32)
-def box_lists(layout: TokenLayout, window: Window) -> BoxLists:
+def box_lists(
+    layout: TokenLayout, window: Window, query_box: tuple[int, int, int], key_box: tuple[int, int, int]
+) -> BoxLists:
     """Classify every (query box, key box) pair by its smallest and largest per-axis gaps."""
-    *_, first, last = _boxes(layout)
+    queries, keys = grid_boxes(layout, query_box), grid_boxes(layout, key_box)
     local = circle if window.shape == "circle" else square
     axes = slice(0, 3) if len(layout.grid) == 3 else slice(1, 3)  # no frame axis on images
-    count = first[0].numel()
-    chunk = max(1, PAIR_CHUNK // count)
+    count = queries.first[0].numel()
+    chunk = max(1, PAIR_CHUNK // keys.first[0].numel())
     origin = [torch.zeros((), dtype=torch.long)] * 3
     key_count, full_count, orders = [], [], []
     for start in range(0, count, chunk):
-        near, far = _gaps(first, last, slice(start, start + chunk))
+        near, far = _gaps(queries, keys, slice(start, start + chunk))
         some = local(origin[axes], near[axes], window.radius, window.temporal_radius)
         every = local(origin[axes], far[axes], window.radius, window.temporal_radius)
         key_count.append(some.sum(dim=1, dtype=torch.int32))
@@ -92,13 +125,14 @@ def box_lists(layout: TokenLayout, window: Window) -> BoxLists:
 
 @triton.jit
 def _box_tokens(
-    box, lanes, TILE_H: tl.constexpr, TILE_W: tl.constexpr, ROWS: tl.constexpr, COLUMNS: tl.constexpr
-):
-    """(frame, row, column) of each lane of a box (lanes past the grid's edge included)."""
-    t = box // (ROWS * COLUMNS)
-    y = (box // COLUMNS) % ROWS * TILE_H + lanes // TILE_W
-    x = box % COLUMNS * TILE_W + lanes % TILE_W
-    return t, y, x
+    box, lanes, BOX_T: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, ROWS: tl.constexpr,
+    COLUMNS: tl.constexpr, FRAMES: tl.constexpr, GRID_H: tl.constexpr, GRID_W: tl.constexpr,
+):  # fmt: skip
+    """(frame, row, column) of each lane of a box, and whether the lane is inside the grid."""
+    t = box // (ROWS * COLUMNS) * BOX_T + lanes // (BOX_H * BOX_W)
+    y = (box // COLUMNS) % ROWS * BOX_H + (lanes // BOX_W) % BOX_H
+    x = box % COLUMNS * BOX_W + lanes % BOX_W
+    return t, y, x, (t < FRAMES) & (y < GRID_H) & (x < GRID_W)
 
 
 @triton.jit
@@ -120,41 +154,51 @@ def _grid_kernel(
     PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    TILE_H: tl.constexpr,
-    TILE_W: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ROWS: tl.constexpr,
-    COLUMNS: tl.constexpr,
-    BOXES: tl.constexpr,
+    QBOX_T: tl.constexpr,
+    QBOX_H: tl.constexpr,
+    QBOX_W: tl.constexpr,
+    Q_ROWS: tl.constexpr,
+    Q_COLUMNS: tl.constexpr,
+    KBOX_T: tl.constexpr,
+    KBOX_H: tl.constexpr,
+    KBOX_W: tl.constexpr,
+    K_ROWS: tl.constexpr,
+    K_COLUMNS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     IMAGE_START: tl.constexpr,
     TEXT_START: tl.constexpr,
     TEXT_LEN: tl.constexpr,
+    FRAMES: tl.constexpr,
     GRID_H: tl.constexpr,
     GRID_W: tl.constexpr,
     CIRCLE: tl.constexpr,
     RADIUS: tl.constexpr,
     T_RADIUS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    lanes = tl.arange(0, BLOCK)
+    head = tl.program_id(0).to(tl.int64)  # heads fastest: every head's text blocks (the longest) start first
+    pid = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = head * seq_len * HEAD_DIM
     kv_base = head * kv_len * HEAD_DIM
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
-    if pid < BOXES:  # a box of image queries
-        qt, qy, qx = _box_tokens(pid, lanes, TILE_H, TILE_W, ROWS, COLUMNS)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    text_blocks = tl.cdiv(TEXT_LEN, BLOCK_M)
+    if pid >= text_blocks:  # a box of image queries
+        box = pid - text_blocks
+        qt, qy, qx, q_ok = _box_tokens(
+            box, tl.arange(0, BLOCK_M), QBOX_T, QBOX_H, QBOX_W, Q_ROWS, Q_COLUMNS, FRAMES, GRID_H, GRID_W
+        )
         q_rows = IMAGE_START + (qt * GRID_H + qy) * GRID_W + qx
-        q_ok = (qy < GRID_H) & (qx < GRID_W)
         q = load_rows(Q, q_base, q_rows, q_ok, offs_d, HEAD_DIM, UPCAST)
-        whole = tl.load(full_count + pid)
-        for j in range(tl.load(key_count + pid)):
-            key_box = tl.load(key_boxes + pid * max_keys + j)
-            kt, ky, kx = _box_tokens(key_box, lanes, TILE_H, TILE_W, ROWS, COLUMNS)
-            k_ok = (ky < GRID_H) & (kx < GRID_W)
-            allowed = tl.broadcast_to(k_ok[None, :], (BLOCK, BLOCK))  # one type on both branches
+        whole = tl.load(full_count + box)
+        for j in range(tl.load(key_count + box)):
+            key_box = tl.load(key_boxes + box * max_keys + j)
+            kt, ky, kx, k_ok = _box_tokens(
+                key_box, tl.arange(0, BLOCK_N), KBOX_T, KBOX_H, KBOX_W, K_ROWS, K_COLUMNS, FRAMES, GRID_H, GRID_W
+            )
+            allowed = tl.broadcast_to(k_ok[None, :], (BLOCK_M, BLOCK_N))  # one type on both branches
             if j >= whole:  # a partial box: the window from coordinates
                 dy = qy[:, None] - ky[None, :]
                 dx = qx[:, None] - kx[None, :]
@@ -170,39 +214,41 @@ def _grid_kernel(
         # then the text keys and the pooled keys, which every image query sees
         m_i, l_i, acc = attend_range(
             q, K, V, kv_base, TEXT_START, TEXT_START + TEXT_LEN, offs_d, m_i, l_i, acc, scale,
-            BLOCK, HEAD_DIM, UPCAST, PRECISION,
+            BLOCK_N, HEAD_DIM, UPCAST, PRECISION,
         )  # fmt: skip
         m_i, l_i, acc = attend_range(
-            q, K, V, kv_base, seq_len, kv_len, offs_d, m_i, l_i, acc, scale, BLOCK, HEAD_DIM, UPCAST, PRECISION
+            q, K, V, kv_base, seq_len, kv_len, offs_d, m_i, l_i, acc, scale, BLOCK_N, HEAD_DIM, UPCAST, PRECISION
         )  # fmt: skip
         store_rows(Out, Res, q_base, q_rows, q_ok, offs_d, acc, l_i, HEAD_DIM, HAS_RES)
-    else:  # a block of text queries: every original key
-        q_rows = TEXT_START + (pid - BOXES) * BLOCK + lanes
+    else:  # a block of text queries, every original key (first: the longest programs, no tail)
+        q_rows = TEXT_START + pid * BLOCK_M + tl.arange(0, BLOCK_M)
         q_ok = q_rows < TEXT_START + TEXT_LEN
         q = load_rows(Q, q_base, q_rows, q_ok, offs_d, HEAD_DIM, UPCAST)
         m_i, l_i, acc = attend_range(
-            q, K, V, kv_base, 0, seq_len, offs_d, m_i, l_i, acc, scale, BLOCK, HEAD_DIM, UPCAST, PRECISION
+            q, K, V, kv_base, 0, seq_len, offs_d, m_i, l_i, acc, scale, BLOCK_N, HEAD_DIM, UPCAST, PRECISION
         )  # fmt: skip
         store_rows(Out, Res, q_base, q_rows, q_ok, offs_d, acc, l_i, HEAD_DIM, HAS_RES)
 
 
 @functools.lru_cache(maxsize=32)
-def _lists_on(layout: TokenLayout, window: Window, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _lists_on(
+    layout: TokenLayout, window: Window, query_box: tuple, key_box: tuple, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
     """The box lists on the kernel's device, copied once per shape."""
-    lists = box_lists(layout, window)
+    lists = box_lists(layout, window, query_box, key_box)
     return lists.key_count.to(device), lists.full_count.to(device), lists.key_boxes.to(device)
 
 
-def window_attention(p: Problem) -> Tensor:
+def window_attention(p: Problem, config: GridConfig | None = None) -> Tensor:
     layout, window = p.layout, p.window
+    config = config or default_config(layout)
     batch, heads, seq, _ = p.q.shape
     q, k, v = (x.contiguous() for x in (p.q, *p.keys_with_pooled()))
-    frames, rows, columns, _, _ = _boxes(layout)
-    boxes = frames * rows * columns
-    lists = _lists_on(layout, window, q.device)
+    queries, keys = grid_boxes(layout, config.query_box), grid_boxes(layout, config.key_box)
+    query_boxes, block_m, block_n = math.prod(queries.counts), math.prod(config.query_box), math.prod(config.key_box)
+    lists = _lists_on(layout, window, config.query_box, config.key_box, q.device)
     out = torch.empty_like(q)
-    block = math.prod(TILE)
-    _grid_kernel[(boxes + -(-layout.text_len // block), batch * heads)](
+    _grid_kernel[(batch * heads, -(-layout.text_len // block_m) + query_boxes)](
         q,
         k,
         v,
@@ -214,28 +260,38 @@ def window_attention(p: Problem) -> Tensor:
         k.shape[2],
         p.scale,
         **launch_options(q, p.residual),
-        TILE_H=TILE[0],
-        TILE_W=TILE[1],
-        BLOCK=block,
-        ROWS=rows,
-        COLUMNS=columns,
-        BOXES=boxes,
+        QBOX_T=config.query_box[0],
+        QBOX_H=config.query_box[1],
+        QBOX_W=config.query_box[2],
+        Q_ROWS=queries.counts[1],
+        Q_COLUMNS=queries.counts[2],
+        KBOX_T=config.key_box[0],
+        KBOX_H=config.key_box[1],
+        KBOX_W=config.key_box[2],
+        K_ROWS=keys.counts[1],
+        K_COLUMNS=keys.counts[2],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
         IMAGE_START=layout.image_start,
         TEXT_START=layout.text_start,
         TEXT_LEN=layout.text_len,
+        FRAMES=layout.grid[0] if len(layout.grid) == 3 else 1,
         GRID_H=layout.grid[-2],
         GRID_W=layout.grid[-1],
         CIRCLE=window.shape == "circle",
         RADIUS=window.radius,
         T_RADIUS=window.temporal_radius,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out
 
 
-def computed_pairs(layout: TokenLayout, window: Window) -> int:
-    """Scores the kernel computes: every visited block whole (64 x 64)."""
-    block = math.prod(TILE)
-    boxes = box_lists(layout, window).key_count
-    shared_blocks = -(-layout.text_len // block) + -(-window.pooled_len(layout) // block)
-    text_blocks = -(-layout.text_len // block) * -(-layout.seq_len // block)
-    return (int(boxes.sum()) + boxes.numel() * shared_blocks + text_blocks) * block * block
+def computed_pairs(layout: TokenLayout, window: Window, config: GridConfig | None = None) -> int:
+    """Scores the kernel computes: every visited block whole."""
+    config = config or default_config(layout)
+    block_m, block_n = math.prod(config.query_box), math.prod(config.key_box)
+    boxes = box_lists(layout, window, config.query_box, config.key_box).key_count
+    shared_blocks = -(-layout.text_len // block_n) + -(-window.pooled_len(layout) // block_n)
+    text_blocks = -(-layout.text_len // block_m) * -(-layout.seq_len // block_n)
+    return (int(boxes.sum()) + boxes.numel() * shared_blocks + text_blocks) * block_m * block_n

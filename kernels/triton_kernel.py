@@ -1,6 +1,6 @@
 """Triton backend for GPUs. Circle and square windows run the grid-tile kernel
 (triton_grid.py: query and key blocks are boxes of the image grid). Bands, whose window is a
-run of the sequence, run here: one program per (query block, batch x head) walks its list of
+run of the sequence, run here: one program per (batch x head, query block) walks its list of
 key blocks of the sequence (full blocks without a mask, partial blocks with the band computed
 from indices), with an online softmax, and adds the residual before the store (DiTFastAttn's
 window + residual in one pass). Checked on CPU with TRITON_INTERPRET=1.
@@ -12,6 +12,7 @@ where the user allowed it for torch's own float32 matmuls, torch.set_float32_mat
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,7 +26,14 @@ from .problem import Problem
 from .triton_steps import attend_block, launch_options, load_rows, store_rows
 from .window import Window
 
-BLOCK = 64
+
+@dataclass(frozen=True)
+class BandConfig:
+    """The band kernel's square blocks of the sequence and its launch's warps and pipeline stages."""
+
+    block: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 @triton.jit
@@ -65,8 +73,8 @@ def _band_kernel(
     IMAGE_LEN: tl.constexpr,
     RADIUS: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(0).to(tl.int64)  # heads fastest: every head's first blocks start first
+    pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = head * seq_len * HEAD_DIM
@@ -92,45 +100,49 @@ def _band_kernel(
 
 
 @functools.lru_cache(maxsize=32)
-def _block_lists(layout: TokenLayout, window: Window, device: torch.device) -> tuple[Tensor, ...]:
+def _block_lists(layout: TokenLayout, window: Window, block: int, device: torch.device) -> tuple[Tensor, ...]:
     """The block map's lists on the kernel's device, copied once per shape."""
-    blocks = block_map(layout, window, BLOCK)
+    blocks = block_map(layout, window, block)
     return tuple(
         x.to(device)
         for x in (blocks.partial_count, blocks.partial_index, blocks.full_count, blocks.full_index)
     )
 
 
-def window_attention(p: Problem) -> Tensor:
+def window_attention(p: Problem, config: BandConfig | triton_grid.GridConfig | None = None) -> Tensor:
     if p.window.shape != "band":
-        return triton_grid.window_attention(p)
-    layout, window = p.layout, p.window
+        return triton_grid.window_attention(p, config)
+    layout, window, config = p.layout, p.window, config or BandConfig()
     batch, heads, seq, dim = p.q.shape
     q, k, v = (x.contiguous() for x in (p.q, *p.keys_with_pooled()))
-    blocks = block_map(layout, window, BLOCK)
+    blocks = block_map(layout, window, config.block)
     out = torch.empty_like(q)
-    _band_kernel[(blocks.partial_count.numel(), batch * heads)](
+    _band_kernel[(batch * heads, blocks.partial_count.numel())](
         q,
         k,
         v,
         out,
         out if p.residual is None else p.residual.contiguous(),
-        *_block_lists(layout, window, q.device),
+        *_block_lists(layout, window, config.block, q.device),
         seq,
         blocks.kv_len,
         blocks.partial_index.shape[1],
         p.scale,
         **launch_options(q, p.residual),
-        BLOCK_M=BLOCK,
+        BLOCK_M=config.block,
         IMAGE_START=layout.image_start,
         IMAGE_LEN=layout.image_len,
         RADIUS=window.radius,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out
 
 
-def computed_pairs(layout: TokenLayout, window: Window) -> int:
+def computed_pairs(
+    layout: TokenLayout, window: Window, config: BandConfig | triton_grid.GridConfig | None = None
+) -> int:
     """Every key block a program visits is computed whole."""
     if window.shape != "band":
-        return triton_grid.computed_pairs(layout, window)
-    return block_map(layout, window, BLOCK).computed_pairs
+        return triton_grid.computed_pairs(layout, window, config)
+    return block_map(layout, window, (config or BandConfig()).block).computed_pairs

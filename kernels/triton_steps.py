@@ -8,6 +8,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # softmax in base 2: e^x = 2^(x log2 e)
+
 
 @triton.jit
 def load_rows(X, base, rows, row_ok, offs_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
@@ -41,15 +43,15 @@ def attend_block(
     PRECISION: tl.constexpr,
 ):
     """One block of keys (sequence rows `rows`) of the online softmax; `allowed` is its
-    [queries, keys] mask."""
+    [queries, keys] mask. m_i is the running maximum of the scores in base 2."""
     k = load_rows(K, kv_base, rows, row_ok, offs_d, HEAD_DIM, UPCAST)
     v = load_rows(V, kv_base, rows, row_ok, offs_d, HEAD_DIM, UPCAST)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # base 2: exp2 is one instruction
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc

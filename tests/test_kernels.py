@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import pack_import
+from torch import Tensor
 
 kernels = pack_import("kernels")
 masks = pack_import("kernels.masks")
@@ -111,13 +112,21 @@ sys.path.insert(0, sys.argv[1])
 import torch
 import torch.nn.functional as F
 from kernels import TokenLayout, Window, reference_attention, window_attention
+from kernels.problem import Problem
+from kernels.triton_grid import GridConfig
+from kernels.triton_kernel import BandConfig
+import kernels.triton_kernel as triton_kernel
 errors = []
-for text, grid, first, window, batch, heads, dtype, residual, full in json.loads(sys.argv[2]):
+for text, grid, first, window, batch, heads, dtype, residual, full, config in json.loads(sys.argv[2]):
     layout, window, dtype = TokenLayout(text, tuple(grid), first), Window(**window), getattr(torch, dtype)
     gen = torch.Generator().manual_seed(len(errors))
     q, k, v = (torch.randn(batch, heads, layout.seq_len, 16, generator=gen).to(dtype) for _ in range(3))
     res = torch.randn(q.shape, generator=gen).to(dtype) if residual else None
-    out = window_attention(q, k, v, layout, window, backend="triton", residual=res).double()
+    if config is None:
+        out = window_attention(q, k, v, layout, window, backend="triton", residual=res).double()
+    else:
+        config = BandConfig(**config) if "block" in config else GridConfig(**{name: tuple(value) if isinstance(value, list) else value for name, value in config.items()})
+        out = triton_kernel.window_attention(Problem(q, k, v, layout, window, residual=res), config).double()
     if full:
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     else:
@@ -128,9 +137,9 @@ for text, grid, first, window, batch, heads, dtype, residual, full in json.loads
 print(json.dumps(errors))
 """
 
-TRITON_CASES = [  # text, grid, text first, window, batch, heads, dtype, fused residual, compare with SDPA
-    (77, (6, 7), False, {"shape": "band", "radius": 9}, 2, 24, "bfloat16", True, False),
-    (0, (8, 8), True, {"shape": "circle", "radius": 3, "pool": 2}, 1, 1, "float32", False, False),
+TRITON_CASES = [  # text, grid, text first, window, batch, heads, dtype, fused residual, compare with SDPA, config
+    (77, (6, 7), False, {"shape": "band", "radius": 9}, 2, 24, "bfloat16", True, False, None),
+    (0, (8, 8), True, {"shape": "circle", "radius": 3, "pool": 2}, 1, 1, "float32", False, False, None),
     (
         512,
         (3, 5, 6),
@@ -141,18 +150,25 @@ TRITON_CASES = [  # text, grid, text first, window, batch, heads, dtype, fused r
         "float32",
         True,
         False,
+        None,
     ),
-    (77, (6, 7), True, {"shape": "circle", "radius": 3}, 2, 1, "float32", False, False),
-    (5, (6, 7), False, {"shape": "circle", "radius": 100}, 1, 2, "float32", False, True),
-    (77, (7, 9), True, {"shape": "circle", "radius": 3, "pool": 0}, 1, 2, "float16", True, False),
+    (77, (6, 7), True, {"shape": "circle", "radius": 3}, 2, 1, "float32", False, False, None),
+    (5, (6, 7), False, {"shape": "circle", "radius": 100}, 1, 2, "float32", False, True, None),
+    (77, (7, 9), True, {"shape": "circle", "radius": 3, "pool": 0}, 1, 2, "float16", True, False, None),
     # the grid-tile kernel (circle, square): boxes cut at odd grid edges, text before / after / none
-    (0, (13, 17), True, {"shape": "circle", "radius": 4}, 1, 2, "float32", True, False),
-    (77, (13, 17), False, {"shape": "square", "radius": 2}, 1, 2, "bfloat16", False, False),
-    (7, (12, 20), True, {"shape": "circle", "radius": 5, "pool": 4}, 1, 2, "float16", True, False),
-    (70, (12, 20), False, {"shape": "circle", "radius": 3, "pool": 2}, 1, 1, "float32", False, False),
-    (33, (3, 7, 9), False, {"shape": "circle", "radius": 3, "temporal_radius": 1}, 1, 2, "bfloat16", True, False),
-    (130, (2, 8, 10), True, {"shape": "square", "radius": 2, "temporal_radius": 1, "pool": 2}, 1, 1, "float32", True, False),
-    (0, (4, 9, 11), True, {"shape": "circle", "radius": 9, "temporal_radius": 0}, 1, 1, "float16", False, False),
+    (0, (13, 17), True, {"shape": "circle", "radius": 4}, 1, 2, "float32", True, False, None),
+    (77, (13, 17), False, {"shape": "square", "radius": 2}, 1, 2, "bfloat16", False, False, None),
+    (7, (12, 20), True, {"shape": "circle", "radius": 5, "pool": 4}, 1, 2, "float16", True, False, None),
+    (70, (12, 20), False, {"shape": "circle", "radius": 3, "pool": 2}, 1, 1, "float32", False, False, None),
+    (33, (3, 7, 9), False, {"shape": "circle", "radius": 3, "temporal_radius": 1}, 1, 2, "bfloat16", True, False, None),
+    (130, (2, 8, 10), True, {"shape": "square", "radius": 2, "temporal_radius": 1, "pool": 2}, 1, 1, "float32", True, False, None),
+    (0, (4, 9, 11), True, {"shape": "circle", "radius": 9, "temporal_radius": 0}, 1, 1, "float16", False, False, None),
+    # other configurations: taller and deeper query boxes than key boxes, larger band blocks
+    (77, (13, 17), True, {"shape": "circle", "radius": 4, "pool": 0}, 1, 2, "bfloat16", True, False,
+     {"query_box": (1, 16, 8), "key_box": (1, 8, 8), "num_warps": 8}),
+    (9, (5, 9, 11), False, {"shape": "circle", "radius": 3, "temporal_radius": 1}, 1, 1, "float32", False, False,
+     {"query_box": (2, 4, 8), "key_box": (1, 8, 16)}),
+    (20, (7, 9), True, {"shape": "band", "radius": 5}, 1, 1, "float16", True, False, {"block": 128}),
 ]
 
 
@@ -171,6 +187,7 @@ def test_triton_matches_reference_in_the_interpreter():
         assert err < BOUND[getattr(torch, case[6])], f"triton {case}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("query_box,key_box", [((1, 8, 8), (1, 8, 8)), ((2, 4, 4), (1, 16, 8))])
 @pytest.mark.parametrize(
     "layout,window",
     [
@@ -181,28 +198,32 @@ def test_triton_matches_reference_in_the_interpreter():
     ],
     ids=["circle", "square", "circle-3d", "square-3d"],
 )
-def test_grid_boxes_are_classified_as_the_dense_mask_says(layout, window):
+def test_grid_boxes_are_classified_as_the_dense_mask_says(layout, window, query_box, key_box):
     """The Triton grid kernel's key boxes per query box, from per-axis gaps, against the mask
     evaluated on every pair of tokens of every pair of boxes: none missed, whole ones first."""
     pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
     grid_kernel = pack_import("kernels.triton_grid")
-    lists = grid_kernel.box_lists(layout, window)
-    *_, first, last = grid_kernel._boxes(layout)
-    dims = len(layout.grid)
-    tokens = []
-    for box in range(first[0].numel()):
-        axes = [torch.arange(first[a][box], last[a][box] + 1) for a in range(3 - dims, 3)]
-        index = torch.zeros((), dtype=torch.long)
-        for axis, size in zip(axes, layout.grid, strict=True):
-            index = index[..., None] * size + axis
-        tokens.append(index.reshape(-1))
+    lists = grid_kernel.box_lists(layout, window, query_box, key_box)
     image = masks.image_mask(layout, window)
-    for q, q_tokens in enumerate(tokens):
-        seen = [image(q_tokens[:, None], k_tokens[None, :]) for k_tokens in tokens]
+    query_tokens, key_tokens = (_box_tokens(grid_kernel.grid_boxes(layout, box), layout) for box in (query_box, key_box))
+    for q, q_tokens in enumerate(query_tokens):
+        seen = [image(q_tokens[:, None], k_tokens[None, :]) for k_tokens in key_tokens]
         full = [k for k, pair in enumerate(seen) if bool(pair.all())]
         some = [k for k, pair in enumerate(seen) if bool(pair.any())]
         listed = lists.key_boxes[q, : lists.key_count[q]].tolist()
         assert sorted(listed) == some and sorted(listed[: lists.full_count[q]]) == full
+
+
+def _box_tokens(boxes, layout: TokenLayout) -> list[Tensor]:
+    """The flattened image indices of each box (the boxes' first and last coordinates as listed)."""
+    dims, tokens = len(layout.grid), []
+    for box in range(boxes.first[0].numel()):
+        axes = [torch.arange(boxes.first[a][box], boxes.last[a][box] + 1) for a in range(3 - dims, 3)]
+        index = torch.zeros((), dtype=torch.long)
+        for axis, size in zip(axes, layout.grid, strict=True):
+            index = index[..., None] * size + axis
+        tokens.append(index.reshape(-1))
+    return tokens
 
 
 # The interpreter runs the kernels as numpy without Triton's type checks; this compiles them for a
@@ -228,8 +249,9 @@ common = dict(UPCAST=False, HEAD_DIM=128, BLOCK_D=128)
 compile_for_hopper(
     triton_grid._grid_kernel, ["Q", "K", "V", "Out", "Res", "key_count", "full_count", "key_boxes"], "bf16",
     ["max_keys", "seq_len", "kv_len", "scale"],
-    dict(common, HAS_RES=True, PRECISION="tf32", TILE_H=8, TILE_W=8, BLOCK=64, ROWS=16, COLUMNS=16, BOXES=256,
-         IMAGE_START=512, TEXT_START=0, TEXT_LEN=512, GRID_H=128, GRID_W=128, CIRCLE=True, RADIUS=16, T_RADIUS=0),
+    dict(common, HAS_RES=True, PRECISION="tf32", QBOX_T=1, QBOX_H=16, QBOX_W=8, Q_ROWS=8, Q_COLUMNS=16,
+         KBOX_T=1, KBOX_H=8, KBOX_W=8, K_ROWS=16, K_COLUMNS=16, BLOCK_M=128, BLOCK_N=64, IMAGE_START=512, TEXT_START=0,
+         TEXT_LEN=512, FRAMES=1, GRID_H=128, GRID_W=128, CIRCLE=True, RADIUS=16, T_RADIUS=0),
 )
 compile_for_hopper(
     triton_kernel._band_kernel, ["Q", "K", "V", "Out", "Res", "partial_count", "partial_index", "full_count",

@@ -1,20 +1,24 @@
-"""The GPU window-attention backends (Triton, FlexAttention) against flash SDPA, and their
-correctness against the float64 reference at small odd shapes in float32, bfloat16 and float16.
+"""The GPU window-attention backends (Triton, FlexAttention) against the fastest fused SDPA, and
+their correctness against the float64 reference at small odd shapes in float32, bfloat16 and
+float16, and against a float32 masked softmax at the benchmark's shapes.
 
 One prepared command for an NVIDIA GPU (H100 / H200 class), under 8 minutes:
 
-    .venv/bin/python tests/benchmarks/bench_gpu.py [--no-flex] [--json results.json]
+    .venv/bin/python tests/benchmarks/bench_gpu.py [--sweep] [--no-flex] [--json results.json]
 
 Without CUDA it says so and exits 0 (`make bench` on a CPU machine passes over it). `--smoke`
 runs the whole script on CPU at tiny shapes, Triton under its interpreter (a check of the
 script itself: its timings mean nothing).
 
 Timings: bfloat16, batch 1, 24 heads of 128 (Wan: 40), the issue's shapes; medians of 7
-CUDA-event timings after 2 warm-up calls; SDPA restricted to its flash kernel. The first call of
-each backend at each shape (block maps, Triton / torch.compile compilation) is timed apart,
-on the wall clock. "blocks computed" is the share of the full score matrix that the Triton
-kernel computes (whole 64 x 64 blocks); "mask keeps" what the window keeps. The process exits 1
-if a correctness check fails.
+CUDA-event timings after 2 warm-up calls. The baseline is the faster of SDPA's flash and cuDNN
+kernels (both shown). The Triton backend runs its default launch configuration; `--sweep` also
+times each configuration of `sweep_configs` side by side (block / box shapes, warps, pipeline
+stages). The first call of each backend at each shape (block maps, Triton / torch.compile
+compilation) is timed apart, on the wall clock. "blocks computed" is the share of the full score
+matrix that the Triton kernel computes (whole blocks); "mask keeps" what the window keeps.
+FlexAttention is timed last, for at most FLEX_BUDGET_S. The process exits 1 if a correctness
+check fails.
 """
 
 from __future__ import annotations
@@ -31,14 +35,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the kernels package, without ComfyUI
 from kernels import TokenLayout, Window, attention_flops, reference_attention, window_attention  # noqa: E402
+from kernels.masks import sequence_mask  # noqa: E402
+from kernels.problem import Problem  # noqa: E402
 
 DIM = 128
 REPEATS, WARMUP = 7, 2
-FLEX_BUDGET_S = 300  # past this much wall time, Flex (compiled per shape: slow first calls) is skipped
+FLEX_BUDGET_S = 150  # Flex (compiled per shape: slow first calls) is timed last, for at most this long
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,69 @@ def first_call_s(call: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def time_shape(shape: Shape, backends: list[str], device: str) -> dict:
+def sdpa_ms(q: Tensor, k: Tensor, v: Tensor, device: str) -> dict:
+    """Full attention by each fused SDPA kernel that runs here; the fastest is the baseline."""
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    if device != "cuda":
+        kernels = {"math": SDPBackend.MATH}
+    times = {}
+    for name, kernel in kernels.items():
+        try:
+            with sdpa_kernel(kernel):
+                times[f"sdpa_{name}_ms"] = median_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        except RuntimeError as error:  # this kernel does not run on this GPU / shape
+            print(f"  SDPA {name}: {str(error).splitlines()[0]}")
+    times["sdpa_ms"] = min(times.values())
+    return times
+
+
+def sweep_configs(shape: Shape) -> list:
+    """Triton launch configurations timed beside the default per shape (--sweep): the neighbours of
+    the defaults that a first H200 sweep chose (BENCHMARKS.md lists what else was tried)."""
+    from kernels.triton_grid import GridConfig  # imported late: --smoke sets TRITON_INTERPRET first
+    from kernels.triton_kernel import BandConfig
+
+    if shape.window.shape == "band":
+        return [BandConfig(64, 4, s) for s in (2, 3, 4, 5)] + [BandConfig(128, 8, s) for s in (3, 4)]
+    image = len(shape.layout.grid) == 2
+    configs = [GridConfig((1, 8, 8), (1, 8, 8), 4, 3)]  # the configuration before the H200 sweep
+    for query_box, key_box in [
+        ((1, 16, 8), (1, 8, 8)),
+        ((1, 8, 16), (1, 8, 8)) if image else ((2, 8, 8), (1, 8, 8)),
+        ((1, 16, 8), (1, 4, 8)),
+    ]:
+        configs += [GridConfig(query_box, key_box, 8, stages) for stages in (3, 4)]
+    return configs
+
+
+def describe(config: object) -> str:
+    if hasattr(config, "block"):  # the band kernel's
+        return f"block {config.block}, {config.num_warps} warps, {config.num_stages} stages"
+    boxes = "/".join(
+        "x".join(map(str, box[1:] if box[0] == 1 else box)) for box in (config.query_box, config.key_box)
+    )
+    return f"boxes {boxes}, {config.num_warps} warps, {config.num_stages} stages"
+
+
+def chunked_reference(problem: Problem, heads: int, rows: int = 2048) -> Tensor:
+    """The masked dense softmax in float32 for the first `heads` heads, `rows` queries at a time
+    (the whole score matrix would not fit at 4096^2)."""
+    keys, values = (x[:, :heads].float() for x in problem.keys_with_pooled())
+    q = problem.q[:, :heads].float()
+    mask = sequence_mask(problem.layout, problem.window)
+    columns = torch.arange(keys.shape[2], device=q.device)
+    out = torch.empty_like(q)
+    for first in range(0, q.shape[2], rows):
+        index = torch.arange(first, min(first + rows, q.shape[2]), device=q.device)
+        scores = (q[:, :, index] @ keys.transpose(-1, -2)) * problem.scale
+        scores.masked_fill_(~mask(index[:, None], columns[None, :]), float("-inf"))
+        out[:, :, index] = torch.softmax(scores, dim=-1) @ values
+    return out
+
+
+def time_shape(shape: Shape, device: str, sweep: bool) -> dict:
+    """SDPA and the Triton backend (its default configuration, and each of the sweep's) at one
+    shape, and the default's error on two heads against a float32 masked dense softmax."""
     layout, window = shape.layout, shape.window
     q, k, v = (
         torch.randn(1, shape.heads, layout.seq_len, DIM, device=device, dtype=torch.bfloat16)
@@ -150,46 +219,80 @@ def time_shape(shape: Shape, backends: list[str], device: str) -> dict:
         "mask_keeps": flops.mask / flops.full,
         "blocks_computed": flops.computed / flops.full,
     }
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION if device == "cuda" else SDPBackend.MATH):
-        row["sdpa_ms"] = median_ms(lambda: F.scaled_dot_product_attention(q, k, v))
-    outputs = {}
-    for backend in backends:
+    row.update(sdpa_ms(q, k, v, device))
+    from kernels import triton_kernel  # imported late: --smoke sets TRITON_INTERPRET first
 
-        def call(backend: str = backend):
-            return window_attention(q, k, v, layout, window, backend=backend)
+    problem = Problem(q, k, v, layout, window)
 
-        row[f"{backend}_first_s"] = first_call_s(call)
-        row[f"{backend}_ms"] = median_ms(call)
-        outputs[backend] = call()
-    if len(outputs) == 2:
-        a, b = (x.double() for x in outputs.values())
-        row["backends_rel_diff"] = float((a - b).norm() / b.norm())
+    def call(config: object = None) -> Tensor:
+        return triton_kernel.window_attention(problem, config)
+
+    row["triton_first_s"] = first_call_s(call)
+    row["triton_ms"] = median_ms(call)
+    default = call()
+    reference = chunked_reference(problem, heads=2)
+    row["triton_error"] = float((default[:, :2].float() - reference).norm() / reference.norm())
+    if sweep:
+        row["sweep"] = []
+        for config in sweep_configs(shape):
+            try:
+                first = first_call_s(lambda config=config: call(config))
+                ms = median_ms(lambda config=config: call(config))
+            except Exception as error:  # a configuration the compiler refuses (registers, shared memory)
+                print(f"  {describe(config)}: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+                continue
+            diff = float((call(config).float() - default.float()).norm() / default.float().norm())
+            computed = triton_kernel.computed_pairs(layout, window, config) / layout.seq_len**2
+            row["sweep"].append({"config": describe(config), "ms": ms, "first_s": first, "diff": diff,
+                                 "computed": computed})  # fmt: skip
+            print(f"  {describe(config)}: {ms:.3f} ms ({row['sdpa_ms'] / ms:.2f}x), computes {computed:.1%}, "
+                  f"diff {diff:.1e}", flush=True)  # fmt: skip
     return row
 
 
-def print_table(rows: list[dict], backends: list[str]) -> None:
-    names = {"triton": "Triton", "flex": "Flex"}
-    head = " | ".join(f"{names[b]} ms (x SDPA) | {names[b]} first call s" for b in backends)
-    print(f"\n| shape | mask keeps | blocks computed | SDPA ms | {head} | goal |")
-    print("|---|---|---|---|" + "---|---|" * len(backends) + "---|")
+def time_flex(shape: Shape, device: str) -> dict:
+    layout, window = shape.layout, shape.window
+    q, k, v = (
+        torch.randn(1, shape.heads, layout.seq_len, DIM, device=device, dtype=torch.bfloat16)
+        for _ in range(3)
+    )
+
+    def call() -> Tensor:
+        return window_attention(q, k, v, layout, window, backend="flex")
+
+    return {"flex_first_s": first_call_s(call), "flex_ms": median_ms(call)}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        "\n| shape | mask keeps | blocks computed | SDPA ms (flash / cuDNN) | Triton ms (x SDPA) | Triton first call s "
+        "| Triton rel. error | best of sweep ms (x SDPA), configuration | Flex ms (x SDPA) | Flex first call s | goal |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        cells = []
-        for backend in backends:
-            if f"{backend}_ms" in row:
-                speedup = row["sdpa_ms"] / row[f"{backend}_ms"]
-                cells.append(f"{row[f'{backend}_ms']:.2f} ({speedup:.2f}x) | {row[f'{backend}_first_s']:.1f}")
-            else:
-                cells.append("skipped | -")
+        sdpa = " / ".join(
+            f"{row[key]:.2f}" if key in row else "-" for key in ("sdpa_flash_ms", "sdpa_cudnn_ms")
+        )
+        best = min(row.get("sweep", []), key=lambda entry: entry["ms"], default=None)
+        best_cell = (
+            f"{best['ms']:.2f} ({row['sdpa_ms'] / best['ms']:.2f}x), {best['config']}" if best else "-"
+        )
+        flex = (f"{row['flex_ms']:.2f} ({row['sdpa_ms'] / row['flex_ms']:.2f}x) | {row['flex_first_s']:.1f}"
+                if "flex_ms" in row else "skipped | -")  # fmt: skip
         print(
-            f"| {row['shape']} | {row['mask_keeps']:.1%} | {row['blocks_computed']:.1%} | {row['sdpa_ms']:.2f} | "
-            f"{' | '.join(cells)} | {row['goal']:.1f}x |"
+            f"| {row['shape']} | {row['mask_keeps']:.1%} | {row['blocks_computed']:.1%} | {sdpa} | "
+            f"{row['triton_ms']:.2f} ({row['sdpa_ms'] / row['triton_ms']:.2f}x) | {row['triton_first_s']:.1f} | "
+            f"{row['triton_error']:.1e} | {best_cell} | {flex} | {row['goal']:.1f}x |"
         )
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-flex", action="store_true", help="time and check the Triton backend only")
-    parser.add_argument("--json", type=Path, help="also write the timings and checks to this file")
+    parser.add_argument("--sweep", action="store_true", help="also time each Triton launch configuration")
+    parser.add_argument(
+        "--json", type=Path, help="also write the timings and checks to this file (after each shape)"
+    )
     parser.add_argument("--smoke", action="store_true", help="check this script on CPU at tiny shapes")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -197,7 +300,9 @@ def main(argv: list[str]) -> int:
         device, checks, shapes = "cpu", CHECKS[:FLEX_CHECKS], SMOKE_SHAPES
     elif torch.cuda.is_available():
         device, checks, shapes = "cuda", CHECKS, SHAPES
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+        import triton
+
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}\n")
     else:
         print(
             "bench_gpu: no CUDA device here, nothing to run (this benchmark needs an NVIDIA GPU; --smoke "
@@ -208,14 +313,39 @@ def main(argv: list[str]) -> int:
     backends = ["triton"] if args.no_flex else ["triton", "flex"]
     failures = check_correctness(backends, checks, device)
     rows = []
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"rows": rows, "failures": failures}, indent=1))
+
     for shape in shapes:
-        late = time.perf_counter() - started > FLEX_BUDGET_S
-        row = time_shape(shape, [b for b in backends if not (b == "flex" and late)], device)
-        rows.append({**row, "goal": shape.goal})
+        try:
+            row = {**time_shape(shape, device, args.sweep), "goal": shape.goal}
+        except Exception as error:  # report and go on: one run of this script is all a GPU lease may allow
+            failures.append(f"triton at {shape.name}: {type(error).__name__}: {error}")
+            print(failures[-1], flush=True)
+            continue
+        failures += (
+            []
+            if row["triton_error"] < BOUND[torch.bfloat16]
+            else [f"triton at {shape.name}: {row['triton_error']:.2e}"]
+        )
+        rows.append(row)
+        save()
         print(f"{shape.name}: done at {time.perf_counter() - started:.0f} s", flush=True)
-    print_table(rows, backends)
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "failures": failures}, indent=1))
+    flex_started = time.perf_counter()
+    for shape in shapes:
+        row = next((row for row in rows if row["shape"] == shape.name), None)
+        if row and "flex" in backends and time.perf_counter() - flex_started < FLEX_BUDGET_S:
+            try:
+                row.update(time_flex(shape, device))
+            except Exception as error:
+                print(f"Flex at {shape.name}: {type(error).__name__}: {error}", flush=True)
+                continue
+            save()
+            print(f"{shape.name}: Flex done at {time.perf_counter() - started:.0f} s", flush=True)
+    print_table(rows)
+    save()
     print(f"\n{len(failures)} correctness failures" + "".join(f"\n  {f}" for f in failures))
     return 1 if failures else 0
 
