@@ -5,7 +5,8 @@ evaluating the mask on the box grown by the radius. A tile carries a mask only w
 its queries must not see some of its keys. Adjacent tiles with the same contiguous query and
 key span lengths and the same mask form a run, which one batched kernel call computes through
 overlapping strided views (the interior of a band); a run covers at most RUN_TOKENS queries,
-which bounds its output's scratch. Plans are cached per (layout, window, tile).
+which bounds its output's scratch. Plans are cached per (layout, window, tile); the mask is
+evaluated once per tile geometry (interior tiles are translates of one another).
 """
 
 from __future__ import annotations
@@ -176,17 +177,39 @@ def tile_plan(
         return index
 
     computed = 0
+    # The window depends on coordinate offsets only, so tiles of one shape whose grown box is cut
+    # the same way by the grid's edges (every interior tile) are translates of each other: the
+    # mask is evaluated once per such geometry and the keys shifted (flattened indices of
+    # same-shaped boxes differ by one constant).
+    first_of_geometry: dict[tuple, tuple[Tile, int]] = {}
     for corner in itertools.product(*(range(0, g, t) for g, t in zip(grid, tile, strict=True))):
         top = [min(c + t, g) for c, t, g in zip(corner, tile, grid, strict=True)]
         queries = _box(list(corner), top, grid)
         low = [max(c - r, 0) for c, r in zip(corner, extent, strict=True)]
         high = [min(t + r, g) for t, r, g in zip(top, extent, grid, strict=True)]
-        candidates = _box(low, high, grid)
-        sees = allowed(queries[:, None], candidates[None, :])
-        needed = sees.any(dim=0)
-        keys, sees = candidates[needed], sees[:, needed]
-        computed += sees.numel()
-        parts = _key_parts(keys, sees, mask_id, gather_keys)
-        whole = parts[0].mask if len(parts) == 1 else None
-        tiles.append(Tile(queries, keys, whole, _span(queries), _span(keys), parts))
+        geometry = tuple((t - c, c - lo, h - t) for c, t, lo, h in zip(corner, top, low, high, strict=True))
+        if geometry in first_of_geometry:
+            model, model_query = first_of_geometry[geometry]
+            tile_here = _shifted(model, queries, int(queries[0]) - model_query)
+        else:
+            candidates = _box(low, high, grid)
+            sees = allowed(queries[:, None], candidates[None, :])
+            needed = sees.any(dim=0)
+            keys, sees = candidates[needed], sees[:, needed]
+            parts = _key_parts(keys, sees, mask_id, gather_keys)
+            whole = parts[0].mask if len(parts) == 1 else None
+            tile_here = Tile(queries, keys, whole, _span(queries), _span(keys), parts)
+            first_of_geometry[geometry] = (tile_here, int(queries[0]))
+        computed += tile_here.queries.numel() * tile_here.keys.numel()
+        tiles.append(tile_here)
     return TilePlan(_runs(tiles), masks, computed)
+
+
+def _shifted(model: Tile, queries: Tensor, shift: int) -> Tile:
+    """`model`'s tile moved by `shift` flattened indices (keys, parts and spans alike)."""
+
+    def moved(span: tuple[int, int] | None) -> tuple[int, int] | None:
+        return None if span is None else (span[0] + shift, span[1] + shift)
+
+    parts = tuple(KeyPart(part.keys + shift, part.mask, moved(part.span)) for part in model.parts)
+    return Tile(queries, model.keys + shift, model.mask, moved(model.query_span), moved(model.key_span), parts)

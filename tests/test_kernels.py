@@ -301,6 +301,38 @@ def test_band_interior_tiles_run_as_one_batched_call(monkeypatch, text_len, text
     check_backend("torch", layout, window, 2, 3, torch.float32)
 
 
+@pytest.mark.parametrize(
+    "layout,window,tile",
+    [
+        (TokenLayout(5, (29, 31)), Window("circle", 6), (8, 8)),
+        (TokenLayout(0, (5, 13, 11)), Window("square", 2, temporal_radius=1), (1, 8, 8)),
+        (TokenLayout(3, (300,)), Window("band", 40), (64,)),
+        (TokenLayout(0, (40, 44)), Window("circle", 14), (8, 8)),  # keys in interleaved parts
+    ],
+    ids=["circle", "square-3d", "band", "parts"],
+)
+def test_every_tile_holds_exactly_its_queries_window(layout, window, tile):
+    """Tile plans evaluate the mask once per tile geometry and shift it to its translates: each
+    tile's keys are exactly the keys its queries see, and its mask (whole and per part) is the
+    dense mask on them."""
+    tiles = pack_import("kernels.tiles")
+    plan = tiles.tile_plan(layout, window, tile)
+    image = masks.image_mask(layout, window)
+    covered = []
+    for run in plan.runs:
+        step = 0 if run.count == 1 else run.first.query_span[1] - run.first.query_span[0]
+        for i in range(run.count):
+            queries, keys = run.first.queries + i * step, run.first.keys + i * step
+            covered.append(queries)
+            seen = image(queries[:, None], torch.arange(layout.image_len)[None, :])
+            assert torch.equal(keys, torch.nonzero(seen.any(dim=0)).flatten())
+            for part in run.first.parts:
+                part_keys = part.keys + i * step
+                expected = image(queries[:, None], part_keys[None, :])
+                assert bool(expected.all()) if part.mask is None else torch.equal(plan.masks[part.mask], expected)
+    assert torch.equal(torch.cat(covered).sort().values, torch.arange(layout.image_len))
+
+
 @pytest.fixture
 def small_gather_budget(monkeypatch):
     """GATHER_KEYS at 512, with the cached tile plans rebuilt under it (and again after)."""
