@@ -64,7 +64,8 @@ def projection_forward(projection: Projection, original: Callable) -> Callable:
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = ACTIVE.get()
-        plan = active.plan(projection) if active is not None and not args and not kwargs else None
+        tokens = x.shape[1] if x.dim() == 3 else -1  # [batch, tokens, features], as every mapped layer takes
+        plan = active.plan(projection, tokens) if active is not None and not args and not kwargs else None
         if plan is None or not plan.acts_on(projection.role):
             return original(x, *args, **kwargs)
         run = active.run
