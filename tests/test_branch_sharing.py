@@ -15,6 +15,9 @@ DiTFastAttn = pack_import("patching.ditfastattn").DiTFastAttn
 SIZE = {"wan": (8, 12), "hunyuan_video": (8, 12), "pixart": (34, 34)}
 FRAMES = {"wan": 2, "hunyuan_video": 2}
 STEPS = 4
+# every architecture the harness builds, and Wan's image-to-video variant (two cross-attention calls per block)
+MODELS = [pytest.param(arch, {}, id=arch) for arch in ARCHITECTURES] + [
+    pytest.param("wan", {"model_type": "i2v"}, id="wan_i2v")]
 STEP_AND_CFG = [{"technique": "step", "compute_every": 2}, {"technique": "cfg"}]
 
 
@@ -54,9 +57,9 @@ def _of(macs: dict[int, int], module: torch.nn.Module) -> int:
     return macs.get(module.weight.untyped_storage().data_ptr(), 0)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_branch_sharing_equals_call_sharing_and_skips_the_projections(arch, monkeypatch):
-    model = build_model(arch)
+@pytest.mark.parametrize(("arch", "config"), MODELS)
+def test_branch_sharing_equals_call_sharing_and_skips_the_projections(arch, config, monkeypatch):
+    model = build_model(arch, **config)
     work = LinearWork(monkeypatch)
     plain = _run(model, arch)
     plain_work = work.take()
@@ -93,12 +96,12 @@ def test_branch_sharing_equals_call_sharing_and_skips_the_projections(arch, monk
             assert _of(branch_work, module) == round(full * (1 - branch_share * 3 / 4)), projection.path
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_model_is_untouched_after_branch_sharing(arch):
-    model = build_model(arch)
+@pytest.mark.parametrize(("arch", "config"), MODELS)
+def test_model_is_untouched_after_branch_sharing(arch, config):
+    model = build_model(arch, **config)
     _run(patched_with_nodes(model, STEP_AND_CFG), arch)
     after = _run(model, arch)
-    assert torch.equal(after, _run(build_model(arch), arch))
+    assert torch.equal(after, _run(build_model(arch, **config), arch))
     for projection in patching.adapter_for(model.model.diffusion_model).projections(model.model.diffusion_model):
         module = model.get_model_object(f"diffusion_model.{projection.path}")
         assert not hasattr(module.forward, "fastattn_original"), projection.path
