@@ -136,3 +136,18 @@ def test_reference_image_tokens_leave_the_layers_to_the_host(arch):
     report = patching.patch_of(patched).last_report
     assert report.projection_flops_saved == 0
     assert any("no image grid" in reason for reason in report.stood_aside), report.stood_aside
+
+
+def test_padded_sequences_share_only_the_layers_they_can_place():
+    """Z-Image (Lumina 2's class) pads text and image tokens to a multiple inside the forward: the
+    image-only noise refiner (64 tokens, no padding needed) shares its branch, the joint layers (7 text
+    tokens padded to 32) run as the host runs them, and the output is call-level sharing's."""
+    arch = "lumina2"
+    model = build_model(arch, pad_tokens_multiple=32)
+    call_level = _run(_call_level(model, STEP_AND_CFG), arch)
+    patched = patched_with_nodes(model, STEP_AND_CFG)
+    out = _run(patched, arch)
+    assert (out - call_level).abs().max() <= 1e-5 * call_level.abs().max()
+    report = patching.patch_of(patched).last_report
+    assert report.projection_flops_saved > 0
+    assert any(reason.startswith("unknown attention call") for reason in report.stood_aside), report.stood_aside
