@@ -66,7 +66,8 @@ def _flux_projections(model: torch.nn.Module) -> list[Projection]:
 
 def _hunyuan_video_projections(model: torch.nn.Module) -> list[Projection]:
     if model.byt5_in is not None or model.vision_in is not None:
-        return []  # HunyuanVideo 1.5 adds glyph or image tokens to the text stream inside the forward
+        return []  # HunyuanVideo 1.5: glyph or image tokens join the text stream inside the forward, after
+        # the image stream's projections ran (their length check would come too late)
     refiner_calls = len(model.txt_in.individual_token_refiner.blocks)  # text-only self attentions come first
     return _flux_blocks(model, first_layer=refiner_calls)
 
@@ -91,11 +92,11 @@ def _wan_projections(model: torch.nn.Module) -> list[Projection]:
     from comfy.ldm.wan.model import WanAttentionBlock, WanI2VCrossAttention, WanModel, WanT2VCrossAttention
 
     calls_per_block = {WanT2VCrossAttention: 2, WanI2VCrossAttention: 3}  # self attention, then 1 or 2 cross
-    cross = {type(block.cross_attn) for block in model.blocks}
-    if type(model) is not WanModel or any(type(block) is not WanAttentionBlock for block in model.blocks) \
-            or len(cross) != 1 or next(iter(cross)) not in calls_per_block:
+    cross_attentions = {type(block.cross_attn) for block in model.blocks}
+    stride = calls_per_block.get(cross_attentions.pop()) if len(cross_attentions) == 1 else None
+    if type(model) is not WanModel or stride is None or any(type(block) is not WanAttentionBlock
+                                                            for block in model.blocks):
         return []  # other Wan variants add attention calls (VACE blocks, audio, camera...)
-    stride = calls_per_block[next(iter(cross))]
     return [projection for i, _ in enumerate(model.blocks)
             for projection in _stream(f"blocks.{i}.self_attn", stride * i, "image", "image", ("q", "k", "v"), ("o",))]
 

@@ -11,7 +11,9 @@ feed. The pack replaces each mapped module's `forward` through a ModelPatcher ob
 by the host when the clone is unloaded); the replacement asks the model call's ForwardPass, found
 through `ACTIVE`, for its layer's BranchPlan, and runs the original forward whenever there is none.
 Fused layers (FLUX single blocks: `linear1` = QKV + MLP input, `linear2` = attention + MLP output)
-skip only the leading features that belong to the attention branch.
+skip only the leading features that belong to the attention branch. A layer whose first projection
+sees another length than the layout's (tokens the model adds inside its forward: reference images,
+padding) runs as the host runs it, as its attention call then does.
 """
 
 from __future__ import annotations
