@@ -31,24 +31,45 @@ class Projection:
     layer: int  # the attention call it belongs to, numbered as the runtime numbers a forward's calls
     kind: str  # that call's kind: "joint" or "image"
     role: str  # "qkv": its output holds q, k or v; "out": it takes the attention output
+    tokens: str  # what its input sequence holds: "image", "text" or "joint" (both); the runtime checks the length
     branch_features: int | None = None  # fused layer: its leading outputs (qkv) / inputs (out) are the branch's
 
 
-def _flux_projections(model: torch.nn.Module) -> list[Projection]:
+def _stream(path: str, layer: int, kind: str, tokens: str, qkv: tuple[str, ...], out: tuple[str, ...]) -> list[Projection]:
+    """The projections of one stream of a branch: its q/k/v layers and its output layers, under `path`."""
+    return ([Projection(f"{path}.{name}", layer, kind, "qkv", tokens) for name in qkv]
+            + [Projection(f"{path}.{name}", layer, kind, "out", tokens) for name in out])
+
+
+def _flux_blocks(model: torch.nn.Module, first_layer: int) -> list[Projection]:
+    """Flux's double blocks (image and text streams, one joint call) and fused single blocks, whose
+    attention calls come in that order from `first_layer` on; HunyuanVideo uses the same blocks."""
     from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
 
-    blocks = (*model.double_blocks, *model.single_blocks)
-    if any(type(block) not in (DoubleStreamBlock, SingleStreamBlock) for block in blocks):
+    if any(type(block) is not DoubleStreamBlock for block in model.double_blocks) or any(
+            type(block) is not SingleStreamBlock for block in model.single_blocks):
         return []
     found = []
     for i, _ in enumerate(model.double_blocks):
-        found += [Projection(f"double_blocks.{i}.{stream}_attn.{name}", i, "joint", role)
-                  for stream in ("img", "txt") for name, role in (("qkv", "qkv"), ("proj", "out"))]
+        for stream, tokens in (("img", "image"), ("txt", "text")):
+            found += _stream(f"double_blocks.{i}.{stream}_attn", first_layer + i, "joint", tokens, ("qkv",), ("proj",))
     for j, block in enumerate(model.single_blocks):
-        layer = len(model.double_blocks) + j
-        found += [Projection(f"single_blocks.{j}.linear1", layer, "joint", "qkv", 3 * block.hidden_size),
-                  Projection(f"single_blocks.{j}.linear2", layer, "joint", "out", block.hidden_size)]
+        layer = first_layer + len(model.double_blocks) + j
+        found += [Projection(f"single_blocks.{j}.linear1", layer, "joint", "qkv", "joint", 3 * block.hidden_size),
+                  Projection(f"single_blocks.{j}.linear2", layer, "joint", "out", "joint", block.hidden_size)]
     return found
+
+
+def _flux_projections(model: torch.nn.Module) -> list[Projection]:
+    return _flux_blocks(model, first_layer=0)
+
+
+def _hunyuan_video_projections(model: torch.nn.Module) -> list[Projection]:
+    if model.byt5_in is not None or model.vision_in is not None:
+        return []  # HunyuanVideo 1.5: glyph or image tokens join the text stream inside the forward, after
+        # the image stream's projections ran (their length check would come too late)
+    refiner_calls = len(model.txt_in.individual_token_refiner.blocks)  # text-only self attentions come first
+    return _flux_blocks(model, first_layer=refiner_calls)
 
 
 def _mmdit_projections(model: torch.nn.Module) -> list[Projection]:
@@ -56,27 +77,69 @@ def _mmdit_projections(model: torch.nn.Module) -> list[Projection]:
         return []
     found, layer = [], 0
     for i, block in enumerate(model.joint_blocks):
-        streams = ("context_block", "x_block")
-        found += [Projection(f"joint_blocks.{i}.{stream}.attn.qkv", layer, "joint", "qkv") for stream in streams]
-        found += [Projection(f"joint_blocks.{i}.{stream}.attn.proj", layer, "joint", "out") for stream in streams
-                  if not getattr(block, stream).pre_only]
+        for stream, tokens in (("context_block", "text"), ("x_block", "image")):
+            pre_only = getattr(block, stream).pre_only  # the last block's text stream ends at its attention
+            found += _stream(f"joint_blocks.{i}.{stream}.attn", layer, "joint", tokens, ("qkv",),
+                             () if pre_only else ("proj",))
         layer += 1
         if block.x_block.x_block_self_attn:  # MMDiT-X: an image-only self attention after the joint one
-            found += [Projection(f"joint_blocks.{i}.x_block.attn2.qkv", layer, "image", "qkv"),
-                      Projection(f"joint_blocks.{i}.x_block.attn2.proj", layer, "image", "out")]
+            found += _stream(f"joint_blocks.{i}.x_block.attn2", layer, "image", "image", ("qkv",), ("proj",))
             layer += 1
     return found
 
 
 def _wan_projections(model: torch.nn.Module) -> list[Projection]:
-    from comfy.ldm.wan.model import WanAttentionBlock, WanModel, WanT2VCrossAttention
+    from comfy.ldm.wan.model import WanAttentionBlock, WanI2VCrossAttention, WanModel, WanT2VCrossAttention
 
-    if type(model) is not WanModel or any(type(block) is not WanAttentionBlock
-                                          or type(block.cross_attn) is not WanT2VCrossAttention
-                                          for block in model.blocks):
-        return []  # other Wan variants add attention calls (image cross-attention, VACE blocks)
-    return [Projection(f"blocks.{i}.self_attn.{name}", 2 * i, "image", "out" if name == "o" else "qkv")
-            for i, _ in enumerate(model.blocks) for name in ("q", "k", "v", "o")]
+    calls_per_block = {WanT2VCrossAttention: 2, WanI2VCrossAttention: 3}  # self attention, then 1 or 2 cross
+    cross_attentions = {type(block.cross_attn) for block in model.blocks}
+    stride = calls_per_block.get(cross_attentions.pop()) if len(cross_attentions) == 1 else None
+    if type(model) is not WanModel or stride is None or any(type(block) is not WanAttentionBlock
+                                                            for block in model.blocks):
+        return []  # other Wan variants add attention calls (VACE blocks, audio, camera...)
+    return [projection for i, _ in enumerate(model.blocks)
+            for projection in _stream(f"blocks.{i}.self_attn", stride * i, "image", "image", ("q", "k", "v"), ("o",))]
+
+
+def _qwen_image_projections(model: torch.nn.Module) -> list[Projection]:
+    from comfy.ldm.qwen_image.model import Attention, QwenImageTransformerBlock
+
+    if any(type(block) is not QwenImageTransformerBlock or type(block.attn) is not Attention
+           for block in model.transformer_blocks):
+        return []
+    found = []
+    for i, _ in enumerate(model.transformer_blocks):
+        attention = f"transformer_blocks.{i}.attn"
+        found += _stream(attention, i, "joint", "image", ("to_q", "to_k", "to_v"), ("to_out.0",))
+        found += _stream(attention, i, "joint", "text", ("add_q_proj", "add_k_proj", "add_v_proj"), ("to_add_out",))
+    return found
+
+
+def _lumina_projections(model: torch.nn.Module) -> list[Projection]:
+    """Lumina 2's context refiner (text only, not shared), noise refiner (image only), then joint layers."""
+    from comfy.ldm.lumina.model import JointAttention
+
+    groups = (("context_refiner", None), ("noise_refiner", "image"), ("layers", "joint"))
+    if any(type(block.attention) is not JointAttention for name, _ in groups for block in getattr(model, name)):
+        return []
+    found, layer = [], 0
+    for name, kind in groups:
+        for i, _ in enumerate(getattr(model, name)):
+            if kind is not None:
+                found += _stream(f"{name}.{i}.attention", layer, kind, kind, ("qkv",), ("out",))
+            layer += 1
+    return found
+
+
+def _pixart_projections(model: torch.nn.Module) -> list[Projection]:
+    """Each PixArt block: self attention, then cross attention. Blocks that compress keys and values
+    (sr_ratio > 1) have keys shorter than queries: their attention is not shared, so not mapped."""
+    from comfy.ldm.pixart.blocks import AttentionKVCompress
+
+    if any(type(block.attn) is not AttentionKVCompress for block in model.blocks):
+        return []
+    return [projection for i, block in enumerate(model.blocks) if block.attn.sr_ratio == 1
+            for projection in _stream(f"blocks.{i}.attn", 2 * i, "image", "image", ("qkv",), ("proj",))]
 
 
 @dataclass(frozen=True)
@@ -129,9 +192,11 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("SD3 (MMDiT)", "comfy.ldm.modules.diffusionmodules.mmdit:MMDiT", (2, 2), text_first=True,
             projections=_mmdit_projections),
     Adapter("Wan", "comfy.ldm.wan.model:WanModel", (1, 2, 2), text_first=True, projections=_wan_projections),
-    Adapter("HunyuanVideo", "comfy.ldm.hunyuan_video.model:HunyuanVideo", (1, 2, 2), text_first=False),
-    Adapter("Qwen-Image", "comfy.ldm.qwen_image.model:QwenImageTransformer2DModel", (2, 2), text_first=True),
-    Adapter("Lumina2", "comfy.ldm.lumina.model:NextDiT", (2, 2), text_first=True),
+    Adapter("HunyuanVideo", "comfy.ldm.hunyuan_video.model:HunyuanVideo", (1, 2, 2), text_first=False,
+            projections=_hunyuan_video_projections),
+    Adapter("Qwen-Image", "comfy.ldm.qwen_image.model:QwenImageTransformer2DModel", (2, 2), text_first=True,
+            projections=_qwen_image_projections),
+    Adapter("Lumina2", "comfy.ldm.lumina.model:NextDiT", (2, 2), text_first=True, projections=_lumina_projections),
     Adapter(
         "PixArt",
         "comfy.ldm.pixart.pixartms:PixArtMS",
@@ -139,6 +204,7 @@ ADAPTERS: tuple[Adapter, ...] = (
         text_first=True,
         routes_attention=False,
         unrouted_attention_module="comfy.ldm.pixart.blocks",
+        projections=_pixart_projections,
     ),
 )
 

@@ -11,7 +11,9 @@ feed. The pack replaces each mapped module's `forward` through a ModelPatcher ob
 by the host when the clone is unloaded); the replacement asks the model call's ForwardPass, found
 through `ACTIVE`, for its layer's BranchPlan, and runs the original forward whenever there is none.
 Fused layers (FLUX single blocks: `linear1` = QKV + MLP input, `linear2` = attention + MLP output)
-skip only the leading features that belong to the attention branch.
+skip only the leading features that belong to the attention branch. A layer whose first projection
+sees another length than the layout's (tokens the model adds inside its forward: reference images,
+padding) runs as the host runs it, as its attention call then does.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def projection_forward(projection: Projection, original: Callable) -> Callable:
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         active = ACTIVE.get()
-        plan = active.plan(projection) if active is not None and not args and not kwargs else None
+        tokens = x.shape[1] if x.dim() == 3 else -1  # [batch, tokens, features], as every mapped layer takes
+        plan = active.plan(projection, tokens) if active is not None and not args and not kwargs else None
         if plan is None or not plan.acts_on(projection.role):
             return original(x, *args, **kwargs)
         run = active.run

@@ -154,15 +154,20 @@ class ForwardPass:
         report.count(technique, computed, call.flops())
         return out
 
-    def plan(self, projection: Projection) -> BranchPlan | None:
+    def plan(self, projection: Projection, tokens: int) -> BranchPlan | None:
         """What the projections of `projection`'s layer do in this call, decided once per layer by
-        the method (None: they run as the host runs them)."""
+        the method when the first of them runs (None: they run as the host runs them). None too when
+        that projection's input (`tokens` long) is not what the layout expects: the model added tokens
+        inside its forward (reference images, padding), so its attention call cannot be placed either."""
         layer = projection.layer
         if layer not in self.plans:
             self._planned_kinds[layer] = projection.kind
             plan_branch = getattr(self.run.patch.method, "plan_branch", None)
             mapped = layer in self.run.patch.outputs and layer >= self.layers
-            if plan_branch is None or not mapped or self.stand_aside is not None or self.run.block_replacements:
+            expected = {"image": math.prod(self.grid), "text": self.text_len}
+            expected["joint"] = expected["image"] + expected["text"]
+            if plan_branch is None or not mapped or self.stand_aside is not None or self.run.block_replacements \
+                    or tokens != expected[projection.tokens]:
                 self.plans[layer] = None
             else:
                 layout = self._layout(projection.kind)

@@ -6,16 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import pack_import
-from harness.models import build_model, conditioning, empty_latent, sample
+from harness.models import ARCHITECTURES, build_model, conditioning, empty_latent, sample
 from harness.reference_schedule import patched_with_nodes
 
 patching = pack_import("patching")
 DiTFastAttn = pack_import("patching.ditfastattn").DiTFastAttn
 
-BRANCH_ARCHS = ("flux", "sd3", "wan")
-SIZE = {"wan": (8, 12)}
-FRAMES = {"wan": 2}
+SIZE = {"wan": (8, 12), "hunyuan_video": (8, 12), "pixart": (34, 34)}
+FRAMES = {"wan": 2, "hunyuan_video": 2}
 STEPS = 4
+# every architecture the harness builds, and Wan's image-to-video variant (two cross-attention calls per block)
+MODELS = [pytest.param(arch, {}, id=arch) for arch in ARCHITECTURES] + [
+    pytest.param("wan", {"model_type": "i2v"}, id="wan_i2v")]
 STEP_AND_CFG = [{"technique": "step", "compute_every": 2}, {"technique": "cfg"}]
 
 
@@ -55,9 +57,9 @@ def _of(macs: dict[int, int], module: torch.nn.Module) -> int:
     return macs.get(module.weight.untyped_storage().data_ptr(), 0)
 
 
-@pytest.mark.parametrize("arch", BRANCH_ARCHS)
-def test_branch_sharing_equals_call_sharing_and_skips_the_projections(arch, monkeypatch):
-    model = build_model(arch)
+@pytest.mark.parametrize(("arch", "config"), MODELS)
+def test_branch_sharing_equals_call_sharing_and_skips_the_projections(arch, config, monkeypatch):
+    model = build_model(arch, **config)
     work = LinearWork(monkeypatch)
     plain = _run(model, arch)
     plain_work = work.take()
@@ -73,7 +75,9 @@ def test_branch_sharing_equals_call_sharing_and_skips_the_projections(arch, monk
 
     report = patching.patch_of(branch).last_report
     assert "whole attention branches" in report.summary() and report.projection_flops_saved > 0
-    assert all(reason.startswith("cross-attention") for reason in report.stood_aside)
+    # only calls no technique touches: cross-attention, text-only refiners
+    assert all(reason.startswith(("cross-attention", "text attention")) for reason in report.stood_aside), \
+        report.stood_aside
     projections = patching.adapter_for(model.model.diffusion_model).projections(model.model.diffusion_model)
     assert projections
     mapped = {model.get_model_object(f"diffusion_model.{p.path}").weight.untyped_storage().data_ptr()
@@ -92,22 +96,58 @@ def test_branch_sharing_equals_call_sharing_and_skips_the_projections(arch, monk
             assert _of(branch_work, module) == round(full * (1 - branch_share * 3 / 4)), projection.path
 
 
-@pytest.mark.parametrize("arch", BRANCH_ARCHS)
-def test_model_is_untouched_after_branch_sharing(arch):
-    model = build_model(arch)
+@pytest.mark.parametrize(("arch", "config"), MODELS)
+def test_model_is_untouched_after_branch_sharing(arch, config):
+    model = build_model(arch, **config)
     _run(patched_with_nodes(model, STEP_AND_CFG), arch)
     after = _run(model, arch)
-    assert torch.equal(after, _run(build_model(arch), arch))
+    assert torch.equal(after, _run(build_model(arch, **config), arch))
     for projection in patching.adapter_for(model.model.diffusion_model).projections(model.model.diffusion_model):
         module = model.get_model_object(f"diffusion_model.{projection.path}")
         assert not hasattr(module.forward, "fastattn_original"), projection.path
 
 
 def test_architectures_without_a_branch_map_share_attention_calls_and_say_so():
-    arch = "qwen_image"
-    model = build_model(arch)
+    arch = "hunyuan_video"  # HunyuanVideo 1.5's glyph encoder lengthens the text stream inside the forward
+    model = build_model(arch, byt5=True)
+    assert patching.adapter_for(model.model.diffusion_model).projections(model.model.diffusion_model) == []
     patched = patched_with_nodes(model, STEP_AND_CFG)
     _run(patched, arch)
     summary = patching.patch_of(patched).last_report.summary()
     assert "sharing skips attention calls only" in summary
     assert "step sharing" in summary
+
+
+@pytest.mark.parametrize("arch", ("flux", "qwen_image"))
+def test_reference_image_tokens_leave_the_layers_to_the_host(arch):
+    """Edit models (Flux Kontext, Qwen-Image Edit) append reference-image tokens inside the forward: the
+    projections see more tokens than the layout holds, so nothing is skipped (the attention calls, which
+    cannot be placed either, run as the host runs them) instead of a failed run."""
+    model = build_model(arch)
+    latent = empty_latent(arch, 16, 16)
+    reference = torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(3))
+    positive, negative = (conditioning(arch, 7, seed=seed) for seed in (1, 2))
+    for cond in (positive, negative):
+        cond[0][1]["reference_latents"] = [reference]
+    plain = sample(model, positive, negative, latent, steps=STEPS)
+    patched = patched_with_nodes(model, STEP_AND_CFG)
+    out = sample(patched, positive, negative, latent, steps=STEPS)
+    assert (out - plain).abs().max() <= 1e-6 * plain.abs().max()
+    report = patching.patch_of(patched).last_report
+    assert report.projection_flops_saved == 0
+    assert any("no image grid" in reason for reason in report.stood_aside), report.stood_aside
+
+
+def test_padded_sequences_share_only_the_layers_they_can_place():
+    """Z-Image (Lumina 2's class) pads text and image tokens to a multiple inside the forward: the
+    image-only noise refiner (64 tokens, no padding needed) shares its branch, the joint layers (7 text
+    tokens padded to 32) run as the host runs them, and the output is call-level sharing's."""
+    arch = "lumina2"
+    model = build_model(arch, pad_tokens_multiple=32)
+    call_level = _run(_call_level(model, STEP_AND_CFG), arch)
+    patched = patched_with_nodes(model, STEP_AND_CFG)
+    out = _run(patched, arch)
+    assert (out - call_level).abs().max() <= 1e-5 * call_level.abs().max()
+    report = patching.patch_of(patched).last_report
+    assert report.projection_flops_saved > 0
+    assert any(reason.startswith("unknown attention call") for reason in report.stood_aside), report.stood_aside

@@ -9,7 +9,8 @@ step stored its caches. Variants run interleaved, medians over the repeats; `bou
 step's share of the full step's FLOPs (linear layers + attention), counted from the same runs.
 Run: `python tests/benchmarks/run_all.py branch` (FLUX double block at 1024^2, step-shared: about 5
 minutes on 2 busy cores); `--all` adds its CFG-shared step, the FLUX single block and SD3.5's joint
-block, `--large` FLUX at 2048^2.
+block, `--large` FLUX at 2048^2, `--wan` a Wan 2.1 14B block at 480p x 33 frames. `--smoke` runs the
+chosen rows with tiny blocks and grids (seconds), to check the script, not to measure.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import comfy.ops
 import torch
 from comfy.ldm.flux.layers import DoubleStreamBlock, EmbedND, SingleStreamBlock
 from comfy.ldm.modules.diffusionmodules.mmdit import JointBlock
+from comfy.ldm.wan.model import WanAttentionBlock, WanModel
 from harness import pack_import
 
 patching = pack_import("patching")
@@ -62,13 +64,14 @@ def _flux_pe(grid: tuple[int, int], text_len: int) -> torch.Tensor:
     return EmbedND(128, 10000, [16, 56, 56])(ids[None])
 
 
-def _flux_case(kind: str, side: int) -> Case:
-    hidden, grid, text = 3072, (side // 16, side // 16), 512
+def _flux_case(kind: str, side: int, smoke: bool) -> Case:
+    hidden, heads, text = (256, 2, 32) if smoke else (3072, 24, 512)  # heads of 128 either way (rope axes)
+    grid = (side // (128 if smoke else 16),) * 2  # 8x8 latent pixels, 2x2 patches; --smoke: 8x fewer per side
     image = grid[0] * grid[1]
     pe = _flux_pe(grid, text)
     container = torch.nn.Module()
     if kind == "double":
-        block = _random(DoubleStreamBlock(hidden, 24, 4.0, qkv_bias=True, operations=OPS))
+        block = _random(DoubleStreamBlock(hidden, heads, 4.0, qkv_bias=True, operations=OPS))
         container.double_blocks, container.single_blocks = torch.nn.ModuleList([block]), torch.nn.ModuleList()
 
         def inputs(batch: int) -> tuple[tuple, dict]:
@@ -77,7 +80,7 @@ def _flux_case(kind: str, side: int) -> Case:
             return (img.repeat(batch, 1, 1), txt.repeat(batch, 1, 1), torch.randn(batch, hidden, generator=g),
                     pe.expand(batch, -1, -1, -1, -1, -1)), {}
     else:
-        block = _random(SingleStreamBlock(hidden, 24, 4.0, operations=OPS))
+        block = _random(SingleStreamBlock(hidden, heads, 4.0, operations=OPS))
         container.double_blocks, container.single_blocks = torch.nn.ModuleList(), torch.nn.ModuleList([block])
 
         def inputs(batch: int) -> tuple[tuple, dict]:
@@ -85,11 +88,13 @@ def _flux_case(kind: str, side: int) -> Case:
             x = torch.randn(1, text + image, hidden, generator=g)
             return (x.repeat(batch, 1, 1), torch.randn(batch, hidden, generator=g),
                     pe.expand(batch, -1, -1, -1, -1, -1)), {}
-    return Case(f"FLUX {kind} block {side}^2 ({image}+{text} tokens)", block, container, "Flux", grid, text, inputs)
+    name = f"FLUX {kind} block {side}^2 ({image}+{text} tokens)"
+    return Case(_smoke_name(name, smoke), block, container, "Flux", grid, text, inputs)
 
 
-def _sd35_case() -> Case:
-    hidden, heads, grid, text = 64 * 38, 38, (64, 64), 333  # SD3.5 Large at 1024^2, 77 + 256 text tokens
+def _sd35_case(smoke: bool) -> Case:
+    # SD3.5 Large at 1024^2, 77 + 256 text tokens
+    hidden, heads, grid, text = (128, 2, (8, 8), 16) if smoke else (64 * 38, 38, (64, 64), 333)
     block = _random(JointBlock(hidden, heads, mlp_ratio=4, qkv_bias=True, attn_mode="torch", pre_only=False,
                                qk_norm="rms", operations=OPS))
     container = torch.nn.Module()
@@ -100,7 +105,32 @@ def _sd35_case() -> Case:
         context = torch.randn(1, text, hidden, generator=g).repeat(batch, 1, 1)
         x = torch.randn(1, grid[0] * grid[1], hidden, generator=g).repeat(batch, 1, 1)
         return (context, x), {"c": torch.randn(batch, hidden, generator=g)}
-    return Case("SD3.5 Large joint block 1024^2 (4096+333 tokens)", block, container, "SD3 (MMDiT)", grid, text, inputs)
+    name = f"SD3.5 Large joint block 1024^2 ({grid[0] * grid[1]}+{text} tokens)"
+    return Case(_smoke_name(name, smoke), block, container, "SD3 (MMDiT)", grid, text, inputs)
+
+
+def _wan_case(smoke: bool) -> Case:
+    """Wan 2.1 14B at 480x832 x 33 frames: latent 9 x 60 x 104, 2x2 patches, 9 x 30 x 52 = 14040 tokens;
+    512 text tokens (already embedded to the hidden width, as the blocks receive them)."""
+    hidden, heads, ffn, grid, text = (256, 2, 512, (2, 4, 6), 16) if smoke else (5120, 40, 13824, (9, 30, 52), 512)
+    block = _random(WanAttentionBlock("t2v_cross_attn", hidden, ffn, heads, qk_norm=True, cross_attn_norm=True,
+                                      operation_settings={"operations": OPS}))
+    # the adapter maps blocks of a WanModel: a bare one (no layers, heads of 128 for the rope) holds this block
+    container = WanModel(dim=128, ffn_dim=1, num_heads=1, num_layers=0, text_dim=1, freq_dim=2, operations=OPS)
+    container.blocks = torch.nn.ModuleList([block])
+    freqs = container.rope_encode(grid[0], 2 * grid[1], 2 * grid[2], device=torch.device("cpu"), dtype=torch.float32)
+
+    def inputs(batch: int) -> tuple[tuple, dict]:
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(1, grid[0] * grid[1] * grid[2], hidden, generator=g).repeat(batch, 1, 1)
+        context = torch.randn(1, text, hidden, generator=g).repeat(batch, 1, 1)
+        return (x, torch.randn(batch, 6, hidden, generator=g) * 0.1, freqs, context), {"context_img_len": None}
+    name = f"Wan 2.1 14B block 480p x 33 frames ({grid[0] * grid[1] * grid[2]} tokens, {text} text)"
+    return Case(_smoke_name(name, smoke), block, container, "Wan", grid, text, inputs)
+
+
+def _smoke_name(name: str, smoke: bool) -> str:
+    return f"smoke-size stand-in for {name.split(' (')[0]}" if smoke else name
 
 
 class Runner:
@@ -186,22 +216,26 @@ def _measure(case: Case, cfg: bool) -> str:
     return f"| {case.name} | {label} | {full:.3f} | {cells[0]} | {cells[1]} | {error:.1e} |"
 
 
-def main(everything: bool, large: bool) -> None:
+def main(everything: bool, large: bool, wan: bool, smoke: bool) -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {REPEATS} repeats interleaved\n")
     print("| block | shared step | full median s | call level median s (of full, FLOP bound) | "
           "branch level median s (of full, FLOP bound) | max abs diff branch vs call |")
     print("|---|---|---|---|---|---|")
-    double = _flux_case("double", 1024)
+    double = _flux_case("double", 1024, smoke)
     print(_measure(double, cfg=False), flush=True)
     if everything:
         print(_measure(double, cfg=True), flush=True)
-        print(_measure(_flux_case("single", 1024), cfg=False), flush=True)
-        print(_measure(_sd35_case(), cfg=False), flush=True)
+        print(_measure(_flux_case("single", 1024, smoke), cfg=False), flush=True)
+        print(_measure(_sd35_case(smoke), cfg=False), flush=True)
     if large:
-        print(_measure(_flux_case("double", 2048), cfg=False), flush=True)
-        print(_measure(_flux_case("single", 2048), cfg=False), flush=True)
+        print(_measure(_flux_case("double", 2048, smoke), cfg=False), flush=True)
+        print(_measure(_flux_case("single", 2048, smoke), cfg=False), flush=True)
+    if wan:
+        wan_block = _wan_case(smoke)
+        print(_measure(wan_block, cfg=False), flush=True)
+        print(_measure(wan_block, cfg=True), flush=True)
 
 
 if __name__ == "__main__":
-    main("--all" in sys.argv, "--large" in sys.argv)
+    main(*(flag in sys.argv for flag in ("--all", "--large", "--wan", "--smoke")))
