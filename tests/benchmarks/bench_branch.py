@@ -9,12 +9,14 @@ step stored its caches. Variants run interleaved, medians over the repeats; `bou
 step's share of the full step's FLOPs (linear layers + attention), counted from the same runs.
 Run: `python tests/benchmarks/run_all.py branch` (FLUX double block at 1024^2, step-shared: about 5
 minutes on 2 busy cores); `--all` adds its CFG-shared step, the FLUX single block and SD3.5's joint
-block, `--large` FLUX at 2048^2, `--wan` a Wan 2.1 14B block at 480p x 33 frames. `--smoke` runs the
-chosen rows with tiny blocks and grids (seconds), to check the script, not to measure.
+block, `--large` FLUX at 2048^2, `--wan` a Wan 2.1 14B block at 480p x 33 frames (`--wan-frames`
+latent frames); `--rows` names rows one by one. `--smoke` runs the chosen rows with tiny blocks and
+grids (seconds), to check the script, not to measure.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -109,10 +111,13 @@ def _sd35_case(smoke: bool) -> Case:
     return Case(_smoke_name(name, smoke), block, container, "SD3 (MMDiT)", grid, text, inputs)
 
 
-def _wan_case(smoke: bool) -> Case:
-    """Wan 2.1 14B at 480x832 x 33 frames: latent 9 x 60 x 104, 2x2 patches, 9 x 30 x 52 = 14040 tokens;
-    512 text tokens (already embedded to the hidden width, as the blocks receive them)."""
-    hidden, heads, ffn, grid, text = (256, 2, 512, (2, 4, 6), 16) if smoke else (5120, 40, 13824, (9, 30, 52), 512)
+def _wan_case(smoke: bool, frames: int = 9) -> Case:
+    """Wan 2.1 14B at 480x832 x (4 * frames - 3) video frames: latent frames x 60 x 104, 2x2 patches
+    (9 latent frames = 33 video frames: 9 x 30 x 52 = 14040 tokens); 512 text tokens (already
+    embedded to the hidden width, as the blocks receive them)."""
+    hidden, heads, ffn, grid, text = (
+        (256, 2, 512, (2, 4, 6), 16) if smoke else (5120, 40, 13824, (frames, 30, 52), 512)
+    )
     block = _random(WanAttentionBlock("t2v_cross_attn", hidden, ffn, heads, qk_norm=True, cross_attn_norm=True,
                                       operation_settings={"operations": OPS}))
     # the adapter maps blocks of a WanModel: a bare one (no layers, heads of 128 for the rope) holds this block
@@ -125,7 +130,7 @@ def _wan_case(smoke: bool) -> Case:
         x = torch.randn(1, grid[0] * grid[1] * grid[2], hidden, generator=g).repeat(batch, 1, 1)
         context = torch.randn(1, text, hidden, generator=g).repeat(batch, 1, 1)
         return (x, torch.randn(batch, 6, hidden, generator=g) * 0.1, freqs, context), {"context_img_len": None}
-    name = f"Wan 2.1 14B block 480p x 33 frames ({grid[0] * grid[1] * grid[2]} tokens, {text} text)"
+    name = f"Wan 2.1 14B block 480p x {4 * grid[0] - 3} frames ({grid[0] * grid[1] * grid[2]} tokens, {text} text)"
     return Case(_smoke_name(name, smoke), block, container, "Wan", grid, text, inputs)
 
 
@@ -216,26 +221,46 @@ def _measure(case: Case, cfg: bool) -> str:
     return f"| {case.name} | {label} | {full:.3f} | {cells[0]} | {cells[1]} | {error:.1e} |"
 
 
-def main(everything: bool, large: bool, wan: bool, smoke: bool) -> None:
+ROWS = {  # name -> (case maker (smoke, latent frames of Wan) -> Case, CFG-shared)
+    "flux-double": (lambda smoke, frames: _flux_case("double", 1024, smoke), False),
+    "flux-double-cfg": (lambda smoke, frames: _flux_case("double", 1024, smoke), True),
+    "flux-single": (lambda smoke, frames: _flux_case("single", 1024, smoke), False),
+    "sd35": (lambda smoke, frames: _sd35_case(smoke), False),
+    "flux-double-2048": (lambda smoke, frames: _flux_case("double", 2048, smoke), False),
+    "flux-single-2048": (lambda smoke, frames: _flux_case("single", 2048, smoke), False),
+    "wan": (lambda smoke, frames: _wan_case(smoke, frames), False),
+    "wan-cfg": (lambda smoke, frames: _wan_case(smoke, frames), True),
+}
+SHORTCUTS = {
+    "--all": ["flux-double-cfg", "flux-single", "sd35"],
+    "--large": ["flux-double-2048", "flux-single-2048"],
+    "--wan": ["wan", "wan-cfg"],
+}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), help="exactly these rows (default: flux-double)")
+    for flag, rows in SHORTCUTS.items():
+        parser.add_argument(flag, action="store_true", help=f"add the rows {', '.join(rows)}")
+    parser.add_argument("--wan-frames", type=int, default=9, help="Wan latent frames (9: 33 video frames)")
+    parser.add_argument("--smoke", action="store_true", help="tiny blocks: check the script, not a measurement")
+    args, _ = parser.parse_known_args(argv)  # under run_all: also the script names
+    rows = args.rows or ["flux-double"]
+    for flag, extra in SHORTCUTS.items():
+        rows += extra if getattr(args, flag[2:]) else []
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {REPEATS} repeats interleaved\n")
     print("| block | shared step | full median s | call level median s (of full, FLOP bound) | "
           "branch level median s (of full, FLOP bound) | max abs diff branch vs call |")
     print("|---|---|---|---|---|---|")
-    double = _flux_case("double", 1024, smoke)
-    print(_measure(double, cfg=False), flush=True)
-    if everything:
-        print(_measure(double, cfg=True), flush=True)
-        print(_measure(_flux_case("single", 1024, smoke), cfg=False), flush=True)
-        print(_measure(_sd35_case(smoke), cfg=False), flush=True)
-    if large:
-        print(_measure(_flux_case("double", 2048, smoke), cfg=False), flush=True)
-        print(_measure(_flux_case("single", 2048, smoke), cfg=False), flush=True)
-    if wan:
-        wan_block = _wan_case(smoke)
-        print(_measure(wan_block, cfg=False), flush=True)
-        print(_measure(wan_block, cfg=True), flush=True)
+    cases: dict = {}
+    for row in rows:
+        make, cfg = ROWS[row]
+        key = row.removesuffix("-cfg")
+        cases.setdefault(key, make(args.smoke, args.wan_frames))
+        print(_measure(cases[key], cfg=cfg), flush=True)
 
 
 if __name__ == "__main__":
-    main(*(flag in sys.argv for flag in ("--all", "--large", "--wan", "--smoke")))
+    main(sys.argv[1:])
