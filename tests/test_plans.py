@@ -4,6 +4,7 @@ plan file and its validation, storage, and applying a plan."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import folder_paths
 import pytest
@@ -305,3 +306,126 @@ def test_heatmap_shows_every_cell_in_its_technique_colour(calibrated):
     assert used <= colours
     tensor = heatmap.image_tensor(image)
     assert tensor.shape == (1, image.height, image.width, 3) and 0.0 <= tensor.min() <= tensor.max() <= 1.0
+
+
+# --- per-head plans ---------------------------------------------------------------------------
+
+LOCAL_HEADS = (0,)  # of layer 1's two heads: head 0 made local, head 1 keeps global attention
+
+
+def half_local_attention(call) -> torch.Tensor:
+    """Layer 1 with head 0 exactly the candidate window and head 1 full attention."""
+    q, k, v = call.heads_first()
+    layout = kernels.TokenLayout(0, (8, 8))
+    out = kernels.reference_attention(q, k, v, layout, WINDOW.window_for(layout)).to(q.dtype)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out[:, 1:] = dense[:, 1:]
+    return call.format_output(out)
+
+
+@pytest.fixture(scope="module")
+def per_head(model):
+    """(controlled model, per-head plan, its final latent): fast mode, window candidate only."""
+    controlled = with_image_layer(model, half_local_attention)
+    positive, negative, latent = _inputs()
+    settings = plans.Settings(1e-3, ("wars",), WINDOW, "fast", per_head=True)
+    plan, out = plans.calibrate(controlled, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0,
+                                sampler="euler", scheduler="simple", settings=settings)
+    return controlled, plan, out
+
+
+def test_a_per_head_plan_windows_exactly_the_local_heads(model, per_head):
+    _, plan, _ = per_head
+    assert [row[1] for row in plan.methods] == ["full"] + ["wars"] * (STEPS - 1)
+    assert [row[1] for row in plan.heads] == [None] + [list(LOCAL_HEADS)] * (STEPS - 1)
+    assert all(row[0] == row[2] == "full" for row in plan.methods)  # real layers err far more than 1e-3
+    assert all(row[0] is None and row[2] is None for row in plan.heads)
+    assert plan.windowed_share(1, 1) == 0.5 and plan.per_head
+    whole_layer, _ = _calibrate(with_image_layer(model, half_local_attention), "fast", 1e-3, candidates=("wars",))
+    assert whole_layer.counts()["full"] == STEPS * 3  # without per_head the global head keeps layer 1 full
+
+
+def test_greedy_refuses_per_head_search():
+    with pytest.raises(ValueError, match="per-head choices need search_mode fast"):
+        plans.Settings(0.1, mode="greedy", per_head=True)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_a_per_head_call_equals_the_float64_reference(arch):
+    """Windowed heads: window + the residual of the layer's last full step; the other heads:
+    dense attention, all against float64 recomputations from the call's q, k, v."""
+    model = build_model(arch)
+    positive, negative, latent = _inputs(arch)
+    probe = patching.install(model)
+    sample(probe, positive, negative, latent, steps=STEPS, seed=3)
+    layers = patching.patch_of(probe).last_report.layers
+    fingerprint = schema.Fingerprint(patching.adapter_for(model.model.diffusion_model).name,
+                                     tuple(schema.LayerInfo(r.kind, r.heads, r.head_dim) for r in layers))
+    windowed = [r.kind in schema.WINDOWED_KINDS for r in layers]
+    methods = [["full"] * len(layers)] + [["wars" if w else "full" for w in windowed]] * (STEPS - 1)
+    heads = [[None] * len(layers)] + [[[1] if w else None for w in windowed]] * (STEPS - 1)
+    size = schema.WindowSize("band", tokens=5)
+    plan = plans.Plan(fingerprint, schema.CalibrationInfo(STEPS), size, methods, heads=heads)
+    spy = []
+    method = plans.PlannedAttention(plan)
+
+    def spied(call, site, run):
+        out, flops, technique = method(call, site, run)
+        spy.append((site, technique, out.clone(), call))
+        return out, flops, technique
+
+    spied.finish_run = method.finish_run
+    sample(patching.install(model, spied), positive, negative, latent, steps=STEPS, seed=3)
+    residuals, checked = {}, 0
+    for site, technique, out, call in spy:
+        if not windowed[site.layer]:
+            continue
+        q, k, v = (t.double() for t in call.heads_first())
+        window = kernels.reference_attention(q, k, v, site.layout, size.window_for(site.layout))
+        dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=call.scale)
+        out = call.output_heads_first(out).double()
+        key = (site.layer, site.cond_or_uncond)
+        if technique == "full":
+            assert (out - dense).abs().max() <= 1e-5 * dense.abs().max()
+            residuals[key] = out - window
+            continue
+        assert technique == "window+residual on some heads"
+        assert (out[:, 0] - dense[:, 0]).abs().max() <= 1e-5 * dense.abs().max()
+        expected = window[:, 1] + residuals[key][:, 1]
+        assert (out[:, 1] - expected).abs().max() <= 1e-5 * expected.abs().max()
+        checked += 1
+    assert checked >= STEPS - 1
+
+
+def test_a_per_head_plan_round_trips_and_reproduces_its_run(per_head, user_directory):
+    controlled, plan, latent = per_head
+    path = plans.save_plan(plan, "per head", overwrite=False)
+    assert json.loads(path.read_text())["version"] == 2
+    loaded = plans.load_plan("per head")
+    assert loaded.to_json() == plan.to_json() and loaded.heads == plan.heads
+    positive, negative, inputs = _inputs()
+    applied = patching.install(controlled, plans.PlannedAttention(loaded))
+    assert torch.equal(sample(applied, positive, negative, inputs, steps=STEPS, seed=3), latent)
+
+
+def test_a_per_head_plans_flops_kept_is_what_the_applied_run_computes(per_head):
+    controlled, plan, _ = per_head
+    applied = patching.install(controlled, plans.PlannedAttention(plan))
+    positive, negative, latent = _inputs()
+    sample(applied, positive, negative, latent, steps=STEPS, seed=3)
+    report = patching.patch_of(applied).last_report
+    assert "window+residual on some heads" in report.flops_by_technique
+    assert plan.flops_kept == pytest.approx(report.computed_flops / report.full_flops, rel=1e-9)
+
+
+def test_old_per_layer_plans_still_load(calibrated):
+    shipped = Path(__file__).resolve().parents[1] / "demo" / "plans" / "fastattn_demo_sd3_fast.json"
+    text = shipped.read_text()
+    assert json.loads(text)["version"] == 1  # written before per-head plans existed
+    assert plans.Plan.from_json(text).heads == []
+    _, plan, _ = calibrated
+    text = plan.to_json()
+    assert json.loads(text)["version"] == 1 and "heads" not in json.loads(text)  # per-layer plans stay version 1
+    loaded = plans.Plan.from_json(text)
+    assert loaded.heads == [] and not loaded.per_head
+    assert all(loaded.choose(step, STEPS, layer).heads is None for step in range(STEPS) for layer in range(3))
