@@ -429,3 +429,32 @@ def test_old_per_layer_plans_still_load(calibrated):
     loaded = plans.Plan.from_json(text)
     assert loaded.heads == [] and not loaded.per_head
     assert all(loaded.choose(step, STEPS, layer).heads is None for step in range(STEPS) for layer in range(3))
+
+
+INVALID_HEADS = {
+    "heads on a full cell": (_set(("heads", 1, 0), [0]), "only window cells"),
+    "head out of range": (_set(("heads", 1, 1), [0, 5]), r"increasing head numbers in 0\.\.1"),
+    "unordered heads": (_set(("heads", 1, 1), [1, 0]), "increasing head numbers"),
+    "empty heads": (_set(("heads", 1, 1), []), "increasing head numbers"),
+    "a step missing": (lambda data: data["heads"].pop(), "one entry per layer"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID_HEADS))
+def test_every_invalid_per_head_cell_is_a_clear_error(case, per_head):
+    _, plan, _ = per_head
+    edit, message = INVALID_HEADS[case]
+    with pytest.raises(plans.PlanError, match=message):
+        plans.Plan.from_json(_edited(plan, edit))
+
+
+def test_heatmap_fills_a_per_head_cell_up_to_its_share_of_heads(per_head):
+    heatmap = pack_import("plans.heatmap")
+    _, plan, _ = per_head
+    image = heatmap.render_heatmap(plan)
+    cell = int(max(6, min(36, 640 / max(plan.steps, 3))))  # the layout render_heatmap draws
+    left, top = heatmap.MARGIN + heatmap.LABEL_WIDTH, 2 * (heatmap.FONT_SIZE + 6) + heatmap.MARGIN
+    x, y = left + 1 * cell + cell // 2, top + 1 * cell  # step 1, layer 1: head 0 of 2 windowed
+    assert image.getpixel((x, y + 4)) == heatmap.COLOURS["full"]
+    assert image.getpixel((x, y + cell - 4)) == heatmap.COLOURS["wars"]
+    assert image.getpixel((x, y - cell + 4)) == heatmap.COLOURS["full"]  # layer 0: full attention
