@@ -458,3 +458,41 @@ def test_heatmap_fills_a_per_head_cell_up_to_its_share_of_heads(per_head):
     assert image.getpixel((x, y + 4)) == heatmap.COLOURS["full"]
     assert image.getpixel((x, y + cell - 4)) == heatmap.COLOURS["wars"]
     assert image.getpixel((x, y - cell + 4)) == heatmap.COLOURS["full"]  # layer 0: full attention
+
+
+# --- another step count: the warning the user sees ---------------------------------------------
+
+
+class Screen:
+    """Stands in for the running server's PromptServer: records the progress text sent to nodes."""
+
+    def __init__(self) -> None:
+        self.texts: list[tuple[str, str]] = []
+
+    def send_progress_text(self, text: str, node_id: str, sid=None) -> None:
+        self.texts.append((node_id, text))
+
+
+@pytest.mark.parametrize("steps", [STEPS, 2 * STEPS])
+def test_a_plan_mapped_to_another_step_count_warns_on_the_nodes_and_in_the_report(model, calibrated, steps,
+                                                                                 monkeypatch):
+    import server
+    from comfy_execution.utils import CurrentNodeContext
+
+    assert callable(server.PromptServer.send_progress_text)  # the host's API this pack calls
+    screen = Screen()
+    monkeypatch.setattr(server.PromptServer, "instance", screen, raising=False)
+    _, plan, _ = calibrated
+    with CurrentNodeContext("prompt", "apply node"):
+        (applied,) = nodes.ApplyPlan.execute(model, nodes.NO_PLAN, plan.to_json()).result
+    positive, negative, latent = _inputs()
+    with CurrentNodeContext("prompt", "sampler node"):
+        sample(applied, positive, negative, latent, steps=steps, seed=3)
+    (text,) = pack_import("nodes.inspector").AttentionReport.execute(applied, latent).result
+    if steps == STEPS:
+        assert screen.texts == [] and "warning" not in text
+        return
+    expected = f"the plan was calibrated at {STEPS} steps and this run has {steps}"
+    assert [node for node, _ in screen.texts] == ["sampler node", "apply node"]
+    assert all(expected in shown for _, shown in screen.texts)
+    assert f"warning: {expected}" in text
