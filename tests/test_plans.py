@@ -3,6 +3,7 @@ plan file and its validation, storage, and applying a plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -350,12 +351,9 @@ def test_greedy_refuses_per_head_search():
         plans.Settings(0.1, mode="greedy", per_head=True)
 
 
-@pytest.mark.parametrize("arch", ["sd3", "flux"])
-def test_a_per_head_call_equals_the_float64_reference(arch):
-    """Windowed heads: window + the residual of the layer's last full step; the other heads:
-    dense attention, all against float64 recomputations from the call's q, k, v."""
-    model = build_model(arch)
-    positive, negative, latent = _inputs(arch)
+def _head_one_windowed(model, positive, negative, latent, size) -> tuple:
+    """A plan windowing head 1 of every image / joint layer after step 0 (head 0 full), and which
+    layers it windows; the layers read from a plain run of the model."""
     probe = patching.install(model)
     sample(probe, positive, negative, latent, steps=STEPS, seed=3)
     layers = patching.patch_of(probe).last_report.layers
@@ -364,22 +362,34 @@ def test_a_per_head_call_equals_the_float64_reference(arch):
     windowed = [r.kind in schema.WINDOWED_KINDS for r in layers]
     methods = [["full"] * len(layers)] + [["wars" if w else "full" for w in windowed]] * (STEPS - 1)
     heads = [[None] * len(layers)] + [[[1] if w else None for w in windowed]] * (STEPS - 1)
-    size = schema.WindowSize("band", tokens=5)
-    plan = plans.Plan(fingerprint, schema.CalibrationInfo(STEPS), size, methods, heads=heads)
-    spy = []
-    method = plans.PlannedAttention(plan)
+    return plans.Plan(fingerprint, schema.CalibrationInfo(STEPS), size, methods, heads=heads), windowed
+
+
+def _spied_run(model, method, positive, negative, latent, check) -> None:
+    """Sample with `method`, calling check(call, site, run, out, technique) after each attention call."""
 
     def spied(call, site, run):
         out, flops, technique = method(call, site, run)
-        spy.append((site, technique, out.clone(), call))
+        check(call, site, run, out, technique)
         return out, flops, technique
 
     spied.finish_run = method.finish_run
     sample(patching.install(model, spied), positive, negative, latent, steps=STEPS, seed=3)
-    residuals, checked = {}, 0
-    for site, technique, out, call in spy:
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_a_per_head_call_equals_the_float64_reference(arch):
+    """Windowed heads: window + the residual of the layer's last full step; the other heads:
+    dense attention, all against float64 recomputations from the call's q, k, v."""
+    model = build_model(arch)
+    positive, negative, latent = _inputs(arch)
+    size = schema.WindowSize("band", tokens=5)
+    plan, windowed = _head_one_windowed(model, positive, negative, latent, size)
+    residuals, checked = {}, []
+
+    def check(call, site, run, out, technique):
         if not windowed[site.layer]:
-            continue
+            return
         q, k, v = (t.double() for t in call.heads_first())
         window = kernels.reference_attention(q, k, v, site.layout, size.window_for(site.layout))
         dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=call.scale)
@@ -388,13 +398,42 @@ def test_a_per_head_call_equals_the_float64_reference(arch):
         if technique == "full":
             assert (out - dense).abs().max() <= 1e-5 * dense.abs().max()
             residuals[key] = out - window
-            continue
+            return
         assert technique == "window+residual on some heads"
         assert (out[:, 0] - dense[:, 0]).abs().max() <= 1e-5 * dense.abs().max()
         expected = window[:, 1] + residuals[key][:, 1]
         assert (out[:, 1] - expected).abs().max() <= 1e-5 * expected.abs().max()
-        checked += 1
-    assert checked >= STEPS - 1
+        checked.append(site.step)
+
+    _spied_run(model, plans.PlannedAttention(plan), positive, negative, latent, check)
+    assert set(checked) == set(range(1, STEPS))
+
+
+def test_a_per_head_call_keeps_the_text_padding_mask():
+    """HunyuanVideo with padded prompts: the full heads are the host's masked attention, the
+    windowed heads what the whole-layer window (which honours the mask) gives them."""
+    arch = "hunyuan_video"
+    model = build_model(arch)
+    positive, negative = conditioning(arch, 7, seed=1), conditioning(arch, 5, seed=2)
+    positive[0][1]["attention_mask"] = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    negative[0][1]["attention_mask"] = torch.tensor([[1, 1, 1, 0, 0]])
+    latent = empty_latent(arch, 16, 16, frames=1)
+    plan, windowed = _head_one_windowed(model, positive, negative, latent, schema.WindowSize("band", tokens=5))
+    method = plans.PlannedAttention(plan)
+    checked = []
+
+    def check(call, site, run, out, technique):
+        if technique != "window+residual on some heads":
+            return
+        assert call.mask is not None
+        whole_layer = dataclasses.replace(plan.choose(site.step, site.total_steps, site.layer), heads=None)
+        expected = call.output_heads_first(method._compute(call, site, run, whole_layer, site.chunk_ids)[0])
+        out, host = call.output_heads_first(out), call.output_heads_first(call.run_default())
+        assert torch.allclose(out[:, 0], host[:, 0], atol=1e-6) and torch.allclose(out[:, 1], expected[:, 1], atol=1e-6)
+        checked.append(site.layer)
+
+    _spied_run(model, method, positive, negative, latent, check)
+    assert len(checked) >= STEPS - 1 and not patching.patch_of(model)
 
 
 def test_a_per_head_plan_round_trips_and_reproduces_its_run(per_head, user_directory):
@@ -496,3 +535,17 @@ def test_a_plan_mapped_to_another_step_count_warns_on_the_nodes_and_in_the_repor
     assert [node for node, _ in screen.texts] == ["sampler node", "apply node"]
     assert all(expected in shown for _, shown in screen.texts)
     assert f"warning: {expected}" in text
+
+
+def test_per_head_options_window_the_heads_within_delta_if_the_layer_stays_within_it():
+    """Relative errors per head (norms 1): window+residual 0.05 / 0.5, full+asc 0.02 / 0.2."""
+    calibrate = pack_import("plans.calibrate")
+    scorer = calibrate.Scorer(WINDOW, plans.CANDIDATES)
+    scorer.squared_norms[1] = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    scorer.squared_errors[1] = {name: torch.tensor(errors, dtype=torch.float64) ** 2 for name, errors in
+                                {"wars": [0.05, 0.5], "wars+asc": [0.05, 0.5], "full+asc": [0.02, 0.2]}.items()}
+    candidates = ["wars+asc", "wars", "full+asc"]
+    assert scorer.options(1, candidates, 0.1, per_head=False) == []  # each whole-layer error is above 0.1
+    (found,) = scorer.options(1, candidates, 0.1, per_head=True)  # wars+asc on head 0 errs 0.146 with head 1's asc
+    assert found[:2] == ("wars", (0,)) and found[2] == pytest.approx((0.05 ** 2 / 2) ** 0.5)
+    assert scorer.options(1, candidates, 0.6, per_head=True)[0] == ("wars+asc", None, pytest.approx(0.355, abs=1e-3))
