@@ -173,10 +173,12 @@ class Scorer:
         may still apply to the heads whose own error is within delta (the others full)."""
         errors, norms = self.squared_errors.get(layer, {}), self.squared_norms.get(layer)
         found: list[tuple[str, HeadSet, float]] = []
+        if norms is None:
+            return found
+        total = norms.sum().clamp_min(1e-24)
         for name in candidates:
             if name not in errors:
                 continue
-            total = norms.sum().clamp_min(1e-24)
             error = (errors[name].sum() / total).sqrt().item()
             if error <= delta:
                 found.append((name, None, error))
