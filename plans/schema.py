@@ -152,10 +152,11 @@ class Plan:
 
     def _table(self, total_steps: int) -> list[list[Choice]]:
         if total_steps not in self._tables:
-            steps = [self.plan_step(step, total_steps) for step in range(total_steps)]
+            plan_steps = [self.plan_step(step, total_steps) for step in range(total_steps)]
             self._tables[total_steps] = [
-                [choice_of(name, self.window, self.heads_of(step, layer)) for layer, name in enumerate(self.methods[step])]
-                for step in steps
+                [choice_of(name, self.window, self.heads_of(plan_step, layer))
+                 for layer, name in enumerate(self.methods[plan_step])]
+                for plan_step in plan_steps
             ]
         return self._tables[total_steps]
 

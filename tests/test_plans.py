@@ -342,6 +342,7 @@ def test_a_per_head_plan_windows_exactly_the_local_heads(model, per_head):
     assert all(row[0] == row[2] == "full" for row in plan.methods)  # real layers err far more than 1e-3
     assert all(row[0] is None and row[2] is None for row in plan.heads)
     assert plan.windowed_share(1, 1) == 0.5 and plan.per_head
+    assert plan.choose(2 * STEPS - 1, 2 * STEPS, 1).heads == LOCAL_HEADS  # another step count maps by position
     whole_layer, _ = _calibrate(with_image_layer(model, half_local_attention), "fast", 1e-3, candidates=("wars",))
     assert whole_layer.counts()["full"] == STEPS * 3  # without per_head the global head keeps layer 1 full
 
