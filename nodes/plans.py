@@ -77,6 +77,11 @@ class Calibrate(io.ComfyNode):
                                         "by Apply Plan. Empty: do not save."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace a saved plan of the same name. Off: an existing name is an error."),
+                io.Boolean.Input("per_head", default=False,
+                                 tooltip="Fast mode only: where windowing a whole layer errs more than delta, window "
+                                         "just the heads whose own relative error is within delta; the others "
+                                         "compute full attention. Greedy mode refuses it (one model forward per "
+                                         "head per layer per step would cost hundreds of baseline runs)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A clone carrying out the plan; the input is unchanged."),
@@ -93,7 +98,7 @@ class Calibrate(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
                 scheduler: str, delta: float, search_mode: str, step_sharing: bool, window_residual: bool,
                 cfg_sharing: bool, window_shape: str, window_fraction: float, plan_name: str,
-                overwrite: bool) -> io.NodeOutput:
+                overwrite: bool, per_head: bool = False) -> io.NodeOutput:
         plan_name = plan_name.strip()
         if plan_name and plan_path(plan_name).exists() and not overwrite:  # fail before the long run, not after
             raise PlanError(f"FastAttn Calibrate: a plan named {plan_name!r} already exists; switch `overwrite` on "
@@ -101,7 +106,7 @@ class Calibrate(io.ComfyNode):
         enabled = {"ast": step_sharing, "wars+asc": window_residual and cfg_sharing, "wars": window_residual,
                    "full+asc": cfg_sharing}
         settings = Settings(delta, tuple(name for name, on in enabled.items() if on),
-                            WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode)
+                            WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode, per_head)
         plan, samples = calibrate(model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
                                   sampler=sampler_name, scheduler=scheduler, settings=settings)
         if plan_name:
@@ -120,7 +125,8 @@ class ApplyPlan(io.ComfyNode):
             category=CATEGORY,
             description="Carries out a calibrated plan: the plan input if connected, else the pasted plan_json, "
                         "else the saved plan picked. Checked against the model when sampling starts; another step "
-                        "count uses the plan step at the same position in the schedule.",
+                        "count uses the plan step at the same position in the schedule, with a warning shown under "
+                        "the sampler and this node.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion transformer the plan was calibrated for."),
                 io.Combo.Input("plan_name", options=[NO_PLAN, *list_plans()], default=NO_PLAN,

@@ -133,6 +133,19 @@ class AttentionCall:
             return out
         return out.reshape(out.shape[0], out.shape[1], self.heads, -1).transpose(1, 2)
 
+    def dense_heads(self, heads: torch.Tensor) -> torch.Tensor:
+        """Full attention of the `heads` (indices) only, as [B, h, N, D], computed by the host's own
+        backend with the call's mask and scale: heads are independent, so these rows equal the
+        same heads of `run_default()`. (A per-head plan windows the other heads.)"""
+        q, k, v = (t[:, heads] for t in self.heads_first())  # grouped k/v already repeated to q's heads
+        mask = self.mask
+        if isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.shape[1] == self.heads > 1:
+            mask = mask[:, heads]  # a mask per head follows its heads
+        kwargs = {key: value for key, value in self.kwargs.items() if key not in ("heads", "mask", "enable_gqa")}
+        kwargs.update(skip_reshape=True, skip_output_reshape=True)
+        extra = self.args[5:]  # positional arguments after the mask, if a model passed any
+        return self.func(q, k, v, heads.numel(), mask, *extra, **kwargs)
+
     def select(self, rows: slice | torch.Tensor) -> AttentionCall:
         """The same call on a slice of the batch (a batch-sized mask is sliced with it)."""
         args = [self.q[rows], self.k[rows], self.v[rows], *self.args[3:]]

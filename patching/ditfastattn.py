@@ -140,6 +140,8 @@ class DiTFastAttn:
             elif fits and choice.residual and residual is None:
                 run.stood_aside("window + residual had no residual cached for this window and call (the first of "
                                 "its kind in the run, or another shape)")
+            elif fits and choice.heads is not None:
+                return self._window_on_heads(q, k, v, call, layout, window, hidden, residual, choice.heads)
             elif fits:
                 out = self._window(q, k, v, call, layout, window, hidden, pool_weight)
                 out = out if residual is None else out + residual
@@ -158,6 +160,22 @@ class DiTFastAttn:
             flops += self._flops(call, layout, window)
         return out, flops, "full"
 
+    def _window_on_heads(self, q, k, v, call: AttentionCall, layout, window, hidden: list[torch.Tensor],
+                         residual: torch.Tensor | None, heads: tuple[int, ...]) -> tuple[torch.Tensor, int, str]:
+        """A per-head plan's cell: window (+ residual) on `heads`, full attention on the others."""
+        windowed = torch.tensor(heads, device=q.device)
+        dense = torch.tensor([h for h in range(call.heads) if h not in heads], dtype=torch.long, device=q.device)
+        part = self._window(q[:, windowed], k[:, windowed], v[:, windowed], call, layout, window, hidden)
+        part = part if residual is None else part + residual[:, windowed]
+        out = part.new_empty(q.shape)
+        out[:, windowed] = part
+        flops = self._flops(call, layout, window, heads=len(heads))
+        if dense.numel():
+            out[:, dense] = call.dense_heads(dense).to(part.dtype)
+            flops += call.flops() * dense.numel() // call.heads
+        technique = "window+residual" if residual is not None else "window"
+        return call.format_output(out), flops, f"{technique} on some heads"
+
     def _window(self, q, k, v, call: AttentionCall, layout, window, hidden: list[torch.Tensor],
                 pool_weight: torch.Tensor | None = None) -> torch.Tensor:
         if all(row.numel() == 0 for row in hidden):
@@ -168,11 +186,12 @@ class DiTFastAttn:
                              "pooling (pool = off) for this model.")
         return padded_window_attention(q, k, v, layout, window, hidden, scale=call.scale, backend=self.backend)
 
-    def _flops(self, call: AttentionCall, layout, window) -> int:
-        """Attention FLOPs the backend that runs this call computes (its tiles or blocks)."""
+    def _flops(self, call: AttentionCall, layout, window, heads: int | None = None) -> int:
+        """Attention FLOPs the backend that runs this call computes (its tiles or blocks), on all
+        the call's heads or on `heads` of them."""
         backend = choose_backend(self.backend, call.q.device)
-        return attention_flops(layout, window, batch=call.batch, heads=call.heads, head_dim=call.head_dim,
-                               backend=backend).computed
+        return attention_flops(layout, window, batch=call.batch, heads=call.heads if heads is None else heads,
+                               head_dim=call.head_dim, backend=backend).computed
 
     def finish_run(self, run: SamplingRun) -> None:
         if self.schedule.shares_cfg and not any(1 in halves for halves in run.report.batch_halves):

@@ -56,6 +56,7 @@ class RunReport:
     stood_aside: dict[str, int] = field(default_factory=dict)
     branch_note: str = ""  # whether sharing skips whole attention branches on this model
     projection_flops_saved: int = 0  # FLOPs of QKV / output projections not run on shared layers
+    warnings: list[str] = field(default_factory=list)  # what the user should know about this run (shown on nodes)
 
     def count(self, technique: str, computed: int, full: int) -> None:
         tally = self.flops_by_technique.setdefault(technique, [0, 0])
@@ -81,6 +82,7 @@ class RunReport:
         if self.projection_flops_saved:
             branch += f", {self.projection_flops_saved / 1e9:.3g} GFLOPs of projections saved"
         fallbacks = "".join(f"; stood aside on {count} calls: {reason}" for reason, count in sorted(self.stood_aside.items()))
+        fallbacks += "".join(f"; warning: {warning}" for warning in self.warnings)
         return (
             f"{self.architecture}: {self.forwards} forwards over {len(self.steps_seen)}/{self.total_steps} steps, "
             f"{len(self.layers)} attention layers; attention FLOPs computed {kept:.1f}% of full ({parts}){branch}{fallbacks}"

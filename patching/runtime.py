@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable
 from typing import Protocol
 
@@ -26,6 +27,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.samplers
 import torch
+from comfy_execution.utils import get_executing_context
 
 from ..kernels import TokenLayout
 from .adapters import Adapter, Projection, adapter_for
@@ -100,6 +102,16 @@ class SamplingRun:
             logging.info("FastAttn: a technique stood aside: %s", reason)
         self.report.stood_aside[reason] = self.report.stood_aside.get(reason, 0) + 1
 
+    def warn(self, text: str, node_ids: tuple[str, ...] = ()) -> None:
+        """Something the user should know about this run: logged, kept in the report (the Attention
+        Report shows it) and shown on the node now executing (the sampler) and on `node_ids`."""
+        if text in self.report.warnings:
+            return
+        logging.warning("FastAttn: %s", text)
+        self.report.warnings.append(text)
+        current = executing_node()
+        show_on_nodes(text, ((current,) if current is not None else ()) + node_ids)
+
     def close(self) -> RunReport:
         """End of the run: let the method conclude (e.g. log what it skipped), drop the caches."""
         finish = getattr(self.patch.method, "finish_run", None)
@@ -108,6 +120,23 @@ class SamplingRun:
         self.cache.clear()
         self.evaluations.clear()
         return self.report
+
+
+def executing_node() -> str | None:
+    """The id of the workflow node now executing (None outside a queued prompt)."""
+    context = get_executing_context()
+    return None if context is None else context.node_id
+
+
+def show_on_nodes(text: str, node_ids: tuple[str, ...]) -> None:
+    """Show `text` on these nodes of the user's graph, as ComfyUI's progress text under a node;
+    does nothing without a running server (scripts, in-process tests)."""
+    server = getattr(sys.modules.get("server"), "PromptServer", None)
+    instance = getattr(server, "instance", None)
+    if instance is None:
+        return
+    for node_id in dict.fromkeys(node_ids):
+        instance.send_progress_text(f"FastAttn: {text}", node_id)
 
 
 class ForwardPass:

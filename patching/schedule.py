@@ -178,6 +178,7 @@ class Choice:
     window: WindowSize | None = None  # for "window"
     residual: bool = True  # for "window": add the residual cached at the last full step
     pool_weights: PoolWeights | None = None  # for a window with pooling: learned weights per layer
+    heads: tuple[int, ...] | None = None  # for "window": the heads windowed (a calibrated per-head plan); None: all
 
 
 @dataclass(frozen=True)

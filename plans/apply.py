@@ -3,12 +3,11 @@ it runs on when sampling starts (the plan node itself sees no conditioning or la
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..patching import AttentionCall, CallSite, SamplingRun
 from ..patching.ditfastattn import DiTFastAttn
+from ..patching.runtime import executing_node
 from .schema import LayerInfo, Plan, PlanError
 
 
@@ -16,6 +15,7 @@ class PlannedAttention(DiTFastAttn):
     def __init__(self, plan: Plan, backend: str = "auto") -> None:
         super().__init__(plan, backend)
         self.plan = plan
+        self.node_id = executing_node()  # the node that made this (Apply Plan, Calibrate): warnings show there too
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
         if run.report.forwards <= 1:
@@ -40,6 +40,6 @@ class PlannedAttention(DiTFastAttn):
             raise PlanError(f"FastAttn Apply Plan: this plan does not fit the model: {problem}. Calibrate a plan "
                             "for this model (the Calibrate node), or pick the plan made for it.")
         if site.layer == 0 and run.report.forwards == 0 and site.total_steps != self.plan.steps:
-            logging.warning("FastAttn Apply Plan: the plan was calibrated at %d steps and this run has %d; each "
-                            "step uses the plan step at the same position in the schedule.",
-                            self.plan.steps, site.total_steps)
+            run.warn(f"the plan was calibrated at {self.plan.steps} steps and this run has {site.total_steps}; each "
+                     "step uses the plan step at the same position in the schedule (calibrate at this step count "
+                     "for a plan made for it)", () if self.node_id is None else (self.node_id,))

@@ -12,6 +12,9 @@ assignment, so the next step starts where applying the plan would.
     fast    one scoring forward (full attention everywhere) scores each layer's candidates
             against its full output; the cheapest under delta is kept per layer; one forward
             checks the step's model output and falls back to full attention if it fails.
+            Per head (optional): where windowing the whole layer errs too much, the window may
+            still apply to the heads whose own error is within delta, the others computing
+            full attention (the layer's error as a whole staying within delta too).
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ from ..patching import AttentionCall, CallSite, SamplingRun, install
 from ..patching.ditfastattn import DiTFastAttn
 from ..patching.runtime import PATCH_KEY, RUN_KEY, apply_model_wrapper
 from ..patching.schedule import Choice, WindowSize
-from .schema import CANDIDATES, WINDOWED_KINDS, CalibrationInfo, Fingerprint, LayerInfo, Plan, choice_of
+from .schema import (
+    CANDIDATES,
+    WINDOWED_KINDS,
+    CalibrationInfo,
+    Fingerprint,
+    HeadSet,
+    LayerInfo,
+    Plan,
+    choice_of,
+)
 
 CALIBRATION_KEY = "fastattn_calibration"
 MODES = ("greedy", "fast")
@@ -42,10 +54,15 @@ class Settings:
     candidates: tuple[str, ...] = CANDIDATES  # kept in the paper's order
     window: WindowSize = WindowSize()
     mode: str = "greedy"
+    per_head: bool = False  # fast mode: window techniques may apply to some heads of a layer only
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"search mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.per_head and self.mode != "fast":
+            raise ValueError("per-head choices need search_mode fast: greedy search would run one model forward "
+                             "per head, per layer, per step (hundreds of times a baseline run); switch per_head off "
+                             "or use fast")
         if self.delta < 0:
             raise ValueError(f"delta must be >= 0, got {self.delta}")
         unknown = set(self.candidates) - set(CANDIDATES)
@@ -59,9 +76,9 @@ def output_loss(compressed: torch.Tensor, reference: torch.Tensor) -> float:
     return ((a - b).abs() / (torch.maximum(a.abs(), b.abs()) + 1e-6)).clamp(0, 10).mean().item()
 
 
-def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    """||approx - exact|| / ||exact||: how far a candidate's attention output is from the full one."""
-    return ((approx.double() - exact.double()).norm() / exact.double().norm().clamp_min(1e-12)).item()
+def squared_error_per_head(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """||approx_h - exact_h||^2 per head h of [B, H, N, D] tensors, in float64."""
+    return (approx.double() - exact.double()).square().sum(dim=(0, 2, 3))
 
 
 def share_cfg(tensor: torch.Tensor, halves: tuple[int, ...]) -> torch.Tensor:
@@ -80,8 +97,12 @@ class LayerSlot:
     full_flops: int
     window_flops: int
 
-    def cost(self, technique: str) -> float:
+    def cost(self, technique: str, heads: HeadSet = None) -> float:
+        """Attention FLOPs of `technique` (a window on `heads` only: full attention on the others)."""
         base = {"ast": 0, "full": self.full_flops, "full+asc": self.full_flops}.get(technique, self.window_flops)
+        if heads is not None and technique.startswith("wars"):
+            share = len(heads) / self.info.heads
+            base = share * self.window_flops + (1 - share) * self.full_flops
         return base / 2 if technique.endswith("+asc") else base
 
 
@@ -96,11 +117,12 @@ class TrialSchedule:
         self.shares_cfg = shares_cfg
         self.step = -1
         self.assignment: dict[int, str] = {}
+        self.heads: dict[int, HeadSet] = {}  # per-head window cells of the assignment
 
     def choose(self, step: int, total_steps: int, layer: int) -> Choice:
         if step != self.step:
             return Choice("reuse")
-        return choice_of(self.assignment.get(layer, "full"), self.window)
+        return choice_of(self.assignment.get(layer, "full"), self.window, self.heads.get(layer))
 
     def residual_window(self, step: int, total_steps: int, layer: int) -> WindowSize | None:
         return self.window if self.caches_residual else None
@@ -108,7 +130,9 @@ class TrialSchedule:
 
 class Scorer:
     """Fast mode's local scores: each candidate's attention output against the layer's full one
-    (AST: the last step's full output; WA-RS: window now + residual of the layer's last full step)."""
+    (AST: the last step's full output; WA-RS: window now + residual of the layer's last full
+    step), kept as squared errors per head, from which whole-layer and per-head relative errors
+    follow."""
 
     def __init__(self, window: WindowSize, candidates: tuple[str, ...]) -> None:
         self.window = window
@@ -116,29 +140,57 @@ class Scorer:
         self.previous: dict[int, torch.Tensor] = {}
         self.residual: dict[int, torch.Tensor] = {}
         self.pending_residual: dict[int, torch.Tensor] = {}
-        self.errors: dict[int, dict[str, float]] = {}
+        self.squared_errors: dict[int, dict[str, torch.Tensor]] = {}  # layer -> technique -> [heads]
+        self.squared_norms: dict[int, torch.Tensor] = {}  # layer -> ||full output||^2 per head
 
     def score(self, call: AttentionCall, site: CallSite, full: torch.Tensor) -> None:
-        errors: dict[str, float] = {}
+        full_heads = call.output_heads_first(full)
+        approx: dict[str, torch.Tensor] = {}
         previous = self.previous.get(site.layer)
-        if "ast" in self.candidates and previous is not None and previous.shape == full.shape:
-            errors["ast"] = relative_error(previous, full)
-        self.previous[site.layer] = full
-        has_cfg = 0 in site.cond_or_uncond and 1 in site.cond_or_uncond and full.shape[0] % len(site.cond_or_uncond) == 0
-        if has_cfg:
-            errors["full+asc"] = relative_error(share_cfg(full, site.cond_or_uncond), full)
+        if "ast" in self.candidates and previous is not None and previous.shape == full_heads.shape:
+            approx["ast"] = previous
+        self.previous[site.layer] = full_heads
+        halves = site.cond_or_uncond
+        has_cfg = 0 in halves and 1 in halves and full.shape[0] % len(halves) == 0
+        if has_cfg:  # also what the unwindowed heads of a per-head wars+asc cell compute
+            approx["full+asc"] = share_cfg(full_heads, halves)
         if any(name.startswith("wars") for name in self.candidates):
             q, k, v = call.heads_first()
             window = window_attention(q, k, v, site.layout, self.window.window_for(site.layout))
-            full_heads = call.output_heads_first(full)
             self.pending_residual[site.layer] = full_heads - window
             residual = self.residual.get(site.layer)
             if residual is not None and residual.shape == window.shape:
-                approx = window + residual
-                errors["wars"] = relative_error(approx, full_heads)
+                approx["wars"] = window + residual
                 if has_cfg:
-                    errors["wars+asc"] = relative_error(share_cfg(approx, site.cond_or_uncond), full_heads)
-        self.errors[site.layer] = {name: error for name, error in errors.items() if name in self.candidates}
+                    approx["wars+asc"] = share_cfg(approx["wars"], halves)
+        self.squared_norms[site.layer] = full_heads.double().square().sum(dim=(0, 2, 3))
+        self.squared_errors[site.layer] = {name: squared_error_per_head(out, full_heads) for name, out in approx.items()}
+
+    def options(self, layer: int, candidates: list[str], delta: float,
+                per_head: bool) -> list[tuple[str, HeadSet, float]]:
+        """Each of `candidates` whose relative error is within delta, as (technique, heads,
+        error). With `per_head`, a window technique too large an error for the whole layer
+        may still apply to the heads whose own error is within delta (the others full)."""
+        errors, norms = self.squared_errors.get(layer, {}), self.squared_norms.get(layer)
+        found: list[tuple[str, HeadSet, float]] = []
+        if norms is None:
+            return found
+        total = norms.sum().clamp_min(1e-24)
+        for name in candidates:
+            if name not in errors:
+                continue
+            error = (errors[name].sum() / total).sqrt().item()
+            if error <= delta:
+                found.append((name, None, error))
+                continue
+            own = (errors[name] / norms.clamp_min(1e-24)).sqrt() <= delta
+            others = errors.get("full+asc") if name.endswith("+asc") else torch.zeros_like(norms)
+            if not (per_head and name.startswith("wars") and own.any() and others is not None):
+                continue
+            mixed = (torch.where(own, errors[name], others).sum() / total).sqrt().item()
+            if mixed <= delta:
+                found.append((name, tuple(own.nonzero().flatten().tolist()), mixed))
+        return found
 
     def commit(self, assignment: dict[int, str]) -> None:
         """The step is decided: layers that computed full attention refresh their residual."""
@@ -146,7 +198,8 @@ class Scorer:
             if assignment.get(layer, "full").startswith("full"):
                 self.residual[layer] = residual
         self.pending_residual.clear()
-        self.errors.clear()
+        self.squared_errors.clear()
+        self.squared_norms.clear()
 
 
 class CalibrationMethod:
@@ -181,6 +234,7 @@ class Calibration:
         self.grid: tuple[int, ...] = ()  # the image token grid, as the runtime placed it
         self.layers: list[LayerSlot] = []
         self.methods: list[list[str]] = []
+        self.heads: list[list[list[int] | None]] = []
         self.losses: list[list[float | None]] = []
         self.step_losses: list[float] = []
         self.progress = comfy.utils.ProgressBar(steps)
@@ -209,7 +263,8 @@ class Calibration:
         step = run.step_of(float(transformer_options.get("sigmas", t).flatten()[0]))
         evaluations = dict(run.evaluations)  # every trial is the same evaluation of the step for the caches
 
-        def forward(assignment: dict[int, str], state: dict | None) -> torch.Tensor:
+        def forward(assignment: dict[int, str], state: dict | None, heads: dict[int, HeadSet] | None = None
+                    ) -> torch.Tensor:
             """One forward with `assignment` at this step, from the run's caches as in `state`."""
             comfy.model_management.throw_exception_if_processing_interrupted()
             if state is not None:
@@ -217,13 +272,13 @@ class Calibration:
                 run.cache.update(state)
             run.evaluations.clear()
             run.evaluations.update(evaluations)
-            self.schedule.step, self.schedule.assignment = step, assignment
+            self.schedule.step, self.schedule.assignment, self.schedule.heads = step, assignment, heads or {}
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
         while len(self.methods) < step:  # a step the sampler never evaluated: nothing was compressed
-            self._record(["full"] * len(self.layers), [None] * len(self.layers), 0.0)
+            self._record_full()
         if step < len(self.methods):  # a later call of a decided step (other CFG half, second evaluation)
-            return forward(dict(enumerate(self.methods[step])), None)
+            return forward(dict(enumerate(self.methods[step])), None, dict(enumerate(self.heads[step])))
         halves = tuple(transformer_options.get("cond_or_uncond", ()))
         has_cfg = 0 in halves and 1 in halves
         decide = self._greedy if self.settings.mode == "greedy" else self._fast
@@ -269,38 +324,46 @@ class Calibration:
         after_full = dict(cache)
         count = len(self.layers)
         assignment: dict[int, str] = {}
+        heads: dict[int, HeadSet] = {}
         losses: list[float | None] = [None] * count
         if step > 0 and self.settings.delta > 0:
-            for layer, errors in self.scorer.errors.items():
-                fits = [name for name in self._candidates(layer, has_cfg)
-                        if errors.get(name, float("inf")) <= self.settings.delta]
+            for layer in list(self.scorer.squared_errors):
+                fits = self.scorer.options(layer, self._candidates(layer, has_cfg), self.settings.delta,
+                                           self.settings.per_head)
                 if fits:
-                    assignment[layer] = min(fits, key=self.layers[layer].cost)
-                    losses[layer] = errors[assignment[layer]]
+                    name, heads[layer], losses[layer] = min(fits, key=lambda fit: self.layers[layer].cost(*fit[:2]))
+                    assignment[layer] = name
         out, loss = reference, 0.0
         if assignment:
-            out = forward(assignment, before)
+            out = forward(assignment, before, heads)
             loss = output_loss(out, reference)
             if loss > self.settings.delta:  # the step as a whole fails its check: full attention
-                assignment, losses, out, loss = {}, [None] * count, reference, 0.0
+                assignment, heads, losses, out, loss = {}, {}, [None] * count, reference, 0.0
                 cache.clear()
                 cache.update(after_full)
         self.scorer.commit(assignment)
-        self._record([assignment.get(layer, "full") for layer in range(count)], losses, loss)
+        self._record([assignment.get(layer, "full") for layer in range(count)], losses, loss,
+                     [_listed(heads.get(layer)) for layer in range(count)])
         return out
 
-    def _record(self, methods: list[str], losses: list[float | None], step_loss: float) -> None:
+    def _record(self, methods: list[str], losses: list[float | None], step_loss: float,
+                heads: list[list[int] | None] | None = None) -> None:
         self.methods.append(methods)
         self.losses.append(losses)
         self.step_losses.append(step_loss)
+        self.heads.append(heads or [None] * len(methods))
+
+    def _record_full(self) -> None:
+        self._record(["full"] * len(self.layers), [None] * len(self.layers), 0.0)
 
     def plan(self, info: CalibrationInfo) -> Plan:
         if not self.methods:
             raise RuntimeError("FastAttn Calibrate: the sampler never called the model; nothing was calibrated.")
         while len(self.methods) < self.steps:
-            self._record(["full"] * len(self.layers), [None] * len(self.layers), 0.0)
+            self._record_full()
         fingerprint = Fingerprint(self.architecture, tuple(slot.info for slot in self.layers))
-        plan = Plan(fingerprint, info, self.settings.window, self.methods, self.losses, self.step_losses)
+        heads = self.heads if any(cell is not None for row in self.heads for cell in row) else []
+        plan = Plan(fingerprint, info, self.settings.window, self.methods, self.losses, self.step_losses, heads=heads)
         plan.flops_kept = flops_kept(plan, self.layers)
         return plan
 
@@ -312,10 +375,14 @@ def flops_kept(plan: Plan, layers: list[LayerSlot]) -> float:
     for step, row in enumerate(plan.methods):
         for layer, (name, slot) in enumerate(zip(row, layers, strict=True)):
             full += slot.full_flops
-            computed += slot.cost(name)
+            computed += slot.cost(name, plan.heads_of(step, layer))
             if name.startswith("full") and plan.residual_window(step, plan.steps, layer) is not None:
                 computed += slot.window_flops / (2 if name.endswith("+asc") else 1)
     return computed / full if full else 1.0
+
+
+def _listed(heads: HeadSet) -> list[int] | None:
+    return None if heads is None else list(heads)
 
 
 def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int, steps: int, cfg: float,

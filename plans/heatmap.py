@@ -1,5 +1,6 @@
 """A plan as a picture: technique per layer (rows) x step (columns), a legend with each
-technique's share of the cells, and the attention FLOPs the plan keeps."""
+technique's share of the cells, and the attention FLOPs the plan keeps. A per-head cell is
+filled in its window colour up to the share of the layer's heads it windows, grey above."""
 
 from __future__ import annotations
 
@@ -36,18 +37,22 @@ def render_heatmap(plan: Plan) -> Image.Image:
     width = max(MARGIN * 2 + LABEL_WIDTH + grid_width, 520)
     title_height = 2 * line + MARGIN
     legend_top = title_height + grid_height + line + MARGIN
-    height = legend_top + line * len(TECHNIQUES) + MARGIN
+    legend_lines = len(TECHNIQUES) + (1 if plan.per_head else 0)
+    height = legend_top + line * legend_lines + MARGIN
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     info = plan.calibration
     draw.text((MARGIN, MARGIN // 2), f"{plan.fingerprint.architecture}: {steps} steps x {layers} attention layers, "
-              f"{info.mode or 'plan'} delta {info.delta:g}", fill=INK, font=font)
+              f"{info.mode or 'plan'}{' per head' if plan.per_head else ''} delta {info.delta:g}", fill=INK, font=font)
     draw.text((MARGIN, MARGIN // 2 + line), f"attention FLOPs kept: {plan.flops_kept:.1%} of full", fill=INK, font=font)
     left, top = MARGIN + LABEL_WIDTH, title_height
     for step, row in enumerate(plan.methods):
         for layer, name in enumerate(row):
             x, y = left + step * cell, top + layer * cell
             draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=COLOURS[name], outline=BACKGROUND)
+            unwindowed = round((cell - 2) * (1 - plan.windowed_share(step, layer)))
+            if plan.heads_of(step, layer) is not None and unwindowed > 0:  # some heads windowed: grey above
+                draw.rectangle((x + 1, y + 1, x + cell - 2, y + unwindowed), fill=COLOURS["full"])
     label_every = max(1, round(FONT_SIZE / cell))
     for layer in range(0, layers, label_every):
         kind = plan.fingerprint.layers[layer].kind
@@ -59,6 +64,10 @@ def render_heatmap(plan: Plan) -> Image.Image:
         y = legend_top + index * line
         draw.rectangle((MARGIN, y + 2, MARGIN + FONT_SIZE, y + 2 + FONT_SIZE), fill=COLOURS[name])
         draw.text((MARGIN + FONT_SIZE + 8, y), f"{LABELS[name]}: {counts[name] / total:.0%} of cells", fill=INK, font=font)
+    if plan.per_head:
+        y = legend_top + len(TECHNIQUES) * line
+        draw.text((MARGIN, y), "part-filled cell: window on that share of heads, full on the rest", fill=INK,
+                  font=font)
     return image
 
 

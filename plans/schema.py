@@ -1,6 +1,10 @@
 """A plan as data: which technique each attention layer uses at each step, and what it was
 calibrated on. Versioned JSON; loading validates everything and names what is wrong.
 
+A cell may window only some of the layer's heads (a per-head plan, schema version 2): `heads`
+lists, per (step, layer), the heads that use the window; the others compute full attention.
+Plans without per-head cells are still written as version 1, so older FastAttn reads them.
+
 A plan answers DiTFastAttn's two questions (`choose`, `residual_window`) like a hand-set
 Schedule does, mapping a sampling step to the plan step at the same POSITION in the schedule,
 so a plan calibrated at 20 steps serves 30.
@@ -18,7 +22,7 @@ from ..patching.ditfastattn import (
 from ..patching.schedule import Choice, WindowSize
 
 FORMAT = "fastattn-plan"
-VERSION = 1
+VERSION = 2  # 2 added per-head cells ("heads"); version 1 plans load unchanged
 
 # The paper's candidates (REFERENCE.md section 1), in the order greedy search tries them.
 # ast: attention sharing across timesteps; wars: window attention + residual sharing;
@@ -32,13 +36,16 @@ class PlanError(ValueError):
     """A plan that cannot be read or does not fit the model; the message says what to do."""
 
 
-def choice_of(technique: str, window: WindowSize) -> Choice:
-    """The DiTFastAttn choice for one technique name."""
+HeadSet = tuple[int, ...] | None  # the heads a window technique applies to; None: all of them
+
+
+def choice_of(technique: str, window: WindowSize, heads: HeadSet = None) -> Choice:
+    """The DiTFastAttn choice for one technique name (window techniques on `heads` only, if given)."""
     share_cfg = technique.endswith("+asc")
     if technique == "ast":
         return Choice("reuse")
     if technique.startswith("wars"):
-        return Choice("window", share_cfg, window, True)
+        return Choice("window", share_cfg, window, True, heads=heads)
     return Choice("full", share_cfg)
 
 
@@ -92,9 +99,26 @@ class Plan:
     losses: list[list[float | None]] = field(default_factory=list)  # loss recorded for each accepted choice
     step_losses: list[float] = field(default_factory=list)  # model-output loss of each step's choices
     flops_kept: float = 1.0  # attention FLOPs computed / full, over the calibration run
+    heads: list[list[list[int] | None]] = field(default_factory=list)  # [plan step][layer] -> windowed heads
 
     def __post_init__(self) -> None:
         self._tables: dict[int, list[list[Choice]]] = {}
+
+    def heads_of(self, step: int, layer: int) -> HeadSet:
+        """The heads the window technique of this cell applies to (None: all; always None off window cells)."""
+        cell = self.heads[step][layer] if step < len(self.heads) else None
+        return None if cell is None else tuple(cell)
+
+    @property
+    def per_head(self) -> bool:
+        return any(cell is not None for row in self.heads for cell in row)
+
+    def windowed_share(self, step: int, layer: int) -> float:
+        """The share of the layer's heads this cell windows (1 for a whole-layer window, 0 off window cells)."""
+        if not self.methods[step][layer].startswith("wars"):
+            return 0.0
+        heads = self.heads_of(step, layer)
+        return 1.0 if heads is None else len(heads) / self.fingerprint.layers[layer].heads
 
     @property
     def steps(self) -> int:
@@ -128,9 +152,11 @@ class Plan:
 
     def _table(self, total_steps: int) -> list[list[Choice]]:
         if total_steps not in self._tables:
+            plan_steps = [self.plan_step(step, total_steps) for step in range(total_steps)]
             self._tables[total_steps] = [
-                [choice_of(name, self.window) for name in self.methods[self.plan_step(step, total_steps)]]
-                for step in range(total_steps)
+                [choice_of(name, self.window, self.heads_of(plan_step, layer))
+                 for layer, name in enumerate(self.methods[plan_step])]
+                for plan_step in plan_steps
             ]
         return self._tables[total_steps]
 
@@ -145,7 +171,7 @@ class Plan:
     def to_json(self) -> str:
         data = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if self.per_head else 1,
             "model": {"architecture": self.fingerprint.architecture,
                       "layers": [asdict(layer) for layer in self.fingerprint.layers]},
             "calibration": asdict(self.calibration),
@@ -155,6 +181,8 @@ class Plan:
             "step_losses": self.step_losses,
             "flops_kept": self.flops_kept,
         }
+        if self.per_head:
+            data["heads"] = self.heads
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -196,8 +224,32 @@ class Plan:
                  "step 0 must compute attention (full or full+asc): nothing is cached before it")
         flops_kept = data.get("flops_kept", 1.0)
         _require(isinstance(flops_kept, (int, float)), "flops_kept must be a number")
+        heads = _heads(data.get("heads", []), methods, fingerprint)
         return cls(fingerprint, info, size, methods, data.get("losses", []), data.get("step_losses", []),
-                   float(flops_kept))
+                   float(flops_kept), heads)
+
+
+def _heads(heads, methods: list[list[str]], fingerprint: Fingerprint) -> list[list[list[int] | None]]:
+    """The per-head cells, checked: absent (a version 1 plan) or one entry per (step, layer), each
+    null or the increasing head numbers a window cell applies to."""
+    if heads == []:
+        return []
+    _require(isinstance(heads, list) and len(heads) == len(methods) and all(
+        isinstance(row, list) and len(row) == len(fingerprint.layers) for row in heads),
+        "heads must list, for every step, one entry per layer (null or a list of head numbers)")
+    for step, row in enumerate(heads):
+        for layer, cell in enumerate(row):
+            if cell is None:
+                continue
+            count = fingerprint.layers[layer].heads
+            _require(methods[step][layer].startswith("wars"),
+                     f"step {step}, layer {layer}: heads are listed for {methods[step][layer]}, only window cells "
+                     "(wars, wars+asc) may apply to some heads")
+            _require(isinstance(cell, list) and cell and all(type(h) is int for h in cell)
+                     and cell == sorted(set(cell)) and 0 <= cell[0] and cell[-1] < count,
+                     f"step {step}, layer {layer}: heads must be increasing head numbers in 0..{count - 1}, "
+                     f"got {cell!r}")
+    return heads
 
 
 def _section(data: dict, name: str) -> dict:

@@ -3,7 +3,9 @@ plan file and its validation, storage, and applying a plan."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import folder_paths
 import pytest
@@ -305,3 +307,246 @@ def test_heatmap_shows_every_cell_in_its_technique_colour(calibrated):
     assert used <= colours
     tensor = heatmap.image_tensor(image)
     assert tensor.shape == (1, image.height, image.width, 3) and 0.0 <= tensor.min() <= tensor.max() <= 1.0
+
+
+# --- per-head plans ---------------------------------------------------------------------------
+
+LOCAL_HEADS = (0,)  # of layer 1's two heads: head 0 made local, head 1 keeps global attention
+
+
+def half_local_attention(call) -> torch.Tensor:
+    """Layer 1 with head 0 exactly the candidate window and head 1 full attention."""
+    q, k, v = call.heads_first()
+    layout = kernels.TokenLayout(0, (8, 8))
+    out = kernels.reference_attention(q, k, v, layout, WINDOW.window_for(layout)).to(q.dtype)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out[:, 1:] = dense[:, 1:]
+    return call.format_output(out)
+
+
+@pytest.fixture(scope="module")
+def per_head(model):
+    """(controlled model, per-head plan, its final latent): fast mode, window candidate only."""
+    controlled = with_image_layer(model, half_local_attention)
+    positive, negative, latent = _inputs()
+    settings = plans.Settings(1e-3, ("wars",), WINDOW, "fast", per_head=True)
+    plan, out = plans.calibrate(controlled, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0,
+                                sampler="euler", scheduler="simple", settings=settings)
+    return controlled, plan, out
+
+
+def test_a_per_head_plan_windows_exactly_the_local_heads(model, per_head):
+    _, plan, _ = per_head
+    assert [row[1] for row in plan.methods] == ["full"] + ["wars"] * (STEPS - 1)
+    assert [row[1] for row in plan.heads] == [None] + [list(LOCAL_HEADS)] * (STEPS - 1)
+    assert all(row[0] == row[2] == "full" for row in plan.methods)  # real layers err far more than 1e-3
+    assert all(row[0] is None and row[2] is None for row in plan.heads)
+    assert plan.windowed_share(1, 1) == 0.5 and plan.per_head
+    assert plan.choose(2 * STEPS - 1, 2 * STEPS, 1).heads == LOCAL_HEADS  # another step count maps by position
+    whole_layer, _ = _calibrate(with_image_layer(model, half_local_attention), "fast", 1e-3, candidates=("wars",))
+    assert whole_layer.counts()["full"] == STEPS * 3  # without per_head the global head keeps layer 1 full
+
+
+def test_greedy_refuses_per_head_search():
+    with pytest.raises(ValueError, match="per-head choices need search_mode fast"):
+        plans.Settings(0.1, mode="greedy", per_head=True)
+
+
+def _head_one_windowed(model, positive, negative, latent, size) -> tuple:
+    """A plan windowing head 1 of every image / joint layer after step 0 (head 0 full), and which
+    layers it windows; the layers read from a plain run of the model."""
+    probe = patching.install(model)
+    sample(probe, positive, negative, latent, steps=STEPS, seed=3)
+    layers = patching.patch_of(probe).last_report.layers
+    fingerprint = schema.Fingerprint(patching.adapter_for(model.model.diffusion_model).name,
+                                     tuple(schema.LayerInfo(r.kind, r.heads, r.head_dim) for r in layers))
+    windowed = [r.kind in schema.WINDOWED_KINDS for r in layers]
+    methods = [["full"] * len(layers)] + [["wars" if w else "full" for w in windowed]] * (STEPS - 1)
+    heads = [[None] * len(layers)] + [[[1] if w else None for w in windowed]] * (STEPS - 1)
+    return plans.Plan(fingerprint, schema.CalibrationInfo(STEPS), size, methods, heads=heads), windowed
+
+
+def _spied_run(model, method, positive, negative, latent, check) -> None:
+    """Sample with `method`, calling check(call, site, run, out, technique) after each attention call."""
+
+    def spied(call, site, run):
+        out, flops, technique = method(call, site, run)
+        check(call, site, run, out, technique)
+        return out, flops, technique
+
+    spied.finish_run = method.finish_run
+    sample(patching.install(model, spied), positive, negative, latent, steps=STEPS, seed=3)
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_a_per_head_call_equals_the_float64_reference(arch):
+    """Windowed heads: window + the residual of the layer's last full step; the other heads:
+    dense attention, all against float64 recomputations from the call's q, k, v."""
+    model = build_model(arch)
+    positive, negative, latent = _inputs(arch)
+    size = schema.WindowSize("band", tokens=5)
+    plan, windowed = _head_one_windowed(model, positive, negative, latent, size)
+    residuals, checked = {}, []
+
+    def check(call, site, run, out, technique):
+        if not windowed[site.layer]:
+            return
+        q, k, v = (t.double() for t in call.heads_first())
+        window = kernels.reference_attention(q, k, v, site.layout, size.window_for(site.layout))
+        dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=call.scale)
+        out = call.output_heads_first(out).double()
+        key = (site.layer, site.cond_or_uncond)
+        if technique == "full":
+            assert (out - dense).abs().max() <= 1e-5 * dense.abs().max()
+            residuals[key] = out - window
+            return
+        assert technique == "window+residual on some heads"
+        assert (out[:, 0] - dense[:, 0]).abs().max() <= 1e-5 * dense.abs().max()
+        expected = window[:, 1] + residuals[key][:, 1]
+        assert (out[:, 1] - expected).abs().max() <= 1e-5 * expected.abs().max()
+        checked.append(site.step)
+
+    _spied_run(model, plans.PlannedAttention(plan), positive, negative, latent, check)
+    assert set(checked) == set(range(1, STEPS))
+
+
+def test_a_per_head_call_keeps_the_text_padding_mask():
+    """HunyuanVideo with padded prompts: the full heads are the host's masked attention, the
+    windowed heads what the whole-layer window (which honours the mask) gives them."""
+    arch = "hunyuan_video"
+    model = build_model(arch)
+    positive, negative = conditioning(arch, 7, seed=1), conditioning(arch, 5, seed=2)
+    positive[0][1]["attention_mask"] = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    negative[0][1]["attention_mask"] = torch.tensor([[1, 1, 1, 0, 0]])
+    latent = empty_latent(arch, 16, 16, frames=1)
+    plan, windowed = _head_one_windowed(model, positive, negative, latent, schema.WindowSize("band", tokens=5))
+    method = plans.PlannedAttention(plan)
+    checked = []
+
+    def check(call, site, run, out, technique):
+        if technique != "window+residual on some heads":
+            return
+        assert call.mask is not None
+        whole_layer = dataclasses.replace(plan.choose(site.step, site.total_steps, site.layer), heads=None)
+        expected = call.output_heads_first(method._compute(call, site, run, whole_layer, site.chunk_ids)[0])
+        out, host = call.output_heads_first(out), call.output_heads_first(call.run_default())
+        assert torch.allclose(out[:, 0], host[:, 0], atol=1e-6) and torch.allclose(out[:, 1], expected[:, 1], atol=1e-6)
+        checked.append(site.layer)
+
+    _spied_run(model, method, positive, negative, latent, check)
+    assert len(checked) >= STEPS - 1 and not patching.patch_of(model)
+
+
+def test_a_per_head_plan_round_trips_and_reproduces_its_run(per_head, user_directory):
+    controlled, plan, latent = per_head
+    path = plans.save_plan(plan, "per head", overwrite=False)
+    assert json.loads(path.read_text())["version"] == 2
+    loaded = plans.load_plan("per head")
+    assert loaded.to_json() == plan.to_json() and loaded.heads == plan.heads
+    positive, negative, inputs = _inputs()
+    applied = patching.install(controlled, plans.PlannedAttention(loaded))
+    assert torch.equal(sample(applied, positive, negative, inputs, steps=STEPS, seed=3), latent)
+
+
+def test_a_per_head_plans_flops_kept_is_what_the_applied_run_computes(per_head):
+    controlled, plan, _ = per_head
+    applied = patching.install(controlled, plans.PlannedAttention(plan))
+    positive, negative, latent = _inputs()
+    sample(applied, positive, negative, latent, steps=STEPS, seed=3)
+    report = patching.patch_of(applied).last_report
+    assert "window+residual on some heads" in report.flops_by_technique
+    assert plan.flops_kept == pytest.approx(report.computed_flops / report.full_flops, rel=1e-9)
+
+
+def test_old_per_layer_plans_still_load(calibrated):
+    shipped = Path(__file__).resolve().parents[1] / "demo" / "plans" / "fastattn_demo_sd3_fast.json"
+    text = shipped.read_text()
+    assert json.loads(text)["version"] == 1  # written before per-head plans existed
+    assert plans.Plan.from_json(text).heads == []
+    _, plan, _ = calibrated
+    text = plan.to_json()
+    assert json.loads(text)["version"] == 1 and "heads" not in json.loads(text)  # per-layer plans stay version 1
+    loaded = plans.Plan.from_json(text)
+    assert loaded.heads == [] and not loaded.per_head
+    assert all(loaded.choose(step, STEPS, layer).heads is None for step in range(STEPS) for layer in range(3))
+
+
+INVALID_HEADS = {
+    "heads on a full cell": (_set(("heads", 1, 0), [0]), "only window cells"),
+    "head out of range": (_set(("heads", 1, 1), [0, 5]), r"increasing head numbers in 0\.\.1"),
+    "unordered heads": (_set(("heads", 1, 1), [1, 0]), "increasing head numbers"),
+    "empty heads": (_set(("heads", 1, 1), []), "increasing head numbers"),
+    "a step missing": (lambda data: data["heads"].pop(), "one entry per layer"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID_HEADS))
+def test_every_invalid_per_head_cell_is_a_clear_error(case, per_head):
+    _, plan, _ = per_head
+    edit, message = INVALID_HEADS[case]
+    with pytest.raises(plans.PlanError, match=message):
+        plans.Plan.from_json(_edited(plan, edit))
+
+
+def test_heatmap_fills_a_per_head_cell_up_to_its_share_of_heads(per_head):
+    heatmap = pack_import("plans.heatmap")
+    _, plan, _ = per_head
+    image = heatmap.render_heatmap(plan)
+    cell = int(max(6, min(36, 640 / max(plan.steps, 3))))  # the layout render_heatmap draws
+    left, top = heatmap.MARGIN + heatmap.LABEL_WIDTH, 2 * (heatmap.FONT_SIZE + 6) + heatmap.MARGIN
+    x, y = left + 1 * cell + cell // 2, top + 1 * cell  # step 1, layer 1: head 0 of 2 windowed
+    assert image.getpixel((x, y + 4)) == heatmap.COLOURS["full"]
+    assert image.getpixel((x, y + cell - 4)) == heatmap.COLOURS["wars"]
+    assert image.getpixel((x, y - cell + 4)) == heatmap.COLOURS["full"]  # layer 0: full attention
+
+
+# --- another step count: the warning the user sees ---------------------------------------------
+
+
+class Screen:
+    """Stands in for the running server's PromptServer: records the progress text sent to nodes."""
+
+    def __init__(self) -> None:
+        self.texts: list[tuple[str, str]] = []
+
+    def send_progress_text(self, text: str, node_id: str, sid=None) -> None:
+        self.texts.append((node_id, text))
+
+
+@pytest.mark.parametrize("steps", [STEPS, 2 * STEPS])
+def test_a_plan_mapped_to_another_step_count_warns_on_the_nodes_and_in_the_report(model, calibrated, steps,
+                                                                                 monkeypatch):
+    import server
+    from comfy_execution.utils import CurrentNodeContext
+
+    assert callable(server.PromptServer.send_progress_text)  # the host's API this pack calls
+    screen = Screen()
+    monkeypatch.setattr(server.PromptServer, "instance", screen, raising=False)
+    _, plan, _ = calibrated
+    with CurrentNodeContext("prompt", "apply node"):
+        (applied,) = nodes.ApplyPlan.execute(model, nodes.NO_PLAN, plan.to_json()).result
+    positive, negative, latent = _inputs()
+    with CurrentNodeContext("prompt", "sampler node"):
+        sample(applied, positive, negative, latent, steps=steps, seed=3)
+    (text,) = pack_import("nodes.inspector").AttentionReport.execute(applied, latent).result
+    if steps == STEPS:
+        assert screen.texts == [] and "warning" not in text
+        return
+    expected = f"the plan was calibrated at {STEPS} steps and this run has {steps}"
+    assert [node for node, _ in screen.texts] == ["sampler node", "apply node"]
+    assert all(expected in shown for _, shown in screen.texts)
+    assert f"warning: {expected}" in text
+
+
+def test_per_head_options_window_the_heads_within_delta_if_the_layer_stays_within_it():
+    """Relative errors per head (norms 1): window+residual 0.05 / 0.5, full+asc 0.02 / 0.2."""
+    calibrate = pack_import("plans.calibrate")
+    scorer = calibrate.Scorer(WINDOW, plans.CANDIDATES)
+    scorer.squared_norms[1] = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    scorer.squared_errors[1] = {name: torch.tensor(errors, dtype=torch.float64) ** 2 for name, errors in
+                                {"wars": [0.05, 0.5], "wars+asc": [0.05, 0.5], "full+asc": [0.02, 0.2]}.items()}
+    candidates = ["wars+asc", "wars", "full+asc"]
+    assert scorer.options(1, candidates, 0.1, per_head=False) == []  # each whole-layer error is above 0.1
+    (found,) = scorer.options(1, candidates, 0.1, per_head=True)  # wars+asc on head 0 errs 0.146 with head 1's asc
+    assert found[:2] == ("wars", (0,)) and found[2] == pytest.approx((0.05 ** 2 / 2) ** 0.5)
+    assert scorer.options(1, candidates, 0.6, per_head=True)[0] == ("wars+asc", None, pytest.approx(0.355, abs=1e-3))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 import websocket
 
 from .host import comfy_path
+
+TEXT_EVENT = 3  # the host's BinaryEventTypes.TEXT (protocol.py), not importable before the host is
 
 
 class PromptRejectedError(RuntimeError):
@@ -225,6 +228,8 @@ class ComfyServer:
         while time.monotonic() < deadline:
             raw = ws.recv()
             if not isinstance(raw, str):
+                if (text := _progress_text(raw)) is not None:  # text a node shows under itself (no prompt id)
+                    messages.append(text)
                 continue  # binary preview images
             message = json.loads(raw)
             if message.get("data", {}).get("prompt_id") != prompt_id:
@@ -237,3 +242,12 @@ class ComfyServer:
             if kind == "executing" and message["data"].get("node") is None:
                 return messages
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout} s")
+
+
+def _progress_text(raw: bytes) -> dict | None:
+    """A binary TEXT event (PromptServer.send_progress_text: event 3, then the node id's length,
+    the node id and the text) as {"type": "progress_text", "data": {"node", "text"}}; None for others."""
+    if len(raw) < 8 or struct.unpack(">I", raw[:4])[0] != TEXT_EVENT:
+        return None
+    length = struct.unpack(">I", raw[4:8])[0]
+    return {"type": "progress_text", "data": {"node": raw[8:8 + length].decode(), "text": raw[8 + length:].decode()}}
