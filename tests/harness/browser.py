@@ -124,10 +124,17 @@ class Frontend:
         self.page.evaluate("() => window.app.graph.clear()")
         canvas = self.page.locator("#graph-canvas").bounding_box()
         x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
-        self.page.mouse.click(x, y)
-        self.page.wait_for_timeout(500)  # not taken as part of the double click below
-        self.page.mouse.dblclick(x, y)
         box = self.page.get_by_placeholder("Search Nodes...")
+        for attempt in range(3):  # a double click landing while the canvas redraws is sometimes not taken
+            self.page.mouse.click(x, y)
+            self.page.wait_for_timeout(500)  # not taken as part of the double click below
+            self.page.mouse.dblclick(x, y)
+            try:
+                box.wait_for(state="visible", timeout=5_000)
+                break
+            except PlaywrightError:
+                if attempt == 2:
+                    raise
         box.fill(text)
         options = self.page.locator(".p-autocomplete-option")
         try:  # results update as the query is typed: wait for a match, or give up and report what shows
