@@ -95,6 +95,18 @@ class SamplingRun:
         self.evaluations[(step, chunk)] = count + 1
         return count
 
+    def snapshot(self) -> tuple[dict, dict]:
+        """The caches and evaluation counts as they are now: calibration runs several trial
+        forwards of one step, each from the same state (`restore`)."""
+        return dict(self.cache), dict(self.evaluations)
+
+    def restore(self, state: tuple[dict, dict]) -> None:
+        cache, evaluations = state
+        self.cache.clear()
+        self.cache.update(cache)
+        self.evaluations.clear()
+        self.evaluations.update(evaluations)
+
     def stood_aside(self, reason: str) -> None:
         """A technique set for this call could not apply to it (so the call ran as the host computes
         it, or without that technique): counted in the report, logged once per run and reason."""

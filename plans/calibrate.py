@@ -11,7 +11,9 @@ assignment, so the next step starts where applying the plan would.
             full+ASC; the first whose model-output loss is within (i+1)/L x delta is kept.
     fast    one scoring forward (full attention everywhere) scores each layer's candidates
             against its full output; the cheapest under delta is kept per layer; one forward
-            checks the step's model output and falls back to full attention if it fails.
+            checks the step's model output; where it fails, the riskier half of the choices
+            (largest local error) fall back to full attention and the check runs again (twice
+            at most, then the whole step is full).
             Per head (optional): where windowing the whole layer errs too much, the window may
             still apply to the heads whose own error is within delta, the others computing
             full attention (the layer's error as a whole staying within delta too).
@@ -29,6 +31,7 @@ import comfy.utils
 import torch
 
 from ..kernels import attention_flops, window_attention
+from ..kernels.backends import choose_backend
 from ..patching import AttentionCall, CallSite, SamplingRun, install
 from ..patching.ditfastattn import DiTFastAttn
 from ..patching.runtime import PATCH_KEY, RUN_KEY, apply_model_wrapper
@@ -46,6 +49,7 @@ from .schema import (
 
 CALIBRATION_KEY = "fastattn_calibration"
 MODES = ("greedy", "fast")
+FAST_RETRIES = 2  # fast mode: checks after the first, each with the riskier half of the choices back to full
 
 
 @dataclass(frozen=True)
@@ -130,15 +134,17 @@ class TrialSchedule:
 
 class Scorer:
     """Fast mode's local scores: each candidate's attention output against the layer's full one
-    (AST: the last step's full output; WA-RS: window now + residual of the layer's last full
-    step), kept as squared errors per head, from which whole-layer and per-head relative errors
-    follow."""
+    (AST: the output the layer last computed, as the runtime stores it for reuse, which is older
+    than the last step where that step shared too; WA-RS: window now + residual of the layer's
+    last full step), kept as squared errors per head, from which whole-layer and per-head
+    relative errors follow."""
 
     def __init__(self, window: WindowSize, candidates: tuple[str, ...]) -> None:
         self.window = window
         self.candidates = candidates
-        self.previous: dict[int, torch.Tensor] = {}
+        self.previous: dict[int, torch.Tensor] = {}  # what an AST at this step reuses
         self.residual: dict[int, torch.Tensor] = {}
+        self.pending_full: dict[int, tuple[torch.Tensor, tuple[int, ...]]] = {}  # this step's (output, halves)
         self.pending_residual: dict[int, torch.Tensor] = {}
         self.squared_errors: dict[int, dict[str, torch.Tensor]] = {}  # layer -> technique -> [heads]
         self.squared_norms: dict[int, torch.Tensor] = {}  # layer -> ||full output||^2 per head
@@ -149,8 +155,8 @@ class Scorer:
         previous = self.previous.get(site.layer)
         if "ast" in self.candidates and previous is not None and previous.shape == full_heads.shape:
             approx["ast"] = previous
-        self.previous[site.layer] = full_heads
         halves = site.cond_or_uncond
+        self.pending_full[site.layer] = full_heads, halves
         has_cfg = 0 in halves and 1 in halves and full.shape[0] % len(halves) == 0
         if has_cfg:  # also what the unwindowed heads of a per-head wars+asc cell compute
             approx["full+asc"] = share_cfg(full_heads, halves)
@@ -192,11 +198,29 @@ class Scorer:
                 found.append((name, tuple(own.nonzero().flatten().tolist()), mixed))
         return found
 
-    def commit(self, assignment: dict[int, str]) -> None:
-        """The step is decided: layers that computed full attention refresh their residual."""
+    def _output(self, layer: int, technique: str, heads: HeadSet) -> torch.Tensor:
+        """The attention output `technique` gave this layer at this step (heads first)."""
+        full, halves = self.pending_full[layer]
+        out = full
+        if technique.startswith("wars"):
+            out = full - self.pending_residual[layer] + self.residual[layer]  # window + the older residual
+            if heads is not None:
+                windowed = torch.zeros(full.shape[1], dtype=torch.bool, device=full.device)
+                windowed[list(heads)] = True
+                out = torch.where(windowed[:, None, None], out, full)
+        return share_cfg(out, halves) if technique.endswith("+asc") else out
+
+    def commit(self, assignment: dict[int, str], heads: dict[int, HeadSet]) -> None:
+        """The step is decided: layers that computed keep their output for a later AST (a shared
+        layer keeps the older one, as the runtime does), full ones refresh their residual."""
+        for layer in self.pending_full:
+            name = assignment.get(layer, "full")
+            if name != "ast":
+                self.previous[layer] = self._output(layer, name, heads.get(layer))
         for layer, residual in self.pending_residual.items():
             if assignment.get(layer, "full").startswith("full"):
                 self.residual[layer] = residual
+        self.pending_full.clear()
         self.pending_residual.clear()
         self.squared_errors.clear()
         self.squared_norms.clear()
@@ -253,25 +277,23 @@ class Calibration:
         window = full
         if compressible:
             size = self.settings.window.window_for(site.layout)
+            backend = choose_backend("auto", call.q.device)  # as the runtime prices it
             window = attention_flops(site.layout, size, batch=call.batch, heads=call.heads,
-                                     head_dim=call.head_dim).computed
+                                     head_dim=call.head_dim, backend=backend).computed
         return LayerSlot(LayerInfo(site.kind, call.heads, call.head_dim), compressible, full, window)
 
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
                             transformer_options=None, **kwargs):
         run: SamplingRun = transformer_options[RUN_KEY]
         step = run.step_of(float(transformer_options.get("sigmas", t).flatten()[0]))
-        evaluations = dict(run.evaluations)  # every trial is the same evaluation of the step for the caches
 
-        def forward(assignment: dict[int, str], state: dict | None, heads: dict[int, HeadSet] | None = None
-                    ) -> torch.Tensor:
-            """One forward with `assignment` at this step, from the run's caches as in `state`."""
+        def forward(assignment: dict[int, str], state: tuple[dict, dict] | None,
+                    heads: dict[int, HeadSet] | None = None) -> torch.Tensor:
+            """One forward with `assignment` at this step, from the run's state `state` (a trial:
+            the same evaluation of the step, from the same caches) or from where the run is."""
             comfy.model_management.throw_exception_if_processing_interrupted()
             if state is not None:
-                run.cache.clear()
-                run.cache.update(state)
-            run.evaluations.clear()
-            run.evaluations.update(evaluations)
+                run.restore(state)
             self.schedule.step, self.schedule.assignment, self.schedule.heads = step, assignment, heads or {}
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
@@ -282,7 +304,7 @@ class Calibration:
         halves = tuple(transformer_options.get("cond_or_uncond", ()))
         has_cfg = 0 in halves and 1 in halves
         decide = self._greedy if self.settings.mode == "greedy" else self._fast
-        out = decide(step, has_cfg, run.cache, forward)
+        out = decide(step, has_cfg, run, forward)
         self.progress.update_absolute(step + 1)
         return out
 
@@ -291,10 +313,10 @@ class Calibration:
             return []
         return [name for name in self.settings.candidates if has_cfg or not name.endswith("+asc")]
 
-    def _greedy(self, step: int, has_cfg: bool, cache: dict, forward: Callable) -> torch.Tensor:
-        before = dict(cache)
-        reference = forward({}, None)
-        after_full = dict(cache)
+    def _greedy(self, step: int, has_cfg: bool, run: SamplingRun, forward: Callable) -> torch.Tensor:
+        before = run.snapshot()
+        reference = forward({}, before)
+        after_full = run.snapshot()
         count = len(self.layers)
         assignment: dict[int, str] = {}
         losses: list[float | None] = [None] * count
@@ -309,19 +331,18 @@ class Calibration:
                 self.progress.update_absolute(step + (layer + 1) / count)
         out = forward(assignment, before) if assignment else reference
         if not assignment:
-            cache.clear()
-            cache.update(after_full)
+            run.restore(after_full)
         self._record([assignment.get(layer, "full") for layer in range(count)], losses, output_loss(out, reference))
         return out
 
-    def _fast(self, step: int, has_cfg: bool, cache: dict, forward: Callable) -> torch.Tensor:
-        before = dict(cache)
+    def _fast(self, step: int, has_cfg: bool, run: SamplingRun, forward: Callable) -> torch.Tensor:
+        before = run.snapshot()
         self.scoring = True
         try:
-            reference = forward({}, None)
+            reference = forward({}, before)
         finally:
             self.scoring = False
-        after_full = dict(cache)
+        after_full = run.snapshot()
         count = len(self.layers)
         assignment: dict[int, str] = {}
         heads: dict[int, HeadSet] = {}
@@ -333,15 +354,19 @@ class Calibration:
                 if fits:
                     name, heads[layer], losses[layer] = min(fits, key=lambda fit: self.layers[layer].cost(*fit[:2]))
                     assignment[layer] = name
-        out, loss = reference, 0.0
-        if assignment:
-            out = forward(assignment, before, heads)
-            loss = output_loss(out, reference)
-            if loss > self.settings.delta:  # the step as a whole fails its check: full attention
-                assignment, heads, losses, out, loss = {}, {}, [None] * count, reference, 0.0
-                cache.clear()
-                cache.update(after_full)
-        self.scorer.commit(assignment)
+
+        def check(kept: dict[int, str]) -> tuple[float, torch.Tensor]:
+            out = forward(kept, before, {layer: heads.get(layer) for layer in kept})
+            return output_loss(out, reference), out
+
+        errors = {layer: losses[layer] for layer in assignment}
+        assignment, loss, out = passing_choices(assignment, errors, check, self.settings.delta)
+        if not assignment:  # full attention: the scoring forward's output and caches
+            out, loss = reference, 0.0
+            run.restore(after_full)
+        heads = {layer: heads.get(layer) for layer in assignment}
+        losses = [losses[layer] if layer in assignment else None for layer in range(count)]
+        self.scorer.commit(assignment, heads)
         self._record([assignment.get(layer, "full") for layer in range(count)], losses, loss,
                      [_listed(heads.get(layer)) for layer in range(count)])
         return out
@@ -366,6 +391,24 @@ class Calibration:
         plan = Plan(fingerprint, info, self.settings.window, self.methods, self.losses, self.step_losses, heads=heads)
         plan.flops_kept = flops_kept(plan, self.layers)
         return plan
+
+
+def passing_choices(assignment: dict[int, str], errors: dict[int, float],
+                    check: Callable[[dict[int, str]], tuple[float, torch.Tensor]], delta: float
+                    ) -> tuple[dict[int, str], float, torch.Tensor | None]:
+    """Fast mode's check of a step: the choices (layer -> technique) as they are if the model
+    output they give is within delta, else with the riskier half (largest local `errors`) back
+    to full attention, checked again, FAST_RETRIES times at most; {} where none passes.
+    Returns the choices kept, their check loss and the output of that check."""
+    for _ in range(1 + FAST_RETRIES):
+        if not assignment:
+            break
+        loss, out = check(assignment)
+        if loss <= delta:
+            return assignment, loss, out
+        riskiest = sorted(assignment, key=lambda layer: errors[layer], reverse=True)
+        assignment = {layer: assignment[layer] for layer in riskiest[max(1, len(riskiest) // 2):]}
+    return {}, 0.0, None
 
 
 def flops_kept(plan: Plan, layers: list[LayerSlot]) -> float:

@@ -141,14 +141,20 @@ class Plan:
         return table[step][layer]
 
     def residual_window(self, step: int, total_steps: int, layer: int) -> WindowSize | None:
-        """At a full step: the window, if any later step of this layer uses window + residual.
-        (Any later one, not only the next: a calibration run caches the residual at every full
-        step, so applying the plan reads the same residual it did.)"""
+        """At a full step: the window, if a later step of this layer uses window + residual before
+        a full step without CFG sharing refreshes the residual of every batch row (one that shares
+        CFG computes, so refreshes, the conditional rows only). The residual a window step reads is
+        then the one the calibration run read: it cached one at every full step, and the latest wins."""
         table = self._table(total_steps)
         if layer >= len(table[0]):
             return None
-        later = (table[s][layer] for s in range(step + 1, total_steps))
-        return self.window if any(choice.compute == "window" for choice in later) else None
+        for later in range(step + 1, total_steps):
+            choice = table[later][layer]
+            if choice.compute == "window":
+                return self.window
+            if choice.compute == "full" and not choice.share_cfg:
+                return None
+        return None
 
     def _table(self, total_steps: int) -> list[list[Choice]]:
         if total_steps not in self._tables:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import comfy.samplers
 import folder_paths
 import pytest
 import torch
@@ -86,6 +87,19 @@ def constant_attention(call) -> torch.Tensor:
     return torch.randn(call.output_shape, generator=generator)
 
 
+def drifting_attention(model, drift: float):
+    """An attention output that grows by `drift` x its first value each step: reusing the last
+    step's output errs about `drift`, reusing an output two steps old about twice that."""
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "simple", STEPS)
+
+    def attention(call) -> torch.Tensor:
+        step = int((sigmas[:-1] - call.kwargs["transformer_options"]["sigmas"].flatten()[0]).abs().argmin())
+        return constant_attention(call) * (1 + drift * step)
+
+    return attention
+
+
 # --- calibration ------------------------------------------------------------------------------
 
 
@@ -101,6 +115,15 @@ def test_a_layer_constant_across_steps_gets_step_sharing(model, mode):
     plan, _ = _calibrate(with_image_layer(model, constant_attention), mode, 1e-3)
     assert [row[1] for row in plan.methods] == ["full"] + ["ast"] * (STEPS - 1)
     assert all(row[0] == row[2] == "full" for row in plan.methods)
+
+
+def test_fast_mode_scores_step_sharing_against_the_output_it_would_reuse(model):
+    """The layer drifts 0.1 a step: sharing one step errs <= 0.1, but a second step in a row
+    would reuse the same, older output (error ~0.2): so shared steps alternate with computed
+    ones, at a local threshold of 0.13 that one step of drift passes. (Greedy measures this by
+    running the trial, on the model's output, where one layer's error weighs less.)"""
+    plan, _ = _calibrate(with_image_layer(model, drifting_attention(model, 0.1)), "fast", 0.13, candidates=("ast",))
+    assert [row[1] for row in plan.methods] == ["full", "ast", "full", "ast"]
 
 
 @pytest.mark.parametrize("mode", plans.MODES)
@@ -153,6 +176,18 @@ def test_flops_kept_is_what_the_applied_run_computes(model, calibrated):
     sample(applied, positive, negative, latent, steps=STEPS, seed=3)
     report = patching.patch_of(applied).last_report
     assert plan.flops_kept == pytest.approx(report.computed_flops / report.full_flops, rel=1e-9)
+
+
+def test_a_full_step_caches_a_residual_only_for_the_window_steps_that_read_it(calibrated):
+    """Step sharing reads no residual and a full step refreshes it; a full step that shares CFG
+    refreshes only the conditional rows', so the one before must be kept for the others."""
+    _, plan, _ = calibrated
+    row = ["full", "full", "ast", "wars", "full", "full+asc", "wars", "full"]
+    layers = len(plan.fingerprint.layers)
+    plan = dataclasses.replace(plan, methods=[[name] * layers for name in row], losses=[], step_losses=[], heads=[])
+    full_steps = [step for step, name in enumerate(row) if name.startswith("full")]
+    caches = [plan.residual_window(step, len(row), 1) is not None for step in full_steps]
+    assert dict(zip(full_steps, caches, strict=True)) == {0: False, 1: True, 4: True, 5: True, 7: False}
 
 
 def test_another_step_count_maps_by_position(calibrated):
@@ -536,6 +571,25 @@ def test_a_plan_mapped_to_another_step_count_warns_on_the_nodes_and_in_the_repor
     assert [node for node, _ in screen.texts] == ["sampler node", "apply node"]
     assert all(expected in shown for _, shown in screen.texts)
     assert f"warning: {expected}" in text
+
+
+def test_a_failed_fast_check_returns_the_riskier_half_of_the_choices_to_full():
+    """Layers 0 and 3 (the largest local errors) make the model output fail; the others pass."""
+    calibrate = pack_import("plans.calibrate")
+    errors = {0: 0.3, 1: 0.01, 2: 0.02, 3: 0.25, 4: 0.1, 5: 0.2}
+    checked = []
+
+    def check(kept: dict) -> tuple[float, str]:
+        checked.append(sorted(kept))
+        return (1.0 if {0, 3} & set(kept) else 0.05), f"output of {sorted(kept)}"
+
+    choices = dict.fromkeys(errors, "wars")
+    assert calibrate.passing_choices(choices, errors, check, 0.1) == (
+        {1: "wars", 2: "wars", 4: "wars"}, 0.05, "output of [1, 2, 4]")
+    assert checked == [[0, 1, 2, 3, 4, 5], [1, 2, 4]]
+    checked.clear()
+    assert calibrate.passing_choices(choices, errors, lambda kept: (1.0, None), 0.1) == ({}, 0.0, None)
+    assert calibrate.passing_choices({0: "ast"}, {0: 0.3}, check, 0.1) == ({}, 0.0, None)  # one layer: full
 
 
 def test_per_head_options_window_the_heads_within_delta_if_the_layer_stays_within_it():
