@@ -6,7 +6,7 @@ wall time of the sampler, speedup, attention FLOPs kept, PSNR and SSIM against t
 One short untimed warm-up run comes first, so that loading the model and the first use of the
 attention kernels are not counted in any row.
 
-    .venv/bin/python demo/run_demo.py [--size 1024] [--steps 20] [--write-workflows]
+    .venv/bin/python demo/run_demo.py [--size 1024] [--steps 20] [--write-workflows] [--write-plan]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,19 @@ from harness.server import ComfyServer  # noqa: E402
 workflows = pack_import("demo.workflows")
 metrics = pack_import("demo.metrics")
 WARM_UP = "combined"  # full, window + residual and CFG-shared attention calls all run once
+SHIPPED_PLAN_SIZE = 512  # px: 1024 image tokens, minutes on a CPU; the plan's window is a fraction, it carries
+
+
+def write_shipped_plan(output: Path) -> None:
+    """Calibrate the shipped plan (demo/plans/) with the example Calibrate workflow, as a user would
+    (in a fresh user folder, so no plan saved by an earlier run is in its way)."""
+    with tempfile.TemporaryDirectory() as scratch, ComfyServer(Path(scratch), output_dir=output) as server:
+        result = server.run(workflows.calibrate_graph(SHIPPED_PLAN_SIZE, plan_name="shipped"))
+        if result.status != "success":
+            raise SystemExit(f"the calibrate workflow failed: {result.error}")
+        saved = server.scratch / "user" / "default" / "fastattn_plans" / "shipped.json"
+        workflows.SHIPPED_PLAN.write_text(saved.read_text())
+    print(f"wrote {workflows.SHIPPED_PLAN.relative_to(REPO)}; now run --write-workflows to paste it into the examples")
 
 
 def _image(server: ComfyServer, result) -> tuple[Path, torch.Tensor]:
@@ -49,12 +63,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=workflows.SAMPLER["steps"])
     parser.add_argument("--write-workflows", action="store_true",
                         help="only (re)write example_workflows/ from demo/workflows.py")
+    parser.add_argument("--write-plan", action="store_true",
+                        help=f"only recalibrate the shipped plan ({SHIPPED_PLAN_SIZE} px, the calibrate example's settings)")
     args = parser.parse_args(argv)
+    output = REPO / "output"
+    if args.write_plan:
+        write_shipped_plan(output)
+        return
     if args.write_workflows:
         for path in workflows.write_example_workflows(node_io):
             print(f"wrote {path.relative_to(REPO)}")
         return
-    output = REPO / "output"
     with ComfyServer(output / ".server", output_dir=output) as server:
         inspected = server.run(workflows.inspector_graph(args.size))
         if inspected.status != "success":
