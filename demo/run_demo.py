@@ -29,6 +29,7 @@ from harness.server import ComfyServer  # noqa: E402
 
 workflows = pack_import("demo.workflows")
 metrics = pack_import("demo.metrics")
+storage = pack_import("plans.storage")
 WARM_UP = "combined"  # full, window + residual and CFG-shared attention calls all run once
 SHIPPED_PLAN_SIZE = 512  # px: 1024 image tokens, minutes on a CPU; the plan's window is a fraction, it carries
 
@@ -40,7 +41,7 @@ def write_shipped_plan(output: Path) -> None:
         result = server.run(workflows.calibrate_graph(SHIPPED_PLAN_SIZE, plan_name="shipped"))
         if result.status != "success":
             raise SystemExit(f"the calibrate workflow failed: {result.error}")
-        saved = server.scratch / "user" / "default" / "fastattn_plans" / "shipped.json"
+        saved = server.scratch / "user" / "default" / storage.FOLDER / "shipped.json"
         workflows.SHIPPED_PLAN.write_text(saved.read_text())
     print(f"wrote {workflows.SHIPPED_PLAN.relative_to(REPO)}; now run --write-workflows to paste it into the examples")
 

@@ -356,7 +356,7 @@ class Calibration:
                     assignment[layer] = name
 
         def check(kept: dict[int, str]) -> tuple[float, torch.Tensor]:
-            out = forward(kept, before, {layer: heads.get(layer) for layer in kept})
+            out = forward(kept, before, heads)  # a layer left out of `kept` is full: its heads are not read
             return output_loss(out, reference), out
 
         errors = {layer: losses[layer] for layer in assignment}
