@@ -26,7 +26,7 @@ from .call import AttentionCall
 from .padding import hidden_text_keys, padded_window_attention
 from .report import CallSite
 from .runtime import COND, UNCOND, SamplingRun
-from .schedule import Choice, Schedule
+from .schedule import Choice, LocalAttention, Schedule, WindowResidual
 
 SELF_ATTENTION_KINDS = ("joint", "image")
 FULL = Choice("full")
@@ -37,6 +37,12 @@ class DiTFastAttn:
         self.schedule = schedule
         self.backend = backend
         self.skip_branch = skip_branch  # share whole attention branches where the adapter maps them
+
+    @property
+    def windows(self) -> bool:
+        """Whether some call may be windowed (the runtime then proves a generic model's token order)."""
+        techniques = getattr(self.schedule, "techniques", None)
+        return techniques is None or any(isinstance(t, (WindowResidual, LocalAttention)) for t in techniques)
 
     def plan_branch(self, site: CallSite, run: SamplingRun, outputs: tuple[str, ...]) -> BranchPlan | None:
         """What the projections of this layer's branch do in this forward (asked before its attention
@@ -73,6 +79,9 @@ class DiTFastAttn:
             if choice != FULL:
                 run.stood_aside(reason)
             return call.run_default(), call.flops(), "full"
+        if choice.compute == "window" and site.layout_unproven is not None:
+            run.stood_aside(site.layout_unproven)
+            choice = Choice("full", choice.share_cfg)
         if choice.compute == "reuse":
             stored = gather_chunks(run, ("output", site.layer), site.chunk_ids, (site.layout,), site.step)
             if stored is not None and stored.shape == call.output_shape:
@@ -149,7 +158,7 @@ class DiTFastAttn:
                     "window+residual" if choice.residual else "window"
         out = call.run_default()
         flops = call.flops()
-        size = self.schedule.residual_window(site.step, site.total_steps, site.layer)
+        size = None if site.layout_unproven else self.schedule.residual_window(site.step, site.total_steps, site.layer)
         hidden = hidden_text_keys(call.mask, layout, call.batch) if size is not None else None
         if hidden is not None:
             q, k, v = call.heads_first()

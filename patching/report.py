@@ -28,6 +28,7 @@ class CallSite:
     inputs: tuple[torch.Tensor, ...] = ()  # each chunk's model input (CFG sharing copies only between equal ones)
     stand_aside: str | None = None  # why no technique may act on this forward, if none may
     branch: BranchPlan | None = None  # what this layer's projections did (mapped layers only)
+    layout_unproven: str | None = None  # why windows may not use `layout` (a generic model's unproven order)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from ..kernels import TokenLayout
 from .adapters import Adapter, Projection, adapter_for
 from .branch import ACTIVE, BranchPlan, projection_forward
 from .call import AttentionCall
+from .layout_proof import LayoutProof, prove_layout
 from .report import CallSite, LayerRecord, RunReport
 
 PATCH_KEY = "fastattn"  # key of our holder in transformer_options and of our wrappers
@@ -79,6 +80,7 @@ class SamplingRun:
         self.roles = roles  # conditioning index -> COND / UNCOND, None when the guider is not ComfyUI's CFG
         self.block_replacements = block_replacements  # the model's own patches_replace keys
         self.evaluations: dict[tuple, int] = {}  # (step, chunk) -> model evaluations seen so far
+        self.layout_proofs: dict[tuple, LayoutProof] = {}  # (grid, text tokens) -> a generic model's proven order
         self.cache: dict = {}
         self.report = RunReport(patch.adapter.name, self.total_steps, branch_note=patch.branch_note)
 
@@ -87,6 +89,20 @@ class SamplingRun:
         multi-evaluation samplers belong to the step they started from)."""
         reached = sum(1 for s in self.sigmas[:-1] if s >= sigma or abs(s - sigma) <= 1e-5 * max(abs(s), 1e-8))
         return min(max(reached - 1, 0), self.total_steps - 1)
+
+    def layout_proof(self, grid: tuple[int, ...], text_len: int, prove: Callable[[], LayoutProof]) -> LayoutProof:
+        """A generic model's token order at this grid and text length, proven once per run, and only
+        for a method that may window (the others never need it)."""
+        key = (grid, text_len)
+        if key not in self.layout_proofs:
+            if not getattr(self.patch.method, "windows", False):
+                self.layout_proofs[key] = LayoutProof(None, reason="this method does not window")
+            else:
+                proof = self.layout_proofs[key] = prove()
+                found = (f"{proof.kind} calls, text {'before' if proof.text_first else 'after'} the image" if proof.kind
+                         else f"not proven: {proof.reason}")
+                logging.info("FastAttn: %s, grid %s: token order %s", self.patch.adapter.name, grid, found)
+        return self.layout_proofs[key]
 
     def evaluation_of(self, step: int, chunk: tuple) -> int:
         """How many times this chunk was already evaluated in this step: 0 for the first model call,
@@ -129,6 +145,9 @@ class SamplingRun:
         finish = getattr(self.patch.method, "finish_run", None)
         if finish is not None:
             finish(self)
+        if self.report.forwards and not self.report.layers:
+            self.warn(f"no attention call of this {self.patch.adapter.name} model reached FastAttn (its attention "
+                      "bypasses ComfyUI's attention override), so nothing was compressed")
         self.cache.clear()
         self.evaluations.clear()
         return self.report
@@ -157,7 +176,8 @@ class ForwardPass:
     def __init__(self, run: SamplingRun, step: int, cond_or_uncond: tuple[int, ...], chunk_ids: tuple,
                  grid: tuple[int, ...], text_len: int, previous_override: Callable | None,
                  halves: tuple[int, ...] = (), inputs: tuple[torch.Tensor, ...] = (),
-                 stand_aside: str | None = None) -> None:
+                 stand_aside: str | None = None, context_len: int | None = None,
+                 layout_proof: LayoutProof | None = None) -> None:
         self.run = run
         self.step = step
         self.cond_or_uncond = cond_or_uncond
@@ -167,6 +187,8 @@ class ForwardPass:
         self.stand_aside = stand_aside
         self.grid = grid
         self.text_len = text_len
+        self.context_len = text_len if context_len is None else context_len  # the prompt as the model got it
+        self.layout_proof = layout_proof  # a generic model's proven token order (None: the adapter knows it)
         self.previous_override = previous_override
         self.layers = 0
         self.plans: dict[int, BranchPlan | None] = {}  # mapped layer -> what its projections do in this call
@@ -186,7 +208,7 @@ class ForwardPass:
                                "(a model variant this pack does not know). Please report it; remove the sharing "
                                "nodes meanwhile.")
         site = CallSite(self.step, self.run.total_steps, self.layers, kind, layout, self.cond_or_uncond, self.chunk_ids,
-                        self.halves, self.inputs, self.stand_aside, plan)
+                        self.halves, self.inputs, self.stand_aside, plan, self._unproven(kind))
         self.layers += 1
         report = self.run.report
         if report.forwards == 0:
@@ -205,7 +227,7 @@ class ForwardPass:
             self._planned_kinds[layer] = projection.kind
             plan_branch = getattr(self.run.patch.method, "plan_branch", None)
             mapped = layer in self.run.patch.outputs and layer >= self.layers
-            expected = {"image": math.prod(self.grid), "text": self.text_len}
+            expected = {"image": math.prod(self.grid), "text": self.text_len, "context": self.context_len}
             expected["joint"] = expected["image"] + expected["text"]
             if plan_branch is None or not mapped or self.stand_aside is not None or self.run.block_replacements \
                     or tokens != expected[projection.tokens]:
@@ -219,20 +241,31 @@ class ForwardPass:
 
     def _layout(self, kind: str) -> TokenLayout:
         if kind == "joint":
-            return TokenLayout(self.text_len, self.grid, self.run.patch.adapter.text_first)
+            text_first = self.run.patch.adapter.text_first if self.layout_proof is None else self.layout_proof.text_first
+            return TokenLayout(self.text_len, self.grid, text_first)
         return TokenLayout(0, self.grid)
+
+    def _unproven(self, kind: str) -> str | None:
+        """Why windows may not use this kind of call's layout (None: they may): a model without an
+        adapter whose token order for such calls was not proven."""
+        proof = self.layout_proof
+        if proof is None or proof.kind == kind or kind not in ("joint", "image"):
+            return None
+        because = proof.reason or f"only its {proof.kind} calls' order was proven"
+        return f"windows need a proven token order and this model has no adapter ({because})"
 
     def _classify(self, q_len: int, k_len: int) -> tuple[str, TokenLayout | None]:
         image_len = math.prod(self.grid)
+        text_lens = (self.text_len, self.context_len)  # the joint call's text, or the prompt alone (refiners)
         if q_len != k_len:
             return "cross", TokenLayout(0, self.grid) if q_len == image_len else None
         if self.text_len and q_len == self.text_len + image_len:
             return "joint", self._layout("joint")
-        if q_len == image_len and q_len == self.text_len:
+        if q_len == image_len and q_len in text_lens:
             return "unknown", None  # as long as the text: cannot tell image from text tokens
         if q_len == image_len:
             return "image", self._layout("image")
-        if q_len == self.text_len:
+        if q_len in text_lens:
             return "text", None
         return "unknown", None
 
@@ -292,17 +325,22 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     sigmas = transformer_options.get("sigmas", t)
     step = run.step_of(float(sigmas.flatten()[0]))
     cond_or_uncond = tuple(transformer_options.get("cond_or_uncond", ()))
+    grid, text_len = adapter.image_grid(x.shape), adapter.text_len(c_crossattn, kwargs)
     forward = ForwardPass(
         run,
         step=step,
         cond_or_uncond=cond_or_uncond,
         chunk_ids=_chunk_ids(run, step, cond_or_uncond, transformer_options, x.device),
-        grid=adapter.image_grid(x.shape),
-        text_len=adapter.text_len(c_crossattn),
+        grid=grid,
+        text_len=text_len,
         previous_override=transformer_options.get(OVERRIDE_KEY),
         halves=tuple(OTHER if run.roles is None else run.roles.get(index, OTHER) for index in cond_or_uncond),
         inputs=tuple(x.chunk(len(cond_or_uncond))) if cond_or_uncond and x.shape[0] % len(cond_or_uncond) == 0 else (),
         stand_aside=_stand_aside(run, transformer_options),
+        context_len=0 if c_crossattn is None else int(c_crossattn.shape[1]),
+        layout_proof=None if adapter.layout_proven else run.layout_proof(grid, text_len, lambda: prove_layout(
+            _forward_with(executor, (t, c_concat, c_crossattn, control), transformer_options, kwargs, adapter),
+            x, grid, adapter.patch_size, text_len)),
     )
     options = {**transformer_options, OVERRIDE_KEY: forward}
     token = ACTIVE.set(forward)
@@ -313,6 +351,17 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         ACTIVE.reset(token)
     forward.finish()
     return out
+
+
+def _forward_with(executor, args: tuple, transformer_options: dict, kwargs: dict, adapter: Adapter) -> Callable:
+    """This model call's forward on another latent, with another attention override (a layout proof)."""
+
+    def forward(latent: torch.Tensor, override: Callable) -> None:
+        options = {**transformer_options, OVERRIDE_KEY: override}
+        with adapter.routed(options):
+            executor(latent, *args[:4], options, **kwargs)
+
+    return forward
 
 
 def _chunk_ids(run: SamplingRun, step: int, cond_or_uncond: tuple[int, ...], transformer_options: dict,
@@ -369,8 +418,8 @@ def _branch_projections(model, adapter: Adapter, method: AttentionMethod) -> tup
                        and type(model.get_model_object(f"diffusion_model.{p.path}").weight.data) is not torch.Tensor}
     projections = [p for p in projections if p.layer not in fused_quantized]
     if not projections:
-        return [], (f"sharing skips attention calls only (no branch map for this {adapter.name} model): "
-                    "projections still run")
+        why = adapter.call_level_only or f"no branch map for this {adapter.name} model"
+        return [], f"sharing skips attention calls only ({why}): projections still run"
     return projections, "sharing skips whole attention branches (QKV and output projections)"
 
 

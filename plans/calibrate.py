@@ -230,6 +230,8 @@ class CalibrationMethod:
     """The attention method of the calibration run: DiTFastAttn with the trial schedule, which
     also records each layer's costs (first forward) and, in a scoring forward, scores it."""
 
+    windows = True  # its trials window: a model without an adapter has its token order proven first
+
     def __init__(self, calibration: Calibration) -> None:
         self.calibration = calibration
         self.ditfastattn = DiTFastAttn(calibration.schedule)
@@ -272,7 +274,8 @@ class Calibration:
             self.scorer.score(call, site, out)
 
     def _slot(self, call: AttentionCall, site: CallSite) -> LayerSlot:
-        compressible = site.kind in WINDOWED_KINDS and site.layout is not None and call.mask is None
+        compressible = (site.kind in WINDOWED_KINDS and site.layout is not None and site.layout_unproven is None
+                        and call.mask is None)
         full = call.flops()
         window = full
         if compressible:

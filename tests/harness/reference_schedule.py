@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .host import pack_import
+from .models import SPECS, joint_text_tokens
 
-TEXT_FIRST = {"hunyuan_video": False}
-PATCH = {"wan": (1, 2, 2), "hunyuan_video": (1, 2, 2)}
+# models whose attention ignores the override: their attention function, given the options per forward
+UNROUTED = {"pixart": "comfy.ldm.pixart.blocks", "hunyuan_dit": "comfy.ldm.hydit.attn_layers"}
 
 
 def patched_with_nodes(model, chain: list[dict]):
@@ -175,16 +176,14 @@ class _Reference:
         for place, uuid in enumerate(options.get("uuids", roles)):
             self.evaluations[(step, uuid, frames)] = self.evaluations.get((step, uuid, frames), -1) + 1
             chunks.append((uuid, frames, self.evaluations[(step, uuid, frames)], place))
-        patch = PATCH.get(self.arch, (2, 2))
+        patch = SPECS[self.arch].patch
         grid = tuple(-(-size // p) for size, p in zip(x.shape[-len(patch):], patch, strict=False))
-        context = c.get("c_crossattn")
-        forward = _Forward(self, step, total, roles, chunks, x.chunk(len(roles)), grid,
-                           0 if context is None else context.shape[1],
+        forward = _Forward(self, step, total, roles, chunks, x.chunk(len(roles)), grid, joint_text_tokens(self.arch, c),
                            _replacements(options) != self.own_replacements)
         c["transformer_options"] = {**options, "optimized_attention_override": forward}
-        if self.arch != "pixart":
+        if self.arch not in UNROUTED:
             return apply_model(x, args["timestep"], **c)
-        blocks = importlib.import_module("comfy.ldm.pixart.blocks")  # its attention ignores the override:
+        blocks = importlib.import_module(UNROUTED[self.arch])  # its attention ignores the override:
         original = blocks.optimized_attention  # give it the transformer options for this forward
         blocks.optimized_attention = functools.partial(original, transformer_options=c["transformer_options"])
         try:
@@ -260,7 +259,7 @@ class _Forward:
     def _compute(self, choice, layer, i, q, k, v, keep, text_len) -> torch.Tensor:
         scale = q.shape[-1] ** -0.5
         chunk = self.chunks[i][:3]
-        text_first = TEXT_FIRST.get(self.ref.arch, True)
+        text_first = SPECS[self.ref.arch].text_first
         if choice.compute == "window":
             spec = choice.window
             allowed = _allowed(spec, text_len, self.grid, text_first, keep)
