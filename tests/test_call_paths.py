@@ -243,21 +243,33 @@ def _random_chain(rng: random.Random, layers: int) -> list[dict]:
     return chain
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", CORE_ARCHITECTURES)
 def test_random_chains_match_the_reference(arch):
-    """Three random chains on each of the core seven (batch 2 and CFG 1 as well); one on the others, whose
-    host paths (batching, guiders) are the same."""
     rng = random.Random(f"chains-{arch}")
     model = build_model(arch)
     positive, negative = _prompts(arch)
     layers = sum(expected_layers(arch).values())
-    rounds = ((1, 3.0), (2, 3.0), (1, 1.0)) if arch in CORE_ARCHITECTURES else ((1, 3.0),)
-    for batch, cfg in rounds:
+    for batch, cfg in ((1, 3.0), (2, 3.0), (1, 1.0)):
         chain = _random_chain(rng, layers)
         latent = _latent(arch, batch=batch)
         out = sample(patched_with_nodes(model, chain), positive, negative, latent, steps=STEPS, cfg=cfg)
         reference = sample(reference_model(model, chain, arch), positive, negative, latent, steps=STEPS, cfg=cfg)
         _assert_close(out, reference)
+
+
+@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if arch not in CORE_ARCHITECTURES])
+def test_windows_and_sharing_match_the_reference_on_the_other_architectures(arch):
+    """The other architectures take the host paths the core seven take (batching, guiders); what is
+    theirs is the layout: a square window on the grid (its place after or before the text, its rows and
+    frames), then step and CFG sharing."""
+    model = build_model(arch)
+    positive, negative = _prompts(arch)
+    chain = [{"technique": "window", "shape": "square", "tokens": 1, "refresh_every": 2}, *WINDOW_AND_SHARING[1:]]
+    patched = patched_with_nodes(model, chain)
+    out = sample(patched, positive, negative, _latent(arch), steps=STEPS)
+    _assert_close(out, sample(reference_model(model, chain, arch), positive, negative, _latent(arch), steps=STEPS))
+    techniques = _report(patched).flops_by_technique
+    assert "step sharing" in techniques and any(name.startswith("window+residual") for name in techniques)
 
 
 # 6. what newer hosts pass to the override --------------------------------------------------------

@@ -70,13 +70,15 @@ def test_windows_stand_aside_where_the_order_is_not_proven(monkeypatch):
 
 
 def test_a_stem_that_mixes_tokens_leaves_every_window_unproven(monkeypatch):
-    """A model whose patch embedding mixes neighbouring tokens moves two query rows per probed position:
-    nothing is proven, every window stands aside (visibly), and step and CFG sharing still apply."""
+    """A model whose patch embedding adds each token to the next moves two query rows per probed position
+    (one, at the last): nothing is proven, every window stands aside (visibly), and step and CFG sharing
+    still apply."""
     _without_adapter(monkeypatch, "Flux")
     arch = "flux"
     model = build_model(arch)
     embed = model.get_model_object("diffusion_model.img_in").forward
-    model.add_object_patch("diffusion_model.img_in.forward", lambda x: embed(x + x.roll(1, dims=1)))
+    model.add_object_patch("diffusion_model.img_in.forward",
+                           lambda x: embed(x + torch.nn.functional.pad(x[:, :-1], (0, 0, 1, 0))))
     patched = patched_with_nodes(model, [WINDOW, *SHARING])
     _assert_close(_sample(patched, arch), _sample(reference_model(model, SHARING, arch), arch))
     report = patching.patch_of(patched).last_report
