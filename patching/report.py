@@ -56,6 +56,7 @@ class RunReport:
     # why a technique set for a call did not apply to it -> how many calls
     stood_aside: dict[str, int] = field(default_factory=dict)
     branch_note: str = ""  # whether sharing skips whole attention branches on this model
+    layout_derived: bool = False  # no adapter: the layout comes from the model's description (text side unproven)
     projection_flops_saved: int = 0  # FLOPs of QKV / output projections not run on shared layers
     warnings: list[str] = field(default_factory=list)  # what the user should know about this run (shown on nodes)
 

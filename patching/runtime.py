@@ -82,7 +82,8 @@ class SamplingRun:
         self.evaluations: dict[tuple, int] = {}  # (step, chunk) -> model evaluations seen so far
         self.layout_proofs: dict[tuple, LayoutProof] = {}  # (grid, text tokens) -> a generic model's proven order
         self.cache: dict = {}
-        self.report = RunReport(patch.adapter.name, self.total_steps, branch_note=patch.branch_note)
+        self.report = RunReport(patch.adapter.name, self.total_steps, branch_note=patch.branch_note,
+                                layout_derived=not patch.adapter.layout_proven)
 
     def step_of(self, sigma: float) -> int:
         """Index of the schedule step whose interval holds `sigma` (intermediate sigmas of

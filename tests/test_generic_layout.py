@@ -16,6 +16,7 @@ from harness.reference_schedule import patched_with_nodes, reference_model
 
 patching = pack_import("patching")
 adapters = pack_import("patching.adapters")
+probe = pack_import("patching.probe")
 nodes = pack_import("nodes.ditfastattn")
 
 STEPS = 4
@@ -53,6 +54,8 @@ def test_a_model_without_an_adapter_is_served_once_its_order_is_proven(monkeypat
     assert "step sharing" in report.flops_by_technique
     assert not any(NOT_PROVEN in reason for reason in report.stood_aside), report.stood_aside
     assert "sharing skips attention calls only (a generic layout has no branch map)" in report.summary()
+    inspected = probe.profile_attention(model, conditioning(arch, 7), small_latent(arch)).to_text()
+    assert f"Architecture: {generic.name}" in inspected and "text tokens: 7 (no adapter: side not proven)" in inspected
 
 
 def test_windows_stand_aside_where_the_order_is_not_proven(monkeypatch):
