@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import comfy.model_management
 import torch
 
 from .call import AttentionCall
@@ -62,6 +63,8 @@ def prove_layout(forward: Forward, x: torch.Tensor, grid: tuple[int, ...], patch
             if not offsets:
                 return LayoutProof(None, reason=f"changing grid position {cell} moved query rows {rows[:6]} of the "
                                                 f"first {kind} call, not the one row a row-major grid puts there")
+    except comfy.model_management.InterruptProcessingException:
+        raise  # the user's cancel
     except Exception as error:  # a model that cannot be run this way: no proof, never a failed run
         logging.info("FastAttn: the token-order proof could not run (%s)", error)
         return LayoutProof(None, reason=f"the proof could not run the model ({type(error).__name__})")
@@ -101,7 +104,7 @@ def _perturbed(x: torch.Tensor, cell: tuple[int, ...], patch: tuple[int, ...]) -
     """`x` with the latent cells of one token (every channel and batch row) shifted."""
     changed = x.clone()
     region = tuple(slice(i * p, (i + 1) * p) for i, p in zip(cell, patch, strict=True))
-    changed[(slice(None), slice(None), *region)] += 1.0 + x.abs().amax()
+    changed[(..., *region)] += 1.0 + x.abs().amax()  # the grid is the latent's last axes
     return changed
 
 
