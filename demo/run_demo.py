@@ -28,7 +28,7 @@ from harness import node_io, pack_import  # noqa: E402  (loads ComfyUI and the p
 from harness.server import ComfyServer  # noqa: E402
 
 workflows = pack_import("demo.workflows")
-metrics = pack_import("demo.metrics")
+metrics = pack_import("metrics")
 storage = pack_import("plans.storage")
 WARM_UP = "combined"  # full, window + residual and CFG-shared attention calls all run once
 SHIPPED_PLAN_SIZE = 512  # px: 1024 image tokens, minutes on a CPU; the plan's window is a fraction, it carries

@@ -48,14 +48,17 @@ TECHNIQUES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
                         "(a quarter of the 64 x 64 grid) and every text token, at every step.",
                         [("FastAttnClearAttention", CLEAR_R16)]),
 }
+COMPARE = {"view": "side by side", "difference_gain": 4.0}
 CALIBRATE = {"delta": 0.1, "search_mode": "fast", "step_sharing": True, "window_residual": True, "cfg_sharing": True,
              "window_shape": WINDOW_BAND["window_shape"], "window_fraction": 0.125, "plan_name": "", "overwrite": False,
              "per_head": False}
 
 
 def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], caption: str = CAPTION,
-               prefix: str | None = None, batch_size: int = 1, seed: int = SAMPLER["seed"]) -> dict:
-    """API-format graph: demo model -> technique nodes -> KSampler -> decode -> save (+ report)."""
+               prefix: str | None = None, batch_size: int = 1, seed: int = SAMPLER["seed"],
+               compare: bool = False) -> dict:
+    """API-format graph: demo model -> technique nodes -> KSampler -> decode -> save (+ report);
+    `compare` adds the unpatched model's branch (sampler, decode) and Compare Images beside it."""
     graph: dict[str, dict] = {
         "loader": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILE, "weight_dtype": "default"}},
         "positive": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
@@ -76,6 +79,12 @@ def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], 
                      "inputs": {"images": ["decode", 0], "filename_prefix": prefix or f"fastattn_demo_{technique}"}}
     if TECHNIQUES[technique][1]:
         graph["report"] = {"class_type": "FastAttnReport", "inputs": {"model": model, "samples": ["sampler", 0]}}
+    if compare and TECHNIQUES[technique][1]:
+        graph["sampler_unpatched"] = {"class_type": "KSampler",
+                                      "inputs": {**graph["sampler"]["inputs"], "model": ["loader", 0]}}
+        graph["decode_unpatched"] = {"class_type": "FastAttnDemoDecode", "inputs": {"samples": ["sampler_unpatched", 0]}}
+        graph["compare"] = {"class_type": "FastAttnCompare", "inputs": {
+            "reference": ["decode_unpatched", 0], "image": ["decode", 0], **COMPARE}}
     return graph
 
 
@@ -200,7 +209,7 @@ WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 InputTypes = Callable[[str], tuple[list[tuple[str, str]], list[str]]]
 TITLES = {"positive": "Positive caption", "negative": "Negative caption (empty)"}
 SIZES = {"FastAttnCalibrate": [380, 560], "FastAttnApplyPlan": [420, 220], "FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
-         "KSampler": [320, 270], "FastAttnDemoTextEncode": [360, 130]}
+         "KSampler": [320, 270], "FastAttnDemoTextEncode": [360, 130], "FastAttnCompare": [540, 420]}
 
 
 def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
@@ -260,7 +269,7 @@ def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
 
 def example_graphs() -> dict[str, tuple[dict, str]]:
     """File name -> (API graph, description) of every example workflow."""
-    graphs = {f"fastattn_demo_{name}.json": (demo_graph(name), description)
+    graphs = {f"fastattn_demo_{name}.json": (demo_graph(name, compare=True), description)
               for name, (description, _) in TECHNIQUES.items()}
     graphs["fastattn_demo_calibrate.json"] = (
         calibrate_graph(), "Calibrate a plan on the demo model (fast search, delta 0.1), see it as a heatmap, apply it "

@@ -17,7 +17,7 @@ ABSENT_WEIGHTS = frozenset(file for files in workflows.MODEL_FILES.values() for 
 OUR_NODES = {
     "FastAttnInspector": "latent", "FastAttnReport": "samples", "FastAttnWindowResidual": "window_fraction",
     "FastAttnStepSharing": "compute_every", "FastAttnCFGSharing": "start_percent",
-    "FastAttnDemoTextEncode": "caption", "FastAttnDemoDecode": "samples",
+    "FastAttnCompare": "view", "FastAttnDemoTextEncode": "caption", "FastAttnDemoDecode": "samples",
 }  # node -> an input whose tooltip is checked (a widget where the node has one)
 
 
@@ -87,6 +87,7 @@ def test_a_demo_workflow_queued_from_the_page_shows_its_image_and_report(page):
     assert len(shown) == 1 and shown[0][1] and shown[0][2] == 32, shown  # 128 px empty latent -> 32 px image
     assert "/view?filename=fastattn_demo_combined" in shown[0][0]
     assert "attention FLOPs computed" in page.widget_text(page.node_id("FastAttnReport"))
+    assert "image 1: PSNR " in page.widget_text(page.node_id("FastAttnCompare"))
 
 
 def test_the_inspector_report_appears_on_its_node(page):

@@ -60,12 +60,16 @@ def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(server):
 
 @pytest.mark.parametrize("technique", list(workflows.TECHNIQUES))
 def test_every_demo_workflow_runs_through_the_queue(server, technique):
-    """The API twins of example_workflows/, small and short."""
-    result = server.run(workflows.demo_graph(technique, size=128, steps=3, prefix=f"test_{technique}"))
+    """The API twins of example_workflows/ (the unpatched branch and Compare Images beside the
+    patched one), small and short."""
+    result = server.run(workflows.demo_graph(technique, size=128, steps=3, prefix=f"test_{technique}", compare=True))
     assert result.status == "success", result.error
     assert result.outputs("save")["images"][0]["filename"].startswith(f"test_{technique}")
     if technique != "baseline":
         assert "attention FLOPs computed" in "".join(result.outputs("report")["text"])
+        shown = "".join(result.outputs("compare")["text"])
+        assert shown.startswith("image vs. reference, 32 x 32 px\nimage 1: PSNR ") and "SSIM" in shown, shown
+        assert len(result.outputs("compare")["images"]) == 1  # the side-by-side preview
 
 
 def _saved_pixels(server, result, node_id: str) -> bytes:

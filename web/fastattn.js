@@ -1,9 +1,9 @@
-// Shows the text report of the Attention Inspector and Attention Report nodes on the node.
+// Shows the text report of the Attention Inspector, Attention Report and Compare Images nodes on the node.
 // The report is display only: it is neither saved in the workflow nor sent with the prompt.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const REPORT_NODES = ["FastAttnInspector", "FastAttnReport"];
+const REPORT_NODES = ["FastAttnInspector", "FastAttnReport", "FastAttnCompare"];
 
 app.registerExtension({
   name: "FastAttn.ShowReport",

@@ -40,7 +40,7 @@ from comfy_extras.nodes_easycache import LazyCacheNode  # noqa: E402
 
 demo = pack_import("demo")
 workflows = pack_import("demo.workflows")
-metrics = pack_import("demo.metrics")
+metrics = pack_import("metrics")
 demo_nodes = pack_import("nodes.demo")
 kernels = pack_import("kernels")
 backends = pack_import("kernels.backends")

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 demo = pack_import("demo")
 workflows = pack_import("demo.workflows")
-metrics = pack_import("demo.metrics")
+metrics = pack_import("metrics")
 demo_nodes = pack_import("nodes.demo")
 clear_nodes = pack_import("nodes.clear")
 distillation = pack_import("patching.clear_distill")

@@ -23,7 +23,7 @@ from harness.models import sample
 
 demo = pack_import("demo")
 workflows = pack_import("demo.workflows")
-metrics = pack_import("demo.metrics")
+metrics = pack_import("metrics")
 demo_nodes = pack_import("nodes.demo")
 patching = pack_import("patching")
 
