@@ -62,8 +62,9 @@ class AttentionReport(io.ComfyNode):
             node_id="FastAttnReport",
             display_name="Attention Report",
             category="FastAttn",
-            description="What a FastAttn-patched model did in its last sampling run: attention FLOPs computed "
-                        "vs. full, per technique. Connect the sampler's output so it runs after sampling.",
+            description="What a FastAttn-patched model did in its last sampling run: the run's sampling wall "
+                        "time (sampling start to end, loading the model onto the device included), attention FLOPs "
+                        "computed vs. full, per technique. Connect the sampler's output so it runs after sampling.",
             inputs=[
                 io.Model.Input("model", tooltip="The patched model given to the sampler."),
                 io.Latent.Input("samples", tooltip="The sampler's output (only orders this node after sampling)."),

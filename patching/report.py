@@ -59,6 +59,7 @@ class RunReport:
     layout_derived: bool = False  # no adapter: the layout comes from the model's description (text side unproven)
     projection_flops_saved: int = 0  # FLOPs of QKV / output projections not run on shared layers
     warnings: list[str] = field(default_factory=list)  # what the user should know about this run (shown on nodes)
+    wall_seconds: float | None = None  # sampling start to end (the OUTER_SAMPLE wrapper), device work included
 
     def count(self, technique: str, computed: int, full: int) -> None:
         tally = self.flops_by_technique.setdefault(technique, [0, 0])
@@ -85,7 +86,8 @@ class RunReport:
             branch += f", {self.projection_flops_saved / 1e9:.3g} GFLOPs of projections saved"
         fallbacks = "".join(f"; stood aside on {count} calls: {reason}" for reason, count in sorted(self.stood_aside.items()))
         fallbacks += "".join(f"; warning: {warning}" for warning in self.warnings)
+        timed = "" if self.wall_seconds is None else f" in {self.wall_seconds:.2f} s of sampling wall time"
         return (
-            f"{self.architecture}: {self.forwards} forwards over {len(self.steps_seen)}/{self.total_steps} steps, "
+            f"{self.architecture}: {self.forwards} forwards over {len(self.steps_seen)}/{self.total_steps} steps{timed}, "
             f"{len(self.layers)} attention layers; attention FLOPs computed {kept:.1f}% of full ({parts}){branch}{fallbacks}"
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -308,9 +309,14 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     run = SamplingRun(patch, sigmas, _cfg_roles(guider), _block_replacements(original_options["transformer_options"]))
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     guider.model_options["transformer_options"][RUN_KEY] = run
+    start = time.perf_counter()
     try:
-        return executor(*args, **kwargs)
+        samples = executor(*args, **kwargs)
+        if samples.device.type == "cuda":  # the run's queued GPU work counts in its wall time
+            torch.cuda.synchronize(samples.device)
+        return samples
     finally:
+        run.report.wall_seconds = time.perf_counter() - start
         guider.model_options = original_options
         patch.last_report = run.close()
         logging.info("FastAttn: %s", patch.last_report.summary())

@@ -3,6 +3,7 @@ and it sees the steps, layers, batch halves and token layout the model really ha
 
 from __future__ import annotations
 
+import time
 import types
 
 import comfy.ldm.pixart.blocks
@@ -175,6 +176,25 @@ def test_an_exception_mid_run_leaves_no_state():
     out = _run(patched, arch, latent)
     assert (out - reference).abs().max().item() <= 1e-5
     assert patching.patch_of(patched).last_report.steps_seen == set(range(STEPS))
+
+
+def test_the_report_has_the_runs_sampling_wall_time():
+    """Timed from sampling start to end: a run whose model calls sleep 0.1 s each (3 steps) took
+    at least 0.3 s, and no more than the whole call to the sampler around it."""
+    arch = "sd3"
+    patched = patching.install(build_model(arch))
+
+    def slow(apply_model, args: dict) -> torch.Tensor:
+        time.sleep(0.1)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    patched.set_model_unet_function_wrapper(slow)
+    start = time.perf_counter()
+    _run(patched, arch, _latent(arch))
+    outside = time.perf_counter() - start
+    report = patching.patch_of(patched).last_report
+    assert 0.1 * STEPS <= report.wall_seconds <= outside
+    assert f"over {STEPS}/{STEPS} steps in {report.wall_seconds:.2f} s of sampling wall time" in report.summary()
 
 
 def test_another_override_is_chained_not_replaced():
