@@ -43,7 +43,9 @@ class Calibrate(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="Latent of the size you will sample; a batch of several "
                                                         "(the paper used 6-8) makes the plan more general."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed of the calibration run."),
+                             tooltip="Noise seed of the calibration run. Its control starts at 'fixed' (the "
+                                     "pack's frontend extension sets it), so queueing the workflow again does "
+                                     "not recalibrate."),
                 io.Int.Input("steps", default=20, min=1, max=10000,
                              tooltip="Sampling steps; the plan maps to other step counts by position."),
                 io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,

@@ -98,6 +98,18 @@ def test_the_inspector_report_appears_on_its_node(page):
     assert "Image tokens: 4096 (grid 64 x 64)" in text and "Attention layers per forward: 4" in text
 
 
+def test_a_new_calibrate_node_starts_with_a_fixed_seed(page):
+    """So that queueing a calibration workflow again does not recalibrate; other nodes keep the
+    frontend's own default."""
+    page.page.evaluate("() => window.app.graph.clear()")
+    controls = {}
+    for node_type in ("FastAttnCalibrate", "KSampler"):
+        controls[node_type] = page.page.evaluate("""(t) => { const n = window.LiteGraph.createNode(t);
+            window.app.graph.add(n);
+            return n.widgets.filter((w) => w.name === 'control_after_generate').map((w) => w.value); }""", node_type)
+    assert controls == {"FastAttnCalibrate": ["fixed"], "KSampler": ["randomize"]}
+
+
 def test_node_help_pages_are_served_for_every_node(server, object_info):
     """The frontend's node library opens /extensions/<pack>/docs/<node>.md for a custom node."""
     ours = [name for name, spec in object_info.items() if spec["python_module"].endswith("comfyui_fastattn")]
