@@ -9,13 +9,14 @@ BUNDLED_HOST := $(CURDIR)/.host/ComfyUI
 COMFYUI_PATH ?= $(BUNDLED_HOST)
 PACK_LINK    := $(COMFYUI_PATH)/custom_nodes/comfyui_fastattn
 READY        := $(VENV)/.ready
+NEWEST_FRONTEND := .frontend-newest
 CHROMIUM     ?= /usr/bin/chromium
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export COMFYUI_PATH CHROMIUM
 
 .PHONY: setup native test bench demo serve lint clean
 
-setup: $(READY) $(PACK_LINK) $(CHROMIUM) native
+setup: $(READY) $(PACK_LINK) $(CHROMIUM) $(NEWEST_FRONTEND) native
 
 # Build the native CPU kernel now (about a minute once; then a load from torch's cache), so that
 # no test, demo or timed run pays for it. Where it cannot be built the torch tiles are used.
@@ -50,6 +51,14 @@ $(CHROMIUM):
 	$(SUDO) apt-get update
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 
+# The browser test runs the frontend the host pins (installed with the host's requirements) and
+# the newest comfyui-frontend-package, installed once here beside the venv (never into it: the
+# host would serve it). Delete the folder to fetch the newest again.
+$(NEWEST_FRONTEND): | $(READY)
+	rm -rf $@.tmp
+	$(VENV)/bin/pip install --no-deps --target $@.tmp comfyui-frontend-package
+	mv $@.tmp $@
+
 $(PACK_LINK): | $(COMFYUI_PATH)/main.py
 	ln -sfn $(CURDIR) $(PACK_LINK)
 
@@ -69,4 +78,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .host
+	rm -rf $(VENV) .host $(NEWEST_FRONTEND)

@@ -90,7 +90,7 @@ def run_inspector(frontend: Frontend) -> list[str]:
     frontend.load(json.loads((EXAMPLES_DIR / INSPECTOR).read_text()), "inspector_result")
     entry = frontend.run()
     inspector = frontend.node_id("FastAttnInspector")
-    shown = frontend.widget_text(inspector)
+    shown = frontend.shown_text(inspector)
     problems = [] if entry["status"].get("status_str") == "success" else [f"inspector run: {entry['status']}"]
     if "attention" not in shown.lower():
         problems.append(f"the Attention Inspector node does not show its report: {shown[:200]!r}")

@@ -5,6 +5,29 @@ import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const REPORT_NODES = ["FastAttnInspector", "FastAttnReport", "FastAttnCompare"];
+const REPORT_WIDGET = "report_text"; // the read-only text box of frontends without a text preview
+
+// Newer frontends (1.58 does, 1.32 does not) export the text preview of their own "Preview as Text" node, which both
+// the canvas and the Vue node renderer draw; older ones get a read-only multiline text box.
+const textPreview = () => window.comfyAPI?.textPreviewWidgets;
+
+function addReport(node) {
+  const preview = textPreview();
+  if (preview) return preview.addTextPreviewWidgets(node);
+  const widget = ComfyWidgets.STRING(node, REPORT_WIDGET, ["STRING", { multiline: true }], app).widget;
+  widget.element.readOnly = true;
+  widget.element.style.fontFamily = "monospace";
+  widget.options.read_only = true;
+  widget.serialize = false;
+  widget.options.serialize = false;
+}
+
+function showReport(node, message) {
+  const preview = textPreview();
+  if (preview) return preview.updateTextPreviewWidgets(node, { text: [(message?.text ?? []).join("")] });
+  const widget = node.widgets?.find((w) => w.name === REPORT_WIDGET);
+  if (widget) widget.value = (message?.text ?? []).join("");
+}
 
 app.registerExtension({
   name: "FastAttn.ShowReport",
@@ -13,17 +36,12 @@ app.registerExtension({
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       onNodeCreated?.apply(this, arguments);
-      const widget = ComfyWidgets.STRING(this, "report_text", ["STRING", { multiline: true }], app).widget;
-      widget.element.readOnly = true;
-      widget.element.style.fontFamily = "monospace";
-      widget.serialize = false;
-      widget.options.serialize = false;
+      addReport(this);
     };
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
-      const widget = this.widgets?.find((w) => w.name === "report_text");
-      if (widget) widget.value = (message?.text ?? []).join("");
+      showReport(this, message);
     };
   },
 });

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,9 +21,14 @@ from contextlib import contextmanager
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, sync_playwright
 
+from .host import REPO, comfy_path
 from .server import ComfyServer
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# The frontends the browser test runs: the one the host pins (its requirements.txt), and the newest
+# comfyui-frontend-package that `make setup` installs into .frontend-newest (never into the venv).
+NEWEST_FRONTEND = REPO / ".frontend-newest"
+FRONTENDS = ("pinned", "newest")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1600, "height": 900}
@@ -48,8 +54,40 @@ DIALOGS_JS = """() => [...document.querySelectorAll('.p-dialog, .p-toast-message
     .map((d) => d.innerText.trim()).filter((t) => t)"""
 CLOSE_DIALOGS_JS = """() => document.querySelectorAll('.p-dialog-close-button, .p-toast-close-button')
     .forEach((b) => b.click())"""
-WIDGET_TEXT_JS = """(id) => (window.app.graph.getNodeById(id).widgets || [])
-    .map((w) => String(w.value ?? '')).join('\\n')"""
+# The text a user sees in a node's read-only text boxes (reports; an editable box is an input):
+# under the node's own element where the Vue renderer draws nodes, else in the DOM widgets the
+# canvas renderer lays over the node's box on the screen.
+SHOWN_TEXT_JS = """(id) => {
+    const boxes = (root) => [...root.querySelectorAll('textarea')].filter((t) => t.readOnly).map((t) => t.value);
+    const vue = document.querySelector(`[data-node-id='${id}']`);
+    if (vue) return boxes(vue).join('\\n');
+    const canvas = window.app.canvas, node = window.app.graph.getNodeById(id), screen = canvas.canvas.getBoundingClientRect();
+    const [x, y] = [0, 1].map((i) => screen[['left', 'top'][i]] + (node.pos[i] + canvas.ds.offset[i]) * canvas.ds.scale);
+    const [w, h] = node.size.map((v) => v * canvas.ds.scale);
+    const onNode = (r) => r.width > 0 && r.left >= x - 1 && r.right <= x + w + 1 && r.top >= y - 1 && r.bottom <= y + h + 1;
+    return [...document.querySelectorAll('.dom-widget')]
+        .filter((e) => getComputedStyle(e).display !== 'none' && onNode(e.getBoundingClientRect()))
+        .flatMap(boxes).join('\\n'); }"""
+
+
+def frontend_args(frontend: str) -> tuple[str, ...]:
+    """The server options that serve `frontend` ("pinned": the host's own, none needed)."""
+    if frontend == "pinned":
+        return ()
+    static = NEWEST_FRONTEND / "comfyui_frontend_package" / "static"
+    if not (static / "index.html").is_file():
+        raise RuntimeError(f"No frontend at {static}: run `make setup` (it installs the newest "
+                           "comfyui-frontend-package there).")
+    return ("--front-end-root", str(static))
+
+
+def frontend_version(frontend: str) -> str:
+    """The version `frontend` should report: the host's pin, or the installed newest package's."""
+    if frontend == "pinned":
+        pins = (comfy_path() / "requirements.txt").read_text()
+        return re.search(r"^comfyui-frontend-package==(\S+)", pins, re.MULTILINE).group(1)
+    (info,) = NEWEST_FRONTEND.glob("comfyui_frontend_package-*.dist-info")
+    return info.name.removeprefix("comfyui_frontend_package-").removesuffix(".dist-info")
 
 
 def api_differences(expected: dict, got: dict) -> list[str]:
@@ -94,14 +132,16 @@ class Frontend:
         nodes = self.nodes()
         if len(nodes) != len(workflow["nodes"]):
             problems.append(f"{len(nodes)} nodes on the canvas, {len(workflow['nodes'])} in the file")
-        left_open = {(node["id"], item["name"]) for node in workflow["nodes"] for item in node["inputs"]
-                     if item.get("link") is None}  # optional sockets the file itself leaves unconnected
+        left_open = {(str(node["id"]), item["name"]) for node in workflow["nodes"] for item in node["inputs"]
+                     if item.get("link") is None}  # optional sockets the file leaves unconnected (newer frontends' ids are strings)
         for node in nodes:
             label = f"node {node['id']} {node['type']}"
-            if not node["registered"] or node["has_errors"]:
+            if not node["registered"]:
                 problems.append(f"{label}: not a registered node type (missing node)")
+            elif node["has_errors"] and not any(widget["value"] in absent_files for widget in node["widgets"]):
+                problems.append(f"{label}: marked as having errors")  # newer frontends also mark absent models
             for item in node["inputs"]:
-                if item["link"] is None and not item["widget"] and (node["id"], item["name"]) not in left_open:
+                if item["link"] is None and not item["widget"] and (str(node["id"]), item["name"]) not in left_open:
                     problems.append(f"{label}: input {item['name']} not connected")
             for widget in node["widgets"]:
                 if widget["in_choices"] is False and widget["value"] not in absent_files:
@@ -124,7 +164,7 @@ class Frontend:
         self.page.evaluate("() => window.app.graph.clear()")
         canvas = self.page.locator("#graph-canvas").bounding_box()
         x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
-        box = self.page.get_by_placeholder("Search Nodes...")
+        box = self.page.get_by_placeholder("Search Nodes...").or_(self.page.get_by_placeholder("Add a node..."))
         for attempt in range(3):  # a double click landing while the canvas redraws is sometimes not taken
             self.page.mouse.click(x, y)
             self.page.wait_for_timeout(500)  # not taken as part of the double click below
@@ -136,7 +176,7 @@ class Frontend:
                 if attempt == 2:
                     raise
         box.fill(text)
-        options = self.page.locator(".p-autocomplete-option")
+        options = self.page.locator(".p-autocomplete-option, [role=option]")  # the older and newer search boxes
         try:  # results update as the query is typed: wait for a match, or give up and report what shows
             options.filter(has_text=text).first.wait_for(timeout=10_000)
         except PlaywrightError:
@@ -170,8 +210,14 @@ class Frontend:
         self.page.evaluate("""([t, values]) => window.app.graph.nodes.filter((n) => n.type === t).forEach((n) =>
             n.widgets.forEach((w) => { if (w.name in values) w.value = values[w.name]; }))""", [node_type, values])
 
-    def widget_text(self, node_id: int) -> str:
-        return self.page.evaluate(WIDGET_TEXT_JS, node_id)
+    def shown_text(self, node_id: int) -> str:
+        """The text shown in the node's read-only text boxes on the screen (our report nodes' reports)."""
+        return self.page.evaluate(SHOWN_TEXT_JS, node_id)
+
+    def use_vue_nodes(self, enabled: bool) -> None:
+        """Switch the newer frontends' Vue node renderer on or off (the setting a user flips)."""
+        self.page.evaluate("(on) => window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', on)", enabled)
+        self.page.wait_for_timeout(1500)
 
     def run(self, timeout: float = 240.0) -> dict:
         """Click the Run button and wait for the prompt's history entry (and the page to show it)."""
