@@ -89,5 +89,6 @@ class RunReport:
         timed = "" if self.wall_seconds is None else f" in {self.wall_seconds:.2f} s of sampling wall time"
         return (
             f"{self.architecture}: {self.forwards} forwards over {len(self.steps_seen)}/{self.total_steps} steps{timed}, "
-            f"{len(self.layers)} attention layers; attention FLOPs computed {kept:.1f}% of full ({parts}){branch}{fallbacks}"
+            f"{len(self.layers)} attention layers; attention FLOPs computed {kept:.1f}% of full, "
+            f"{self.computed_flops / 1e9:.6g} of {self.full_flops / 1e9:.6g} GFLOPs ({parts}){branch}{fallbacks}"
         )
