@@ -7,5 +7,5 @@ captions into SD3 conditioning, train.py trains both networks into weights/.
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DIT_FILE = "fastattn_demo_sd3.safetensors"  # loaded by ComfyUI's UNETLoader as SD3
+DIT_FILE = "fastattn_demo_sd3.safetensors"  # loaded as SD3 by the FastAttn Demo Model Loader node
 TEXT_FILE = "fastattn_demo_text.safetensors"

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..plans.storage import NO_PLAN
-from . import DIT_FILE
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_workflows"
 SHIPPED_PLAN = Path(__file__).resolve().parent / "plans" / "fastattn_demo_sd3_fast.json"
@@ -60,7 +59,7 @@ def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], 
     """API-format graph: demo model -> technique nodes -> KSampler -> decode -> save (+ report);
     `compare` adds the unpatched model's branch (sampler, decode) and Compare Images beside it."""
     graph: dict[str, dict] = {
-        "loader": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILE, "weight_dtype": "default"}},
+        "loader": {"class_type": "FastAttnDemoLoader", "inputs": {}},
         "positive": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
         "negative": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": ""}},
         "latent": {"class_type": "EmptySD3LatentImage",
@@ -112,7 +111,7 @@ def calibrate_graph(size: int = 1024, steps: int = SAMPLER["steps"], caption: st
 def inspector_graph(size: int = 1024, caption: str = CAPTION) -> dict:
     """API-format graph: what attention costs in the demo model at this size."""
     return {
-        "loader": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILE, "weight_dtype": "default"}},
+        "loader": {"class_type": "FastAttnDemoLoader", "inputs": {}},
         "positive": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "inspector": {"class_type": "FastAttnInspector",

@@ -1,30 +1,54 @@
 """Nodes for the shipped demo model (an SD3-class MMDiT trained on procedural scenes).
 
-The model itself loads with ComfyUI's own UNETLoader: importing this module only adds the
-pack's weights folder to the "diffusion_models" search path (no model work at import).
-These nodes are the two pieces SD3's stock nodes cannot provide for it: its caption encoder
-and its latent -> image codec (the model's latent is a 2x2 space-to-depth of the pixels, so
-an EmptySD3LatentImage of 1024 x 1024 gives a 256 x 256 image with 64 x 64 = 4096 tokens).
+They sit in their own category, marked as the demo's, and the model's weights are loaded by the
+demo's own loader from the pack's folder, so that neither appears in the model lists of a user who
+came for another model. Besides its loader, these are the two pieces SD3's stock nodes cannot
+provide for it: its caption encoder and its latent -> image codec (the model's latent is a 2x2
+space-to-depth of the pixels, so an EmptySD3LatentImage of 1024 x 1024 gives a 256 x 256 image
+with 64 x 64 = 4096 tokens).
 """
 
 from __future__ import annotations
 
 import functools
 
-import folder_paths
+import comfy.sd
 import torch
 from comfy_api.latest import io
 
-from ..demo import TEXT_FILE, WEIGHTS_DIR, codec, scenes
+from ..demo import DIT_FILE, TEXT_FILE, WEIGHTS_DIR, codec, scenes
 from ..demo.text_encoder import DemoTextEncoder
 
-folder_paths.add_model_folder_path("diffusion_models", str(WEIGHTS_DIR))
+CATEGORY = "FastAttn/demo (example models)"
+
+
+def load_demo_model() -> io.Model.Type:
+    """The demo model as ComfyUI's UNETLoader loads a diffusion model file (detected as SD3)."""
+    return comfy.sd.load_diffusion_model(str(WEIGHTS_DIR / DIT_FILE))
 
 
 @functools.cache
 def _text_encoder() -> DemoTextEncoder:
     """Loaded once on first use: 1 MB, CPU."""
     return DemoTextEncoder.load(WEIGHTS_DIR / TEXT_FILE)
+
+
+class FastAttnDemoLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FastAttnDemoLoader",
+            display_name="FastAttn Demo Model Loader",
+            description="Loads the small demo model shipped with the pack (an SD3-class diffusion transformer "
+                        "trained on procedural scenes), for trying the FastAttn nodes without downloading a model.",
+            category=CATEGORY,
+            inputs=[],
+            outputs=[io.Model.Output(tooltip="The demo model, sampled by the stock KSampler like SD3.")],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(load_demo_model())
 
 
 class FastAttnDemoTextEncode(io.ComfyNode):
@@ -34,9 +58,8 @@ class FastAttnDemoTextEncode(io.ComfyNode):
         return io.Schema(
             node_id="FastAttnDemoTextEncode",
             display_name="FastAttn Demo Text Encode",
-            description="Encodes a caption for the FastAttn demo model (load it with UNETLoader: "
-                        "fastattn_demo_sd3.safetensors).",
-            category="FastAttn/demo",
+            description="Encodes a caption for the FastAttn demo model (loaded by FastAttn Demo Model Loader).",
+            category=CATEGORY,
             inputs=[
                 io.String.Input(
                     "caption", multiline=True, default="a red circle and a blue square on a striped green background",
@@ -64,7 +87,7 @@ class FastAttnDemoDecode(io.ComfyNode):
             display_name="FastAttn Demo Decode",
             description="Turns a FastAttn demo model latent into an image (the exact inverse of its "
                         "pixel-to-latent rearrangement; no VAE involved).",
-            category="FastAttn/demo",
+            category=CATEGORY,
             inputs=[io.Latent.Input("samples", tooltip="A 16-channel latent sampled with the demo model.")],
             outputs=[io.Image.Output(tooltip="The image, twice the latent's width and height.")],
         )
@@ -80,4 +103,4 @@ class FastAttnDemoDecode(io.ComfyNode):
         return io.NodeOutput(codec.decode(latents.float().cpu()).movedim(1, -1))
 
 
-DEMO_NODES: list[type[io.ComfyNode]] = [FastAttnDemoTextEncode, FastAttnDemoDecode]
+DEMO_NODES: list[type[io.ComfyNode]] = [FastAttnDemoLoader, FastAttnDemoTextEncode, FastAttnDemoDecode]

@@ -1,6 +1,6 @@
 """The shipped demo model works through ComfyUI's own paths and has learned its captions.
 
-Loaded with the stock UNETLoader (it must be detected as SD3: latent format, flow sampling
+Loaded by the demo's loader node as ComfyUI's UNETLoader loads a file (it must be detected as SD3: latent format, flow sampling
 with shift 3.0), sampled with the stock KSampler path under CFG, conditioned and decoded
 with the pack's demo nodes.
 """
@@ -25,8 +25,7 @@ demo_nodes = pack_import("nodes.demo")
 
 @pytest.fixture(scope="module")
 def model():
-    (patcher,) = nodes.UNETLoader().load_unet(demo.DIT_FILE, "default")
-    return patcher
+    return demo_nodes.FastAttnDemoLoader.execute().result[0]
 
 
 def encode(caption: str) -> list:
@@ -40,13 +39,20 @@ def generate(model, caption: str, side: int, steps: int = 12, seed: int = 0) -> 
     return demo_nodes.FastAttnDemoDecode.execute(out).result[0][0]
 
 
-def test_nodes_are_registered():
-    for node_id in ("FastAttnDemoTextEncode", "FastAttnDemoDecode"):
-        assert nodes.NODE_CLASS_MAPPINGS[node_id].define_schema().category == "FastAttn/demo"
+def test_the_demo_nodes_are_registered_in_the_demo_category_only():
+    demo_types = {"FastAttnDemoLoader", "FastAttnDemoTextEncode", "FastAttnDemoDecode"}
+    in_category = {name for name, node in nodes.NODE_CLASS_MAPPINGS.items()
+                   if getattr(node, "CATEGORY", "").startswith("FastAttn/demo")}
+    assert in_category == demo_types
+    assert all(nodes.NODE_CLASS_MAPPINGS[name].CATEGORY == "FastAttn/demo (example models)" for name in demo_types)
 
 
-def test_weights_are_small_and_visible_to_unet_loader():
-    assert demo.DIT_FILE in folder_paths.get_filename_list("diffusion_models")
+def test_the_weights_are_small_and_in_no_model_list_of_the_user():
+    """Only the demo's loader loads them: no model folder of the host searches the pack's weights
+    folder, and Load Diffusion Model does not list the file."""
+    assert demo.DIT_FILE not in folder_paths.get_filename_list("diffusion_models")
+    assert not [folder for folder, (paths, _) in folder_paths.folder_names_and_paths.items()
+                if any(str(demo.WEIGHTS_DIR) in str(path) for path in paths)]
     size = sum(f.stat().st_size for f in demo.WEIGHTS_DIR.glob("*.safetensors"))
     assert size <= 25 * 2**20
 

@@ -9,13 +9,10 @@ from harness.server import ComfyServer
 
 workflows = pack_import("demo.workflows")
 
-DEMO_MODEL = "fastattn_demo_sd3.safetensors"
-
-
 def inspector_graph(caption: str, size: int = 512) -> dict:
     """API format: demo model + demo text encoder + SD3 empty latent -> Attention Inspector."""
     return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": DEMO_MODEL, "weight_dtype": "default"}},
+        "1": {"class_type": "FastAttnDemoLoader", "inputs": {}},
         "2": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
         "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "4": {"class_type": "FastAttnInspector", "inputs": {"model": ["1", 0], "positive": ["2", 0], "latent": ["3", 0]}},
@@ -31,11 +28,11 @@ def server(tmp_path_factory):
 def test_object_info_lists_our_nodes(server):
     info = server.get("/object_info")
     ours = {name for name in info if name.startswith("FastAttn")}
-    assert {"FastAttnInspector", "FastAttnDemoTextEncode", "FastAttnDemoDecode"} <= ours
+    assert {"FastAttnInspector", "FastAttnDemoLoader", "FastAttnDemoTextEncode", "FastAttnDemoDecode"} <= ours
     inspector = info["FastAttnInspector"]
     assert inspector["category"] == "FastAttn"
     assert all("tooltip" in spec[1] for spec in inspector["input"]["required"].values())
-    assert DEMO_MODEL in info["UNETLoader"]["input"]["required"]["unet_name"][0]
+    assert pack_import("demo").DIT_FILE not in info["UNETLoader"]["input"]["required"]["unet_name"][0]  # only the demo loader's
 
 
 def test_inspector_graph_runs_through_the_queue(server):

@@ -106,7 +106,7 @@ def save_grid(rows: dict[str, list[torch.Tensor]], path: Path, cell: int = 256) 
 
 def main() -> None:
     torch.set_num_threads(2)
-    (model,) = nodes.UNETLoader().load_unet(demo.DIT_FILE, "default")
+    model = demo_nodes.load_demo_model()
     window = (2 * RADIUS + 1) ** 2
     print(f"Share of image-query attention on image keys within a {2 * RADIUS + 1}x{2 * RADIUS + 1} token "
           f"window; {len(CAPTIONS)} captions x {STEPS} euler steps, CFG {CFG}, both batch halves.\n")
