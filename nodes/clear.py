@@ -15,7 +15,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..patching.clear_distill import DistillSettings, distill
+from ..patching.clear_distill import DISTILLED_MODELS, DistillSettings, distill
 from ..patching.clear_weights import LAYER_POOL_WEIGHT, model_patches, read_clear_file, resolve_radius
 from ..patching.schedule import LocalAttention, PoolWeights, Scope, StepRange, WindowSize, parse_layers
 from .ditfastattn import with_technique
@@ -96,11 +96,12 @@ class ClearWeightsLoader(io.ComfyNode):
             display_name="Load CLEAR Weights (FLUX)",
             category=CATEGORY,
             description="Loads CLEAR's fine-tuned attention weights (e.g. clear_local_16_down_4.safetensors in "
-                        "models/clear/, or a file from the CLEAR distillation node) onto a FLUX model as weight "
-                        "patches, and switches it to local attention with the radius and pooling the file was "
+                        "models/clear/, onto a FLUX model; or a file from the CLEAR distillation node, onto the "
+                        "model it was distilled for) as weight patches, and switches it to local attention with the radius and pooling the file was "
                         "trained for. Put LoRA loaders after this node.",
             inputs=[
-                io.Model.Input("model", tooltip="A FLUX model (FLUX.1-dev for the released files)."),
+                io.Model.Input("model", tooltip="A FLUX model for the released files (FLUX.1-dev), or the model a CLEAR "
+                                                 "Distillation file was distilled for."),
                 io.Combo.Input("clear_name", options=folder_paths.get_filename_list(CLEAR_FOLDER),
                                tooltip="A CLEAR weights file from models/clear/."),
                 io.Int.Input("radius", default=0, min=0, max=4096,
@@ -144,8 +145,9 @@ class ClearDistill(io.ComfyNode):
             description="Generates samples with the model (full attention, the teacher) from your prompts, then "
                         "fine-tunes the image-stream attention projections (and pooling weights) of the same model "
                         "with local attention (the student) to match it, with CLEAR's losses. Saves the weights to "
-                        "models/clear/ for the CLEAR weights loader and returns the distilled model. SD3-class and "
-                        "FLUX models. Cancel stops between steps and saves what was trained so far.",
+                        f"models/clear/ for the CLEAR weights loader and returns the distilled model. {DISTILLED_MODELS} "
+                        "only (FLUX is refused: its released CLEAR weights go through the loader). Cancel stops "
+                        "between steps and saves what was trained so far.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to distil (without other FastAttn nodes)."),
                 io.Conditioning.Input("positive", tooltip="The prompts the teacher samples from and the student "

@@ -6,7 +6,7 @@ trainable deltas to the projections through ModelPatcher weight wrappers (as Com
 trainer does) and runs local attention through a differentiable dense masked softmax (the
 kernels' reference; the fast kernels have no backward). Training runs inside ComfyUI's own
 sampling path as a custom Sampler, so conditioning, model loading and the runtime's wrappers
-are the host's. Losses as CLEAR (REFERENCE.md section 3), on the model's prediction
+are the host's. Losses as the CLEAR paper's (Liu et al., 2024), on the model's prediction
 (x_t - denoised) / sigma (velocity for flow models): flow matching against the teacher's
 samples + 0.5 x MSE(student, teacher) + 0.5 x MSE of every local layer's attention output,
 with the sampling's prompts and CFG scale (the guided prediction is what sampling uses).
@@ -48,6 +48,8 @@ from .schedule import WindowSize
 # FLUX is left out: the host's FLUX blocks add to their inputs in place, which autograd rejects;
 # gradient checkpointing would avoid that but replays the attention calls, renumbering layers.
 TRAINABLE = re.compile(r"joint_blocks\.\d+\.x_block\.attn2?\.(qkv|proj)$")
+# The models TRAINABLE finds, as the node's description, its help page and the README name them.
+DISTILLED_MODELS = "SD3-class (MMDiT) models"
 PREFIX = "diffusion_model."
 
 
@@ -132,7 +134,7 @@ def trainable_for(model, start: dict[str, torch.Tensor] | None = None) -> Traina
             begin = None if start is None or key not in start else start[key].float() - tensor.float()
             trainable.deltas[key] = Delta(tensor.shape, begin)
     if not trainable.deltas:
-        raise ValueError(f"CLEAR distillation trains SD3-class (MMDiT) models; "
+        raise ValueError(f"CLEAR distillation trains {DISTILLED_MODELS}; "
                          f"{type(model.model.diffusion_model).__name__} is not supported yet (FLUX: use the released "
                          "CLEAR weights with the loader)")
     return trainable

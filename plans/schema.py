@@ -24,7 +24,7 @@ from ..patching.schedule import Choice, WindowSize
 FORMAT = "fastattn-plan"
 VERSION = 2  # 2 added per-head cells ("heads"); version 1 plans load unchanged
 
-# The paper's candidates (REFERENCE.md section 1), in the order greedy search tries them.
+# The candidates of the DiTFastAttn paper (Yuan et al., NeurIPS 2024), in the order greedy search tries them.
 # ast: attention sharing across timesteps; wars: window attention + residual sharing;
 # asc: attention sharing across CFG.
 CANDIDATES = ("ast", "wars+asc", "wars", "full+asc")
