@@ -84,3 +84,21 @@ def test_no_file_cites_a_markdown_file_the_repository_does_not_have():
              for name in re.findall(r"\b([A-Za-z][\w-]*\.md)\b", path.read_text(errors="replace"))}
     assert sorted((where, name) for where, name in cited if name not in present) == []
 
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", ["README.md", "BENCHMARKS.md", "docs/benchmark-history.md"])
+def test_every_link_between_the_benchmark_pages_and_the_readme_leads_somewhere(page):
+    """The summary table links to its sections; the history and the README link into both pages."""
+    text = (REPO / page).read_text()
+    broken = []
+    for target, anchor in re.findall(r"\]\(([^)#\s]*\.md|)(?:#([^)\s]*))?\)", text):
+        path = (REPO / page).parent / target if target else REPO / page
+        if not path.is_file():
+            broken.append(f"{target}: no such file")
+        elif anchor and anchor not in {_anchor(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), re.MULTILINE)}:
+            broken.append(f"{target or page}#{anchor}: no such heading")
+    assert broken == []
