@@ -130,22 +130,23 @@ def main(argv: list[str]) -> None:
             path, image = _image(server, result)
             report = "".join(result.outputs("report").get("text", []))
             if name in seconds:
-                median = statistics.median(seconds[name])
-                cell = speed.speedup_cell(speed.median_speedup(seconds["baseline"], seconds[name]),
-                                          speed.flop_bound(share, report))
+                median, bound = statistics.median(seconds[name]), speed.flop_bound(share, report)
+                cell = speed.speedup_cell(speed.median_speedup(seconds["baseline"], seconds[name]), bound)
+                each = " / ".join(f"{s:.2f}" for s in speed.round_speedups(seconds["baseline"], seconds[name]))
+                bound_cell = f"{bound:.2f}x"
             else:
-                median, cell = result.seconds_in("calibrate"), "(calibration)"
-            rows.append((name, median, cell, _kept(report), metrics.psnr(image, reference),
+                median, cell, each, bound_cell = result.seconds_in("calibrate"), "(calibration)", "", ""
+            rows.append((name, median, cell, each, bound_cell, _kept(report), metrics.psnr(image, reference),
                          metrics.ssim(image, reference)))
             print(f"{name} -> {path.relative_to(REPO)}")
     tokens = (args.size // 16) ** 2
     print(f"\nDemo model, {args.size}x{args.size} ({tokens} image tokens), {args.steps} steps, CFG "
           f"{workflows.SAMPLER['cfg']}, CPU, torch SDPA baseline; medians of {args.rounds} interleaved rounds; "
           f"attention {100 * share:.1f}% of the FLOPs\n")
-    print("| workflow | sampler wall time s | speedup | attention FLOPs kept | PSNR dB | SSIM |")
-    print("|---|---|---|---|---|---|")
-    for name, median, cell, kept, psnr, ssim in rows:
-        print(f"| {name} | {median:.1f} | {cell} | {kept} | {psnr:.1f} | {ssim:.3f} |")
+    print("| workflow | sampler wall time s | speedup | per round | FLOP bound | attention FLOPs kept | PSNR dB | SSIM |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, median, cell, each, bound, kept, psnr, ssim in rows:
+        print(f"| {name} | {median:.1f} | {cell} | {each} | {bound} | {kept} | {psnr:.1f} | {ssim:.3f} |")
 
 
 if __name__ == "__main__":

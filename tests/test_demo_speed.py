@@ -42,4 +42,4 @@ def test_a_baseline_slowed_by_load_in_one_round_moves_no_median():
 def test_a_speedup_above_the_flop_bound_is_shown_as_a_measurement_error():
     assert speed.speedup_cell(1.45, 1.6) == "1.45x"
     cell = speed.speedup_cell(2.5, 1.6)
-    assert "measurement error" in cell and "2.50x" in cell and "1.60x" in cell
+    assert "measurement error" in cell and "2.50x" in cell
