@@ -7,8 +7,9 @@ import { ComfyWidgets } from "../../scripts/widgets.js";
 const REPORT_NODES = ["FastAttnInspector", "FastAttnReport", "FastAttnCompare"];
 const REPORT_WIDGET = "report_text"; // the read-only text box of frontends without a text preview
 
-// Newer frontends (1.58 does, 1.32 does not) export the text preview of their own "Preview as Text" node, which both
-// the canvas and the Vue node renderer draw; older ones get a read-only multiline text box.
+// Newer frontends (1.58 does, 1.32 does not) export the text preview of their own "Preview as
+// Text" node, which both the canvas and the Vue node renderer draw; older ones get a read-only
+// multiline text box.
 const textPreview = () => window.comfyAPI?.textPreviewWidgets;
 
 function addReport(node) {
@@ -23,10 +24,11 @@ function addReport(node) {
 }
 
 function showReport(node, message) {
+  const text = (message?.text ?? []).join("");
   const preview = textPreview();
-  if (preview) return preview.updateTextPreviewWidgets(node, { text: [(message?.text ?? []).join("")] });
+  if (preview) return preview.updateTextPreviewWidgets(node, { text: [text] });
   const widget = node.widgets?.find((w) => w.name === REPORT_WIDGET);
-  if (widget) widget.value = (message?.text ?? []).join("");
+  if (widget) widget.value = text;
 }
 
 app.registerExtension({
