@@ -208,11 +208,14 @@ WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 InputTypes = Callable[[str], tuple[list[tuple[str, str]], list[str]]]
 TITLES = {"positive": "Positive caption", "negative": "Negative caption (empty)"}
 SIZES = {"FastAttnCalibrate": [380, 560], "FastAttnApplyPlan": [420, 220], "FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
-         "KSampler": [320, 270], "FastAttnDemoTextEncode": [360, 130], "FastAttnCompare": [540, 420]}
+         "KSampler": [320, 270], "FastAttnDemoTextEncode": [360, 130], "FastAttnCompare": [540, 420],
+         "FastAttnDemoLoader": [320, 60]}
+GAP = 80  # px between columns and between the nodes of a column (the title bar is not in a node's size)
 
 
 def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
-    """The same graph in ComfyUI's UI format: nodes in columns by depth, links, widget values.
+    """The same graph in ComfyUI's UI format: nodes in columns by depth (each as wide as its
+    widest node, nodes stacked by their heights, so none overlaps), links, widget values.
 
     `node_io(class_type)` gives the node's inputs as (name, type) in order (type "COMBO" for
     lists) and its output types, as the host defines them."""
@@ -225,13 +228,19 @@ def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
             depth[key] = 1 + max((depth_of(parent) for parent in parents), default=-1)
         return depth[key]
 
-    links, nodes, rows = [], [], {}
+    sizes = {key: SIZES.get(node["class_type"], [320, 200]) for key, node in graph.items()}
+    widths: dict[int, int] = {}
+    for key in graph:
+        widths[depth_of(key)] = max(widths.get(depth_of(key), 0), sizes[key][0])
+    lefts = {column: 40 + sum(widths.get(before, 0) + GAP for before in range(column)) for column in widths}
+    tops: dict[int, int] = {}  # the next free height of each column
+    links, nodes = [], []
     outputs_links: dict[tuple[str, int], list[int]] = {}
     for key, node in graph.items():
         inputs_spec, output_types = node_io(node["class_type"])
         column = depth_of(key)
-        row = rows.setdefault(column, 0)
-        rows[column] += 1
+        top = tops.setdefault(column, 40)
+        tops[column] += sizes[key][1] + GAP
         ui_inputs, widgets = [], []
         for name, kind in inputs_spec:
             value = node["inputs"].get(name)
@@ -247,8 +256,8 @@ def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
                 if name in ("seed", "noise_seed"):
                     widgets.append("fixed")  # the editor's control_after_generate
         ui_node = {
-            "id": ids[key], "type": node["class_type"], "pos": [40 + 440 * column, 40 + 320 * row],
-            "size": SIZES.get(node["class_type"], [320, 200]), "flags": {}, "order": 0, "mode": 0,
+            "id": ids[key], "type": node["class_type"], "pos": [lefts[column], top],
+            "size": sizes[key], "flags": {}, "order": 0, "mode": 0,
             "inputs": ui_inputs,
             "outputs": [{"name": kind, "type": kind, "slot_index": slot} for slot, kind in enumerate(output_types)],
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
