@@ -26,6 +26,9 @@ def encode(images: torch.Tensor) -> torch.Tensor:
 
 
 def decode(latents: torch.Tensor) -> torch.Tensor:
-    """Latents [B, 16, H, W] -> RGB images [B, 3, 2H, 2W] clamped to [0, 1]."""
+    """Latents [B, 16, H, W], or video latents [B, 16, F, H, W] -> RGB images [B (x F), 3, 2H, 2W]
+    clamped to [0, 1] (a video's frames in order, one image each)."""
+    if latents.ndim == 5:
+        latents = latents.movedim(2, 1).flatten(0, 1)
     signed = F.pixel_shuffle(latents, FACTOR)[:, :3]
     return ((signed + 1) / 2).clamp(0, 1)

@@ -18,9 +18,9 @@ from ..plans.storage import NO_PLAN
 from . import DIT_FILE
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_workflows"
-SHIPPED_PLAN = Path(__file__).resolve().parent / "plans" / "fastattn_demo_sd3_fast.json"
+SHIPPED_PLAN = Path(__file__).resolve().parent / "plans" / "fastattn_demo_wan_fast.json"
 CAPTION = "a red circle and a blue square on a striped green background"
-SAMPLER = {"seed": 7, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+SAMPLER = {"seed": 7, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
 WINDOW_BAND = {"window_shape": "band (1D over the token sequence, as the paper)", "window_fraction": 0.125,
                "window_tokens": 0, "refresh_every": 4, "start_percent": 0.0, "end_percent": 1.0, "layers": "",
                "residual": True}
@@ -53,6 +53,12 @@ CALIBRATE = {"delta": 0.1, "search_mode": "fast", "step_sharing": True, "window_
              "per_head": False}
 
 
+def demo_latent(size: int, batch_size: int = 1) -> dict:
+    """The demo model's empty latent: one frame of Wan's video latent (size x size px: (size / 16)^2 tokens)."""
+    return {"class_type": "EmptyHunyuanLatentVideo",
+            "inputs": {"width": size, "height": size, "length": 1, "batch_size": batch_size}}
+
+
 def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], caption: str = CAPTION,
                prefix: str | None = None, batch_size: int = 1, seed: int = SAMPLER["seed"]) -> dict:
     """API-format graph: demo model -> technique nodes -> KSampler -> decode -> save (+ report)."""
@@ -60,8 +66,7 @@ def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], 
         "loader": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILE, "weight_dtype": "default"}},
         "positive": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
         "negative": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": ""}},
-        "latent": {"class_type": "EmptySD3LatentImage",
-                   "inputs": {"width": size, "height": size, "batch_size": batch_size}},
+        "latent": demo_latent(size, batch_size),
     }
     model = ["loader", 0]
     for index, (class_type, inputs) in enumerate(TECHNIQUES[technique][1]):
@@ -105,7 +110,7 @@ def inspector_graph(size: int = 1024, caption: str = CAPTION) -> dict:
     return {
         "loader": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILE, "weight_dtype": "default"}},
         "positive": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "latent": demo_latent(size),
         "inspector": {"class_type": "FastAttnInspector",
                       "inputs": {"model": ["loader", 0], "positive": ["positive", 0], "latent": ["latent", 0]}},
     }

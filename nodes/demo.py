@@ -1,10 +1,11 @@
-"""Nodes for the shipped demo model (an SD3-class MMDiT trained on procedural scenes).
+"""Nodes for the shipped demo model (a Wan-class DiT trained on procedural scenes).
 
 The model itself loads with ComfyUI's own UNETLoader: importing this module only adds the
 pack's weights folder to the "diffusion_models" search path (no model work at import).
-These nodes are the two pieces SD3's stock nodes cannot provide for it: its caption encoder
+These nodes are the two pieces the stock nodes cannot provide for it: its caption encoder
 and its latent -> image codec (the model's latent is a 2x2 space-to-depth of the pixels, so
-an EmptySD3LatentImage of 1024 x 1024 gives a 256 x 256 image with 64 x 64 = 4096 tokens).
+an EmptyHunyuanLatentVideo of 1024 x 1024 x 1 frame gives a 256 x 256 image with 64 x 64 =
+4096 tokens).
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from __future__ import annotations
 import functools
 
 import folder_paths
-import torch
 from comfy_api.latest import io
 
-from ..demo import TEXT_FILE, WEIGHTS_DIR, codec, scenes
+from ..demo import DIT_FILE, TEXT_FILE, WEIGHTS_DIR, codec, scenes
 from ..demo.text_encoder import DemoTextEncoder
 
 folder_paths.add_model_folder_path("diffusion_models", str(WEIGHTS_DIR))
@@ -34,8 +34,7 @@ class FastAttnDemoTextEncode(io.ComfyNode):
         return io.Schema(
             node_id="FastAttnDemoTextEncode",
             display_name="FastAttn Demo Text Encode",
-            description="Encodes a caption for the FastAttn demo model (load it with UNETLoader: "
-                        "fastattn_demo_sd3.safetensors).",
+            description=f"Encodes a caption for the FastAttn demo model (load it with UNETLoader: {DIT_FILE}).",
             category="FastAttn/demo",
             inputs=[
                 io.String.Input(
@@ -46,14 +45,12 @@ class FastAttnDemoTextEncode(io.ComfyNode):
                             "Any other word is an error.",
                 ),
             ],
-            outputs=[io.Conditioning.Output(tooltip="Context tokens and pooled vector, as SD3's model expects.")],
+            outputs=[io.Conditioning.Output(tooltip="Context tokens, as Wan's model expects them.")],
         )
 
     @classmethod
     def execute(cls, caption: str) -> io.NodeOutput:
-        with torch.no_grad():
-            context, pooled = _text_encoder().encode([caption])
-        return io.NodeOutput([[context, {"pooled_output": pooled}]])
+        return io.NodeOutput(_text_encoder().conditioning(caption))
 
 
 class FastAttnDemoDecode(io.ComfyNode):
@@ -66,16 +63,16 @@ class FastAttnDemoDecode(io.ComfyNode):
                         "pixel-to-latent rearrangement; no VAE involved).",
             category="FastAttn/demo",
             inputs=[io.Latent.Input("samples", tooltip="A 16-channel latent sampled with the demo model.")],
-            outputs=[io.Image.Output(tooltip="The image, twice the latent's width and height.")],
+            outputs=[io.Image.Output(tooltip="The image, twice the latent's width and height (one per frame).")],
         )
 
     @classmethod
     def execute(cls, samples: io.Latent.Type) -> io.NodeOutput:
         latents = samples["samples"]
-        if latents.ndim != 4 or latents.shape[1] != codec.LATENT_CHANNELS:
+        if latents.ndim not in (4, 5) or latents.shape[1] != codec.LATENT_CHANNELS:
             raise ValueError(
-                f"FastAttnDemoDecode expects a [batch, {codec.LATENT_CHANNELS}, height, width] latent from the "
-                f"demo model, got shape {list(latents.shape)}."
+                f"FastAttnDemoDecode expects a [batch, {codec.LATENT_CHANNELS}, (frames,) height, width] latent "
+                f"from the demo model, got shape {list(latents.shape)}."
             )
         return io.NodeOutput(codec.decode(latents.float().cpu()).movedim(1, -1))
 
