@@ -1,17 +1,22 @@
 """Train the demo model (a Wan-class DiT, 12 layers) and its caption encoder on procedural scenes.
 
 Run from the repository root. A run lives in a folder (`--run`): `state.pt` holds everything
-needed to continue (networks, EMA, optimizer, step, the data generator's state), and the
-ComfyUI weights (the EMA networks) are exported beside it at every save. Training resumes
-from `state.pt` when the folder has one, so a run cut short (`--max-minutes`, a closed
-session) goes on where it stopped, with the same data it would have drawn:
+needed to continue (networks, EMA, optimizer, step), and the ComfyUI weights (the EMA
+networks) are exported beside it at every save. Each step's data (scenes, caption drops,
+noise levels, noise) is a function of the seed and the step number alone, so a run cut short
+(`--max-minutes`, a closed session) resumes from `state.pt` exactly where it stopped, and a
+background thread can prepare the next batches while the current one trains:
 
-    .venv/bin/python demo/train.py --run demo/runs/v2 --steps 20000 --max-minutes 120   # CPU
-    python demo/train.py --run $OUT/v2 --device cuda --steps 6000 --batch-scale 8 --max-minutes 8
+    .venv/bin/python demo/train.py --run demo/runs/v2 --sides 16 32 --max-minutes 120   # CPU
+    python3 demo/train.py --run /tmp/v2 --device cuda --batch-scale 8 --max-minutes 7.5 \
+        --shards $OUT                                                                  # GPU
 
 are the CPU recipe (bf16 autocast where the CPU multiplies bfloat16 natively: AVX512-BF16 or
-AMX; float32 elsewhere) and the GPU one. `--export demo/weights` copies the run's current
-weights into the pack. The commands that made the shipped weights are in README.md.
+AMX; float32 elsewhere) and the device-machine one (tests/benchmarks/gpu_train_demo.sh runs it
+and scores the result). `--shards` also writes the EMA networks in float32 as files of at
+most 15 MiB (what the device machine can send back); `--import-shards` makes a run folder of
+them here, to export or train on. `--export demo/weights` copies a run's current weights into
+the pack.
 
 What ComfyUI does at inference is what training imitates:
 - the network is ComfyUI's own `WanModel`, built with the config its model detection reads
@@ -24,7 +29,7 @@ What ComfyUI does at inference is what training imitates:
   drawn as the sampler visits it (uniform in time, then shifted) half the time and
   logit-normal (shifted) otherwise;
 - 10% empty captions, the unconditional input CFG uses.
-Resolutions from 256 to 4096 image tokens in every run, so the model learns to draw at each.
+Resolutions from 256 to 4096 image tokens, so the model learns to draw at each.
 Captions of the held-out set (scenes.is_held_out) are never drawn: fidelity is measured on them.
 """
 
@@ -40,12 +45,16 @@ if __name__ == "__main__" and not __package__:  # `python demo/train.py`: enter 
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import queue  # noqa: E402
 import shutil  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from . import DIT_FILE, TEXT_FILE, codec, scenes  # noqa: E402
@@ -91,35 +100,53 @@ def build_text() -> DemoTextEncoder:
     return DemoTextEncoder(scenes.vocabulary(), pooled_width=None, context_width=TEXT_WIDTH)
 
 
-def make_batch(side: int, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-    """Model-space latents [B, 16, 1, side*2, side*2] and captions, some emptied for CFG."""
+@dataclass
+class Batch:
+    """One step's data, in model space: clean latents [B, 16, 1, H, W], captions (some emptied
+    for CFG), noise levels [B] and noise."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    sigma: torch.Tensor
+    noise: torch.Tensor
+
+
+def step_batch(seed: int, step: int, sides: list[int], batch_scale: float) -> Batch:
+    """The data of one step: a function of (seed, step) alone (the side too, drawn by its share)."""
     from comfy.latent_formats import Wan21
-
-    drawn = [scenes.random_scene(gen) for _ in range(batch)]
-    latents = codec.encode(scenes.render_batch(drawn, side * 2 * codec.FACTOR))[:, :, None]
-    drop = torch.rand(batch, generator=gen) < UNCOND_RATE
-    return Wan21().process_in(latents), ["" if d else s.caption for s, d in zip(drawn, drop.tolist(), strict=True)]
-
-
-def draw_sigma(batch: int, gen: torch.Generator) -> torch.Tensor:
     from comfy.model_sampling import time_snr_shift
 
-    uniform = torch.rand(batch, generator=gen)
-    logit_normal = torch.sigmoid(torch.randn(batch, generator=gen))
-    pick = torch.rand(batch, generator=gen) < 0.5
-    return time_snr_shift(SHIFT, torch.where(pick, uniform, logit_normal))
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    shares = torch.tensor([SIDES[side] for side in sides])
+    side = sides[int(torch.multinomial(shares, 1, generator=gen))]
+    batch = max(1, round(batch_scale * TOKENS_PER_STEP / side**2))
+    drawn = [scenes.random_scene(gen) for _ in range(batch)]
+    latents = Wan21().process_in(codec.encode(scenes.render_batch(drawn, side * 2 * codec.FACTOR))[:, :, None])
+    drop = torch.rand(batch, generator=gen) < UNCOND_RATE
+    uniform, logit_normal = torch.rand(batch, generator=gen), torch.sigmoid(torch.randn(batch, generator=gen))
+    sigma = time_snr_shift(SHIFT, torch.where(torch.rand(batch, generator=gen) < 0.5, uniform, logit_normal))
+    return Batch(latents, ["" if d else s.caption for s, d in zip(drawn, drop.tolist(), strict=True)], sigma,
+                 torch.randn(latents.shape, generator=gen))
 
 
-def flow_loss(dit: nn.Module, text: DemoTextEncoder, x0: torch.Tensor, captions: list[str],
-              gen: torch.Generator, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    sigma = draw_sigma(x0.shape[0], gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    s = sigma.view(-1, 1, 1, 1, 1)
-    x_t, target = (s * noise + (1 - s) * x0).to(device), (noise - x0).to(device)
-    tokens = text.tokenize(captions).to(device)
+def prefetched(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
+    """The same batches, made `depth` ahead on a background thread (rendering overlaps training)."""
+    ready: queue.Queue = queue.Queue(depth)
+    thread = threading.Thread(target=lambda: [ready.put(b) for b in batches] + [ready.put(None)], daemon=True)
+    thread.start()
+    while (item := ready.get()) is not None:
+        yield item
+
+
+def flow_loss(dit: nn.Module, text: DemoTextEncoder, batch: Batch, device: torch.device,
+              dtype: torch.dtype | None) -> torch.Tensor:
+    s = batch.sigma.view(-1, 1, 1, 1, 1)
+    x_t = (s * batch.noise + (1 - s) * batch.latents).to(device, non_blocking=True)
+    target = (batch.noise - batch.latents).to(device, non_blocking=True)
+    tokens = text.tokenize(batch.captions).to(device)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         context, _ = text(tokens)
-        velocity = dit(x_t, (sigma * 1000).to(device), context)
+        velocity = dit(x_t, (batch.sigma * 1000).to(device), context)
     return (velocity.float() - target).pow(2).mean()
 
 
@@ -153,8 +180,29 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def batches(args: argparse.Namespace) -> dict[int, int]:
-    return {side: max(1, round(args.batch_scale * TOKENS_PER_STEP / side**2)) for side in SIDES}
+SHARD_BYTES = 15 * 2**20  # the device machine sends back files of at most 16 MiB
+
+
+def save_shards(networks: nn.ModuleList, folder: Path, step: int) -> list[Path]:
+    """The networks in float32 as `demo-state-NN.safetensors` files of at most SHARD_BYTES each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in networks.state_dict().items():
+        tensor = tensor.detach().to("cpu", torch.float32).contiguous()
+        if shards[-1] and size + tensor.nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.nbytes
+    paths = [folder / f"demo-state-{i:02d}.safetensors" for i in range(len(shards))]
+    for path, shard in zip(paths, shards, strict=True):
+        save_file(shard, str(path), metadata={"step": str(step), "shards": str(len(shards))})
+    return paths
+
+
+def load_shards(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for path in sorted(folder.glob("demo-state-*.safetensors")) for k, v in load_file(str(path)).items()}
 
 
 def train(args: argparse.Namespace) -> None:
@@ -166,55 +214,71 @@ def train(args: argparse.Namespace) -> None:
     networks = nn.ModuleList([build_dit(), build_text()]).to(device)
     ema = copy.deepcopy(networks).requires_grad_(False)
     optimizer = torch.optim.AdamW(networks.parameters(), lr=PEAK_LR, betas=(0.9, 0.99), weight_decay=0.0)
-    gen, step = torch.Generator().manual_seed(args.seed), 0
+    step = 0
     if state_file.exists():
         state = torch.load(state_file, map_location=device, weights_only=False)
         networks.load_state_dict(state["networks"])
         ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
+        if state["optimizer"] is not None:
+            optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         print(f"resumed {args.run} at step {step}", flush=True)
-    sides = args.sides
-    shares = torch.tensor([SIDES[side] for side in sides])
-    batch = batches(args)
-    print(f"{sum(p.numel() for p in networks[0].parameters()) / 1e6:.1f}M DiT parameters; batch by side {batch}; "
+    print(f"{sum(p.numel() for p in networks[0].parameters()) / 1e6:.1f}M DiT parameters; sides {args.sides}; "
           f"{'bf16 autocast' if dtype else 'float32'} on {device}", flush=True)
 
     def save() -> None:
         args.run.mkdir(parents=True, exist_ok=True)
         torch.save({"networks": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "generator": gen.get_state(), "step": step}, state_file.with_suffix(".tmp"))
+                    "step": step}, state_file.with_suffix(".tmp"))
         state_file.with_suffix(".tmp").replace(state_file)
         export(ema, args.run)
 
     start = last_save = time.time()
     running: dict[int, float] = {}
-    while step < args.steps:
-        side = sides[int(torch.multinomial(shares, 1, generator=gen))]
+    data = prefetched(step_batch(args.seed, s, args.sides, args.batch_scale) for s in range(step, args.steps))
+    for batch in data:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step)
-        latents, captions = make_batch(side, batch[side], gen)
-        loss = flow_loss(networks[0], networks[1], latents, captions, gen, device, dtype)
+        loss = flow_loss(networks[0], networks[1], batch, device, dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(networks.parameters(), 1.0)
         optimizer.step()
         ema_update(ema, networks, step)
         step += 1
+        side = round((batch.latents.shape[-1] * batch.latents.shape[-2] / 4) ** 0.5)
         running[side] = 0.95 * running.get(side, loss.item()) + 0.05 * loss.item()
         now = time.time()
         if step % args.log_every == 0:
             losses = " ".join(f"{s}:{v:.4f}" for s, v in sorted(running.items()))
             print(f"step {step}/{args.steps} {now - start:.0f}s loss by tokens per side {losses}", flush=True)
-        if now - last_save > args.save_minutes * 60 or step == args.steps:
+        if now - last_save > args.save_minutes * 60:
             save()
             last_save = now
         if now - start > args.max_minutes * 60:
             print(f"stopped at step {step}: past --max-minutes; run again to continue", flush=True)
             break
     save()
+    if args.shards:
+        save_shards(ema, args.shards, step)
     print(f"saved {args.run} at step {step} after {time.time() - start:.0f}s", flush=True)
+
+
+def import_shards(folder: Path, run: Path) -> None:
+    """A run folder made of a device run's shards: its EMA networks as both networks and EMA, a fresh
+    optimizer (the moments stayed on the device), the step it reached."""
+    from safetensors import safe_open
+
+    first = sorted(folder.glob("demo-state-*.safetensors"))[0]
+    with safe_open(str(first), "pt") as f:
+        step = int(f.metadata()["step"])
+    networks = nn.ModuleList([build_dit(), build_text()])
+    networks.load_state_dict(load_shards(folder))
+    run.mkdir(parents=True, exist_ok=True)
+    torch.save({"networks": networks.state_dict(), "ema": networks.state_dict(), "optimizer": None, "step": step},
+               run / "state.pt")
+    export(networks, run)
+    print(f"made {run} from {folder} (step {step})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,9 +296,16 @@ def main(argv: list[str] | None = None) -> None:
                              "cheaply; the rest of the run adds 48 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--shards", type=Path, default=None,
+                        help="at the end, also write the EMA networks here as float32 files of at most 15 MiB")
+    parser.add_argument("--import-shards", type=Path, default=None,
+                        help="make --run from the shards in this folder (a device run's) and stop")
     parser.add_argument("--export", type=Path, default=None,
                         help="copy the run's current ComfyUI weights here (e.g. demo/weights) and stop")
     args = parser.parse_args(argv)
+    if args.import_shards:
+        import_shards(args.import_shards, args.run)
+        return
     if args.export:
         for name in (DIT_FILE, TEXT_FILE):
             shutil.copy(args.run / name, args.export / name)

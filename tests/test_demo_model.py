@@ -161,3 +161,16 @@ def test_training_resumes_where_it_stopped(tmp_path):
     split, whole = (load_file(str(tmp_path / run / demo.DIT_FILE)) for run in ("split", "whole"))
     assert split.keys() == whole.keys() and all(torch.equal(split[k], whole[k]) for k in whole)
     assert torch.load(tmp_path / "split" / "state.pt", weights_only=False)["step"] == 4
+
+
+def test_device_run_shards_come_back_as_a_run(tmp_path):
+    """A device run sends its EMA networks back as files under 16 MiB; importing them gives the same weights."""
+    train = pack_import("demo.train")
+    train.main(["--run", str(tmp_path / "device"), "--steps", "1", "--sides", "16", "--batch-scale", "0.004",
+                "--threads", "1", "--shards", str(tmp_path / "out")])
+    shards = sorted((tmp_path / "out").iterdir())
+    assert len(shards) >= 4 and all(path.stat().st_size < 16 * 2**20 for path in shards)
+    train.main(["--run", str(tmp_path / "here"), "--import-shards", str(tmp_path / "out")])
+    device, here = (load_file(str(tmp_path / run / demo.DIT_FILE)) for run in ("device", "here"))
+    assert device.keys() == here.keys() and all(torch.equal(device[k], here[k]) for k in device)
+    assert torch.load(tmp_path / "here" / "state.pt", weights_only=False)["step"] == 1

@@ -72,8 +72,8 @@ def _timed(model, positive, latent, steps: int, seed: int) -> tuple[float, torch
 
 
 def _latent(batch: int, tokens_per_side: int) -> dict:
-    """An empty latent whose image has tokens_per_side^2 tokens (the demo model patches 2 x 2)."""
-    return {"samples": torch.zeros(batch, 16, 2 * tokens_per_side, 2 * tokens_per_side)}
+    """An empty latent (one frame) whose image has tokens_per_side^2 tokens (the demo model patches 2 x 2)."""
+    return {"samples": torch.zeros(batch, 16, 1, 2 * tokens_per_side, 2 * tokens_per_side)}
 
 
 def _held_out(model, baseline: dict, steps: int, size: int) -> tuple[float, float, float, str]:
