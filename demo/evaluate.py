@@ -6,7 +6,9 @@ samples each held-out caption through ComfyUI's own loader and sampler (20 steps
 CFG 5, an empty negative, seed = the caption's index), decodes it and scores it against the
 scene's ground truth (fidelity.py). `--model` / `--text` score other weights (a training run's
 folder, or the v1 SD3-class files of an older commit); the latent is made for whichever
-architecture the loader detects.
+architecture the loader detects. `--standalone` samples the Wan-class model with the same
+sampler written out here (standalone_sample), for a machine without ComfyUI's sampling
+dependencies (the device machine); a test checks it against KSampler.
 """
 
 if __name__ == "__main__" and not __package__:  # `python demo/evaluate.py`: enter as a pack module
@@ -20,6 +22,7 @@ if __name__ == "__main__" and not __package__:  # `python demo/evaluate.py`: ent
     raise SystemExit(0)
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -50,20 +53,70 @@ def generate(model, text: DemoTextEncoder, caption: str, tokens_per_side: int, s
     return codec.decode(out["samples"].float())[0].permute(1, 2, 0)
 
 
-def evaluate(model_file: Path, text_file: Path, tokens: list[int], captions: int,
-             grid: Path | None = None) -> dict[int, float]:
-    """Mean caption fidelity per image-token count; optionally a grid (rows: sizes, columns: captions)."""
-    import comfy.sd
+def standalone_sample(dit: torch.nn.Module, text: DemoTextEncoder, caption: str, tokens_per_side: int, seed: int,
+                      sampler: dict = SAMPLER) -> torch.Tensor:
+    """What `generate` computes for the Wan-class demo model (ComfyUI's euler, simple schedule, CFG on
+    Wan's flow sampling with shift 8), without ComfyUI's sampling stack: one image [H, W, 3]."""
+    from comfy.latent_formats import Wan21
+    from comfy.model_sampling import time_snr_shift
 
-    model = comfy.sd.load_diffusion_model(str(model_file))
+    from .train import SHIFT
+
+    table = time_snr_shift(SHIFT, torch.arange(1, 1001) / 1000)  # ModelSamplingDiscreteFlow's sigmas
+    steps = sampler["steps"]
+    sigmas = [float(table[-(1 + int(x * len(table) / steps))]) for x in range(steps)] + [0.0]
+    side = 2 * tokens_per_side
+    clean = Wan21().process_in(torch.zeros(1, codec.LATENT_CHANNELS, 1, side, side))
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+    device = next(dit.parameters()).device
+    x = (sigmas[0] * noise + (1 - sigmas[0]) * clean).to(device)
+    context = torch.cat([text.conditioning(caption)[0][0], text.conditioning("")[0][0]]).to(device)
+    with torch.no_grad():
+        for sigma, following in zip(sigmas, sigmas[1:], strict=False):
+            velocity = dit(x.repeat(2, 1, 1, 1, 1), torch.full((2,), sigma * 1000, device=device), context).float()
+            cond, uncond = (x - velocity * sigma).chunk(2)
+            denoised = uncond + sampler["cfg"] * (cond - uncond)
+            x = x + (x - denoised) / sigma * (following - sigma)
+    return codec.decode(Wan21().process_out(x.cpu()))[0].permute(1, 2, 0)
+
+
+def load_standalone(model_file: Path, device: str) -> torch.nn.Module:
+    """The demo DiT as training builds it, with these weights, in float32 on `device`."""
+    from safetensors.torch import load_file
+
+    from .train import build_dit
+
+    dit = build_dit()
+    dit.load_state_dict({k: v.float() for k, v in load_file(str(model_file)).items()})
+    return dit.to(device).eval()
+
+
+def evaluate(model_file: Path, text_file: Path, tokens: list[int], captions: int,
+             grid: Path | None = None, standalone_device: str | None = None) -> dict[int, float]:
+    """Mean caption fidelity per image-token count; optionally a grid (rows: sizes, columns: captions)."""
     text = DemoTextEncoder.load(text_file)
+    if standalone_device:
+        dit = load_standalone(model_file, standalone_device)
+        text = text.to(standalone_device)
+
+        def draw(caption: str, side: int, seed: int) -> torch.Tensor:
+            return standalone_sample(dit, text, caption, side, seed)
+    else:
+        import comfy.sd
+        import comfy.utils
+
+        comfy.utils.PROGRESS_BAR_ENABLED = False
+        model = comfy.sd.load_diffusion_model(str(model_file))
+
+        def draw(caption: str, side: int, seed: int) -> torch.Tensor:
+            return generate(model, text, caption, side, seed)
     held_out = scenes.held_out_scenes(captions)
     means, rows = {}, []
     for count in tokens:
         side = math.isqrt(count)
         start, values, images = time.time(), [], []
         for index, scene in enumerate(held_out):
-            image = generate(model, text, scene.caption, side, seed=index)
+            image = draw(scene.caption, side, index)
             values.append(fidelity.score(image, scene))
             images.append(image)
         means[count] = sum(values) / len(values)
@@ -98,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--captions", type=int, default=32, help="held-out captions to sample")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--grid", type=Path, default=None, help="save the first 8 images of each size here")
+    parser.add_argument("--standalone", metavar="DEVICE", default=None,
+                        help="sample without ComfyUI's sampling stack on this torch device (e.g. cuda)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the means here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    evaluate(args.model, args.text, args.tokens, args.captions, args.grid)
+    means = evaluate(args.model, args.text, args.tokens, args.captions, args.grid, args.standalone)
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(args.model), "captions": args.captions,
+                                         "fidelity": {str(k): v for k, v in means.items()}}, indent=1))

@@ -45,11 +45,12 @@ if __name__ == "__main__" and not __package__:  # `python demo/train.py`: enter 
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import functools  # noqa: E402
 import queue  # noqa: E402
 import shutil  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -111,7 +112,7 @@ class Batch:
     noise: torch.Tensor
 
 
-def step_batch(seed: int, step: int, sides: list[int], batch_scale: float) -> Batch:
+def step_batch(seed: int, step: int, *, sides: list[int], batch_scale: float) -> Batch:
     """The data of one step: a function of (seed, step) alone (the side too, drawn by its share)."""
     from comfy.latent_formats import Wan21
     from comfy.model_sampling import time_snr_shift
@@ -129,13 +130,19 @@ def step_batch(seed: int, step: int, sides: list[int], batch_scale: float) -> Ba
                  torch.randn(latents.shape, generator=gen))
 
 
-def prefetched(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
-    """The same batches, made `depth` ahead on a background thread (rendering overlaps training)."""
-    ready: queue.Queue = queue.Queue(depth)
-    thread = threading.Thread(target=lambda: [ready.put(b) for b in batches] + [ready.put(None)], daemon=True)
-    thread.start()
-    while (item := ready.get()) is not None:
-        yield item
+def prefetched(make: Callable[[int], Batch], steps: range, threads: int = 1, depth: int = 2) -> Iterator[Batch]:
+    """make(step) for each step, in order, computed ahead on `threads` background threads (rendering
+    overlaps training; thread k makes every threads-th step from the k-th on)."""
+    queues: list[queue.Queue] = [queue.Queue(depth) for _ in range(threads)]
+
+    def work(k: int) -> None:
+        for step in steps[k::threads]:
+            queues[k].put(make(step))
+
+    for k in range(threads):
+        threading.Thread(target=work, args=(k,), daemon=True).start()
+    for i, _ in enumerate(steps):
+        yield queues[i % threads].get()
 
 
 def flow_loss(dit: nn.Module, text: DemoTextEncoder, batch: Batch, device: torch.device,
@@ -235,8 +242,8 @@ def train(args: argparse.Namespace) -> None:
 
     start = last_save = time.time()
     running: dict[int, float] = {}
-    data = prefetched(step_batch(args.seed, s, args.sides, args.batch_scale) for s in range(step, args.steps))
-    for batch in data:
+    make = functools.partial(step_batch, args.seed, sides=args.sides, batch_scale=args.batch_scale)
+    for batch in prefetched(make, range(step, args.steps), args.data_threads):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step)
         loss = flow_loss(networks[0], networks[1], batch, device, dtype)
@@ -294,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sides", type=int, nargs="+", default=list(SIDES), choices=list(SIDES),
                         help="image tokens per side to train on (a first phase at 16 32 learns the captions "
                              "cheaply; the rest of the run adds 48 64)")
+    parser.add_argument("--data-threads", type=int, default=1, help="threads preparing the next batches")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--shards", type=Path, default=None,
