@@ -746,3 +746,10 @@ def test_gpu_benchmark_script_runs_in_smoke_mode():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "| triton | 77 text + (13, 17), circle r4 | float32 |" in run.stdout
     assert "0 correctness failures" in run.stdout
+    # tile-major keys timed at both shapes: a time (x SDPA) and its share of the bound
+    table = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| smoke:") and line.count("|") == 17]
+    assert len(table) == 2 and all(cells[8].strip().endswith("x)") and cells[9].strip().endswith("%") for cells in table)
+    # every other library either ran or says why not
+    for peer in ("flash-attn", "natten", "comfy-kitchen na", "comfy-kitchen sol-attn", "st-attn"):
+        line = next(line for line in run.stdout.splitlines() if line.startswith(f"| smoke: 3 x 8 x 8, square 2 x 2 x 1 | {peer} |"))
+        assert " ms" in line or "did not load: " in line or "does not apply: " in line, line

@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 import types
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -102,6 +102,18 @@ def _stand_in_for_missing_pyav() -> None:
         module.__getattr__ = lambda attr, name=name: attribute(name, attr)
         sys.modules[name] = module
     print("PyAV is not installed: a stand-in lets ComfyUI's node API import (no video is read or written)")
+
+
+@contextmanager
+def full_float32():
+    """float32 in full precision on the GPU for the check: no TF32 in cuBLAS products nor in cuDNN's
+    convolutions (the patch embeddings; cuDNN allows TF32 by default)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def sdpa_priority():
@@ -330,7 +342,8 @@ def main(argv: list[str]) -> int:
                             "budget_s": args.budget})
     tiny = cases.smoke_cases(specs)  # FLUX 1024^2, FLUX 2048^2 (the same tiny model), Wan, SD3.5
     checked = tiny[:1] if args.smoke else tiny[1:]  # every row once; on the GPU every model class
-    failures = [] if args.no_check else check_rows(cases, rows, checked, device, results)
+    with full_float32():
+        failures = [] if args.no_check else check_rows(cases, rows, checked, device, results)
     print(f"correctness check: {len(failures)} failures, {time.perf_counter() - started:.0f} s", flush=True)
     plan = tiny if args.smoke else cases.real_cases(args.wan)
     model_cache: dict = {}
