@@ -123,7 +123,11 @@ def sdpa_priority():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a torch without priorities: its own order among these
+        print("SDPA: this torch cannot order its kernels; full attention takes its default choice")
+        return sdpa_kernel(order)
 
 
 class Results:
@@ -286,7 +290,7 @@ def check_rows(cases, rows, checked: list, device: torch.device, results: Result
     for case in checked:
         tiny = case.model
         on_cpu = cases.build(tiny, torch.device("cpu"), torch.float32)
-        here = on_cpu if device.type == "cpu" else cases.build(tiny, device, torch.float32)
+        here = on_cpu if device.type == "cpu" else cases.moved(on_cpu, device)
         positive, negative = cases.conditioning(tiny, 1), cases.conditioning(tiny, 2)
         layers = probe.profile_attention(on_cpu, positive, {"samples": torch.zeros(1, *case.latent)}).report.layers
         for row in case.rows:

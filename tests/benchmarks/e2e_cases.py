@@ -6,6 +6,7 @@ Imported after the host is set up (it imports ComfyUI). `pack` is the pack's pac
 
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass, field, replace
 
@@ -145,6 +146,13 @@ def build(model: Model, device: torch.device, dtype: torch.dtype, seed: int = 0)
                     tensor.copy_(noise * tensor[0].numel() ** -0.5)
                 else:
                     tensor.copy_(torch.randn(tensor.shape, generator=gen, device=device) * 0.02)
+    return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
+
+
+def moved(model: comfy.model_patcher.ModelPatcher, device: torch.device) -> comfy.model_patcher.ModelPatcher:
+    """A copy of `model` with its weights on `device` (the same weights: a CUDA generator would draw
+    other numbers than the CPU one from the same seed)."""
+    base = copy.deepcopy(model.model).to(device)
     return comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=device)
 
 
