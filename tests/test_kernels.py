@@ -745,6 +745,7 @@ def test_gpu_benchmark_script_runs_in_smoke_mode():
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "| triton | 77 text + (13, 17), circle r4 | float32 |" in run.stdout
+    assert "| triton tile-major | 77 text + (13, 17), circle r4 | bfloat16 |" in run.stdout
     assert "0 correctness failures" in run.stdout
     # tile-major keys timed at both shapes: a time (x SDPA) and its share of the bound
     table = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| smoke:") and line.count("|") == 17]

@@ -126,12 +126,11 @@ def check_correctness(backends: list[str], checks: list, device: str) -> list[st
             q_, k_, v_, res_ = (x.to(dtype) for x in (q, k, v, res))
             ref = reference_attention(q_.double(), k_.double(), v_.double(), layout, window)
             ref = ref + res_.double() if residual else ref
-            for backend in backends:
+            tiled = ["triton tile-major"] if "triton" in backends and window.shape != "band" else []
+            for backend in backends + tiled:
                 if backend == "flex" and number >= FLEX_CHECKS:
                     continue
-                out = window_attention(
-                    q_, k_, v_, layout, window, backend=backend, residual=res_ if residual else None
-                )
+                out = _checked_call(backend, Problem(q_, k_, v_, layout, window, residual=res_ if residual else None))
                 err = float((out.double() - ref).norm() / ref.norm())
                 ok = err < BOUND[dtype]
                 failures += [] if ok else [f"{backend} {layout} {window} {dtype}: {err:.2e}"]
@@ -140,6 +139,16 @@ def check_correctness(backends: list[str], checks: list, device: str) -> list[st
                     f"| {backend} | {shape} | {str(dtype)[6:]} | {err:.1e}{'' if ok else ' FAIL'} | {BOUND[dtype]:.0e} |"
                 )
     return failures
+
+
+def _checked_call(backend: str, p: Problem) -> Tensor:
+    """A backend by name, or "triton tile-major": the Triton grid kernel with tile-major keys."""
+    if backend != "triton tile-major":
+        return window_attention(p.q, p.k, p.v, p.layout, p.window, backend=backend, residual=p.residual)
+    from kernels.triton_grid import default_config
+    from kernels.triton_grid import window_attention as grid_attention
+
+    return grid_attention(p, dataclasses.replace(default_config(p.layout), tile_major_keys=True))
 
 
 def median_ms(call: Callable[[], object]) -> float:
