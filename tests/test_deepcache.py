@@ -280,6 +280,24 @@ def test_no_state_across_runs_resolutions_and_batch_sizes(arch_model):
                             disable_pbar=True, seed=0, callback=interrupt)
     assert torch.equal(_sample(patched, positive, negative, empty_latent(arch, 16, 16)), first)
     assert deepcache.RUN_KEY not in patched.model_options["transformer_options"]
+    assert not _tensors_in(deepcache.holder_of(patched))  # nothing of the run survives it
+
+
+def _tensors_in(value, seen: set | None = None) -> list[torch.Tensor]:
+    """Every tensor reachable from `value` through attributes, dicts, lists and tuples."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        children = [*value.keys(), *value.values()]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        children = list(value)
+    else:
+        children = list(getattr(value, "__dict__", {}).values())
+    return [tensor for child in children for tensor in _tensors_in(child, seen)]
 
 
 # 3. beside other model patches --------------------------------------------------------------------
