@@ -104,13 +104,14 @@ def make_batch(gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
 
 
 def eps_loss(unet: nn.Module, text: DemoTextEncoder, sigmas: torch.Tensor, x0: torch.Tensor, captions: list[str],
-             gen: torch.Generator) -> torch.Tensor:
+             gen: torch.Generator, device: torch.device) -> torch.Tensor:
     t = torch.randint(len(sigmas), (x0.shape[0],), generator=gen)
     sigma = sigmas[t][:, None, None, None]
-    noise = torch.randn(x0.shape, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)  # drawn on the CPU: the same data on any device
     x_in = (x0 + sigma * noise) / torch.sqrt(sigma**2 + 1)
-    context, _ = text.encode(captions)
-    predicted = unet(x_in, t.float(), context=pad_context(context))
+    context, _ = text(text.tokenize(captions).to(device))
+    predicted = unet(x_in.to(device), t.float().to(device), context=pad_context(context))
+    noise, sigma = noise.to(device), sigma.to(device)
     snr = sigma.flatten() ** -2
     weight = torch.clamp(snr, max=MIN_SNR) / snr
     return ((predicted - noise).pow(2).mean(dim=(1, 2, 3)) * weight).mean()
@@ -132,25 +133,25 @@ def ema_update(ema: nn.Module, live: nn.Module, step: int) -> None:
 
 def save_weights(unet: nn.Module, text: DemoTextEncoder, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
+    weights = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in unet.state_dict().items()}
     save_file(weights, str(out / UNET_FILE), metadata={"fastattn.demo": "SD 1.5-layout U-Net, see demo/train_unet.py"})
-    text.save(out / UNET_TEXT_FILE)
+    copy.deepcopy(text).cpu().save(out / UNET_TEXT_FILE)
 
 
 def train(seed: int, steps: int, max_minutes: float, threads: int, checkpoint: Path, out: Path,
-          save_every: int = 50, stop_after: int | None = None, log_every: int = 10) -> None:
+          save_every: int = 50, stop_after: int | None = None, log_every: int = 10, device: str = "cpu") -> None:
     from comfy.model_sampling import ModelSamplingDiscrete
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     text = DemoTextEncoder(scenes.vocabulary())
     unet = build_unet()
-    networks = nn.ModuleList([unet, text])
+    networks = nn.ModuleList([unet, text]).to(device)
     ema = copy.deepcopy(networks).requires_grad_(False)
     optimizer = torch.optim.AdamW(networks.parameters(), lr=PEAK_LR, betas=(0.9, 0.99), weight_decay=0.0)
     first = 0
     if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
+        state = torch.load(checkpoint, weights_only=True, map_location=device)
         networks.load_state_dict(state["live"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -165,7 +166,7 @@ def train(seed: int, steps: int, max_minutes: float, threads: int, checkpoint: P
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps)
         latents, captions = make_batch(gen)
-        loss = eps_loss(unet, text, sigmas, latents, captions, gen)
+        loss = eps_loss(unet, text, sigmas, latents, captions, gen, torch.device(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(networks.parameters(), 1.0)
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--stop-after-step", type=int, default=None,
                         help="end after this step (the learning rate still follows --steps)")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (e.g. cuda); the data is the same")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     args = parser.parse_args(argv)
     train(args.seed, args.steps, args.max_minutes, args.threads, args.checkpoint, args.out, args.save_every,
-          args.stop_after_step)
+          args.stop_after_step, device=args.device)

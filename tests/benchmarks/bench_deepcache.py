@@ -10,8 +10,8 @@ interleaved; a configuration's time is the median over rounds and captions. PSNR
 seed, averaged over the captions. LazyCache and EasyCache (comfy_extras/nodes_easycache.py) run at
 the reuse thresholds given, picked to land near DeepCache's speeds.
 
-Run: `python tests/benchmarks/run_all.py deepcache`, or directly with --rounds / --captions /
---threads / --lazy / --easy.
+Run: `python tests/benchmarks/run_all.py deepcache [--rounds R] [--captions C] [--threads T]
+[--lazy THRESHOLD ...] [--easy THRESHOLD ...]`.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--lazy", type=float, nargs="*", default=[0.3, 0.6], help="LazyCache reuse thresholds")
     parser.add_argument("--easy", type=float, nargs="*", default=[0.3, 0.6], help="EasyCache reuse thresholds")
-    args = parser.parse_args(argv)
+    args = parser.parse_args([arg for arg in argv if arg != "deepcache"])  # run_all.py passes the name on
     torch.set_num_threads(args.threads)
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.UNET_FILE))
     encode = demo_nodes.FastAttnDemoUNetTextEncode.execute
@@ -106,4 +106,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] if sys.argv[0].endswith("bench_deepcache.py") else [])
+    main(sys.argv[1:])
