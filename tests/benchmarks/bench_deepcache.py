@@ -65,8 +65,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--captions", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
-    parser.add_argument("--lazy", type=float, nargs="*", default=[0.3, 0.6], help="LazyCache reuse thresholds")
-    parser.add_argument("--easy", type=float, nargs="*", default=[0.3, 0.6], help="EasyCache reuse thresholds")
+    parser.add_argument("--lazy", type=float, nargs="*", default=[0.1, 0.2, 0.3], help="LazyCache reuse thresholds")
+    parser.add_argument("--easy", type=float, nargs="*", default=[0.1, 0.2, 0.3], help="EasyCache reuse thresholds")
     args = parser.parse_args([arg for arg in argv if arg != "deepcache"])  # run_all.py passes the name on
     torch.set_num_threads(args.threads)
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.UNET_FILE))
