@@ -72,7 +72,9 @@ def _timed(server: ComfyServer, name: str, graph: dict, timed_node: str):
 
 
 def unet_rows(server: ComfyServer, steps: int) -> list[tuple]:
-    """The demo U-Net unpatched, then with DeepCache (the example workflow's settings): table rows."""
+    """The demo U-Net unpatched, then with DeepCache (the example workflow's settings): table rows,
+    after an untimed 2-step warm-up (the first sampling of a model pays for setting it up)."""
+    _timed(server, "U-Net warm-up (2 steps, not timed)", workflows.unet_graph(steps=2, prefix="warm_up_unet"), "sampler")
     rows, baseline = [], None
     for name, settings in (("U-Net baseline", None), ("U-Net DeepCache 1:3", workflows.DEEPCACHE)):
         prefix = name.replace(" ", "_").replace(":", "_")
