@@ -32,6 +32,7 @@ from comfy_execution.utils import get_executing_context
 from ..kernels import TokenLayout
 from .adapters import Adapter, Projection, adapter_for
 from .branch import ACTIVE, BranchPlan, projection_forward
+from .cache import block_replacements, chunk_ids, step_of
 from .call import AttentionCall
 from .layout_proof import LayoutProof, prove_layout
 from .report import CallSite, LayerRecord, RunReport
@@ -86,10 +87,8 @@ class SamplingRun:
                                 layout_derived=not patch.adapter.layout_proven)
 
     def step_of(self, sigma: float) -> int:
-        """Index of the schedule step whose interval holds `sigma` (intermediate sigmas of
-        multi-evaluation samplers belong to the step they started from)."""
-        reached = sum(1 for s in self.sigmas[:-1] if s >= sigma or abs(s - sigma) <= 1e-5 * max(abs(s), 1e-8))
-        return min(max(reached - 1, 0), self.total_steps - 1)
+        """Index of the schedule step whose interval holds `sigma` (see cache.step_of)."""
+        return step_of(self.sigmas, sigma)
 
     def layout_proof(self, grid: tuple[int, ...], text_len: int, prove: Callable[[], LayoutProof]) -> LayoutProof:
         """A generic model's token order at this grid and text length, proven once per run, and only
@@ -293,19 +292,13 @@ def _cfg_roles(guider) -> dict[int, int] | None:
     return None
 
 
-def _block_replacements(transformer_options: dict) -> frozenset:
-    """The (kind, key) of every whole-block replacement the forward will use."""
-    return frozenset((kind, key) for kind, blocks in transformer_options.get("patches_replace", {}).items()
-                     for key in blocks)
-
-
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Create the run's state when sampling starts; drop it when sampling ends, however it ends."""
     guider = executor.class_obj
     original_options = guider.model_options
     patch: AttentionPatch = original_options["transformer_options"][PATCH_KEY]
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    run = SamplingRun(patch, sigmas, _cfg_roles(guider), _block_replacements(original_options["transformer_options"]))
+    run = SamplingRun(patch, sigmas, _cfg_roles(guider), block_replacements(original_options["transformer_options"]))
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     guider.model_options["transformer_options"][RUN_KEY] = run
     try:
@@ -331,7 +324,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         run,
         step=step,
         cond_or_uncond=cond_or_uncond,
-        chunk_ids=_chunk_ids(run, step, cond_or_uncond, transformer_options, x.device),
+        chunk_ids=chunk_ids(run.evaluation_of, step, cond_or_uncond, transformer_options, x.device),
         grid=grid,
         text_len=text_len,
         previous_override=transformer_options.get(OVERRIDE_KEY),
@@ -365,26 +358,11 @@ def _forward_with(executor, args: tuple, transformer_options: dict, kwargs: dict
     return forward
 
 
-def _chunk_ids(run: SamplingRun, step: int, cond_or_uncond: tuple[int, ...], transformer_options: dict,
-               device: torch.device) -> tuple:
-    """A cache identity per batch chunk: its conditioning (the host's uuid, else its index and
-    place), the frames of a context window, the device, and which evaluation of this step it is
-    (a second-order sampler's second call, an extension's extra forward), so that a cache is read
-    only by the same kind of call that wrote it."""
-    uuids = tuple(transformer_options.get("uuids", ()))
-    if len(uuids) != len(cond_or_uncond):
-        uuids = tuple((index, cond_or_uncond[:place].count(index)) for place, index in enumerate(cond_or_uncond))
-    window = transformer_options.get("context_window")
-    frames = tuple(getattr(window, "index_list", ())) if window is not None else ()
-    chunks = tuple((uuid, frames, str(device)) for uuid in uuids)
-    return tuple((*chunk, run.evaluation_of(step, chunk)) for chunk in chunks)
-
-
 def _stand_aside(run: SamplingRun, transformer_options: dict) -> str | None:
     """Why no technique may touch this forward, if one must stand aside: a forward that replaces
     blocks the model itself does not (Skip Layer Guidance skipping layers) numbers its attention
     layers differently, so neither the schedule's layers nor the caches apply to it."""
-    if _block_replacements(transformer_options) != run.block_replacements:
+    if block_replacements(transformer_options) != run.block_replacements:
         return "a forward with blocks replaced for it alone (e.g. Skip Layer Guidance)"
     return None
 

@@ -199,12 +199,12 @@ def test_two_positive_prompts_combined():
 
 
 def test_chunks_without_uuids_get_distinct_identities():
-    runtime = pack_import("patching.runtime")
+    runtime, cache = pack_import("patching.runtime"), pack_import("patching.cache")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
     run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), torch.tensor([1.0, 0.5, 0.0]))
-    ids = runtime._chunk_ids(run, 0, (0, 0, 1), {}, torch.device("cpu"))
+    ids = cache.chunk_ids(run.evaluation_of, 0, (0, 0, 1), {}, torch.device("cpu"))
     assert len(set(ids)) == 3
-    on_other_device = runtime._chunk_ids(run, 0, (0, 0, 1), {}, torch.device("meta"))
+    on_other_device = cache.chunk_ids(run.evaluation_of, 0, (0, 0, 1), {}, torch.device("meta"))
     assert not set(ids) & set(on_other_device)  # MultiGPU CFG split: halves on two devices never share
 
 

@@ -68,6 +68,14 @@ def test_every_demo_workflow_runs_through_the_queue(server, technique):
         assert "attention FLOPs computed" in "".join(result.outputs("report")["text"])
 
 
+def test_the_demo_unet_deepcache_workflow_runs_through_the_queue(server):
+    result = server.run(workflows.unet_graph(steps=4, prefix="test_unet_deepcache"))
+    assert result.status == "success", result.error
+    assert result.outputs("save")["images"][0]["filename"].startswith("test_unet_deepcache")
+    assert "DeepCache (1:3 uniform, depth 0): 4 U-Net calls over 4 steps, 2 full and 2 shallow" in "".join(
+        result.outputs("report")["text"])
+
+
 def _saved_pixels(server, result, node_id: str) -> bytes:
     from PIL import Image
 
