@@ -2,7 +2,8 @@
 
     OUTER_SAMPLE wrapper   sampling starts: a SamplingRun is created for this run only and
                            dropped when sampling ends (also on exception or interrupt).
-    APPLY_MODEL wrapper    each model call: finds the step from `sigmas` in `sample_sigmas`,
+    APPLY_MODEL wrapper    each model call: finds the step from `sigmas` in `sample_sigmas` (the
+                           run's Timeline, which also reads start / end percent as noise levels),
                            the batch halves from `cond_or_uncond`, the layout from the latent and
                            the conditioning, and installs a ForwardPass as the attention override
                            of this call only (chaining any override already present).
@@ -34,6 +35,7 @@ from .adapters import Adapter, Projection, adapter_for
 from .branch import ACTIVE, BranchPlan, projection_forward
 from .call import AttentionCall
 from .report import CallSite, LayerRecord, RunReport
+from .timeline import Timeline
 
 PATCH_KEY = "fastattn"  # key of our holder in transformer_options and of our wrappers
 RUN_KEY = "fastattn_run"  # key of the per-run state in a run's transformer_options
@@ -71,22 +73,15 @@ class AttentionPatch:
 class SamplingRun:
     """State of one sampling run: the schedule, caches the methods keep, and the report."""
 
-    def __init__(self, patch: AttentionPatch, sample_sigmas: torch.Tensor, roles: dict[int, int] | None = None,
+    def __init__(self, patch: AttentionPatch, timeline: Timeline, roles: dict[int, int] | None = None,
                  block_replacements: frozenset = frozenset()) -> None:
         self.patch = patch
-        self.sigmas = [float(s) for s in sample_sigmas]
-        self.total_steps = max(len(self.sigmas) - 1, 1)
+        self.timeline = timeline
         self.roles = roles  # conditioning index -> COND / UNCOND, None when the guider is not ComfyUI's CFG
         self.block_replacements = block_replacements  # the model's own patches_replace keys
         self.evaluations: dict[tuple, int] = {}  # (step, chunk) -> model evaluations seen so far
         self.cache: dict = {}
-        self.report = RunReport(patch.adapter.name, self.total_steps, branch_note=patch.branch_note)
-
-    def step_of(self, sigma: float) -> int:
-        """Index of the schedule step whose interval holds `sigma` (intermediate sigmas of
-        multi-evaluation samplers belong to the step they started from)."""
-        reached = sum(1 for s in self.sigmas[:-1] if s >= sigma or abs(s - sigma) <= 1e-5 * max(abs(s), 1e-8))
-        return min(max(reached - 1, 0), self.total_steps - 1)
+        self.report = RunReport(patch.adapter.name, timeline.steps, branch_note=patch.branch_note)
 
     def evaluation_of(self, step: int, chunk: tuple) -> int:
         """How many times this chunk was already evaluated in this step: 0 for the first model call,
@@ -185,7 +180,7 @@ class ForwardPass:
                                f"call, but its projections were mapped to a {self._planned_kinds[self.layers]} call "
                                "(a model variant this pack does not know). Please report it; remove the sharing "
                                "nodes meanwhile.")
-        site = CallSite(self.step, self.run.total_steps, self.layers, kind, layout, self.cond_or_uncond, self.chunk_ids,
+        site = CallSite(self.step, self.run.timeline, self.layers, kind, layout, self.cond_or_uncond, self.chunk_ids,
                         self.halves, self.inputs, self.stand_aside, plan)
         self.layers += 1
         report = self.run.report
@@ -212,7 +207,7 @@ class ForwardPass:
                 self.plans[layer] = None
             else:
                 layout = self._layout(projection.kind)
-                site = CallSite(self.step, self.run.total_steps, layer, projection.kind, layout, self.cond_or_uncond,
+                site = CallSite(self.step, self.run.timeline, layer, projection.kind, layout, self.cond_or_uncond,
                                 self.chunk_ids, self.halves, self.inputs)
                 self.plans[layer] = plan_branch(site, self.run, self.run.patch.outputs[layer])
         return self.plans[layer]
@@ -271,7 +266,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     original_options = guider.model_options
     patch: AttentionPatch = original_options["transformer_options"][PATCH_KEY]
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    run = SamplingRun(patch, sigmas, _cfg_roles(guider), _block_replacements(original_options["transformer_options"]))
+    timeline = Timeline.of(sigmas, guider.model_patcher.get_model_object("model_sampling"))
+    run = SamplingRun(patch, timeline, _cfg_roles(guider), _block_replacements(original_options["transformer_options"]))
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     guider.model_options["transformer_options"][RUN_KEY] = run
     try:
@@ -290,7 +286,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     adapter = run.patch.adapter
     sigmas = transformer_options.get("sigmas", t)
-    step = run.step_of(float(sigmas.flatten()[0]))
+    step = run.timeline.step_of(float(sigmas.flatten()[0]))
     cond_or_uncond = tuple(transformer_options.get("cond_or_uncond", ()))
     forward = ForwardPass(
         run,

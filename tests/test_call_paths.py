@@ -16,7 +16,15 @@ import pytest
 import torch
 from comfy_extras import nodes_context_windows, nodes_custom_sampler, nodes_perpneg, nodes_slg
 from harness import pack_import
-from harness.models import ARCHITECTURES, build_model, conditioning, empty_latent, expected_layers, sample
+from harness.models import (
+    ARCHITECTURES,
+    build_model,
+    conditioning,
+    empty_latent,
+    expected_layers,
+    linear_timeline,
+    sample,
+)
 from harness.reference_schedule import patched_with_nodes, reference_model
 
 patching = pack_import("patching")
@@ -194,7 +202,7 @@ def test_two_positive_prompts_combined():
 def test_chunks_without_uuids_get_distinct_identities():
     runtime = pack_import("patching.runtime")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), torch.tensor([1.0, 0.5, 0.0]))
+    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(2))
     ids = runtime._chunk_ids(run, 0, (0, 0, 1), {}, torch.device("cpu"))
     assert len(set(ids)) == 3
     on_other_device = runtime._chunk_ids(run, 0, (0, 0, 1), {}, torch.device("meta"))
@@ -257,8 +265,8 @@ def _one_call(method, func, q, k, v, heads: int, **kwargs):
     call_module, report, runtime = (pack_import(f"patching.{name}") for name in ("call", "report", "runtime"))
     kernels = pack_import("kernels")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(method, adapter), torch.tensor([1.0, 0.5, 0.0]))
-    site = report.CallSite(1, 2, 0, "image", kernels.TokenLayout(0, (4, 6)), (0,), (("c", (), "cpu", 0),), (0,),
+    run = runtime.SamplingRun(patching.AttentionPatch(method, adapter), linear_timeline(2))
+    site = report.CallSite(1, linear_timeline(2), 0, "image", kernels.TokenLayout(0, (4, 6)), (0,), (("c", (), "cpu", 0),), (0,),
                            (torch.zeros(1),))
     call = call_module.AttentionCall(func, (q, k, v, heads), {"skip_reshape": True, "skip_output_reshape": True,
                                                              **kwargs}, None)
@@ -306,7 +314,7 @@ def test_new_override_arguments_are_honoured_or_stood_aside_for():
 def test_a_text_only_call_as_long_as_the_image_is_not_taken_for_image():
     runtime = pack_import("patching.runtime")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), torch.tensor([1.0, 0.0]))
+    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(1))
     forward = runtime.ForwardPass(run, 0, (0,), ("c",), grid=(4, 4), text_len=16, previous_override=None)
     assert forward._classify(16, 16) == ("unknown", None)
     assert forward._classify(32, 32)[0] == "joint"
@@ -325,7 +333,7 @@ def test_overlapping_window_nodes_keep_each_residual_with_its_window():
 def test_objects_without_a_shape_run_as_the_host_runs_them():
     runtime = pack_import("patching.runtime")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), torch.tensor([1.0, 0.0]))
+    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(1))
     forward = runtime.ForwardPass(run, 0, (0,), ("c",), grid=(4, 6), text_len=0, previous_override=None)
     q = torch.randn(1, 2, 24, 8)
     opaque = type("Opaque", (), {"tensor": q})()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import pack_import
-from harness.models import build_model, conditioning, empty_latent, sample
+from harness.models import build_model, conditioning, empty_latent, linear_timeline, sample
 from safetensors.torch import save_file
 
 patching = pack_import("patching")
@@ -47,15 +47,16 @@ def _spied(model, *techniques) -> tuple:
 
 
 def test_local_attention_is_a_window_without_residual_at_every_covered_step():
-    local = S.LocalAttention(S.WindowSize("circle", tokens=4), S.Scope(S.StepRange(0.25, 1.0), kept_full=frozenset({2})))
+    local = S.LocalAttention(S.WindowSize("circle", tokens=4), S.Scope(S.NoiseRange(0.25, 1.0), kept_full=frozenset({2})))
     sched = S.Schedule((local, S.CFGSharing()))
-    choices = [sched.choose(step, 4, 0) for step in range(4)]
+    timeline = linear_timeline(4)
+    choices = [sched.choose(step, timeline, 0) for step in range(4)]
     assert [c.compute for c in choices] == ["full", "window", "window", "window"]
     assert all(c.share_cfg and not c.residual for c in choices[1:])
-    assert sched.choose(2, 4, 2).compute == "full"  # kept full
-    assert sched.residual_window(0, 4, 0) is None  # nothing to cache for a plain window
+    assert sched.choose(2, timeline, 2).compute == "full"  # kept full
+    assert sched.residual_window(0, timeline, 0) is None  # nothing to cache for a plain window
     later = S.Schedule((local, S.WindowResidual(S.WindowSize("band"), refresh_every=2)))
-    assert later.choose(1, 4, 0).residual  # the later window technique wins
+    assert later.choose(1, timeline, 0).residual  # the later window technique wins
     with pytest.raises(ValueError, match="circle or square"):
         S.LocalAttention(S.WindowSize("band"))
     with pytest.raises(ValueError, match="pool must be"):

@@ -9,7 +9,15 @@ import comfy.ldm.pixart.blocks
 import pytest
 import torch
 from harness import pack_import
-from harness.models import ARCHITECTURES, build_model, conditioning, empty_latent, expected_layers, sample
+from harness.models import (
+    ARCHITECTURES,
+    build_model,
+    conditioning,
+    empty_latent,
+    expected_layers,
+    linear_timeline,
+    sample,
+)
 
 patching = pack_import("patching")
 runtime = pack_import("patching.runtime")
@@ -208,6 +216,5 @@ def test_unknown_architecture_is_named_at_patch_time():
 
 
 def test_step_of_maps_intermediate_sigmas_to_their_step():
-    patch = runtime.AttentionPatch(runtime.full_attention, patching.adapter_for(build_model("sd3").model.diffusion_model))
-    run = runtime.SamplingRun(patch, torch.tensor([1.0, 0.6, 0.3, 0.0]))
-    assert [run.step_of(s) for s in (1.0, 0.8, 0.6, 0.45, 0.3, 0.1)] == [0, 0, 1, 1, 2, 2]
+    timeline = linear_timeline(3, [1.0, 0.6, 0.3, 0.0])
+    assert [timeline.step_of(s) for s in (1.0, 0.8, 0.6, 0.45, 0.3, 0.1)] == [0, 0, 1, 1, 2, 2]
