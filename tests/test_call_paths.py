@@ -340,3 +340,29 @@ def test_objects_without_a_shape_run_as_the_host_runs_them():
     out = forward(lambda q, k, v, heads, **kwargs: q.tensor * 2, opaque, opaque, opaque, 2, transformer_options={})
     assert torch.equal(out, q * 2) and forward.layers == 1
     assert run.report.stood_aside == {"q/k/v passed as objects without a shape": 1}
+
+
+def test_sampling_on_a_gpu_without_triton_runs_the_torch_tiles(monkeypatch):
+    """A non-CPU device without Triton, simulated: every window call resolves "auto" for a CUDA device
+    while Triton is missing. Sampling runs the torch tiles from the first call on, no exception, and
+    gives the reference's result."""
+    backends, attention = pack_import("kernels.backends"), pack_import("kernels.attention")
+    monkeypatch.setattr(backends, "_importable", lambda needs: needs != "triton")
+    backends._device_backend.cache_clear()
+    chosen = []
+
+    def on_a_gpu(name, device):
+        chosen.append(backends.choose_backend(name, torch.device("cuda")))
+        return chosen[-1]
+
+    monkeypatch.setattr(attention, "choose_backend", on_a_gpu)
+    arch = "flux"
+    model = build_model(arch)
+    positive, negative = _prompts(arch)
+    chain = [{"technique": "window", "shape": "circle", "tokens": 3}, {"technique": "cfg"}]
+    try:
+        out = sample(patched_with_nodes(model, chain), positive, negative, _latent(arch), steps=STEPS)
+    finally:
+        backends._device_backend.cache_clear()
+    assert chosen and set(chosen) == {"torch"}
+    _assert_close(out, sample(reference_model(model, chain, arch), positive, negative, _latent(arch), steps=STEPS))
