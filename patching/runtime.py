@@ -14,6 +14,12 @@
 
 APPLY_MODEL (not DIFFUSION_MODEL) wrappers are used because every architecture runs them;
 SD3's model never calls DIFFUSION_MODEL wrappers.
+
+Other attention overrides: the one found in the call's options (core's "Model Attention Backend" and
+"Model Sparse Attention", which newer hosts re-install from ON_PREPARE_STATE every step, or another
+pack's) is chained below ours, whichever node came first, and runs every call we compute in full. An
+override installed above ours inside the forward would hide calls from our numbering, and a CUDA graph
+capture would freeze our per-step choices: both make the techniques stand aside, visibly.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ from .timeline import Timeline
 PATCH_KEY = "fastattn"  # key of our holder in transformer_options and of our wrappers
 RUN_KEY = "fastattn_run"  # key of the per-run state in a run's transformer_options
 OVERRIDE_KEY = "optimized_attention_override"
+CAPTURED = ("a CUDA graph capture ran the model: FastAttn's per-step choices cannot be recorded in a graph, so "
+            "the run from then on uses the host's attention")
+DISPLACED = ("another attention override was installed above FastAttn's inside the model's forward: FastAttn "
+             "cannot number the attention calls it handles, so that forward uses the host's attention")
 
 
 class AttentionMethod(Protocol):
@@ -80,6 +90,7 @@ class SamplingRun:
         self.roles = roles  # conditioning index -> COND / UNCOND, None when the guider is not ComfyUI's CFG
         self.block_replacements = block_replacements  # the model's own patches_replace keys
         self.evaluations: dict[tuple, int] = {}  # (step, chunk) -> model evaluations seen so far
+        self.displaced: str | None = None  # why the techniques stand aside for the rest of the run, if they must
         self.cache: dict = {}
         self.report = RunReport(patch.adapter.name, timeline.steps, branch_note=patch.branch_note)
 
@@ -129,6 +140,11 @@ class SamplingRun:
         return self.report
 
 
+def capturing_cuda_graph() -> bool:
+    """Whether this call runs inside a CUDA graph capture (whose replays skip Python)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def executing_node() -> str | None:
     """The id of the workflow node now executing (None outside a queued prompt)."""
     context = get_executing_context()
@@ -163,12 +179,25 @@ class ForwardPass:
         self.grid = grid
         self.text_len = text_len
         self.previous_override = previous_override
+        self.options: dict = {}  # the transformer options this pass was installed in
         self.layers = 0
         self.plans: dict[int, BranchPlan | None] = {}  # mapped layer -> what its projections do in this call
         self._planned_kinds: dict[int, str] = {}
 
+    def _check_displaced(self, call_options: dict | None = None) -> None:
+        """Stand aside from here on if a CUDA graph is being captured (for the rest of the run: replays
+        skip this Python, so later calls could not be numbered) or another override sits above this one."""
+        if capturing_cuda_graph():
+            self.run.displaced = self.run.displaced or CAPTURED
+        above = [options.get(OVERRIDE_KEY) for options in (self.options, call_options or {}) if OVERRIDE_KEY in options]
+        reason = self.run.displaced or (DISPLACED if any(override is not self for override in above) else None)
+        if reason is not None and self.stand_aside is None:
+            self.stand_aside = reason
+            self.run.warn(reason)
+
     def __call__(self, func: Callable, *args, **kwargs) -> torch.Tensor:
         call = AttentionCall(func, args, kwargs, self.previous_override)
+        self._check_displaced(kwargs.get("transformer_options"))
         if not all(hasattr(t, "shape") for t in args[:3]):  # a container this pack cannot even measure
             self.layers += 1
             self.run.stood_aside("q/k/v passed as objects without a shape")
@@ -196,6 +225,7 @@ class ForwardPass:
         that projection's input (`tokens` long) is not what the layout expects: the model added tokens
         inside its forward (reference images, padding), so its attention call cannot be placed either."""
         layer = projection.layer
+        self._check_displaced()
         if layer not in self.plans:
             self._planned_kinds[layer] = projection.kind
             plan_branch = getattr(self.run.patch.method, "plan_branch", None)
@@ -301,6 +331,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         stand_aside=_stand_aside(run, transformer_options),
     )
     options = {**transformer_options, OVERRIDE_KEY: forward}
+    forward.options = options
     token = ACTIVE.set(forward)
     try:
         with adapter.routed(options):
@@ -330,6 +361,8 @@ def _stand_aside(run: SamplingRun, transformer_options: dict) -> str | None:
     """Why no technique may touch this forward, if one must stand aside: a forward that replaces
     blocks the model itself does not (Skip Layer Guidance skipping layers) numbers its attention
     layers differently, so neither the schedule's layers nor the caches apply to it."""
+    if run.displaced is not None:
+        return run.displaced
     if _block_replacements(transformer_options) != run.block_replacements:
         return "a forward with blocks replaced for it alone (e.g. Skip Layer Guidance)"
     return None
