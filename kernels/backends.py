@@ -109,17 +109,18 @@ def _why_not_on(name: str, device_type: str) -> str | None:
 
 
 def _failed_launch(name: str, device_type: str) -> str | None:
-    """Run backend `name` once on a small band window on this device type against the dense
-    reference; the error (or the mismatch) if it fails, None if it works."""
-    layout, window = TokenLayout(4, (8, 8)), Window("band", 9)
+    """Run backend `name` on a small band and a small circle window (its two kinds of kernels) on this
+    device type against the dense reference; the error (or the mismatch) if it fails, None if it works."""
+    layout = TokenLayout(4, (8, 8))
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, layout.seq_len, 32, generator=generator) for _ in range(3))
     try:
         device = torch.device(device_type)
-        out = backend_module(name).window_attention(Problem(*(t.to(device) for t in (q, k, v)), layout, window))
-        expected = reference_attention(q.double(), k.double(), v.double(), layout, window)
-        if not torch.allclose(out.double().cpu(), expected, atol=2e-3, rtol=2e-3):
-            return f"{name} gave wrong results on {device_type}"
+        for window in (Window("band", 9), Window("circle", 3)):
+            out = backend_module(name).window_attention(Problem(*(t.to(device) for t in (q, k, v)), layout, window))
+            expected = reference_attention(q.double(), k.double(), v.double(), layout, window)
+            if not torch.allclose(out.double().cpu(), expected, atol=2e-3, rtol=2e-3):
+                return f"{name} gave wrong results on {device_type}"
     except Exception as error:  # noqa: BLE001  (any failure means: do not use it)
         return f"{name} failed on {device_type}: {type(error).__name__}: {str(error)[:200]}"
     return None
