@@ -46,14 +46,6 @@ def gather_chunks(run: CacheOwner, key: tuple, ids: tuple, made_for: tuple, befo
     return torch.cat([entry.tensor for entry in entries])
 
 
-def step_of(sigmas: list[float], sigma: float) -> int:
-    """Index of the schedule step whose interval holds `sigma` (intermediate sigmas of
-    multi-evaluation samplers belong to the step they started from)."""
-    total_steps = max(len(sigmas) - 1, 1)
-    reached = sum(1 for s in sigmas[:-1] if s >= sigma or abs(s - sigma) <= 1e-5 * max(abs(s), 1e-8))
-    return min(max(reached - 1, 0), total_steps - 1)
-
-
 def chunk_ids(evaluation_of: Callable[[int, tuple], int], step: int, cond_or_uncond: tuple[int, ...],
               transformer_options: dict, device: torch.device) -> tuple:
     """A cache identity per batch chunk: its conditioning (the host's uuid, else its index and

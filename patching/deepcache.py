@@ -42,8 +42,9 @@ import comfy.patcher_extension
 import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-from .cache import block_replacements, chunk_ids, gather_chunks, step_of, store_chunks
+from .cache import block_replacements, chunk_ids, gather_chunks, store_chunks
 from .deepcache_schedule import SCHEDULES, ScheduleKind, full_steps
+from .timeline import Timeline
 
 HOLDER_KEY = "fastattn_deepcache"  # key of the holder in transformer_options and of our wrappers
 RUN_KEY = "fastattn_deepcache_run"  # key of the per-run state in a run's transformer_options
@@ -152,15 +153,15 @@ class DeepCacheRun:
 
     def __init__(self, holder: DeepCacheHolder, sample_sigmas: torch.Tensor, model_sampling) -> None:
         s = holder.settings
-        self.sigmas = [float(sigma) for sigma in sample_sigmas]
-        start, end = (float(model_sampling.percent_to_sigma(p)) for p in (s.start_percent, s.end_percent))
-        self.full = full_steps(self.sigmas, start, end, s.interval, s.schedule)
+        self.timeline = Timeline.of(sample_sigmas, model_sampling)
+        active = self.timeline.steps_within(s.start_percent, s.end_percent)
+        self.full = full_steps(self.timeline.steps, active, s.interval, s.schedule)
         self.layout = holder.layout
         self.skipped = frozenset(holder.layout.skipped_blocks())
         self.cache: dict = {}
         self.shapes: dict[tuple, dict[str, torch.Size]] = {}  # made_for -> skipped layer -> its output shape[1:]
         self.evaluations: dict[tuple, int] = {}
-        self.report = DeepCacheReport(s, holder.layout, max(len(self.sigmas) - 1, 1))
+        self.report = DeepCacheReport(s, holder.layout, self.timeline.steps)
 
     def evaluation_of(self, step: int, chunk: tuple) -> int:
         count = self.evaluations.get((step, chunk), 0)
@@ -196,7 +197,7 @@ def diffusion_model_wrapper(executor, x, timesteps, context, y, control, transfo
     sigmas = transformer_options.get("sigmas")
     if run is None or sigmas is None:  # outside sampling: the model as it is
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-    step = step_of(run.sigmas, float(sigmas.flatten()[0]))
+    step = run.timeline.step_of(float(sigmas.flatten()[0]))
     cond_or_uncond = tuple(transformer_options.get("cond_or_uncond", ()))
     ids = chunk_ids(run.evaluation_of, step, cond_or_uncond, transformer_options, x.device)
     made_for = (tuple(x.shape[1:]), x.dtype, block_replacements(transformer_options))

@@ -48,11 +48,8 @@ def _power_spaced(count: int, wanted: int) -> frozenset[int]:
         power = max(1.0, power - 0.02)
 
 
-def full_steps(sigmas: list[float], start_sigma: float, end_sigma: float, interval: int,
-               kind: ScheduleKind) -> frozenset[int]:
-    """Steps of the run (indices into `sigmas`) that compute the full U-Net: the scheduled active
-    steps and every step outside the noise range (a step is active when end < its sigma <= start)."""
-    steps = range(max(len(sigmas) - 1, 0))
-    active = [step for step in steps if end_sigma < sigmas[step] <= start_sigma]
+def full_steps(steps: int, active: tuple[int, ...], interval: int, kind: ScheduleKind) -> frozenset[int]:
+    """Steps of a run of `steps` steps that compute the full U-Net: the scheduled ones among the
+    `active` steps (those inside the start / end noise range) and every step outside the range."""
     scheduled = {active[position] for position in full_positions(len(active), interval, kind)}
-    return frozenset(step for step in steps if step not in active or step in scheduled)
+    return frozenset(step for step in range(steps) if step not in active or step in scheduled)

@@ -2,7 +2,8 @@
 
     OUTER_SAMPLE wrapper   sampling starts: a SamplingRun is created for this run only and
                            dropped when sampling ends (also on exception or interrupt).
-    APPLY_MODEL wrapper    each model call: finds the step from `sigmas` in `sample_sigmas`,
+    APPLY_MODEL wrapper    each model call: finds the step from `sigmas` in `sample_sigmas` (the
+                           run's Timeline, which also reads start / end percent as noise levels),
                            the batch halves from `cond_or_uncond`, the layout from the latent and
                            the conditioning, and installs a ForwardPass as the attention override
                            of this call only (chaining any override already present).
@@ -13,6 +14,12 @@
 
 APPLY_MODEL (not DIFFUSION_MODEL) wrappers are used because every architecture runs them;
 SD3's model never calls DIFFUSION_MODEL wrappers.
+
+Other attention overrides: the one found in the call's options (core's "Model Attention Backend" and
+"Model Sparse Attention", which newer hosts re-install from ON_PREPARE_STATE every step, or another
+pack's) is chained below ours, whichever node came first, and runs every call we compute in full. An
+override installed above ours inside the forward would hide calls from our numbering, and a CUDA graph
+capture would freeze our per-step choices: both make the techniques stand aside, visibly.
 """
 
 from __future__ import annotations
@@ -32,14 +39,19 @@ from comfy_execution.utils import get_executing_context
 from ..kernels import TokenLayout
 from .adapters import Adapter, Projection, adapter_for
 from .branch import ACTIVE, BranchPlan, projection_forward
-from .cache import block_replacements, chunk_ids, step_of
+from .cache import block_replacements, chunk_ids
 from .call import AttentionCall
 from .layout_proof import LayoutProof, prove_layout
 from .report import CallSite, LayerRecord, RunReport
+from .timeline import Timeline
 
 PATCH_KEY = "fastattn"  # key of our holder in transformer_options and of our wrappers
 RUN_KEY = "fastattn_run"  # key of the per-run state in a run's transformer_options
 OVERRIDE_KEY = "optimized_attention_override"
+CAPTURED = ("a CUDA graph capture ran the model: FastAttn's per-step choices cannot be recorded in a graph, so "
+            "the run from then on uses the host's attention")
+DISPLACED = ("another attention override was installed above FastAttn's inside the model's forward: FastAttn "
+             "cannot number the attention calls it handles, so that forward uses the host's attention")
 
 
 class AttentionMethod(Protocol):
@@ -73,22 +85,18 @@ class AttentionPatch:
 class SamplingRun:
     """State of one sampling run: the schedule, caches the methods keep, and the report."""
 
-    def __init__(self, patch: AttentionPatch, sample_sigmas: torch.Tensor, roles: dict[int, int] | None = None,
+    def __init__(self, patch: AttentionPatch, timeline: Timeline, roles: dict[int, int] | None = None,
                  block_replacements: frozenset = frozenset()) -> None:
         self.patch = patch
-        self.sigmas = [float(s) for s in sample_sigmas]
-        self.total_steps = max(len(self.sigmas) - 1, 1)
+        self.timeline = timeline
         self.roles = roles  # conditioning index -> COND / UNCOND, None when the guider is not ComfyUI's CFG
         self.block_replacements = block_replacements  # the model's own patches_replace keys
         self.evaluations: dict[tuple, int] = {}  # (step, chunk) -> model evaluations seen so far
         self.layout_proofs: dict[tuple, LayoutProof] = {}  # (grid, text tokens) -> a generic model's proven order
         self.cache: dict = {}
-        self.report = RunReport(patch.adapter.name, self.total_steps, branch_note=patch.branch_note,
+        self.displaced: str | None = None  # why the techniques stand aside for the rest of the run, if they must
+        self.report = RunReport(patch.adapter.name, timeline.steps, branch_note=patch.branch_note,
                                 layout_derived=not patch.adapter.layout_proven)
-
-    def step_of(self, sigma: float) -> int:
-        """Index of the schedule step whose interval holds `sigma` (see cache.step_of)."""
-        return step_of(self.sigmas, sigma)
 
     def layout_proof(self, grid: tuple[int, ...], text_len: int, prove: Callable[[], LayoutProof]) -> LayoutProof:
         """A generic model's token order at this grid and text length, proven once per run, and only
@@ -153,6 +161,11 @@ class SamplingRun:
         return self.report
 
 
+def capturing_cuda_graph() -> bool:
+    """Whether this call runs inside a CUDA graph capture (whose replays skip Python)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def executing_node() -> str | None:
     """The id of the workflow node now executing (None outside a queued prompt)."""
     context = get_executing_context()
@@ -190,12 +203,25 @@ class ForwardPass:
         self.context_len = text_len if context_len is None else context_len  # the prompt as the model got it
         self.layout_proof = layout_proof  # a generic model's proven token order (None: the adapter knows it)
         self.previous_override = previous_override
+        self.options: dict = {}  # the transformer options this pass was installed in
         self.layers = 0
         self.plans: dict[int, BranchPlan | None] = {}  # mapped layer -> what its projections do in this call
         self._planned_kinds: dict[int, str] = {}
 
+    def _check_displaced(self, call_options: dict | None = None) -> None:
+        """Stand aside from here on if a CUDA graph is being captured (for the rest of the run: replays
+        skip this Python, so later calls could not be numbered) or another override sits above this one."""
+        if capturing_cuda_graph():
+            self.run.displaced = self.run.displaced or CAPTURED
+        above = [options.get(OVERRIDE_KEY) for options in (self.options, call_options or {}) if OVERRIDE_KEY in options]
+        reason = self.run.displaced or (DISPLACED if any(override is not self for override in above) else None)
+        if reason is not None and self.stand_aside is None:
+            self.stand_aside = reason
+            self.run.warn(reason)
+
     def __call__(self, func: Callable, *args, **kwargs) -> torch.Tensor:
         call = AttentionCall(func, args, kwargs, self.previous_override)
+        self._check_displaced(kwargs.get("transformer_options"))
         if not all(hasattr(t, "shape") for t in args[:3]):  # a container this pack cannot even measure
             self.layers += 1
             self.run.stood_aside("q/k/v passed as objects without a shape")
@@ -207,7 +233,7 @@ class ForwardPass:
                                f"call, but its projections were mapped to a {self._planned_kinds[self.layers]} call "
                                "(a model variant this pack does not know). Please report it; remove the sharing "
                                "nodes meanwhile.")
-        site = CallSite(self.step, self.run.total_steps, self.layers, kind, layout, self.cond_or_uncond, self.chunk_ids,
+        site = CallSite(self.step, self.run.timeline, self.layers, kind, layout, self.cond_or_uncond, self.chunk_ids,
                         self.halves, self.inputs, self.stand_aside, plan, self._unproven(kind))
         self.layers += 1
         report = self.run.report
@@ -223,6 +249,7 @@ class ForwardPass:
         that projection's input (`tokens` long) is not what the layout expects: the model added tokens
         inside its forward (reference images, padding), so its attention call cannot be placed either."""
         layer = projection.layer
+        self._check_displaced()
         if layer not in self.plans:
             self._planned_kinds[layer] = projection.kind
             plan_branch = getattr(self.run.patch.method, "plan_branch", None)
@@ -234,7 +261,7 @@ class ForwardPass:
                 self.plans[layer] = None
             else:
                 layout = self._layout(projection.kind)
-                site = CallSite(self.step, self.run.total_steps, layer, projection.kind, layout, self.cond_or_uncond,
+                site = CallSite(self.step, self.run.timeline, layer, projection.kind, layout, self.cond_or_uncond,
                                 self.chunk_ids, self.halves, self.inputs)
                 self.plans[layer] = plan_branch(site, self.run, self.run.patch.outputs[layer])
         return self.plans[layer]
@@ -298,7 +325,8 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     original_options = guider.model_options
     patch: AttentionPatch = original_options["transformer_options"][PATCH_KEY]
     sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    run = SamplingRun(patch, sigmas, _cfg_roles(guider), block_replacements(original_options["transformer_options"]))
+    timeline = Timeline.of(sigmas, guider.model_patcher.get_model_object("model_sampling"))
+    run = SamplingRun(patch, timeline, _cfg_roles(guider), block_replacements(original_options["transformer_options"]))
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     guider.model_options["transformer_options"][RUN_KEY] = run
     try:
@@ -317,7 +345,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     adapter = run.patch.adapter
     sigmas = transformer_options.get("sigmas", t)
-    step = run.step_of(float(sigmas.flatten()[0]))
+    step = run.timeline.step_of(float(sigmas.flatten()[0]))
     cond_or_uncond = tuple(transformer_options.get("cond_or_uncond", ()))
     grid, text_len = adapter.image_grid(x.shape), adapter.text_len(c_crossattn, kwargs)
     forward = ForwardPass(
@@ -337,6 +365,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
             x, grid, adapter.patch_size, text_len)),
     )
     options = {**transformer_options, OVERRIDE_KEY: forward}
+    forward.options = options
     token = ACTIVE.set(forward)
     try:
         with adapter.routed(options):
@@ -362,6 +391,8 @@ def _stand_aside(run: SamplingRun, transformer_options: dict) -> str | None:
     """Why no technique may touch this forward, if one must stand aside: a forward that replaces
     blocks the model itself does not (Skip Layer Guidance skipping layers) numbers its attention
     layers differently, so neither the schedule's layers nor the caches apply to it."""
+    if run.displaced is not None:
+        return run.displaced
     if block_replacements(transformer_options) != run.block_replacements:
         return "a forward with blocks replaced for it alone (e.g. Skip Layer Guidance)"
     return None

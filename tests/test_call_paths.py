@@ -24,6 +24,7 @@ from harness.models import (
     conditioning,
     empty_latent,
     expected_layers,
+    linear_timeline,
     sample,
 )
 from harness.reference_schedule import patched_with_nodes, reference_model
@@ -201,7 +202,7 @@ def test_two_positive_prompts_combined():
 def test_chunks_without_uuids_get_distinct_identities():
     runtime, cache = pack_import("patching.runtime"), pack_import("patching.cache")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), torch.tensor([1.0, 0.5, 0.0]))
+    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(2))
     ids = cache.chunk_ids(run.evaluation_of, 0, (0, 0, 1), {}, torch.device("cpu"))
     assert len(set(ids)) == 3
     on_other_device = cache.chunk_ids(run.evaluation_of, 0, (0, 0, 1), {}, torch.device("meta"))
@@ -279,8 +280,8 @@ def _one_call(method, func, q, k, v, heads: int, **kwargs):
     call_module, report, runtime = (pack_import(f"patching.{name}") for name in ("call", "report", "runtime"))
     kernels = pack_import("kernels")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(method, adapter), torch.tensor([1.0, 0.5, 0.0]))
-    site = report.CallSite(1, 2, 0, "image", kernels.TokenLayout(0, (4, 6)), (0,), (("c", (), "cpu", 0),), (0,),
+    run = runtime.SamplingRun(patching.AttentionPatch(method, adapter), linear_timeline(2))
+    site = report.CallSite(1, linear_timeline(2), 0, "image", kernels.TokenLayout(0, (4, 6)), (0,), (("c", (), "cpu", 0),), (0,),
                            (torch.zeros(1),))
     call = call_module.AttentionCall(func, (q, k, v, heads), {"skip_reshape": True, "skip_output_reshape": True,
                                                              **kwargs}, None)
@@ -328,7 +329,7 @@ def test_new_override_arguments_are_honoured_or_stood_aside_for():
 def test_a_text_only_call_as_long_as_the_image_is_not_taken_for_image():
     runtime = pack_import("patching.runtime")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), torch.tensor([1.0, 0.0]))
+    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(1))
     forward = runtime.ForwardPass(run, 0, (0,), ("c",), grid=(4, 4), text_len=16, previous_override=None)
     assert forward._classify(16, 16) == ("unknown", None)
     assert forward._classify(32, 32)[0] == "joint"
@@ -347,10 +348,36 @@ def test_overlapping_window_nodes_keep_each_residual_with_its_window():
 def test_objects_without_a_shape_run_as_the_host_runs_them():
     runtime = pack_import("patching.runtime")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), torch.tensor([1.0, 0.0]))
+    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(1))
     forward = runtime.ForwardPass(run, 0, (0,), ("c",), grid=(4, 6), text_len=0, previous_override=None)
     q = torch.randn(1, 2, 24, 8)
     opaque = type("Opaque", (), {"tensor": q})()
     out = forward(lambda q, k, v, heads, **kwargs: q.tensor * 2, opaque, opaque, opaque, 2, transformer_options={})
     assert torch.equal(out, q * 2) and forward.layers == 1
     assert run.report.stood_aside == {"q/k/v passed as objects without a shape": 1}
+
+
+def test_sampling_on_a_gpu_without_triton_runs_the_torch_tiles(monkeypatch):
+    """A non-CPU device without Triton, simulated: every window call resolves "auto" for a CUDA device
+    while Triton is missing. Sampling runs the torch tiles from the first call on, no exception, and
+    gives the reference's result."""
+    backends, attention = pack_import("kernels.backends"), pack_import("kernels.attention")
+    monkeypatch.setattr(backends, "_importable", lambda needs: needs != "triton")
+    backends._device_backend.cache_clear()
+    chosen = []
+
+    def on_a_gpu(name, device):
+        chosen.append(backends.choose_backend(name, torch.device("cuda")))
+        return chosen[-1]
+
+    monkeypatch.setattr(attention, "choose_backend", on_a_gpu)
+    arch = "flux"
+    model = build_model(arch)
+    positive, negative = _prompts(arch)
+    chain = [{"technique": "window", "shape": "circle", "tokens": 3}, {"technique": "cfg"}]
+    try:
+        out = sample(patched_with_nodes(model, chain), positive, negative, _latent(arch), steps=STEPS)
+    finally:
+        backends._device_backend.cache_clear()
+    assert chosen and set(chosen) == {"torch"}
+    _assert_close(out, sample(reference_model(model, chain, arch), positive, negative, _latent(arch), steps=STEPS))

@@ -597,9 +597,13 @@ def test_validation_messages():
 def test_available_backends_and_auto_choice(monkeypatch):
     pack_import("kernels.native").build_in_background().join()  # started when the pack loaded
     assert {"native", "torch"} <= set(kernels.available_backends())
-    choose = pack_import("kernels.backends").choose_backend
+    backends = pack_import("kernels.backends")
+    choose = backends.choose_backend
     assert choose("auto", torch.device("cpu")) == "native"
-    assert choose("auto", torch.device("cuda")) in ("triton", "flex")
+    monkeypatch.setattr(backends, "_failed_launch", lambda name, device_type: None)  # as on a working GPU
+    backends._device_backend.cache_clear()
+    assert choose("auto", torch.device("cuda")) == ("triton" if importlib.util.find_spec("triton") else "torch")
+    backends._device_backend.cache_clear()
     monkeypatch.setattr(pack_import("kernels.native"), "available", lambda: False)  # no C++ compiler
     assert choose("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="backend 'native' cannot run here"):
@@ -617,15 +621,19 @@ print(choose_backend("auto", torch.device("cuda")), "kernels.native" in sys.modu
 
 def test_auto_on_a_gpu_neither_builds_nor_imports_the_native_kernel():
     """In a fresh interpreter (nothing imported yet): choosing for a CUDA device leaves the CPU
-    kernel alone, and picks Triton when importable, else FlexAttention."""
+    kernel alone; with no CUDA device here nothing launches there, so it picks the torch tiles
+    (Triton on a machine where Triton runs on the GPU)."""
     repo = Path(kernels.__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, "-c", AUTO_ON_GPU_SCRIPT, str(repo)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     chosen, imported = run.stdout.split()
-    assert chosen == ("triton" if importlib.util.find_spec("triton") else "flex") and imported == "False"
+    expected = "triton" if torch.cuda.is_available() and importlib.util.find_spec("triton") else "torch"
+    assert chosen == expected and imported == "False"
 
 
-def test_auto_on_a_gpu_without_triton_is_flex(monkeypatch):
+@pytest.fixture
+def simulated_gpu(monkeypatch):
+    """The auto choice as on a GPU machine, decided afresh; the native kernel must not be consulted."""
     backends, native = pack_import("kernels.backends"), pack_import("kernels.native")
 
     def never() -> bool:
@@ -633,8 +641,62 @@ def test_auto_on_a_gpu_without_triton_is_flex(monkeypatch):
 
     monkeypatch.setattr(native, "available", never)
     monkeypatch.setattr(native, "building", never)
+    backends._device_backend.cache_clear()
+    yield backends
+    backends._device_backend.cache_clear()
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "xpu"])
+def test_a_gpu_without_triton_runs_the_torch_tiles_said_once_in_the_log(simulated_gpu, monkeypatch, caplog, device):
+    """No Triton (ComfyUI's Windows portable build; Apple MPS): neither the Triton kernel nor a
+    compiled FlexAttention can run, so "auto" picks the torch tiles up front, says so once, and
+    they compute the reference's result."""
+    backends = simulated_gpu
     monkeypatch.setattr(backends, "_importable", lambda needs: needs != "triton")
-    assert backends.choose_backend("auto", torch.device("cuda")) == "flex"
+    launched = []
+    monkeypatch.setattr(backends, "_failed_launch", lambda name, device_type: launched.append(name) or "no device")
+    with caplog.at_level("INFO", logger=backends.log.name):
+        chosen = {backends.choose_backend("auto", torch.device(device)) for _ in range(3)}
+    assert chosen == {"torch"}
+    said = [r.getMessage() for r in caplog.records if "window attention on" in r.getMessage()]
+    assert len(said) == 1 and "torch tiles" in said[0] and "Triton is not installed" in said[0]
+    assert launched == ([] if device in backends.TRITON_DEVICES else ["flex"])  # MPS: flex tried, fails here
+    layout, window = TokenLayout(77, (11, 15)), Window("circle", 4)
+    (q, k, v), _, _ = random_inputs(layout, 2, 3)
+    problem = pack_import("kernels.problem").Problem(q.float(), k.float(), v.float(), layout, window)
+    out = backends.backend_module("torch").window_attention(problem)
+    assert rel_error(out, kernels.reference_attention(q, k, v, layout, window)) < BOUND[torch.float32]
+
+
+def test_a_gpu_whose_triton_fails_to_launch_falls_back_up_front(simulated_gpu, monkeypatch, caplog):
+    """Triton installed but broken (no C compiler, a GPU it does not support): the launch check
+    finds it before the first window; compiled FlexAttention fails the same way; the torch tiles run.
+    A backend that runs but gives wrong results is refused too."""
+    backends = simulated_gpu
+
+    class Broken:
+        @staticmethod
+        def window_attention(problem):
+            raise RuntimeError("Failed to find C compiler")
+
+    class Wrong:
+        @staticmethod
+        def window_attention(problem):
+            return torch.zeros_like(problem.q)
+
+    real_module = backends.backend_module
+    monkeypatch.setattr(backends, "_importable", lambda needs: True)
+    monkeypatch.setattr(backends, "TRITON_DEVICES", ("meta",))  # a device type this machine can allocate on
+    monkeypatch.setattr(backends, "backend_module", lambda name: Broken if name in ("triton", "flex") else
+                        real_module(name))
+    with caplog.at_level("INFO", logger=backends.log.name):
+        assert backends.choose_backend("auto", torch.device("meta")) == "torch"
+    (said,) = [r.getMessage() for r in caplog.records if "window attention on" in r.getMessage()]
+    assert "triton failed on meta: RuntimeError: Failed to find C compiler" in said and "flex failed" in said
+    monkeypatch.setattr(backends, "backend_module", lambda name: Wrong)
+    assert backends._failed_launch("triton", "cpu") == "triton gave wrong results on cpu"
+    monkeypatch.setattr(backends, "backend_module", real_module)
+    assert backends._failed_launch("torch", "cpu") is None
 
 
 def test_calls_during_the_background_build_use_the_torch_tiles(monkeypatch):

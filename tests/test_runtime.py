@@ -17,6 +17,7 @@ from harness.models import (
     empty_latent,
     expected_layers,
     joint_text_tokens,
+    linear_timeline,
     sample,
     token_grid,
 )
@@ -216,6 +217,5 @@ def test_unknown_architecture_is_named_at_patch_time():
 
 
 def test_step_of_maps_intermediate_sigmas_to_their_step():
-    patch = runtime.AttentionPatch(runtime.full_attention, patching.adapter_for(build_model("sd3").model.diffusion_model))
-    run = runtime.SamplingRun(patch, torch.tensor([1.0, 0.6, 0.3, 0.0]))
-    assert [run.step_of(s) for s in (1.0, 0.8, 0.6, 0.45, 0.3, 0.1)] == [0, 0, 1, 1, 2, 2]
+    timeline = linear_timeline(3, [1.0, 0.6, 0.3, 0.0])
+    assert [timeline.step_of(s) for s in (1.0, 0.8, 0.6, 0.45, 0.3, 0.1)] == [0, 0, 1, 1, 2, 2]

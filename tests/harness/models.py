@@ -9,15 +9,19 @@ fraction of a second on CPU. Tests and benchmarks share these builders.
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.sample
 import comfy.supported_models
 import comfy.supported_models_base
 import torch
+
+from .host import pack_import
 
 # The seven architectures served first: the randomized and host-path tests run on all of them.
 CORE_ARCHITECTURES: tuple[str, ...] = ("flux", "sd3", "wan", "hunyuan_video", "qwen_image", "lumina2", "pixart")
@@ -421,3 +425,16 @@ def sample(model: comfy.model_patcher.ModelPatcher, positive: list, negative: li
     noise = comfy.sample.prepare_noise(latent_image, seed)
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent_image,
                                disable_pbar=True, seed=seed)
+
+
+@functools.cache
+def _flow_sampling() -> comfy.model_sampling.ModelSamplingDiscreteFlow:
+    return comfy.model_sampling.ModelSamplingDiscreteFlow()  # shift 1: percent p is sigma 1 - p
+
+
+def linear_timeline(steps: int, sigmas: list[float] | None = None):
+    """A run's timeline on the host's flow noise schedule with shift 1, where percent p is sigma 1 - p:
+    by default `steps` evenly spaced steps, so step i starts at noise level i / steps."""
+    timeline = pack_import("patching.timeline")
+    schedule = torch.linspace(1.0, 0.0, steps + 1) if sigmas is None else torch.tensor(sigmas)
+    return timeline.Timeline.of(schedule, _flow_sampling())
