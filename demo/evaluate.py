@@ -2,13 +2,13 @@
 
     .venv/bin/python demo/evaluate.py --tokens 1024 4096 --captions 32 --grid output/grid.png
 
-samples each held-out caption through ComfyUI's own loader and sampler (20 steps, euler,
-CFG 5, an empty negative, seed = the caption's index), decodes it and scores it against the
-scene's ground truth (fidelity.py). `--model` / `--text` score other weights (a training run's
-folder, or the v1 SD3-class files of an older commit); the latent is made for whichever
-architecture the loader detects. `--standalone` samples the Wan-class model with the same
-sampler written out here (standalone_sample), for a machine without ComfyUI's sampling
-dependencies (the device machine); a test checks it against KSampler.
+samples each held-out caption of the shipped demo model (v1) through ComfyUI's own loader and
+sampler (20 steps, euler, CFG 5, an empty negative, seed = the caption's index), decodes it and
+scores it against the scene's ground truth (fidelity.py). `--model` / `--text` score other
+weights (v2's from a train_wan.py run folder); the latent is made for whichever architecture
+the loader detects. `--standalone` samples the Wan-class v2 model with the same sampler written
+out here (standalone_sample), for a machine without ComfyUI's sampling dependencies (the device
+machine); a test checks it against KSampler.
 """
 
 if __name__ == "__main__" and not __package__:  # `python demo/evaluate.py`: enter as a pack module
@@ -50,17 +50,17 @@ def generate(model, text: DemoTextEncoder, caption: str, tokens_per_side: int, s
     (out,) = nodes.common_ksampler(model, seed, sampler["steps"], sampler["cfg"], sampler["sampler_name"],
                                    sampler["scheduler"], text.conditioning(caption), text.conditioning(""),
                                    empty_latent(model, tokens_per_side))
-    return codec.decode(out["samples"].float())[0].permute(1, 2, 0)
+    return codec.decode(codec.flatten_frames(out["samples"].float()))[0].permute(1, 2, 0)
 
 
 def standalone_sample(dit: torch.nn.Module, text: DemoTextEncoder, caption: str, tokens_per_side: int, seed: int,
                       sampler: dict = SAMPLER) -> torch.Tensor:
-    """What `generate` computes for the Wan-class demo model (ComfyUI's euler, simple schedule, CFG on
+    """What `generate` computes for the Wan-class demo model v2 (ComfyUI's euler, simple schedule, CFG on
     Wan's flow sampling with shift 8), without ComfyUI's sampling stack: one image [H, W, 3]."""
     from comfy.latent_formats import Wan21
     from comfy.model_sampling import time_snr_shift
 
-    from .train import SHIFT
+    from .train_wan import SHIFT
 
     table = time_snr_shift(SHIFT, torch.arange(1, 1001) / 1000)  # ModelSamplingDiscreteFlow's sigmas
     steps = sampler["steps"]
@@ -77,17 +77,21 @@ def standalone_sample(dit: torch.nn.Module, text: DemoTextEncoder, caption: str,
             cond, uncond = (x - velocity * sigma).chunk(2)
             denoised = uncond + sampler["cfg"] * (cond - uncond)
             x = x + (x - denoised) / sigma * (following - sigma)
-    return codec.decode(Wan21().process_out(x.cpu()))[0].permute(1, 2, 0)
+    return codec.decode(codec.flatten_frames(Wan21().process_out(x.cpu())))[0].permute(1, 2, 0)
 
 
 def load_standalone(model_file: Path, device: str) -> torch.nn.Module:
-    """The demo DiT as training builds it, with these weights, in float32 on `device`."""
+    """The v2 demo DiT as train_wan.py builds it, with these weights, in float32 on `device`."""
     from safetensors.torch import load_file
 
-    from .train import build_dit
+    from .train_wan import build_dit
 
     dit = build_dit()
-    dit.load_state_dict({k: v.float() for k, v in load_file(str(model_file)).items()})
+    weights = load_file(str(model_file))
+    if set(weights) != set(dit.state_dict()):
+        raise ValueError(f"--standalone samples demo v2 (a Wan-class DiT from demo/train_wan.py) only; {model_file} "
+                         "holds other weights. Score it without --standalone (ComfyUI's loader and sampler).")
+    dit.load_state_dict({k: v.float() for k, v in weights.items()})
     return dit.to(device).eval()
 
 

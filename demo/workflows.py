@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..plans.storage import NO_PLAN
-from . import DIT_FILE
+from . import DIT_FILE, UNET_FILE
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_workflows"
-SHIPPED_PLAN = Path(__file__).resolve().parent / "plans" / "fastattn_demo_wan_fast.json"
+SHIPPED_PLAN = Path(__file__).resolve().parent / "plans" / "fastattn_demo_sd3_fast.json"
 CAPTION = "a red circle and a blue square on a striped green background"
-SAMPLER = {"seed": 7, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+SAMPLER = {"seed": 7, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
 WINDOW_BAND = {"window_shape": "band (1D over the token sequence, as the paper)", "window_fraction": 0.125,
                "window_tokens": 0, "refresh_every": 4, "start_percent": 0.0, "end_percent": 1.0, "layers": "",
                "residual": True}
@@ -53,12 +53,6 @@ CALIBRATE = {"delta": 0.1, "search_mode": "fast", "step_sharing": True, "window_
              "per_head": False}
 
 
-def demo_latent(size: int, batch_size: int = 1) -> dict:
-    """The demo model's empty latent: one frame of Wan's video latent (size x size px: (size / 16)^2 tokens)."""
-    return {"class_type": "EmptyHunyuanLatentVideo",
-            "inputs": {"width": size, "height": size, "length": 1, "batch_size": batch_size}}
-
-
 def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], caption: str = CAPTION,
                prefix: str | None = None, batch_size: int = 1, seed: int = SAMPLER["seed"]) -> dict:
     """API-format graph: demo model -> technique nodes -> KSampler -> decode -> save (+ report)."""
@@ -66,7 +60,8 @@ def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], 
         "loader": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILE, "weight_dtype": "default"}},
         "positive": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
         "negative": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": ""}},
-        "latent": demo_latent(size, batch_size),
+        "latent": {"class_type": "EmptySD3LatentImage",
+                   "inputs": {"width": size, "height": size, "batch_size": batch_size}},
     }
     model = ["loader", 0]
     for index, (class_type, inputs) in enumerate(TECHNIQUES[technique][1]):
@@ -80,6 +75,34 @@ def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], 
     graph["save"] = {"class_type": "SaveImage",
                      "inputs": {"images": ["decode", 0], "filename_prefix": prefix or f"fastattn_demo_{technique}"}}
     if TECHNIQUES[technique][1]:
+        graph["report"] = {"class_type": "FastAttnReport", "inputs": {"model": model, "samples": ["sampler", 0]}}
+    return graph
+
+
+DEEPCACHE = {"cache_interval": 3, "cache_depth": 0, "start_percent": 0.0, "end_percent": 1.0, "schedule": "uniform"}
+UNET_SIZE = 128  # EmptyLatentImage pixels: a 16 x 16 latent, the demo U-Net's 64 x 64 image
+
+
+def unet_graph(deepcache: dict | None = DEEPCACHE, size: int = UNET_SIZE, steps: int = SAMPLER["steps"],
+               caption: str = CAPTION, prefix: str = "fastattn_demo_unet", batch_size: int = 1,
+               seed: int = SAMPLER["seed"]) -> dict:
+    """API-format graph: demo U-Net -> DeepCache (None: unpatched) -> KSampler -> decode -> save (+ report)."""
+    graph: dict[str, dict] = {
+        "loader": {"class_type": "UNETLoader", "inputs": {"unet_name": UNET_FILE, "weight_dtype": "default"}},
+        "positive": {"class_type": "FastAttnDemoUNetTextEncode", "inputs": {"caption": caption}},
+        "negative": {"class_type": "FastAttnDemoUNetTextEncode", "inputs": {"caption": ""}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch_size}},
+    }
+    model = ["loader", 0]
+    if deepcache is not None:
+        graph["fastattn0"] = {"class_type": "FastAttnDeepCache", "inputs": {"model": model, **deepcache}}
+        model = ["fastattn0", 0]
+    graph["sampler"] = {"class_type": "KSampler", "inputs": {
+        "model": model, **SAMPLER, "seed": seed, "steps": steps, "positive": ["positive", 0], "negative": ["negative", 0],
+        "latent_image": ["latent", 0]}}
+    graph["decode"] = {"class_type": "FastAttnDemoDecode", "inputs": {"samples": ["sampler", 0]}}
+    graph["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}}
+    if deepcache is not None:
         graph["report"] = {"class_type": "FastAttnReport", "inputs": {"model": model, "samples": ["sampler", 0]}}
     return graph
 
@@ -110,7 +133,7 @@ def inspector_graph(size: int = 1024, caption: str = CAPTION) -> dict:
     return {
         "loader": {"class_type": "UNETLoader", "inputs": {"unet_name": DIT_FILE, "weight_dtype": "default"}},
         "positive": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
-        "latent": demo_latent(size),
+        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "inspector": {"class_type": "FastAttnInspector",
                       "inputs": {"model": ["loader", 0], "positive": ["positive", 0], "latent": ["latent", 0]}},
     }
@@ -204,7 +227,7 @@ def model_graph(name: str) -> dict:
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 InputTypes = Callable[[str], tuple[list[tuple[str, str]], list[str]]]
 TITLES = {"positive": "Positive caption", "negative": "Negative caption (empty)"}
-SIZES = {"FastAttnCalibrate": [380, 560], "FastAttnApplyPlan": [420, 220], "FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
+SIZES = {"FastAttnDeepCache": [340, 250], "FastAttnDemoUNetTextEncode": [360, 130], "FastAttnCalibrate": [380, 560], "FastAttnApplyPlan": [420, 220], "FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
          "KSampler": [320, 270], "FastAttnDemoTextEncode": [360, 130]}
 
 
@@ -250,7 +273,7 @@ def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
             "outputs": [{"name": kind, "type": kind, "slot_index": slot} for slot, kind in enumerate(output_types)],
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
         }
-        if key in TITLES and node["class_type"] == "FastAttnDemoTextEncode":
+        if key in TITLES and node["class_type"] in ("FastAttnDemoTextEncode", "FastAttnDemoUNetTextEncode"):
             ui_node["title"] = TITLES[key]
         nodes.append(ui_node)
     for node, key in zip(nodes, graph, strict=True):
@@ -270,6 +293,9 @@ def example_graphs() -> dict[str, tuple[dict, str]]:
     graphs["fastattn_demo_calibrate.json"] = (
         calibrate_graph(), "Calibrate a plan on the demo model (fast search, delta 0.1), see it as a heatmap, apply it "
         "and sample: set plan_name to save it for Apply Plan.")
+    graphs["fastattn_demo_unet_deepcache.json"] = (
+        unet_graph(), "DeepCache on the demo U-Net (SD 1.5 layout): the full U-Net every 3rd step, its shallowest "
+        "blocks on the cached deep feature between.")
     graphs["fastattn_attention_inspector.json"] = (
         inspector_graph(), "Attention Inspector on the demo model at 1024 x 1024 (4096 image tokens).")
     graphs.update({f"fastattn_{name}.json": (model_graph(name), title) for name, title in MODEL_TITLES.items()})

@@ -17,7 +17,7 @@ ABSENT_WEIGHTS = frozenset(file for files in workflows.MODEL_FILES.values() for 
 OUR_NODES = {
     "FastAttnInspector": "latent", "FastAttnReport": "samples", "FastAttnWindowResidual": "window_fraction",
     "FastAttnStepSharing": "compute_every", "FastAttnCFGSharing": "start_percent",
-    "FastAttnDemoTextEncode": "caption", "FastAttnDemoDecode": "samples",
+    "FastAttnDemoTextEncode": "caption", "FastAttnDemoDecode": "samples", "FastAttnDeepCache": "cache_interval",
 }  # node -> an input whose tooltip is checked (a widget where the node has one)
 
 

@@ -75,7 +75,7 @@ def main() -> None:
             results[name] = (image, report)
     base_time = statistics.median(times["baseline"])
     base_image = results["baseline"][0]
-    print(f"Demo model (Wan-class DiT, 12 layers, 2 heads of 128), {SIZE * 8}x{SIZE * 8} px = {(SIZE // 2) ** 2} image "
+    print(f"Demo model (SD3 MMDiT, depth 4, 4 heads of 64), {SIZE * 8}x{SIZE * 8} px = {(SIZE // 2) ** 2} image "
           f"tokens + 16 text tokens, {STEPS} steps euler, CFG {CFG}, batch 1, float32, "
           f"{torch.get_num_threads()} CPU threads, medians of {REPEATS} interleaved runs\n")
     print("| configuration | median s | speedup vs unpatched | attention FLOPs kept | PSNR dB | SSIM |")
