@@ -98,9 +98,9 @@ class FastAttnDemoDecode(io.ComfyNode):
         decoders = {codec.LATENT_CHANNELS: codec.decode, codec.CELL_CHANNELS: codec.decode_cells}
         if latents.ndim != 4 or latents.shape[1] not in decoders:
             raise ValueError(
-                f"FastAttnDemoDecode expects a [batch, {codec.LATENT_CHANNELS}, (frames,) height, width] latent from "
-                f"the demo model (or [batch, {codec.CELL_CHANNELS}, height, width] from the demo U-Net), got shape "
-                f"{list(samples['samples'].shape)}."
+                f"FastAttnDemoDecode expects a [batch, {codec.LATENT_CHANNELS}, height, width] latent from the "
+                f"demo model (or [batch, {codec.CELL_CHANNELS}, height, width] from the demo U-Net; a video latent "
+                f"with frames after the channels), got shape {list(samples['samples'].shape)}."
             )
         return io.NodeOutput(decoders[latents.shape[1]](latents.float().cpu()).movedim(1, -1))
 
