@@ -126,7 +126,7 @@ class ApplyPlan(io.ComfyNode):
             description="Carries out a calibrated plan: the plan input if connected, else the pasted plan_json, "
                         "else the saved plan picked. Checked against the model when sampling starts; another step "
                         "count uses the plan step at the same position in the schedule, with a warning shown under "
-                        "the sampler and this node.",
+                        "the sampler and this node (so does another token grid than the calibration's).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion transformer the plan was calibrated for."),
                 io.Combo.Input("plan_name", options=[NO_PLAN, *list_plans()], default=NO_PLAN,
