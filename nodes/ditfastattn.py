@@ -112,8 +112,9 @@ class StepSharingAttention(io.ComfyNode):
             "FastAttnStepSharing",
             "Step Attention Sharing (DiTFastAttn)",
             "Computes attention every compute_every-th step and reuses each layer's last output (per batch half) "
-            "in between. On FLUX, SD3 and Wan the whole attention branch is skipped (QKV and output projections "
-            "too); elsewhere only the attention call.",
+            "in between. The whole attention branch is skipped (QKV and output projections too) on FLUX, SD3, Wan, "
+            "HunyuanVideo, Qwen-Image, Lumina 2 and PixArt; on the variants the Attention Report names, only the "
+            "attention call.",
             [io.Int.Input("compute_every", default=2, min=2, max=1000,
                           tooltip="Attention is computed at every this-many-th step of the range, reused between.")],
         )
@@ -131,8 +132,8 @@ class CFGSharingAttention(io.ComfyNode):
             "FastAttnCFGSharing",
             "CFG Attention Sharing (DiTFastAttn)",
             "Computes attention for the conditional half only and gives the unconditional half a copy (self-attention "
-            "only: sharing cross-attention would turn CFG off; on FLUX, SD3 and Wan its projections run on the "
-            "conditional half only too). Needs ComfyUI's CFG guider (KSampler, CFGGuider); "
+            "only: sharing cross-attention would turn CFG off; on the seven supported architectures its projections "
+            "run on the conditional half only too). Needs ComfyUI's CFG guider (KSampler, CFGGuider); "
             "with other guiders (DualCFG, PerpNeg) and at CFG 1 it does nothing, and the Attention Report says so.",
             [],
         )
