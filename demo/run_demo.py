@@ -3,6 +3,8 @@
 Starts the host with the pack (torch SDPA attention, CPU), queues the demo workflows through
 the API queue (baseline first, then each technique), saves the images in output/, and prints
 wall time of the sampler, speedup, attention FLOPs kept, PSNR and SSIM against the baseline.
+The demo U-Net follows, unpatched and with DeepCache (its example workflow), against its own
+baseline.
 One short untimed warm-up run comes first, so that loading the model and the first use of the
 attention kernels are not counted in any row.
 
@@ -58,6 +60,32 @@ def _kept(result) -> str:
     return f"{match.group(1)}%" if match else "100%"
 
 
+def _timed(server: ComfyServer, name: str, graph: dict, timed_node: str):
+    """Queue `graph`; the result, the seconds `timed_node` took, and the saved image (path, pixels)."""
+    result = server.run(graph)
+    if result.status != "success":
+        raise SystemExit(f"workflow {name} failed: {result.error}")
+    seconds = result.seconds_in(timed_node)
+    path, image = _image(server, result)
+    print(f"{name}: {seconds:.1f} s -> {path.relative_to(REPO)}", flush=True)
+    return result, seconds, path, image
+
+
+def unet_rows(server: ComfyServer, steps: int) -> list[tuple]:
+    """The demo U-Net unpatched, then with DeepCache (the example workflow's settings): table rows,
+    after an untimed 2-step warm-up (the first sampling of a model pays for setting it up)."""
+    _timed(server, "U-Net warm-up (2 steps, not timed)", workflows.unet_graph(steps=2, prefix="warm_up_unet"), "sampler")
+    rows, baseline = [], None
+    for name, settings in (("U-Net baseline", None), ("U-Net DeepCache 1:3", workflows.DEEPCACHE)):
+        prefix = name.replace(" ", "_").replace(":", "_")
+        _, seconds, path, image = _timed(server, name, workflows.unet_graph(settings, steps=steps, prefix=prefix),
+                                         "sampler")
+        baseline = baseline or (seconds, image)
+        rows.append((name, seconds, baseline[0] / seconds, "-", metrics.psnr(image, baseline[1]),
+                     metrics.ssim(image, baseline[1]), path))
+    return rows
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024, help="image size given to EmptySD3LatentImage")
@@ -89,18 +117,15 @@ def main(argv: list[str]) -> None:
         # the calibrate workflow's time is the calibration's; its image is the plan applied by the sampler
         runs.append(("calibrate (time of the calibration)", workflows.calibrate_graph(args.size, args.steps), "calibrate"))
         for name, graph, timed_node in runs:
-            result = server.run(graph)
-            if result.status != "success":
-                raise SystemExit(f"workflow {name} failed: {result.error}")
-            seconds = result.seconds_in(timed_node)
-            path, image = _image(server, result)
+            result, seconds, path, image = _timed(server, name, graph, timed_node)
             baseline = baseline or (seconds, image)
             rows.append((name, seconds, baseline[0] / seconds, _kept(result),
                          metrics.psnr(image, baseline[1]), metrics.ssim(image, baseline[1]), path))
-            print(f"{name}: {seconds:.1f} s -> {path.relative_to(REPO)}", flush=True)
+        rows += unet_rows(server, args.steps)
     tokens = (args.size // 16) ** 2
     print(f"\nDemo model, {args.size}x{args.size} ({tokens} image tokens), {args.steps} steps, CFG "
-          f"{workflows.SAMPLER['cfg']}, CPU, torch SDPA baseline\n")
+          f"{workflows.SAMPLER['cfg']}, CPU, torch SDPA baseline; the U-Net rows: the demo U-Net at "
+          f"{workflows.UNET_SIZE} px (a 16 x 16 latent), against its own baseline\n")
     print("| workflow | sampler wall time s | speedup | attention FLOPs kept | PSNR dB | SSIM |")
     print("|---|---|---|---|---|---|")
     for name, seconds, speedup, kept, psnr, ssim, _ in rows:

@@ -26,7 +26,7 @@ from .call import AttentionCall
 from .padding import hidden_text_keys, padded_window_attention
 from .report import CallSite
 from .runtime import COND, UNCOND, SamplingRun
-from .schedule import Choice, Schedule
+from .schedule import Choice, LocalAttention, Schedule, WindowResidual
 
 SELF_ATTENTION_KINDS = ("joint", "image")
 FULL = Choice("full")
@@ -38,6 +38,12 @@ class DiTFastAttn:
         self.backend = backend
         self.skip_branch = skip_branch  # share whole attention branches where the adapter maps them
 
+    @property
+    def windows(self) -> bool:
+        """Whether some call may be windowed (the runtime then proves a generic model's token order)."""
+        techniques = getattr(self.schedule, "techniques", None)
+        return techniques is None or any(isinstance(t, (WindowResidual, LocalAttention)) for t in techniques)
+
     def plan_branch(self, site: CallSite, run: SamplingRun, outputs: tuple[str, ...]) -> BranchPlan | None:
         """What the projections of this layer's branch do in this forward (asked before its attention
         call): skip it on a step-shared layer whose `outputs` were all stored, store them when the
@@ -45,7 +51,7 @@ class DiTFastAttn:
         the batch. The attention call then decides the same from the same state."""
         if not self.skip_branch:
             return None
-        choice = self.schedule.choose(site.step, site.total_steps, site.layer)
+        choice = self.schedule.choose(site.step, site.timeline, site.layer)
         made_for = (site.layout,)
         if choice.compute == "reuse":
             cached = {path: gather_chunks(run, ("branch", site.layer, path), site.chunk_ids, made_for, site.step)
@@ -55,11 +61,11 @@ class DiTFastAttn:
             choice = Choice("full", choice.share_cfg)
         sources = in_batch_copies(site) if choice.share_cfg else {}
         sources = sources if len(sources) == site.halves.count(UNCOND) else {}  # else the attention call copies
-        store = self.schedule.choose(site.step + 1, site.total_steps, site.layer).compute == "reuse"
+        store = self.schedule.choose(site.step + 1, site.timeline, site.layer).compute == "reuse"
         return BranchPlan(site.layer, site.step, site.chunk_ids, made_for, store=store, sources=sources)
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
-        choice = self.schedule.choose(site.step, site.total_steps, site.layer)
+        choice = self.schedule.choose(site.step, site.timeline, site.layer)
         reason = _stands_aside(call, site)
         if site.branch is not None and site.branch.before_attention and reason is not None:
             raise RuntimeError(f"FastAttn: layer {site.layer}'s projections were already skipped for sharing, but its "
@@ -71,6 +77,9 @@ class DiTFastAttn:
             if choice != FULL:
                 run.stood_aside(reason)
             return call.run_default(), call.flops(), "full"
+        if choice.compute == "window" and site.layout_unproven is not None:
+            run.stood_aside(site.layout_unproven)
+            choice = Choice("full", choice.share_cfg)
         if choice.compute == "reuse":
             stored = gather_chunks(run, ("output", site.layer), site.chunk_ids, (site.layout,), site.step)
             if stored is not None and stored.shape == call.output_shape:
@@ -79,7 +88,7 @@ class DiTFastAttn:
                             "in the run, or another shape)")
             choice = Choice("full", choice.share_cfg)
         out, flops, technique = self._with_cfg_sharing(call, site, run, choice)
-        next_reuses = self.schedule.choose(site.step + 1, site.total_steps, site.layer).compute == "reuse"
+        next_reuses = self.schedule.choose(site.step + 1, site.timeline, site.layer).compute == "reuse"
         if next_reuses and site.branch is None:  # else the output projections store the branch's output
             store_chunks(run, ("output", site.layer), site.chunk_ids, site.step, out, (site.layout,))
         return out, flops, technique
@@ -147,7 +156,7 @@ class DiTFastAttn:
                     "window+residual" if choice.residual else "window"
         out = call.run_default()
         flops = call.flops()
-        size = self.schedule.residual_window(site.step, site.total_steps, site.layer)
+        size = None if site.layout_unproven else self.schedule.residual_window(site.step, site.timeline, site.layer)
         hidden = hidden_text_keys(call.mask, layout, call.batch) if size is not None else None
         if hidden is not None:
             q, k, v = call.heads_first()
@@ -223,7 +232,10 @@ def _cfg_source(run: SamplingRun, site: CallSite, chunk: int) -> int | torch.Ten
 
 def in_batch_copies(site: CallSite) -> dict[int, int]:
     """What CFG sharing copies within this call's batch: unconditional chunk -> the first conditional
-    chunk with the same model input (unconditional chunks without one are left out)."""
+    chunk with the same model input (unconditional chunks without one are left out; none when the
+    batch does not split into the call's chunks)."""
+    if len(site.inputs) != len(site.chunk_ids):
+        return {}
     found = {i: _in_batch_source(site, i) for i, half in enumerate(site.halves) if half == UNCOND}
     return {i: source for i, source in found.items() if source is not None}
 

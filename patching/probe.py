@@ -52,8 +52,9 @@ class AttentionProfile:
         ]
         if layout is not None:
             side = "before" if layout.text_first else "after"
+            side = "no adapter: side not proven" if self.report.layout_derived else f"{side} the image"
             grid = " x ".join(map(str, layout.grid))
-            lines.append(f"Image tokens: {layout.image_len} (grid {grid}); text tokens: {layout.text_len} ({side} the image)")
+            lines.append(f"Image tokens: {layout.image_len} (grid {grid}); text tokens: {layout.text_len} ({side})")
         lines.append(f"Attention layers per forward: {len(layers)} (" + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
         lines.append(f"{'layer':>5}  {'kind':<7} {'heads':>5} {'head dim':>8} {'queries':>8} {'keys':>8}")
         lines += [

@@ -11,14 +11,15 @@ from ..kernels import TokenLayout
 
 if TYPE_CHECKING:
     from .branch import BranchPlan
+    from .timeline import Timeline
 
 
 @dataclass(frozen=True)
 class CallSite:
     """Where an attention call sits: step of the schedule, layer of the forward, batch halves."""
 
-    step: int  # index into the sampling schedule (0 = first step)
-    total_steps: int
+    step: int  # index into the run's sampling schedule (0 = its first step)
+    timeline: Timeline  # the run's steps as noise levels
     layer: int  # order of the call within one diffusion-model forward
     kind: str  # "joint" (text + image), "image", "text", "cross", or "unknown"
     layout: TokenLayout | None  # None when the call has no image grid the adapter can place
@@ -28,6 +29,7 @@ class CallSite:
     inputs: tuple[torch.Tensor, ...] = ()  # each chunk's model input (CFG sharing copies only between equal ones)
     stand_aside: str | None = None  # why no technique may act on this forward, if none may
     branch: BranchPlan | None = None  # what this layer's projections did (mapped layers only)
+    layout_unproven: str | None = None  # why windows may not use `layout` (a generic model's unproven order)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class RunReport:
     # why a technique set for a call did not apply to it -> how many calls
     stood_aside: dict[str, int] = field(default_factory=dict)
     branch_note: str = ""  # whether sharing skips whole attention branches on this model
+    layout_derived: bool = False  # no adapter: the layout comes from the model's description (text side unproven)
     projection_flops_saved: int = 0  # FLOPs of QKV / output projections not run on shared layers
     warnings: list[str] = field(default_factory=list)  # what the user should know about this run (shown on nodes)
 

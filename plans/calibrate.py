@@ -36,6 +36,7 @@ from ..patching import AttentionCall, CallSite, SamplingRun, install
 from ..patching.ditfastattn import DiTFastAttn, in_batch_copies
 from ..patching.runtime import PATCH_KEY, RUN_KEY, apply_model_wrapper
 from ..patching.schedule import Choice, WindowSize
+from ..patching.timeline import Timeline
 from .schema import (
     CANDIDATES,
     WINDOWED_KINDS,
@@ -123,12 +124,12 @@ class TrialSchedule:
         self.assignment: dict[int, str] = {}
         self.heads: dict[int, HeadSet] = {}  # per-head window cells of the assignment
 
-    def choose(self, step: int, total_steps: int, layer: int) -> Choice:
+    def choose(self, step: int, timeline: Timeline, layer: int) -> Choice:
         if step != self.step:
             return Choice("reuse")
         return choice_of(self.assignment.get(layer, "full"), self.window, self.heads.get(layer))
 
-    def residual_window(self, step: int, total_steps: int, layer: int) -> WindowSize | None:
+    def residual_window(self, step: int, timeline: Timeline, layer: int) -> WindowSize | None:
         return self.window if self.caches_residual else None
 
 
@@ -229,6 +230,8 @@ class CalibrationMethod:
     """The attention method of the calibration run: DiTFastAttn with the trial schedule, which
     also records each layer's costs (first forward) and, in a scoring forward, scores it."""
 
+    windows = True  # its trials window: a model without an adapter has its token order proven first
+
     def __init__(self, calibration: Calibration) -> None:
         self.calibration = calibration
         self.ditfastattn = DiTFastAttn(calibration.schedule)
@@ -254,6 +257,7 @@ class Calibration:
         self.scorer = Scorer(settings.window, settings.candidates) if settings.mode == "fast" else None
         self.scoring = False
         self.architecture = ""
+        self.timeline: Timeline | None = None  # the calibration run's steps as noise levels
         self.grid: tuple[int, ...] = ()  # the image token grid, as the runtime placed it
         self.layers: list[LayerSlot] = []
         self.methods: list[list[str]] = []
@@ -265,13 +269,15 @@ class Calibration:
     def observe(self, call: AttentionCall, site: CallSite, run: SamplingRun, out: torch.Tensor) -> None:
         if site.layer == len(self.layers) and not self.methods:
             self.architecture = run.patch.adapter.name
+            self.timeline = run.timeline
             self.grid = self.grid or (tuple(site.layout.grid) if site.layout is not None else ())
             self.layers.append(self._slot(call, site))
         if self.scoring and site.layer < len(self.layers) and self.layers[site.layer].compressible:
             self.scorer.score(call, site, out)
 
     def _slot(self, call: AttentionCall, site: CallSite) -> LayerSlot:
-        compressible = site.kind in WINDOWED_KINDS and site.layout is not None and call.mask is None
+        compressible = (site.kind in WINDOWED_KINDS and site.layout is not None and site.layout_unproven is None
+                        and call.mask is None)
         full = call.flops()
         window = full
         if compressible:
@@ -284,7 +290,7 @@ class Calibration:
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
                             transformer_options=None, **kwargs):
         run: SamplingRun = transformer_options[RUN_KEY]
-        step = run.step_of(float(transformer_options.get("sigmas", t).flatten()[0]))
+        step = run.timeline.step_of(float(transformer_options.get("sigmas", t).flatten()[0]))
 
         def forward(assignment: dict[int, str], state: tuple[dict, dict] | None,
                     heads: dict[int, HeadSet] | None = None) -> torch.Tensor:
@@ -388,7 +394,7 @@ class Calibration:
         fingerprint = Fingerprint(self.architecture, tuple(slot.info for slot in self.layers))
         heads = self.heads if any(cell is not None for row in self.heads for cell in row) else []
         plan = Plan(fingerprint, info, self.settings.window, self.methods, self.losses, self.step_losses, heads=heads)
-        plan.flops_kept = flops_kept(plan, self.layers)
+        plan.flops_kept = flops_kept(plan, self.layers, self.timeline)
         return plan
 
 
@@ -410,15 +416,15 @@ def passing_choices(assignment: dict[int, str], errors: dict[int, float],
     return {}, 0.0, None
 
 
-def flops_kept(plan: Plan, layers: list[LayerSlot]) -> float:
-    """Attention FLOPs the plan computes / full attention's, at the calibrated steps (a full
-    step that caches a residual also pays for the window)."""
+def flops_kept(plan: Plan, layers: list[LayerSlot], timeline: Timeline) -> float:
+    """Attention FLOPs the plan computes / full attention's, over the calibration run's `timeline`
+    (a full step that caches a residual also pays for the window)."""
     computed = full = 0.0
     for step, row in enumerate(plan.methods):
         for layer, (name, slot) in enumerate(zip(row, layers, strict=True)):
             full += slot.full_flops
             computed += slot.cost(name, plan.heads_of(step, layer))
-            if name.startswith("full") and plan.residual_window(step, plan.steps, layer) is not None:
+            if name.startswith("full") and plan.residual_window(step, timeline, layer) is not None:
                 computed += slot.window_flops / (2 if name.endswith("+asc") else 1)
     return computed / full if full else 1.0
 

@@ -21,6 +21,7 @@ TOOLTIP_INPUT = {
     "FastAttnStepSharing": "compute_every", "FastAttnCFGSharing": "start_percent", "FastAttnCalibrate": "delta",
     "FastAttnApplyPlan": "plan", "FastAttnClearAttention": "radius", "FastAttnClearWeightsLoader": "radius",
     "FastAttnClearDistill": "positive", "FastAttnDemoTextEncode": "caption", "FastAttnDemoDecode": "samples",
+    "FastAttnDeepCache": "cache_interval", "FastAttnDemoUNetTextEncode": "caption",
 }  # node -> the input whose tooltip is checked: a widget litegraph draws, a socket, or a text box
 
 

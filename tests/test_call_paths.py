@@ -20,19 +20,28 @@ import torch
 from comfy_extras import nodes_context_windows, nodes_custom_sampler, nodes_perpneg, nodes_slg
 from harness import pack_import
 from harness.chains import patched_with_nodes
-from harness.models import ARCHITECTURES, build_model, conditioning, empty_latent, expected_layers, sample
+from harness.models import (
+    ARCHITECTURES,
+    CORE_ARCHITECTURES,
+    SPECS,
+    build_model,
+    conditioning,
+    empty_latent,
+    expected_layers,
+    linear_timeline,
+    sample,
+)
 from harness.reference_schedule import reference_model, techniques_acted
 
 patching = pack_import("patching")
 STEPS = 4
-SIZE = {"pixart": (34, 34), "wan": (8, 12), "hunyuan_video": (8, 12)}
-FRAMES = {"wan": 2, "hunyuan_video": 2}
 ACTED = 1e-6  # a technique that acted moves the output by more than this share of its scale (8 float32 ulps)
 
 
 def _latent(arch: str, batch: int = 1, frames: int | None = None, size: tuple[int, int] | None = None) -> dict:
-    height, width = size or SIZE.get(arch, (16, 16))
-    return empty_latent(arch, height, width, batch=batch, frames=frames or FRAMES.get(arch, 1))
+    spec = SPECS[arch]
+    height, width = size or spec.size
+    return empty_latent(arch, height, width, batch=batch, frames=frames or (2 if spec.video else 1))
 
 
 def _prompts(arch: str) -> tuple[list, list]:
@@ -95,10 +104,10 @@ def _compared(model, chain: list[dict], arch: str, prompts: tuple, latent: dict,
 
 # 1. guiders, samplers and extensions: the techniques act as the reference says ------------------
 
-def test_cross_attention_is_never_shared_and_cfg_still_acts():
+@pytest.mark.parametrize("arch", ["wan", "pixart", "hunyuan_dit"])
+def test_cross_attention_is_never_shared_and_cfg_still_acts(arch):
     """CFG sharing on every layer of a model whose text enters only through cross-attention must
     not turn CFG off: the self-attention layers share, the cross layers stand aside."""
-    arch = "wan"
     model = build_model(arch)
     positive, negative = _prompts(arch)
     chain = [{"technique": "cfg"}]
@@ -170,12 +179,12 @@ def test_two_positive_prompts_combined():
 
 
 def test_chunks_without_uuids_get_distinct_identities():
-    runtime = pack_import("patching.runtime")
+    runtime, cache = pack_import("patching.runtime"), pack_import("patching.cache")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), torch.tensor([1.0, 0.5, 0.0]))
-    ids = runtime._chunk_ids(run, 0, (0, 0, 1), {}, torch.device("cpu"))
+    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(2))
+    ids = cache.chunk_ids(run.evaluation_of, 0, (0, 0, 1), {}, torch.device("cpu"))
     assert len(set(ids)) == 3
-    on_other_device = runtime._chunk_ids(run, 0, (0, 0, 1), {}, torch.device("meta"))
+    on_other_device = cache.chunk_ids(run.evaluation_of, 0, (0, 0, 1), {}, torch.device("meta"))
     assert not set(ids) & set(on_other_device)  # MultiGPU CFG split: halves on two devices never share
 
 
@@ -222,7 +231,7 @@ def _random_chain(rng: random.Random, layers: int) -> list[dict]:
     return chain
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", CORE_ARCHITECTURES)
 def test_random_chains_match_the_reference(arch):
     """Random chains at batch 1 and 2 and at CFG 1: the same output and the same techniques acting
     as the reference, and the chains act (a chain that acts nowhere would prove nothing)."""
@@ -241,6 +250,21 @@ def test_random_chains_match_the_reference(arch):
         _assert_acted(out, plain, patched, reference, techniques_acted(reference))
         acted.append(techniques_acted(reference))
     assert any(acted), f"no random chain acted on {arch}: {acted}"
+
+
+@pytest.mark.parametrize("arch", [arch for arch in ARCHITECTURES if arch not in CORE_ARCHITECTURES])
+def test_windows_and_sharing_match_the_reference_on_the_other_architectures(arch):
+    """The other architectures take the host paths the core seven take (batching, guiders); what is
+    theirs is the layout: a square window on the grid (its place after or before the text, its rows and
+    frames), then step and CFG sharing."""
+    model = build_model(arch)
+    positive, negative = _prompts(arch)
+    chain = [{"technique": "window", "shape": "square", "tokens": 1, "refresh_every": 2}, *WINDOW_AND_SHARING[1:]]
+    patched = patched_with_nodes(model, chain)
+    out = sample(patched, positive, negative, _latent(arch), steps=STEPS)
+    _assert_close(out, sample(reference_model(model, chain, arch), positive, negative, _latent(arch), steps=STEPS))
+    techniques = _report(patched).flops_by_technique
+    assert "step sharing" in techniques and any(name.startswith("window+residual") for name in techniques)
 
 
 # 2. where a technique stands aside: one test per case of README's list ---------------------------
@@ -457,9 +481,10 @@ def _one_call(method, func, q, k, v, heads: int, cache: dict | None = None, **kw
     call_module, report, runtime = (pack_import(f"patching.{name}") for name in ("call", "report", "runtime"))
     kernels = pack_import("kernels")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(method, adapter), torch.tensor([1.0, 0.5, 0.0]))
+    run = runtime.SamplingRun(patching.AttentionPatch(method, adapter), linear_timeline(2))
     run.cache.update(cache or {})
-    site = report.CallSite(1, 2, 0, "image", kernels.TokenLayout(0, (4, 6)), (0,), (CHUNK,), (0,), (torch.zeros(1),))
+    site = report.CallSite(1, linear_timeline(2), 0, "image", kernels.TokenLayout(0, (4, 6)), (0,), (CHUNK,), (0,),
+                           (torch.zeros(1),))
     call = call_module.AttentionCall(func, (q, k, v, heads), {"skip_reshape": True, "skip_output_reshape": True,
                                                              **kwargs}, None)
     out, _, technique = method(call, site, run)
@@ -507,7 +532,7 @@ def test_stands_aside_for_what_a_newer_host_passes_that_the_pack_does_not_know()
 
     runtime = pack_import("patching.runtime")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), torch.tensor([1.0, 0.0]))
+    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(1))
     forward = runtime.ForwardPass(run, 0, (0,), ("c",), grid=(4, 6), text_len=0, previous_override=None)
     opaque = type("Opaque", (), {"tensor": q})()
     out = forward(lambda q, k, v, heads, **kwargs: q.tensor * 2, opaque, opaque, opaque, 2, transformer_options={})
@@ -518,7 +543,33 @@ def test_stands_aside_for_what_a_newer_host_passes_that_the_pack_does_not_know()
 def test_a_text_only_call_as_long_as_the_image_is_not_taken_for_image():
     runtime = pack_import("patching.runtime")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), torch.tensor([1.0, 0.0]))
+    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(1))
     forward = runtime.ForwardPass(run, 0, (0,), ("c",), grid=(4, 4), text_len=16, previous_override=None)
     assert forward._classify(16, 16) == ("unknown", None)
     assert forward._classify(32, 32)[0] == "joint"
+
+
+def test_sampling_on_a_gpu_without_triton_runs_the_torch_tiles(monkeypatch):
+    """A non-CPU device without Triton, simulated: every window call resolves "auto" for a CUDA device
+    while Triton is missing. Sampling runs the torch tiles from the first call on, no exception, and
+    gives the reference's result."""
+    backends, attention = pack_import("kernels.backends"), pack_import("kernels.attention")
+    monkeypatch.setattr(backends, "_importable", lambda needs: needs != "triton")
+    backends._device_backend.cache_clear()
+    chosen = []
+
+    def on_a_gpu(name, device):
+        chosen.append(backends.choose_backend(name, torch.device("cuda")))
+        return chosen[-1]
+
+    monkeypatch.setattr(attention, "choose_backend", on_a_gpu)
+    arch = "flux"
+    model = build_model(arch)
+    positive, negative = _prompts(arch)
+    chain = [{"technique": "window", "shape": "circle", "tokens": 3}, {"technique": "cfg"}]
+    try:
+        out = sample(patched_with_nodes(model, chain), positive, negative, _latent(arch), steps=STEPS)
+    finally:
+        backends._device_backend.cache_clear()
+    assert chosen and set(chosen) == {"torch"}
+    _assert_close(out, sample(reference_model(model, chain, arch), positive, negative, _latent(arch), steps=STEPS))

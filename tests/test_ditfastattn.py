@@ -177,7 +177,7 @@ def test_batch_of_two_keeps_each_image_as_it_would_be_alone(arch):
     caches are kept per batch half and the halves are split correctly."""
     model = build_model(arch)
     patched, _ = _spied(model, S.WindowResidual(S.WindowSize("band", tokens=4)), S.StepSharing(3),
-                        S.CFGSharing(S.Scope(S.StepRange(0.0, 0.5))))
+                        S.CFGSharing(S.Scope(S.NoiseRange(0.0, 0.5))))
     alone = _run(patched, arch, _latent(arch))
     both = _run(patched, arch, _latent(arch, batch=2))
     assert both.shape[0] == 2 and not torch.equal(both[0], both[1])

@@ -6,21 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import pack_import
-from harness.models import ARCHITECTURES, build_model, conditioning, empty_latent, expected_layers
+from harness.models import ARCHITECTURES, SPECS, build_model, conditioning, empty_latent, expected_layers
 
 probe = pack_import("patching.probe")
 inspector = pack_import("nodes.inspector")
 patching = pack_import("patching")
 
-SIZES = {"pixart": (34, 34), "wan": (8, 12), "hunyuan_video": (8, 12)}
-FRAMES = {"wan": 3, "hunyuan_video": 3}
-
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_profile_reports_layers_layout_and_flops(arch):
     model = build_model(arch)
-    height, width = SIZES.get(arch, (16, 16))
-    latent = empty_latent(arch, height, width, frames=FRAMES.get(arch, 1))
+    spec = SPECS[arch]
+    latent = empty_latent(arch, *spec.size, frames=3 if spec.video else 1)
     profile = probe.profile_attention(model, conditioning(arch, 9), latent)
 
     assert profile.fake, "every supported architecture traces on fake tensors"
@@ -32,7 +29,7 @@ def test_profile_reports_layers_layout_and_flops(arch):
     text = profile.to_text()
     assert profile.report.architecture in text and f"Attention layers per forward: {len(layers)}" in text
     joint = [r for r in layers if r.kind == "joint"]
-    if joint:
+    if joint and spec.joint_text is None:  # the joint text is the prompt (others: see test_runtime)
         assert joint[0].layout.text_len == 9 and "text tokens: 9" in text
 
 

@@ -220,6 +220,13 @@ TRITON_CASES = [  # text, grid, text first, window, batch, heads, dtype, fused r
     (9, (5, 9, 11), False, {"shape": "circle", "radius": 3, "temporal_radius": 1}, 1, 1, "float32", False, False,
      {"query_box": (2, 4, 8), "key_box": (1, 8, 16)}),
     (20, (7, 9), True, {"shape": "band", "radius": 5}, 1, 1, "float16", True, False, {"block": 128}),
+    # tile-major keys: k, v copied into key-box order, boxes padded at odd grid edges, 2D and 3D
+    (77, (13, 17), False, {"shape": "circle", "radius": 4}, 1, 2, "bfloat16", True, False,
+     {"tile_major_keys": True}),
+    (7, (12, 20), True, {"shape": "circle", "radius": 5, "pool": 4}, 1, 1, "float32", False, False,
+     {"tile_major_keys": True}),
+    (0, (5, 9, 11), True, {"shape": "square", "radius": 2, "temporal_radius": 1}, 1, 1, "float32", True, False,
+     {"query_box": (1, 8, 8), "key_box": (2, 4, 4), "num_warps": 4, "tile_major_keys": True}),
 ]
 
 
@@ -274,6 +281,25 @@ def test_grid_boxes_are_classified_as_the_dense_mask_says(layout, window, query_
         assert sorted(listed) == some and sorted(listed[: lists.full_count[q]]) == full
 
 
+@pytest.mark.parametrize(
+    "layout,key_box",
+    [(TokenLayout(5, (13, 17)), (1, 8, 8)), (TokenLayout(3, (5, 9, 11), text_first=False), (2, 4, 4))],
+    ids=["2d", "3d"],
+)
+def test_tile_major_order_puts_each_key_box_in_one_block(layout, key_box):
+    """Tile-major keys: block b of the copied keys holds key box b's tokens in row-major order,
+    then padding slots (past the grid's far edges) that repeat a real key of the box."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
+    grid_kernel = pack_import("kernels.triton_grid")
+    slots = grid_kernel.tile_major_order(layout, key_box, torch.device("cpu")).view(-1, math.prod(key_box))
+    boxes = _box_tokens(grid_kernel.grid_boxes(layout, key_box), layout)
+    assert slots.shape[0] == len(boxes)
+    for block, tokens in zip(slots - layout.image_start, boxes, strict=True):
+        inside = block[: tokens.numel()] if block.numel() == tokens.numel() else None
+        assert torch.equal(block.unique(), tokens)  # every key of the box, nothing else
+        assert inside is None or torch.equal(inside, tokens)  # a whole box: exactly in order
+
+
 def _box_tokens(boxes, layout: TokenLayout) -> list[Tensor]:
     """The flattened image indices of each box (the boxes' first and last coordinates as listed)."""
     dims, tokens = len(layout.grid), []
@@ -296,8 +322,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import triton_grid, triton_kernel
 
-def compile_for_hopper(kernel, pointers, dtype, scalars, constants):
-    types = {**{name: "*" + dtype for name in pointers[:5]}, **{name: "*i32" for name in pointers[5:]}}
+def compile_for_hopper(kernel, pointers, dtype, scalars, constants, tensors=5):
+    # pointers: the first `tensors` point at `dtype` data, the others at int32 lists
+    types = {**{name: "*" + dtype for name in pointers[:tensors]}, **{name: "*i32" for name in pointers[tensors:]}}
     types.update({name: "fp32" if name == "scale" else "i32" for name in scalars})
     types.update({name: "constexpr" for name in constants})
     signature = {name: types[name] for name in kernel.arg_names}  # in the kernel's order
@@ -306,13 +333,17 @@ def compile_for_hopper(kernel, pointers, dtype, scalars, constants):
     assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
 
 common = dict(UPCAST=False, HEAD_DIM=128, BLOCK_D=128)
-compile_for_hopper(
-    triton_grid._grid_kernel, ["Q", "K", "V", "Out", "Res", "key_count", "full_count", "key_boxes"], "bf16",
-    ["max_keys", "seq_len", "kv_len", "scale"],
-    dict(common, HAS_RES=True, PRECISION="tf32", QBOX_T=1, QBOX_H=16, QBOX_W=8, Q_ROWS=8, Q_COLUMNS=16,
-         KBOX_T=1, KBOX_H=8, KBOX_W=8, K_ROWS=16, K_COLUMNS=16, BLOCK_M=128, BLOCK_N=64, IMAGE_START=512, TEXT_START=0,
-         TEXT_LEN=512, FRAMES=1, GRID_H=128, GRID_W=128, CIRCLE=True, RADIUS=16, T_RADIUS=0),
-)
+for tiled in (False, True):  # keys gathered through index maps, and tile-major keys
+    compile_for_hopper(
+        triton_grid._grid_kernel,
+        ["Q", "K", "V", "Out", "Res", "KT", "VT", "key_count", "full_count", "key_boxes"], "bf16",
+        ["max_keys", "seq_len", "kv_len", "tile_rows", "scale"],
+        dict(common, HAS_RES=True, TILED=tiled, PRECISION="tf32", QBOX_T=1, QBOX_H=16, QBOX_W=8, Q_ROWS=8,
+             Q_COLUMNS=16, KBOX_T=1, KBOX_H=8, KBOX_W=8, K_ROWS=16, K_COLUMNS=16, BLOCK_M=128, BLOCK_N=64,
+             IMAGE_START=512, TEXT_START=0, TEXT_LEN=512, FRAMES=1, GRID_H=128, GRID_W=128, CIRCLE=True, RADIUS=16,
+             T_RADIUS=0),
+        tensors=7,
+    )
 compile_for_hopper(
     triton_kernel._band_kernel, ["Q", "K", "V", "Out", "Res", "partial_count", "partial_index", "full_count",
     "full_index"], "fp32", ["seq_len", "kv_len", "kv_blocks", "scale"],
@@ -323,8 +354,9 @@ print("compiled")
 
 
 def test_triton_kernels_compile_for_a_gpu():
-    """Both Triton kernels pass Triton's compiler for sm_90 (bfloat16 grid kernel with text,
-    float32 band kernel in IEEE precision): the type errors the interpreter cannot see."""
+    """Both Triton kernels pass Triton's compiler for sm_90 (bfloat16 grid kernel with text, its
+    keys gathered and tile-major; float32 band kernel in IEEE precision): the type errors the
+    interpreter cannot see."""
     pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
     repo = Path(kernels.__file__).resolve().parents[1]
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}  # compile, not
@@ -625,9 +657,13 @@ def test_validation_messages():
 def test_available_backends_and_auto_choice(monkeypatch):
     pack_import("kernels.native").build_in_background().join()  # started when the pack loaded
     assert {"native", "torch"} <= set(kernels.available_backends())
-    choose = pack_import("kernels.backends").choose_backend
+    backends = pack_import("kernels.backends")
+    choose = backends.choose_backend
     assert choose("auto", torch.device("cpu")) == "native"
-    assert choose("auto", torch.device("cuda")) in ("triton", "flex")
+    monkeypatch.setattr(backends, "_failed_launch", lambda name, device_type: None)  # as on a working GPU
+    backends._device_backend.cache_clear()
+    assert choose("auto", torch.device("cuda")) == ("triton" if importlib.util.find_spec("triton") else "torch")
+    backends._device_backend.cache_clear()
     monkeypatch.setattr(pack_import("kernels.native"), "available", lambda: False)  # no C++ compiler
     assert choose("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="backend 'native' cannot run here"):
@@ -645,15 +681,19 @@ print(choose_backend("auto", torch.device("cuda")), "kernels.native" in sys.modu
 
 def test_auto_on_a_gpu_neither_builds_nor_imports_the_native_kernel():
     """In a fresh interpreter (nothing imported yet): choosing for a CUDA device leaves the CPU
-    kernel alone, and picks Triton when importable, else FlexAttention."""
+    kernel alone; with no CUDA device here nothing launches there, so it picks the torch tiles
+    (Triton on a machine where Triton runs on the GPU)."""
     repo = Path(kernels.__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, "-c", AUTO_ON_GPU_SCRIPT, str(repo)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     chosen, imported = run.stdout.split()
-    assert chosen == ("triton" if importlib.util.find_spec("triton") else "flex") and imported == "False"
+    expected = "triton" if torch.cuda.is_available() and importlib.util.find_spec("triton") else "torch"
+    assert chosen == expected and imported == "False"
 
 
-def test_auto_on_a_gpu_without_triton_is_flex(monkeypatch):
+@pytest.fixture
+def simulated_gpu(monkeypatch):
+    """The auto choice as on a GPU machine, decided afresh; the native kernel must not be consulted."""
     backends, native = pack_import("kernels.backends"), pack_import("kernels.native")
 
     def never() -> bool:
@@ -661,8 +701,62 @@ def test_auto_on_a_gpu_without_triton_is_flex(monkeypatch):
 
     monkeypatch.setattr(native, "available", never)
     monkeypatch.setattr(native, "building", never)
+    backends._device_backend.cache_clear()
+    yield backends
+    backends._device_backend.cache_clear()
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "xpu"])
+def test_a_gpu_without_triton_runs_the_torch_tiles_said_once_in_the_log(simulated_gpu, monkeypatch, caplog, device):
+    """No Triton (ComfyUI's Windows portable build; Apple MPS): neither the Triton kernel nor a
+    compiled FlexAttention can run, so "auto" picks the torch tiles up front, says so once, and
+    they compute the reference's result."""
+    backends = simulated_gpu
     monkeypatch.setattr(backends, "_importable", lambda needs: needs != "triton")
-    assert backends.choose_backend("auto", torch.device("cuda")) == "flex"
+    launched = []
+    monkeypatch.setattr(backends, "_failed_launch", lambda name, device_type: launched.append(name) or "no device")
+    with caplog.at_level("INFO", logger=backends.log.name):
+        chosen = {backends.choose_backend("auto", torch.device(device)) for _ in range(3)}
+    assert chosen == {"torch"}
+    said = [r.getMessage() for r in caplog.records if "window attention on" in r.getMessage()]
+    assert len(said) == 1 and "torch tiles" in said[0] and "Triton is not installed" in said[0]
+    assert launched == ([] if device in backends.TRITON_DEVICES else ["flex"])  # MPS: flex tried, fails here
+    layout, window = TokenLayout(77, (11, 15)), Window("circle", 4)
+    (q, k, v), _, _ = random_inputs(layout, 2, 3)
+    problem = pack_import("kernels.problem").Problem(q.float(), k.float(), v.float(), layout, window)
+    out = backends.backend_module("torch").window_attention(problem)
+    assert rel_error(out, kernels.reference_attention(q, k, v, layout, window)) < BOUND[torch.float32]
+
+
+def test_a_gpu_whose_triton_fails_to_launch_falls_back_up_front(simulated_gpu, monkeypatch, caplog):
+    """Triton installed but broken (no C compiler, a GPU it does not support): the launch check
+    finds it before the first window; compiled FlexAttention fails the same way; the torch tiles run.
+    A backend that runs but gives wrong results is refused too."""
+    backends = simulated_gpu
+
+    class Broken:
+        @staticmethod
+        def window_attention(problem):
+            raise RuntimeError("Failed to find C compiler")
+
+    class Wrong:
+        @staticmethod
+        def window_attention(problem):
+            return torch.zeros_like(problem.q)
+
+    real_module = backends.backend_module
+    monkeypatch.setattr(backends, "_importable", lambda needs: True)
+    monkeypatch.setattr(backends, "TRITON_DEVICES", ("meta",))  # a device type this machine can allocate on
+    monkeypatch.setattr(backends, "backend_module", lambda name: Broken if name in ("triton", "flex") else
+                        real_module(name))
+    with caplog.at_level("INFO", logger=backends.log.name):
+        assert backends.choose_backend("auto", torch.device("meta")) == "torch"
+    (said,) = [r.getMessage() for r in caplog.records if "window attention on" in r.getMessage()]
+    assert "triton failed on meta: RuntimeError: Failed to find C compiler" in said and "flex failed" in said
+    monkeypatch.setattr(backends, "backend_module", lambda name: Wrong)
+    assert backends._failed_launch("triton", "cpu") == "triton gave wrong results on cpu"
+    monkeypatch.setattr(backends, "backend_module", real_module)
+    assert backends._failed_launch("torch", "cpu") is None
 
 
 def test_calls_during_the_background_build_use_the_torch_tiles(monkeypatch):
@@ -803,4 +897,12 @@ def test_gpu_benchmark_script_runs_in_smoke_mode():
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "| triton | 77 text + (13, 17), circle r4 | float32 |" in run.stdout
+    assert "| triton tile-major | 77 text + (13, 17), circle r4 | bfloat16 |" in run.stdout
     assert "0 correctness failures" in run.stdout
+    # tile-major keys timed at both shapes: a time (x SDPA) and its share of the bound
+    table = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| smoke:") and line.count("|") == 17]
+    assert len(table) == 2 and all(cells[8].strip().endswith("x)") and cells[9].strip().endswith("%") for cells in table)
+    # every other library either ran or says why not
+    for peer in ("flash-attn", "natten", "comfy-kitchen na", "comfy-kitchen sol-attn", "st-attn"):
+        line = next(line for line in run.stdout.splitlines() if line.startswith(f"| smoke: 3 x 8 x 8, square 2 x 2 x 1 | {peer} |"))
+        assert " ms" in line or "did not load: " in line or "does not apply: " in line, line

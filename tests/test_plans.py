@@ -9,6 +9,7 @@ from pathlib import Path
 
 import comfy.samplers
 import folder_paths
+import nodes as host_nodes
 import pytest
 import torch
 from harness import pack_import
@@ -18,6 +19,7 @@ plans = pack_import("plans")
 patching = pack_import("patching")
 kernels = pack_import("kernels")
 schema = pack_import("plans.schema")
+Timeline = pack_import("patching.timeline").Timeline
 nodes = pack_import("nodes.plans")
 
 STEPS = 4
@@ -35,6 +37,11 @@ def _calibrate(model, mode: str, delta: float, candidates=plans.CANDIDATES, arch
     settings = plans.Settings(delta, tuple(candidates), WINDOW, mode)
     return plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
                            scheduler="simple", settings=settings)
+
+
+def _timeline(model, steps: int):
+    """The run timeline of KSampler's euler / simple schedule at `steps` steps on `model`."""
+    return Timeline.ksampler(model.get_model_object("model_sampling"), "simple", steps)
 
 
 def _apply(model, plan, steps: int = STEPS, arch: str = ARCH) -> torch.Tensor:
@@ -178,7 +185,7 @@ def test_flops_kept_is_what_the_applied_run_computes(model, calibrated):
     assert plan.flops_kept == pytest.approx(report.computed_flops / report.full_flops, rel=1e-9)
 
 
-def test_a_full_step_caches_a_residual_only_for_the_window_steps_that_read_it(calibrated):
+def test_a_full_step_caches_a_residual_only_for_the_window_steps_that_read_it(model, calibrated):
     """Step sharing reads no residual and a full step refreshes it; a full step that shares CFG
     refreshes only the conditional rows', so the one before must be kept for the others."""
     _, plan, _ = calibrated
@@ -186,14 +193,15 @@ def test_a_full_step_caches_a_residual_only_for_the_window_steps_that_read_it(ca
     layers = len(plan.fingerprint.layers)
     plan = dataclasses.replace(plan, methods=[[name] * layers for name in row], losses=[], step_losses=[], heads=[])
     full_steps = [step for step, name in enumerate(row) if name.startswith("full")]
-    caches = [plan.residual_window(step, len(row), 1) is not None for step in full_steps]
+    caches = [plan.residual_window(step, _timeline(model, len(row)), 1) is not None for step in full_steps]
     assert dict(zip(full_steps, caches, strict=True)) == {0: False, 1: True, 4: True, 5: True, 7: False}
 
 
-def test_another_step_count_maps_by_position(calibrated):
+def test_another_step_count_maps_by_noise_level(model, calibrated):
     _, plan, _ = calibrated
-    assert [plan.plan_step(step, 2 * STEPS) for step in range(2 * STEPS)] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert plan.choose(5, 2 * STEPS, 1) == schema.choice_of(plan.methods[2][1], plan.window)
+    assert plan.step_map(_timeline(model, STEPS)) == (tuple(range(STEPS)), True)
+    assert plan.step_map(_timeline(model, 2 * STEPS)) == ((0, 0, 1, 1, 2, 2, 3, 3), False)
+    assert plan.choose(5, _timeline(model, 2 * STEPS), 1) == schema.choice_of(plan.methods[2][1], plan.window)
 
 
 def test_a_plan_runs_at_another_step_count(model, calibrated):
@@ -209,6 +217,26 @@ def test_a_plan_runs_at_another_step_count(model, calibrated):
     plain = sample(model, positive, negative, latent, steps=2 * STEPS, seed=3)
     assert (out - plain).abs().max() > 1e-4 * plain.abs().max()
     assert set(patching.patch_of(applied).last_report.flops_by_technique) - {"full"}
+
+
+def test_a_split_run_and_denoise_use_the_plan_steps_of_their_noise_levels(model, calibrated):
+    _, plan, _ = calibrated
+    whole = _timeline(model, STEPS)
+    assert plan.step_map(Timeline.of(whole.sigmas[2:], whole.model_sampling)) == ((2, 3), True)  # a split's 2nd half
+    denoised = comfy.samplers.calculate_sigmas(whole.model_sampling, "simple", int(STEPS / 0.6))[-STEPS - 1:]
+    assert plan.step_map(Timeline.of(denoised, whole.model_sampling)) == ((1, 2, 2, 3), False)  # denoise 0.6
+
+    applied = patching.install(model, plans.PlannedAttention(plan))
+    positive, negative, latent = _inputs()
+    sampler = host_nodes.KSamplerAdvanced()
+    first = sampler.sample(applied, "enable", 3, STEPS, 3.0, "euler", "simple", positive, negative, latent, 0, 2,
+                           "enable")[0]
+    assert not patching.patch_of(applied).last_report.warnings
+    sampler.sample(applied, "disable", 3, STEPS, 3.0, "euler", "simple", positive, negative, first, 2, STEPS, "disable")
+    report = patching.patch_of(applied).last_report
+    assert report.total_steps == 2 and not report.warnings  # plan steps 2 and 3: the run's own
+    host_nodes.KSampler().sample(applied, 3, STEPS, 3.0, "euler", "simple", positive, negative, latent, denoise=0.6)
+    assert "at other noise levels" in patching.patch_of(applied).last_report.warnings[0]
 
 
 def test_interrupt_stops_calibration_cleanly(model, monkeypatch):
@@ -386,7 +414,7 @@ def test_a_per_head_plan_windows_exactly_the_local_heads(model, per_head):
     assert all(row[0] == row[2] == "full" for row in plan.methods)  # real layers err far more than 1e-3
     assert all(row[0] is None and row[2] is None for row in plan.heads)
     assert plan.windowed_share(1, 1) == 0.5 and plan.per_head
-    assert plan.choose(2 * STEPS - 1, 2 * STEPS, 1).heads == LOCAL_HEADS  # another step count maps by position
+    assert plan.choose(2 * STEPS - 1, _timeline(model, 2 * STEPS), 1).heads == LOCAL_HEADS  # another step count
     whole_layer, _ = _calibrate(with_image_layer(model, half_local_attention), "fast", 1e-3, candidates=("wars",))
     assert whole_layer.counts()["full"] == STEPS * 3  # without per_head the global head keeps layer 1 full
 
@@ -471,7 +499,7 @@ def test_a_per_head_call_keeps_the_text_padding_mask():
         if technique != "window+residual on some heads":
             return
         assert call.mask is not None
-        whole_layer = dataclasses.replace(plan.choose(site.step, site.total_steps, site.layer), heads=None)
+        whole_layer = dataclasses.replace(plan.choose(site.step, site.timeline, site.layer), heads=None)
         expected = call.output_heads_first(method._compute(call, site, run, whole_layer, site.chunk_ids)[0])
         out, host = call.output_heads_first(out), call.output_heads_first(call.run_default())
         assert torch.allclose(out[:, 0], host[:, 0], atol=1e-6) and torch.allclose(out[:, 1], expected[:, 1], atol=1e-6)
@@ -502,7 +530,7 @@ def test_a_per_head_plans_flops_kept_is_what_the_applied_run_computes(per_head):
     assert plan.flops_kept == pytest.approx(report.computed_flops / report.full_flops, rel=1e-9)
 
 
-def test_old_per_layer_plans_still_load(calibrated):
+def test_old_per_layer_plans_still_load(model, calibrated):
     shipped = Path(__file__).resolve().parents[1] / "demo" / "plans" / "fastattn_demo_sd3_fast.json"
     text = shipped.read_text()
     assert json.loads(text)["version"] == 1  # written before per-head plans existed
@@ -512,7 +540,8 @@ def test_old_per_layer_plans_still_load(calibrated):
     assert json.loads(text)["version"] == 1 and "heads" not in json.loads(text)  # per-layer plans stay version 1
     loaded = plans.Plan.from_json(text)
     assert loaded.heads == [] and not loaded.per_head
-    assert all(loaded.choose(step, STEPS, layer).heads is None for step in range(STEPS) for layer in range(3))
+    timeline = _timeline(model, STEPS)
+    assert all(loaded.choose(step, timeline, layer).heads is None for step in range(STEPS) for layer in range(3))
 
 
 INVALID_HEADS = {
@@ -576,7 +605,7 @@ def test_a_plan_mapped_to_another_step_count_warns_on_the_nodes_and_in_the_repor
     if steps == STEPS:
         assert screen.texts == [] and "warning" not in text
         return
-    expected = f"the plan was calibrated at {STEPS} steps and this run has {steps}"
+    expected = f"the plan was calibrated at {STEPS} steps (simple) and this run samples {steps} steps at other noise"
     assert [node for node, _ in screen.texts] == ["sampler node", "apply node"]
     assert all(expected in shown for _, shown in screen.texts)
     assert f"warning: {expected}" in text

@@ -11,28 +11,30 @@ import pytest
 import torch
 from harness import pack_import
 from harness.chains import patched_with_nodes
-from harness.models import ARCHITECTURES, build_model, conditioning, empty_latent, expected_layers, sample
+from harness.models import (
+    ARCHITECTURES,
+    SPECS,
+    build_model,
+    conditioning,
+    empty_latent,
+    expected_layers,
+    joint_text_tokens,
+    linear_timeline,
+    sample,
+    token_grid,
+)
 
 patching = pack_import("patching")
 runtime = pack_import("patching.runtime")
 
 STEPS = 3
 TEXT_LEN = 7
-LATENT = {"flux": (16, 16), "sd3": (16, 16), "wan": (8, 12), "hunyuan_video": (8, 12), "qwen_image": (16, 16),
-          "lumina2": (16, 16), "pixart": (34, 34)}
-PATCH = {"wan": (1, 2, 2), "hunyuan_video": (1, 2, 2)}
-FRAMES = {"wan": 2, "hunyuan_video": 2}
 
 
 def _latent(arch: str, batch: int = 1, scale: int = 1) -> dict:
-    height, width = LATENT[arch]
-    return empty_latent(arch, height * scale, width * scale, batch=batch, frames=FRAMES.get(arch, 1))
-
-
-def _grid(arch: str, latent: dict) -> tuple[int, ...]:
-    shape = latent["samples"].shape
-    patch = PATCH.get(arch, (2, 2))
-    return tuple(-(-size // p) for size, p in zip(shape[-len(patch):], patch, strict=False))
+    spec = SPECS[arch]
+    height, width = spec.size
+    return empty_latent(arch, height * scale, width * scale, batch=batch, frames=2 if spec.video else 1)
 
 
 def _prompts(arch: str, negative_len: int = TEXT_LEN) -> tuple[list, list]:
@@ -60,7 +62,14 @@ def test_full_attention_is_exact_and_sees_the_model(arch_model):
     arch, model = arch_model
     latent = _latent(arch)
     reference = _run(model, arch, latent)
+    joint_text = []
+
+    def note_text(apply_model, args: dict) -> torch.Tensor:  # the text tokens of the model's joint calls
+        joint_text.append(joint_text_tokens(arch, args["c"]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
     patched = patching.install(model)
+    patched.set_model_unet_function_wrapper(note_text)
     out = _run(patched, arch, latent)
 
     assert torch.isfinite(reference).all()
@@ -74,10 +83,10 @@ def test_full_attention_is_exact_and_sees_the_model(arch_model):
     assert report.forwards == STEPS
     for layer in report.layers:
         if layer.kind in ("joint", "image", "cross"):
-            assert layer.layout is not None and layer.layout.grid == _grid(arch, latent)
+            assert layer.layout is not None and layer.layout.grid == token_grid(arch, latent)
         if layer.kind == "joint":
-            assert layer.layout.text_len == TEXT_LEN
-            assert layer.layout.text_first == (arch != "hunyuan_video")
+            assert layer.layout.text_len == joint_text[0]
+            assert layer.layout.text_first == SPECS[arch].text_first
         if layer.kind == "image":
             assert layer.layout.text_len == 0
 
@@ -153,7 +162,7 @@ def test_two_resolutions_on_one_patched_model():
         assert torch.equal(out, _run(model, arch, latent))
         report = patching.patch_of(patched).last_report
         assert report.forwards == STEPS  # nothing carried over from the first run
-        assert {layer.layout.grid for layer in report.layers} == {_grid(arch, latent)}
+        assert {layer.layout.grid for layer in report.layers} == {token_grid(arch, latent)}
 
 
 def test_an_exception_mid_run_leaves_no_state():
@@ -221,6 +230,5 @@ def test_unknown_architecture_is_named_at_patch_time():
 
 
 def test_step_of_maps_intermediate_sigmas_to_their_step():
-    patch = runtime.AttentionPatch(runtime.full_attention, patching.adapter_for(build_model("sd3").model.diffusion_model))
-    run = runtime.SamplingRun(patch, torch.tensor([1.0, 0.6, 0.3, 0.0]))
-    assert [run.step_of(s) for s in (1.0, 0.8, 0.6, 0.45, 0.3, 0.1)] == [0, 0, 1, 1, 2, 2]
+    timeline = linear_timeline(3, [1.0, 0.6, 0.3, 0.0])
+    assert [timeline.step_of(s) for s in (1.0, 0.8, 0.6, 0.45, 0.3, 0.1)] == [0, 0, 1, 1, 2, 2]

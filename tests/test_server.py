@@ -76,6 +76,14 @@ def test_every_demo_workflow_runs_through_the_queue(server, technique):
     assert reported_phrases(technique, steps=3) and all(phrase in report for phrase in reported_phrases(technique, 3))
 
 
+def test_the_demo_unet_deepcache_workflow_runs_through_the_queue(server):
+    result = server.run(workflows.unet_graph(steps=4, prefix="test_unet_deepcache"))
+    assert result.status == "success", result.error
+    assert result.outputs("save")["images"][0]["filename"].startswith("test_unet_deepcache")
+    assert "DeepCache (1:3 uniform, depth 0): 4 U-Net calls over 4 steps, 2 full and 2 shallow" in "".join(
+        result.outputs("report")["text"])
+
+
 def _saved_pixels(server, result, node_id: str) -> bytes:
     from PIL import Image
 
@@ -84,11 +92,11 @@ def _saved_pixels(server, result, node_id: str) -> bytes:
 
 
 def test_a_plan_at_another_step_count_warns_on_the_sampler_the_apply_node_and_the_report(server):
-    """The shipped plan was calibrated at 20 steps; sampled at 3, each step maps by position."""
+    """The shipped plan was calibrated at 20 steps; sampled at 3, each step maps by noise level."""
     result = server.run_alone(workflows.demo_graph("plan", size=128, steps=3, prefix="test_mapped"))
     assert result.status == "success", result.error
     shown = [(m["data"]["node"], m["data"]["text"]) for m in result.messages if m["type"] == "progress_text"]
-    warning = "the plan was calibrated at 20 steps and this run has 3"
+    warning = "the plan was calibrated at 20 steps (simple) and this run samples 3 steps at other noise levels"
     assert {node for node, text in shown if warning in text} == {"sampler", "fastattn0"}
     assert f"warning: {warning}" in "".join(result.outputs("report")["text"])
 

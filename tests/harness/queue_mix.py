@@ -125,16 +125,16 @@ def bad_prompts(prefix: str = "bad") -> dict[str, BadPrompt]:
     def demo(technique: str, name: str) -> dict:
         return workflows.demo_graph(technique, size=size, steps=steps, prefix=f"{prefix}_{name}")
 
-    plain_latent = {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}}
     unpatched_report = demo("baseline", "report")
     unpatched_report["report"] = {"class_type": "FastAttnReport",
                                   "inputs": {"model": ["loader", 0], "samples": ["sampler", 0]}}
     video_latent_inspected = workflows.inspector_graph(size)
     video_latent_inspected["latent"] = {"class_type": "EmptyHunyuanLatentVideo",
                                         "inputs": {"width": size, "height": size, "length": 5, "batch_size": 1}}
-    sd15_latent_decoded = demo("baseline", "decode")
-    sd15_latent_decoded["plain"] = plain_latent
-    sd15_latent_decoded["decode"]["inputs"]["samples"] = ["plain", 0]
+    video_latent_decoded = demo("baseline", "decode")  # 128 channels over frames: no demo model's latent
+    video_latent_decoded["video"] = {"class_type": "EmptyLTXVLatentVideo",
+                                     "inputs": {"width": 64, "height": 64, "length": 1, "batch_size": 1}}
+    video_latent_decoded["decode"]["inputs"]["samples"] = ["video", 0]
     calibrate = workflows.calibrate_graph(size=size, steps=steps, prefix=f"{prefix}_calibrate", plan_name="../escape")
     return {
         "window_layers": BadPrompt(_with(demo("window_residual", "window"), "fastattn0", layers="first two"),
@@ -147,7 +147,7 @@ def bad_prompts(prefix: str = "bad") -> dict[str, BadPrompt]:
         "inspector_latent": BadPrompt(video_latent_inspected, "FastAttnInspector", "[batch, 16, height, width], got [1, 16, 2,"),
         "caption": BadPrompt(_with(demo("baseline", "caption"), "positive", caption="a red zeppelin"),
                              "FastAttnDemoTextEncode", "zeppelin"),
-        "decode_latent": BadPrompt(sd15_latent_decoded, "FastAttnDemoDecode", "16, height, width"),
+        "decode_latent": BadPrompt(video_latent_decoded, "FastAttnDemoDecode", "16, height, width"),
         "calibrate_plan_name": BadPrompt(calibrate, "FastAttnCalibrate", "'../escape' is not a usable plan name"),
         "apply_plan_json": BadPrompt(_with(demo("plan", "apply"), "fastattn0", plan_json="{\"format\": "),
                                      "FastAttnApplyPlan", "not valid JSON"),

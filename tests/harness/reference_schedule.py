@@ -11,6 +11,10 @@ through a different host hook (the model function wrapper) with dense float64 at
   extra forward, a context window) only shares caches with the n-th evaluations of other steps;
 - techniques act on self-attention over image tokens (joint or image-only calls) of forwards
   whose block replacements are the model's own; everything else is the host's attention;
+- a node covers the steps whose starting sigma s lies in its start / end percent read as noise
+  levels: s <= percent_to_sigma(start) and s > percent_to_sigma(end) of the model's sampling
+  (equal within float rounding counts as equal), as core ComfyUI's EasyCache reads a range;
+  `refresh_every` and `compute_every` count the covered steps of this sampler's run from its first;
 - per (step, layer): the last step-sharing node covering it reuses the layer's last computed
   output between its computed steps; else the last window node covering it computes its full
   steps in full and the steps between as window + (full - window) of the last full step (made
@@ -32,14 +36,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-TEXT_FIRST = {"hunyuan_video": False}
-PATCH = {"wan": (1, 2, 2), "hunyuan_video": (1, 2, 2)}
+from .models import SPECS, joint_text_tokens
+
+# models whose attention ignores the override: their attention function, given the options per forward
+UNROUTED = {"pixart": "comfy.ldm.pixart.blocks", "hunyuan_dit": "comfy.ldm.hydit.attn_layers"}
 
 
 def reference_model(model, chain: list[dict], arch: str, cfg_guider: bool = True):
     """A clone of `model` whose attention follows `chain` as specified above, in float64."""
     clone = model.clone()
-    reference = _Reference(chain, arch, cfg_guider, _replacements(clone.model_options.get("transformer_options", {})))
+    reference = _Reference(chain, arch, cfg_guider, _replacements(clone.model_options.get("transformer_options", {})),
+                           clone.get_model_object("model_sampling").percent_to_sigma)
     clone.set_model_unet_function_wrapper(reference.forward)
     return clone
 
@@ -48,10 +55,6 @@ def techniques_acted(reference) -> set[str]:
     """What changed some attention call in the runs of a `reference_model` clone so far: "window"
     (a window, with its residual if it has one), "step" (a reused output), "cfg" (a copied one)."""
     return set(reference.model_options["model_function_wrapper"].__self__.acted)
-
-
-def _ceil(x: float) -> int:
-    return math.ceil(round(x, 9))
 
 
 def _layers(text: str) -> set[int] | None:
@@ -64,10 +67,29 @@ def _layers(text: str) -> set[int] | None:
     return found
 
 
-def _covers(spec: dict, step: int, total: int, layer: int) -> bool:
+@dataclass(frozen=True)
+class _Levels:
+    """One sampler's run: the sigma each step starts from, and the model's percent -> sigma."""
+
+    sigmas: tuple[float, ...]
+    percent_to_sigma: object
+
+    @property
+    def total(self) -> int:
+        return len(self.sigmas) - 1
+
+    def covered(self, spec: dict) -> list[int]:
+        """The run's steps inside the node's noise range, in order."""
+        high = float(self.percent_to_sigma(spec.get("start", 0.0)))
+        low = float(self.percent_to_sigma(spec.get("end", 1.0)))
+        return [step for step, s in enumerate(self.sigmas[:-1])
+                if (s < high or math.isclose(s, high, rel_tol=1e-5, abs_tol=1e-8))
+                and s > low and not math.isclose(s, low, rel_tol=1e-5, abs_tol=1e-8)]
+
+
+def _covers(spec: dict, step: int, levels: _Levels, layer: int) -> bool:
     layers = _layers(spec.get("layers", ""))
-    first, end = _ceil(spec.get("start", 0.0) * total), _ceil(spec.get("end", 1.0) * total)
-    return first <= step < end and (layers is None or layer in layers)
+    return step in levels.covered(spec) and (layers is None or layer in layers)
 
 
 @dataclass(frozen=True)
@@ -77,27 +99,27 @@ class _Choice:
     window: dict | None = None
 
 
-def _choose(chain: list[dict], step: int, total: int, layer: int) -> _Choice:
-    covering = [spec for spec in chain if _covers(spec, step, total, layer)]
+def _choose(chain: list[dict], step: int, levels: _Levels, layer: int) -> _Choice:
+    covering = [spec for spec in chain if _covers(spec, step, levels, layer)]
     cfg = any(spec["technique"] == "cfg" for spec in covering)
     sharing = [spec for spec in covering if spec["technique"] == "step"]
     if sharing:
         spec = sharing[-1]
-        if (step - _ceil(spec.get("start", 0.0) * total)) % spec.get("compute_every", 2):
+        if levels.covered(spec).index(step) % spec.get("compute_every", 2):
             return _Choice("reuse", cfg)
     windows = [spec for spec in covering if spec["technique"] == "window"]
     if not windows:
         return _Choice("full", cfg)
     spec = windows[-1]
-    if (step - _ceil(spec.get("start", 0.0) * total)) % spec.get("refresh_every", 2) == 0:
+    if levels.covered(spec).index(step) % spec.get("refresh_every", 2) == 0:
         return _Choice("full", cfg)
     return _Choice("window", cfg, spec)
 
 
-def _next_window(chain: list[dict], step: int, total: int, layer: int) -> dict | None:
+def _next_window(chain: list[dict], step: int, levels: _Levels, layer: int) -> dict | None:
     """The window (with residual) of the layer's next step that computes, if it uses one."""
-    for later in range(step + 1, total):
-        choice = _choose(chain, later, total, layer)
+    for later in range(step + 1, levels.total):
+        choice = _choose(chain, later, levels, layer)
         if choice.compute != "reuse":
             return choice.window if choice.window is not None and choice.window.get("residual", True) else None
     return None
@@ -177,6 +199,7 @@ class _Reference:
     cfg_guider: bool
     own_replacements: frozenset
     acted: set = field(default_factory=set)  # the techniques that changed some call: "window", "step", "cfg"
+    percent_to_sigma: object
     outputs: dict = field(default_factory=dict)  # (layer, chunk) -> (step, output)
     residuals: dict = field(default_factory=dict)  # (layer, chunk) -> (step, window's mask, residual)
     conditional: dict = field(default_factory=dict)  # (layer, step, evaluation, frames) -> (input, output)
@@ -187,6 +210,7 @@ class _Reference:
         options = c["transformer_options"]
         sigmas = [float(s) for s in options["sample_sigmas"]]
         total = len(sigmas) - 1
+        levels = _Levels(tuple(sigmas), self.percent_to_sigma)
         sigma = float(options["sigmas"].flatten()[0])
         reached = sum(1 for s in sigmas[:-1] if s >= sigma or math.isclose(s, sigma, rel_tol=1e-5))
         step = min(max(reached - 1, 0), total - 1)
@@ -197,16 +221,14 @@ class _Reference:
         for place, uuid in enumerate(options.get("uuids", roles)):
             self.evaluations[(step, uuid, frames)] = self.evaluations.get((step, uuid, frames), -1) + 1
             chunks.append((uuid, frames, self.evaluations[(step, uuid, frames)], place))
-        patch = PATCH.get(self.arch, (2, 2))
+        patch = SPECS[self.arch].patch
         grid = tuple(-(-size // p) for size, p in zip(x.shape[-len(patch):], patch, strict=False))
-        context = c.get("c_crossattn")
-        forward = _Forward(self, step, total, roles, chunks, x.chunk(len(roles)), grid,
-                           0 if context is None else context.shape[1],
+        forward = _Forward(self, step, levels, roles, chunks, x.chunk(len(roles)), grid, joint_text_tokens(self.arch, c),
                            _replacements(options) != self.own_replacements)
         c["transformer_options"] = {**options, "optimized_attention_override": forward}
-        if self.arch != "pixart":
+        if self.arch not in UNROUTED:
             return apply_model(x, args["timestep"], **c)
-        blocks = importlib.import_module("comfy.ldm.pixart.blocks")  # its attention ignores the override:
+        blocks = importlib.import_module(UNROUTED[self.arch])  # its attention ignores the override:
         original = blocks.optimized_attention  # give it the transformer options for this forward
         blocks.optimized_attention = functools.partial(original, transformer_options=c["transformer_options"])
         try:
@@ -219,7 +241,7 @@ class _Reference:
 class _Forward:
     ref: _Reference
     step: int
-    total: int
+    levels: _Levels
     roles: list[int]
     chunks: list[tuple]
     inputs: tuple
@@ -241,9 +263,9 @@ class _Forward:
         text_len = self.text_len if joint else 0
         qh, kh, vh = (self._heads_first(t, heads, kwargs) for t in (q, k, v))
         bias = _mask_bias(mask, q.shape[0], n)
-        image_start = text_len if TEXT_FIRST.get(self.ref.arch, True) else 0
+        image_start = text_len if SPECS[self.ref.arch].text_first else 0
         keep = _padding_keep(bias, q.shape[0], n, slice(image_start, image_start + image_len))  # None: not a padding mask
-        choice = _choose(self.ref.chain, self.step, self.total, layer)
+        choice = _choose(self.ref.chain, self.step, self.levels, layer)
         size = q.shape[0] // len(self.chunks)
         rows = [slice(i * size, (i + 1) * size) for i in range(len(self.chunks))]
         stored = [self.ref.outputs.get((layer, chunk[:3])) for chunk in self.chunks]
@@ -265,7 +287,7 @@ class _Forward:
             if source is not None:
                 outs[i] = outs[source] if isinstance(source, int) else source
                 self.ref.acted.add("cfg")
-        if _choose(self.ref.chain, self.step + 1, self.total, layer).compute == "reuse":
+        if _choose(self.ref.chain, self.step + 1, self.levels, layer).compute == "reuse":
             for chunk, out in zip(self.chunks, outs, strict=True):
                 self.ref.outputs[(layer, chunk[:3])] = (self.step, out)
         return self._format(torch.cat(outs), q.dtype, kwargs)
@@ -289,20 +311,20 @@ class _Forward:
         (`keep`: the keys a text padding mask keeps, None for another mask), else in full."""
         scale = q.shape[-1] ** -0.5
         chunk = self.chunks[i][:3]
-        text_first = TEXT_FIRST.get(self.ref.arch, True)
+        text_first = SPECS[self.ref.arch].text_first
         if choice.compute == "window" and keep is not None:
             spec = choice.window
             allowed = _allowed(spec, text_len, self.grid, text_first, keep)
             windowed = _attend(q, k, v, scale, allowed)
-            residual = self.ref.residuals.get((layer, chunk))
             if not spec.get("residual", True):
                 self.ref.acted.add("window")
                 return windowed
+            residual = self.ref.residuals.get((layer, chunk))
             if residual is not None and residual[0] < self.step and torch.equal(residual[1], allowed):
                 self.ref.acted.add("window")
                 return windowed + residual[2]
         full = _attend(q, k, v, scale, bias=bias)
-        later = _next_window(self.ref.chain, self.step, self.total, layer)
+        later = _next_window(self.ref.chain, self.step, self.levels, layer)
         if later is not None and keep is not None:
             allowed = _allowed(later, text_len, self.grid, text_first, keep)
             self.ref.residuals[(layer, chunk)] = (self.step, allowed, full - _attend(q, k, v, scale, allowed))
