@@ -198,8 +198,8 @@ class _Reference:
     arch: str
     cfg_guider: bool
     own_replacements: frozenset
-    acted: set = field(default_factory=set)  # the techniques that changed some call: "window", "step", "cfg"
     percent_to_sigma: object
+    acted: set = field(default_factory=set)  # the techniques that changed some call: "window", "step", "cfg"
     outputs: dict = field(default_factory=dict)  # (layer, chunk) -> (step, output)
     residuals: dict = field(default_factory=dict)  # (layer, chunk) -> (step, window's mask, residual)
     conditional: dict = field(default_factory=dict)  # (layer, step, evaluation, frames) -> (input, output)
