@@ -127,7 +127,8 @@ class ApplyPlan(io.ComfyNode):
             description="Carries out a calibrated plan: the plan input if connected, else the pasted plan_json, "
                         "else the saved plan picked. Checked against the model when sampling starts; a run at other "
                         "noise levels (another step count, denoise below 1) uses the plan step calibrated at the same "
-                        "noise level, with a warning shown under the sampler and this node.",
+                        "noise level, with a warning shown under the sampler and this node (so does another token grid "
+                        "than the calibration's).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion transformer the plan was calibrated for."),
                 io.Combo.Input("plan_name", options=[NO_PLAN, *list_plans()], default=NO_PLAN,

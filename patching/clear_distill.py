@@ -6,7 +6,7 @@ trainable deltas to the projections through ModelPatcher weight wrappers (as Com
 trainer does) and runs local attention through a differentiable dense masked softmax (the
 kernels' reference; the fast kernels have no backward). Training runs inside ComfyUI's own
 sampling path as a custom Sampler, so conditioning, model loading and the runtime's wrappers
-are the host's. Losses as CLEAR (REFERENCE.md section 3), on the model's prediction
+are the host's. Losses as in CLEAR's paper (README, CLEAR Distillation), on the model's prediction
 (x_t - denoised) / sigma (velocity for flow models): flow matching against the teacher's
 samples + 0.5 x MSE(student, teacher) + 0.5 x MSE of every local layer's attention output,
 with the sampling's prompts and CFG scale (the guided prediction is what sampling uses).
@@ -21,7 +21,8 @@ without a copy of the model's forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import comfy.model_management
@@ -278,8 +279,8 @@ def distill(model, positive, negative, cfg: float, teacher_latents: torch.Tensor
     tensors and metadata: every trained projection whole (by state-dict key) and the pooling
     weights, for the CLEAR loader. Stops between steps when ComfyUI is interrupted, and saves
     what was trained so far (its metadata says how many steps)."""
-    with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; parameters must be made outside it
-        trainable = trainable_for(model, start)
+    with torch.inference_mode(False), _frozen(model.model):  # ComfyUI runs nodes in inference mode: parameters
+        trainable = trainable_for(model, start)  # must be made outside it
         trainable.pool_weights.update({int(k.removeprefix(LAYER_POOL_WEIGHT)): nn.Parameter(v.float().clone())
                                        for k, v in (start or {}).items() if k.startswith(LAYER_POOL_WEIGHT)})
         attention = DistillAttention(WindowSize("circle", tokens=settings.radius, pool=settings.pool),
@@ -299,6 +300,27 @@ def distill(model, positive, negative, cfg: float, teacher_latents: torch.Tensor
         finally:
             if sampler.steps_done:
                 save(*_file_contents(model, trainable, settings, sampler.steps_done))
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """The model's own tensors as autograd can use them while the deltas train: plain tensors
+    (ComfyUI loads models under inference mode, and autograd cannot keep inference tensors for a
+    backward; they become plain tensors of the same values, once, which inference does not notice)
+    asking for no gradient (as ComfyUI's LoRA trainer freezes them), their flags restored after."""
+    for owner in module.modules():
+        for name, tensor in (*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)):
+            if tensor.is_inference():
+                plain = tensor.clone()
+                setattr(owner, name, nn.Parameter(plain, tensor.requires_grad) if name in owner._parameters else plain)
+    asking = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    for parameter in asking:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in asking:
+            parameter.requires_grad_(True)
 
 
 def _file_contents(model, trainable: Trainable, settings: DistillSettings,

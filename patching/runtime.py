@@ -347,6 +347,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     sigmas = transformer_options.get("sigmas", t)
     step = run.timeline.step_of(float(sigmas.flatten()[0]))
     cond_or_uncond = tuple(transformer_options.get("cond_or_uncond", ()))
+    stand_aside = _stand_aside(run, transformer_options, x.shape[0], cond_or_uncond)
     grid, text_len = adapter.image_grid(x.shape), adapter.text_len(c_crossattn, kwargs)
     forward = ForwardPass(
         run,
@@ -357,8 +358,8 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         text_len=text_len,
         previous_override=transformer_options.get(OVERRIDE_KEY),
         halves=tuple(OTHER if run.roles is None else run.roles.get(index, OTHER) for index in cond_or_uncond),
-        inputs=tuple(x.chunk(len(cond_or_uncond))) if cond_or_uncond and x.shape[0] % len(cond_or_uncond) == 0 else (),
-        stand_aside=_stand_aside(run, transformer_options),
+        inputs=tuple(x.chunk(len(cond_or_uncond))) if stand_aside is None else (),
+        stand_aside=stand_aside,
         context_len=0 if c_crossattn is None else int(c_crossattn.shape[1]),
         layout_proof=None if adapter.layout_proven else run.layout_proof(grid, text_len, lambda: prove_layout(
             _forward_with(executor, (t, c_concat, c_crossattn, control), transformer_options, kwargs, adapter),
@@ -387,14 +388,20 @@ def _forward_with(executor, args: tuple, transformer_options: dict, kwargs: dict
     return forward
 
 
-def _stand_aside(run: SamplingRun, transformer_options: dict) -> str | None:
+def _stand_aside(run: SamplingRun, transformer_options: dict, batch: int, cond_or_uncond: tuple[int, ...]) -> str | None:
     """Why no technique may touch this forward, if one must stand aside: a forward that replaces
     blocks the model itself does not (Skip Layer Guidance skipping layers) numbers its attention
-    layers differently, so neither the schedule's layers nor the caches apply to it."""
+    layers differently, so neither the schedule's layers nor the caches apply to it; and every
+    cache and CFG copy is kept per conditioning chunk, so a call whose batch is not made of its
+    `cond_or_uncond` chunks (an extension calling the model itself) has nothing to key them by."""
     if run.displaced is not None:
         return run.displaced
     if block_replacements(transformer_options) != run.block_replacements:
         return "a forward with blocks replaced for it alone (e.g. Skip Layer Guidance)"
+    if not cond_or_uncond:
+        return "a model call without cond_or_uncond (an extension calling the model itself)"
+    if batch % len(cond_or_uncond):
+        return "a model call whose batch does not split into its cond_or_uncond chunks"
     return None
 
 

@@ -27,7 +27,7 @@ from ..patching.timeline import Timeline
 FORMAT = "fastattn-plan"
 VERSION = 2  # 2 added per-head cells ("heads"); version 1 plans load unchanged
 
-# The paper's candidates (REFERENCE.md section 1), in the order greedy search tries them.
+# DiTFastAttn's candidates (README, "Plans and calibration"), in the order greedy search tries them.
 # ast: attention sharing across timesteps; wars: window attention + residual sharing;
 # asc: attention sharing across CFG.
 CANDIDATES = ("ast", "wars+asc", "wars", "full+asc")
@@ -66,21 +66,11 @@ class Fingerprint:
     architecture: str
     layers: tuple[LayerInfo, ...]
 
-    def mismatch(self, other: Fingerprint) -> str | None:
-        """Why a plan for `self` does not fit a model with fingerprint `other`, or None."""
-        if self.architecture != other.architecture:
-            return f"the plan is for a {self.architecture} model, this model is {other.architecture}"
-        if len(self.layers) != len(other.layers):
-            return f"the plan has {len(self.layers)} attention layers per forward, this model has {len(other.layers)}"
-        for index, (mine, theirs) in enumerate(zip(self.layers, other.layers, strict=True)):
-            if mine != theirs:
-                return f"attention layer {index} differs: the plan has {mine}, this model has {theirs}"
-        return None
-
 
 @dataclass(frozen=True)
 class CalibrationInfo:
-    """What a plan was calibrated on (for the user and for mapping; only `steps` is used)."""
+    """What a plan was calibrated on: for the user, and for applying it (`steps` maps another step
+    count by position; another `grid` is warned about)."""
 
     steps: int
     sampler: str = ""

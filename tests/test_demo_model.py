@@ -154,8 +154,12 @@ def test_samples_follow_colour_and_layout(model):
 
 
 def test_samples_at_4096_tokens(model):
-    image = generate(model, "a big yellow square on a striped blue background", 64, steps=4)
-    assert image.shape == (256, 256, 3) and torch.isfinite(image).all()
+    """At 4096 tokens (no coherent scenes yet, see README) the caption still steers the colours."""
+    yellow = generate(model, "a big yellow square on a striped yellow background", 64, steps=4)
+    blue = generate(model, "a big blue square on a striped blue background", 64, steps=4)
+    assert yellow.shape == blue.shape == (256, 256, 3)
+    yellowness = lambda image: (image[..., 0] + image[..., 1] - 2 * image[..., 2]).mean()  # noqa: E731
+    assert yellowness(yellow) > yellowness(blue) + 0.1
 
 
 def test_training_stops_at_once_without_native_bfloat16(monkeypatch):

@@ -4,7 +4,8 @@ run through the API queue, and a bad input gives a clear error without harming t
 from __future__ import annotations
 
 import pytest
-from harness import pack_import
+from harness import pack_import, pack_nodes
+from harness.queue_mix import reported_phrases
 from harness.server import ComfyServer
 
 workflows = pack_import("demo.workflows")
@@ -28,13 +29,13 @@ def server(tmp_path_factory):
         yield running
 
 
-def test_object_info_lists_our_nodes(server):
+def test_object_info_lists_every_node_with_a_tooltip_on_every_input(server):
     info = server.get("/object_info")
-    ours = {name for name in info if name.startswith("FastAttn")}
-    assert {"FastAttnInspector", "FastAttnDemoTextEncode", "FastAttnDemoDecode"} <= ours
-    inspector = info["FastAttnInspector"]
-    assert inspector["category"] == "FastAttn"
-    assert all("tooltip" in spec[1] for spec in inspector["input"]["required"].values())
+    assert {name for name in info if name.startswith("FastAttn")} == set(pack_nodes())
+    for name in pack_nodes():
+        assert info[name]["category"].startswith("FastAttn"), name
+        inputs = {**info[name]["input"]["required"], **info[name]["input"].get("optional", {})}
+        assert inputs and all(spec[1].get("tooltip") for spec in inputs.values()), name
     assert DEMO_MODEL in info["UNETLoader"]["input"]["required"]["unet_name"][0]
 
 
@@ -60,12 +61,19 @@ def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(server):
 
 @pytest.mark.parametrize("technique", list(workflows.TECHNIQUES))
 def test_every_demo_workflow_runs_through_the_queue(server, technique):
-    """The API twins of example_workflows/, small and short."""
+    """The API twins of example_workflows/, small and short: each saves its image, and its report
+    names the technique, so it acted."""
     result = server.run(workflows.demo_graph(technique, size=128, steps=3, prefix=f"test_{technique}"))
     assert result.status == "success", result.error
-    assert result.outputs("save")["images"][0]["filename"].startswith(f"test_{technique}")
-    if technique != "baseline":
-        assert "attention FLOPs computed" in "".join(result.outputs("report")["text"])
+    saved = result.outputs("save")["images"]
+    assert len(saved) == 1 and saved[0]["filename"].startswith(f"test_{technique}")
+    assert (server.output_dir / saved[0].get("subfolder", "") / saved[0]["filename"]).stat().st_size > 0
+    if technique == "baseline":
+        assert "report" not in result.history["outputs"]
+        return
+    report = "".join(result.outputs("report")["text"])
+    assert "attention FLOPs computed" in report
+    assert reported_phrases(technique, steps=3) and all(phrase in report for phrase in reported_phrases(technique, 3))
 
 
 def test_the_demo_unet_deepcache_workflow_runs_through_the_queue(server):

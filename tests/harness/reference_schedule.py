@@ -1,9 +1,10 @@
 """An independent, slow float64 implementation of what a chain of DiTFastAttn nodes computes.
 
-Written apart from the pack's runtime (it shares none of its code): a chain is a list of plain
-dicts, the pack builds it with its own nodes (`patched_with_nodes`) and this module carries it
-out through a different host hook (the model function wrapper) with dense float64 attention
-(`reference_model`). Tests sample both and compare. The semantics, as the README states them:
+Written apart from the pack (it imports none of it): a chain is a list of plain dicts, the pack
+builds it with its own nodes (`harness.chains.patched_with_nodes`) and this module carries it out
+through a different host hook (the model function wrapper) with dense float64 attention
+(`reference_model`). Tests sample both and compare, and compare which techniques acted
+(`techniques_acted`). The semantics, as the README states them:
 
 - a model evaluation belongs to the schedule step whose sigma interval holds it; the n-th
   evaluation of a conditioning in a step (a second-order sampler's second call, an extension's
@@ -21,7 +22,9 @@ out through a different host hook (the model function wrapper) with dense float6
   the conditional chunks and copies the first one with the same model input to each
   unconditional chunk, under ComfyUI's CFG guider only;
 - a cache that is missing or made for another window or shape means a full computation;
-  text padding masks hide their keys from every query, windows included.
+  text padding masks (hard, hiding only text keys, the same ones from every query and head) hide
+  their keys from every query, windows included; a call with any other mask computes in full
+  (and caches no residual), as the host computes it.
 """
 
 from __future__ import annotations
@@ -33,28 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .host import pack_import
 from .models import SPECS, joint_text_tokens
 
 # models whose attention ignores the override: their attention function, given the options per forward
 UNROUTED = {"pixart": "comfy.ldm.pixart.blocks", "hunyuan_dit": "comfy.ldm.hydit.attn_layers"}
-
-
-def patched_with_nodes(model, chain: list[dict]):
-    """The model patched by the pack's own nodes, one per dict of `chain`, in order."""
-    nodes = pack_import("nodes.ditfastattn")
-    shapes = {value: key for key, value in nodes.WINDOW_SHAPES.items()}
-    for spec in chain:
-        scope = (spec.get("start", 0.0), spec.get("end", 1.0), spec.get("layers", ""))
-        if spec["technique"] == "window":
-            model = nodes.WindowResidualAttention.execute(
-                model, shapes[spec.get("shape", "band")], spec.get("fraction", 0.125), spec.get("tokens", 0),
-                spec.get("refresh_every", 2), spec.get("residual", True), *scope).result[0]
-        elif spec["technique"] == "step":
-            model = nodes.StepSharingAttention.execute(model, spec.get("compute_every", 2), *scope).result[0]
-        else:
-            model = nodes.CFGSharingAttention.execute(model, *scope).result[0]
-    return model
 
 
 def reference_model(model, chain: list[dict], arch: str, cfg_guider: bool = True):
@@ -64,6 +49,12 @@ def reference_model(model, chain: list[dict], arch: str, cfg_guider: bool = True
                            clone.get_model_object("model_sampling").percent_to_sigma)
     clone.set_model_unet_function_wrapper(reference.forward)
     return clone
+
+
+def techniques_acted(reference) -> set[str]:
+    """What changed some attention call in the runs of a `reference_model` clone so far: "window"
+    (a window, with its residual if it has one), "step" (a reused output), "cfg" (a copied one)."""
+    return set(reference.model_options["model_function_wrapper"].__self__.acted)
 
 
 def _layers(text: str) -> set[int] | None:
@@ -160,9 +151,40 @@ def _allowed(spec: dict, text_len: int, grid: tuple[int, ...], text_first: bool,
     return window & mask_keep
 
 
-def _attend(q, k, v, allowed, scale):
+def _attend(q, k, v, scale, allowed=None, bias=None):
+    """Dense attention over the keys `allowed` sees, the host's additive mask `bias` added."""
     scores = (q @ k.transpose(-1, -2)) * scale
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+    if bias is not None:
+        scores = scores + bias
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+HIDDEN = -1.0e4  # an additive mask entry at or below this hides its key
+
+
+def _mask_bias(mask, batch: int, n: int) -> torch.Tensor | None:
+    """The host's mask as an additive float64 [B, 1 or H, N, N] bias (a bool mask: 0 kept, -inf hidden)."""
+    if mask is None:
+        return None
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0 if mask.ndim == 2 else 1)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask.cpu(), float("-inf"))
+    return mask.double().expand(batch, mask.shape[1], n, n)
+
+
+def _padding_keep(bias: torch.Tensor | None, batch: int, n: int, image: slice) -> torch.Tensor | None:
+    """[B, 1, 1, N] keys kept when `bias` is a text padding mask (every entry 0 or hidden, the same
+    for every query and head, no image key hidden); None for any other mask."""
+    if bias is None:
+        return torch.ones(batch, 1, 1, n, dtype=torch.bool)
+    kept, hidden = bias == 0, bias <= HIDDEN
+    first = kept[:, :1, :1, :]
+    if not bool((kept | hidden).all()) or not bool((kept == first).all()) or not bool(first[..., image].all()):
+        return None
+    return first
 
 
 def _replacements(transformer_options: dict) -> frozenset:
@@ -177,6 +199,7 @@ class _Reference:
     cfg_guider: bool
     own_replacements: frozenset
     percent_to_sigma: object
+    acted: set = field(default_factory=set)  # the techniques that changed some call: "window", "step", "cfg"
     outputs: dict = field(default_factory=dict)  # (layer, chunk) -> (step, output)
     residuals: dict = field(default_factory=dict)  # (layer, chunk) -> (step, window's mask, residual)
     conditional: dict = field(default_factory=dict)  # (layer, step, evaluation, frames) -> (input, output)
@@ -239,26 +262,31 @@ class _Forward:
             return func(q, k, v, heads, mask=mask, **kwargs)
         text_len = self.text_len if joint else 0
         qh, kh, vh = (self._heads_first(t, heads, kwargs) for t in (q, k, v))
-        keep = self._mask_keep(mask, q.shape[0], n)
+        bias = _mask_bias(mask, q.shape[0], n)
+        image_start = text_len if SPECS[self.ref.arch].text_first else 0
+        keep = _padding_keep(bias, q.shape[0], n, slice(image_start, image_start + image_len))  # None: not a padding mask
         choice = _choose(self.ref.chain, self.step, self.levels, layer)
         size = q.shape[0] // len(self.chunks)
         rows = [slice(i * size, (i + 1) * size) for i in range(len(self.chunks))]
         stored = [self.ref.outputs.get((layer, chunk[:3])) for chunk in self.chunks]
         if choice.compute == "reuse" and all(s is not None and s[0] < self.step and s[1].shape == qh[r].shape
                                              for s, r in zip(stored, rows, strict=True)):
+            self.ref.acted.add("step")
             return self._format(torch.cat([s[1] for s in stored]), q.dtype, kwargs)
         sources = {i: self._cfg_source(choice, layer, i, qh[rows[i]].shape) for i in range(len(self.chunks))}
         outs: list = [None] * len(self.chunks)
         for i, source in sources.items():
             if source is None:
                 r = rows[i]
-                outs[i] = self._compute(choice, layer, i, qh[r], kh[r], vh[r], keep[r], text_len)
+                outs[i] = self._compute(choice, layer, i, qh[r], kh[r], vh[r], text_len,
+                                        None if bias is None else bias[r], None if keep is None else keep[r])
                 key = (layer, self.step, self.chunks[i][2], self.chunks[i][1])
                 if choice.cfg and self.roles[i] == 0 and self.ref.cfg_guider and key not in self.ref.conditional:
                     self.ref.conditional[key] = (self.inputs[i], outs[i])
         for i, source in sources.items():
             if source is not None:
                 outs[i] = outs[source] if isinstance(source, int) else source
+                self.ref.acted.add("cfg")
         if _choose(self.ref.chain, self.step + 1, self.levels, layer).compute == "reuse":
             for chunk, out in zip(self.chunks, outs, strict=True):
                 self.ref.outputs[(layer, chunk[:3])] = (self.step, out)
@@ -278,24 +306,28 @@ class _Forward:
             return earlier[1]
         return None
 
-    def _compute(self, choice, layer, i, q, k, v, keep, text_len) -> torch.Tensor:
+    def _compute(self, choice, layer, i, q, k, v, text_len, bias, keep) -> torch.Tensor:
+        """One chunk's output: the window (+ residual) where the choice and the mask allow it
+        (`keep`: the keys a text padding mask keeps, None for another mask), else in full."""
         scale = q.shape[-1] ** -0.5
         chunk = self.chunks[i][:3]
         text_first = SPECS[self.ref.arch].text_first
-        if choice.compute == "window":
+        if choice.compute == "window" and keep is not None:
             spec = choice.window
             allowed = _allowed(spec, text_len, self.grid, text_first, keep)
-            windowed = _attend(q, k, v, allowed, scale)
+            windowed = _attend(q, k, v, scale, allowed)
             if not spec.get("residual", True):
+                self.ref.acted.add("window")
                 return windowed
             residual = self.ref.residuals.get((layer, chunk))
             if residual is not None and residual[0] < self.step and torch.equal(residual[1], allowed):
+                self.ref.acted.add("window")
                 return windowed + residual[2]
-        full = _attend(q, k, v, keep, scale)
+        full = _attend(q, k, v, scale, bias=bias)
         later = _next_window(self.ref.chain, self.step, self.levels, layer)
-        if later is not None:
+        if later is not None and keep is not None:
             allowed = _allowed(later, text_len, self.grid, text_first, keep)
-            self.ref.residuals[(layer, chunk)] = (self.step, allowed, full - _attend(q, k, v, allowed, scale))
+            self.ref.residuals[(layer, chunk)] = (self.step, allowed, full - _attend(q, k, v, scale, allowed))
         return full
 
     def _heads_first(self, t, heads, kwargs) -> torch.Tensor:
@@ -309,13 +341,3 @@ class _Forward:
         if kwargs.get("skip_output_reshape"):
             return out
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
-
-    @staticmethod
-    def _mask_keep(mask, batch: int, n: int) -> torch.Tensor:
-        """[B, 1, N, N] keys kept by the host's mask (bool, or additive with 0 and very negative)."""
-        if mask is None:
-            return torch.ones(batch, 1, n, n, dtype=torch.bool)
-        while mask.ndim < 4:
-            mask = mask.unsqueeze(0 if mask.ndim == 2 else 1)
-        keep = mask if mask.dtype == torch.bool else mask > -1.0e4
-        return keep.expand(batch, 1, n, n)
