@@ -178,7 +178,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     print(f"This CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bfloat16 matmul: training "
-          "in float32 (slower; the shipped weights were trained under bfloat16 autocast).", flush=True)
+          "in float32 (slower, and not bitwise the run a bfloat16 CPU or a GPU makes).", flush=True)
     return None
 
 
