@@ -6,7 +6,7 @@ trainable deltas to the projections through ModelPatcher weight wrappers (as Com
 trainer does) and runs local attention through a differentiable dense masked softmax (the
 kernels' reference; the fast kernels have no backward). Training runs inside ComfyUI's own
 sampling path as a custom Sampler, so conditioning, model loading and the runtime's wrappers
-are the host's. Losses as in CLEAR's paper (README, CLEAR Distillation), on the model's prediction
+are the host's. Losses as in CLEAR's paper (docs/nodes.md, CLEAR Distillation), on the model's prediction
 (x_t - denoised) / sigma (velocity for flow models): flow matching against the teacher's
 samples + 0.5 x MSE(student, teacher) + 0.5 x MSE of every local layer's attention output,
 with the sampling's prompts and CFG scale (the guided prediction is what sampling uses).

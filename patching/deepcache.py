@@ -44,6 +44,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from .cache import block_replacements, chunk_ids, gather_chunks, store_chunks
 from .deepcache_schedule import SCHEDULES, ScheduleKind, full_steps
+from .run_scope import run_in_options, sampled_timeline
 from .timeline import Timeline
 
 HOLDER_KEY = "fastattn_deepcache"  # key of the holder in transformer_options and of our wrappers
@@ -151,9 +152,9 @@ class DeepCacheHolder:
 class DeepCacheRun:
     """State of one sampling run: which steps are full, the stored features and the report."""
 
-    def __init__(self, holder: DeepCacheHolder, sample_sigmas: torch.Tensor, model_sampling) -> None:
+    def __init__(self, holder: DeepCacheHolder, timeline: Timeline) -> None:
         s = holder.settings
-        self.timeline = Timeline.of(sample_sigmas, model_sampling)
+        self.timeline = timeline
         active = self.timeline.steps_within(s.start_percent, s.end_percent)
         self.full = full_steps(self.timeline.steps, active, s.interval, s.schedule)
         self.layout = holder.layout
@@ -252,16 +253,12 @@ def gated_forward(block: str, name: str, original: Callable, unet: torch.nn.Modu
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Create the run's state when sampling starts; drop it when sampling ends, however it ends."""
     guider = executor.class_obj
-    original_options = guider.model_options
-    holder: DeepCacheHolder = original_options["transformer_options"][HOLDER_KEY]
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    run = DeepCacheRun(holder, sigmas, guider.model_patcher.get_model_object("model_sampling"))
-    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-    guider.model_options["transformer_options"][RUN_KEY] = run
+    holder: DeepCacheHolder = guider.model_options["transformer_options"][HOLDER_KEY]
+    run = DeepCacheRun(holder, sampled_timeline(executor, args, kwargs))
     try:
-        return executor(*args, **kwargs)
+        with run_in_options(guider, RUN_KEY, run):
+            return executor(*args, **kwargs)
     finally:
-        guider.model_options = original_options
         holder.last_report = run.close()
         logging.info("FastAttn: %s", holder.last_report.summary())
 

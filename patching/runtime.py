@@ -43,6 +43,7 @@ from .cache import block_replacements, chunk_ids
 from .call import AttentionCall
 from .layout_proof import LayoutProof, prove_layout
 from .report import CallSite, LayerRecord, RunReport
+from .run_scope import run_in_options, sampled_timeline
 from .timeline import Timeline
 
 PATCH_KEY = "fastattn"  # key of our holder in transformer_options and of our wrappers
@@ -322,17 +323,14 @@ def _cfg_roles(guider) -> dict[int, int] | None:
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Create the run's state when sampling starts; drop it when sampling ends, however it ends."""
     guider = executor.class_obj
-    original_options = guider.model_options
-    patch: AttentionPatch = original_options["transformer_options"][PATCH_KEY]
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    timeline = Timeline.of(sigmas, guider.model_patcher.get_model_object("model_sampling"))
-    run = SamplingRun(patch, timeline, _cfg_roles(guider), block_replacements(original_options["transformer_options"]))
-    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-    guider.model_options["transformer_options"][RUN_KEY] = run
+    transformer_options = guider.model_options["transformer_options"]
+    patch: AttentionPatch = transformer_options[PATCH_KEY]
+    run = SamplingRun(patch, sampled_timeline(executor, args, kwargs), _cfg_roles(guider),
+                      block_replacements(transformer_options))
     try:
-        return executor(*args, **kwargs)
+        with run_in_options(guider, RUN_KEY, run):
+            return executor(*args, **kwargs)
     finally:
-        guider.model_options = original_options
         patch.last_report = run.close()
         logging.info("FastAttn: %s", patch.last_report.summary())
 

@@ -27,7 +27,7 @@ from ..patching.timeline import Timeline
 FORMAT = "fastattn-plan"
 VERSION = 2  # 2 added per-head cells ("heads"); version 1 plans load unchanged
 
-# DiTFastAttn's candidates (README, "Plans and calibration"), in the order greedy search tries them.
+# DiTFastAttn's candidates (docs/plans.md), in the order greedy search tries them.
 # ast: attention sharing across timesteps; wars: window attention + residual sharing;
 # asc: attention sharing across CFG.
 CANDIDATES = ("ast", "wars+asc", "wars", "full+asc")

@@ -4,7 +4,7 @@ Each test samples with the pack's nodes and with `harness.reference_schedule` (a
 implementation of the same chain written apart from the pack) through the host's real guiders,
 samplers and extensions, and checks that the techniques acted where the reference says they do
 (the output moved away from the unpatched model's, and the Attention Report counts them). The
-section "where a technique stands aside" has one test per case of README's list: the call runs
+section "where a technique stands aside" has one test per case of docs/host-paths.md's list: the call runs
 as without the technique (output equal to the unpatched model's or the reference's) and the
 report names the reason.
 """
@@ -267,7 +267,7 @@ def test_windows_and_sharing_match_the_reference_on_the_other_architectures(arch
     assert "step sharing" in techniques and any(name.startswith("window+residual") for name in techniques)
 
 
-# 2. where a technique stands aside: one test per case of README's list ---------------------------
+# 2. where a technique stands aside: one test per case of docs/host-paths.md's list ---------------------------
 
 def _stood_aside(model, phrase: str) -> int:
     """Calls that stood aside for a reason containing `phrase` in the model's last run."""

@@ -154,7 +154,7 @@ def test_samples_follow_colour_and_layout(model):
 
 
 def test_samples_at_4096_tokens(model):
-    """At 4096 tokens (no coherent scenes yet, see README) the caption still steers the colours."""
+    """At 4096 tokens (no coherent scenes yet, see docs/demo.md) the caption still steers the colours."""
     yellow = generate(model, "a big yellow square on a striped yellow background", 64, steps=4)
     blue = generate(model, "a big blue square on a striped blue background", 64, steps=4)
     assert yellow.shape == blue.shape == (256, 256, 3)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import pack_import
+from harness.chains import patched_with_nodes
 from harness.models import build_model, conditioning, sample, small_latent
-from harness.reference_schedule import patched_with_nodes, reference_model
+from harness.reference_schedule import reference_model
 
 patching = pack_import("patching")
 adapters = pack_import("patching.adapters")

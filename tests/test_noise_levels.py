@@ -10,8 +10,9 @@ import pytest
 import torch
 from comfy_extras import nodes_custom_sampler
 from harness import pack_import
+from harness.chains import patched_with_nodes
 from harness.models import build_model, conditioning, empty_latent, linear_timeline
-from harness.reference_schedule import patched_with_nodes, reference_model
+from harness.reference_schedule import reference_model
 
 patching = pack_import("patching")
 Timeline = pack_import("patching.timeline").Timeline

@@ -14,8 +14,9 @@ import comfy.samplers
 import pytest
 import torch
 from harness import pack_import
+from harness.chains import patched_with_nodes
 from harness.models import build_model, conditioning, empty_latent, sample
-from harness.reference_schedule import patched_with_nodes, reference_model
+from harness.reference_schedule import reference_model
 
 patching = pack_import("patching")
 runtime = pack_import("patching.runtime")

@@ -135,11 +135,11 @@ def test_queued_prompts_really_sampled_and_patched(busy):
     checked = set()
     for name, graph in {**mixed_prompts(), **other_node_prompts()}.items():
         technique = graph.get("save", {}).get("inputs", {}).get("filename_prefix", "").split("_", 1)[-1]
-        if technique in (*workflows.TECHNIQUES, "distill", "clear_weights"):
+        if technique in (*workflows.TECHNIQUES, "distill", "clear_weights", "deepcache"):
             for phrase in reported_phrases(technique):
                 assert phrase in outputs[name]["report.text"], (name, outputs[name]["report.text"])
             checked.add(technique)
-    assert checked == {*workflows.TECHNIQUES, "distill", "clear_weights"}
+    assert checked == {*workflows.TECHNIQUES, "distill", "clear_weights", "deepcache"}
 
 
 def test_interrupt_mid_run_then_the_next_prompts_run_correctly(busy):

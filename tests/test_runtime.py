@@ -1,5 +1,5 @@
 """The attention hook runtime on ComfyUI's own model classes: bit-identical to the unpatched
-model when every layer is full (README's promise, on all seven architectures), and it sees the
+model when every layer is full (README's and docs/host-paths.md's promise, on all seven architectures), and it sees the
 steps, layers, batch halves and token layout the model really has."""
 
 from __future__ import annotations

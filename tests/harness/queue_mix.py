@@ -11,6 +11,7 @@ one run into the next visible.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .host import pack_import
@@ -39,8 +40,10 @@ def mixed_prompts(count: int = 2 * len(workflows.TECHNIQUES), prefix: str = "que
 
 def other_node_prompts(prefix: str = "queue") -> dict[str, dict]:
     """The nodes the demo workflows leave out: calibration (with its plan applied), CLEAR
-    distillation, and CLEAR weights loaded from `CLEAR_FILE` (see clear_file); name -> API graph."""
+    distillation, CLEAR weights loaded from `CLEAR_FILE` (see clear_file), and DeepCache on the
+    demo U-Net; name -> API graph."""
     return {
+        f"{prefix}_deepcache": workflows.unet_graph(size=64, steps=STEPS, prefix=f"{prefix}_deepcache"),
         f"{prefix}_calibrate": workflows.calibrate_graph(size=SIZES[0], steps=STEPS, prefix=f"{prefix}_calibrate"),
         f"{prefix}_distill": distill_graph(f"{prefix}_distilled", f"{prefix}_distill"),
         f"{prefix}_clear_weights": clear_weights_graph(f"{prefix}_clear_weights"),
@@ -92,7 +95,17 @@ TECHNIQUE_PHRASES = {"ast": "step sharing", "wars": "window+residual", "wars+asc
                      "full+asc": "full + cfg sharing"}  # a plan's technique -> how the Attention Report names it
 REPORTED_AS = {"baseline": [], "window_residual": ["window+residual"], "step_sharing": ["step sharing"],
                "cfg_sharing": ["cfg sharing"], "combined": ["window+residual + cfg sharing"],
-               "clear_zero_shot": ["window"], "distill": ["window"], "clear_weights": ["window"]}
+               "clear_zero_shot": ["window"], "distill": ["window"], "clear_weights": ["window"],
+               "deepcache": ["1 full and 2 shallow"]}  # 1:3 over 3 steps
+
+
+@functools.cache
+def _demo_model_sampling():
+    """The demo model's noise schedule, as the stock loader makes it."""
+    import nodes  # the host's nodes: importable once the harness has put the host on the path
+
+    (model,) = nodes.UNETLoader().load_unet(workflows.DIT_FILE, "default")
+    return model.get_model_object("model_sampling")
 
 
 def reported_phrases(technique: str, steps: int = STEPS) -> list[str]:
@@ -102,7 +115,9 @@ def reported_phrases(technique: str, steps: int = STEPS) -> list[str]:
     if technique != "plan":
         return REPORTED_AS[technique]
     plan = pack_import("plans").Plan.from_json(workflows.SHIPPED_PLAN.read_text())
-    rows = [plan.methods[plan.plan_step(step, steps)] for step in range(steps)]
+    run = pack_import("patching.timeline").Timeline.ksampler(
+        _demo_model_sampling(), workflows.SAMPLER["scheduler"], steps, workflows.SAMPLER["sampler_name"])
+    rows = [plan.methods[step] for step in plan.step_map(run)[0]]
     return sorted({TECHNIQUE_PHRASES[name] for row in rows for name in row if name != "full"})
 
 
@@ -147,6 +162,10 @@ def bad_prompts(prefix: str = "bad") -> dict[str, BadPrompt]:
         "inspector_latent": BadPrompt(video_latent_inspected, "FastAttnInspector", "[batch, 16, height, width], got [1, 16, 2,"),
         "caption": BadPrompt(_with(demo("baseline", "caption"), "positive", caption="a red zeppelin"),
                              "FastAttnDemoTextEncode", "zeppelin"),
+        "deepcache_dit": BadPrompt(_sampling("FastAttnDeepCache", workflows.DEEPCACHE, f"{prefix}_deepcache"),
+                                   "FastAttnDeepCache", "DeepCache works on U-Net models"),
+        "unet_caption": BadPrompt(workflows.unet_graph(size=64, steps=steps, caption="a red zeppelin",
+                                                       prefix=f"{prefix}_unet"), "FastAttnDemoUNetTextEncode", "zeppelin"),
         "decode_latent": BadPrompt(video_latent_decoded, "FastAttnDemoDecode", "16, height, width"),
         "calibrate_plan_name": BadPrompt(calibrate, "FastAttnCalibrate", "'../escape' is not a usable plan name"),
         "apply_plan_json": BadPrompt(_with(demo("plan", "apply"), "fastattn0", plan_json="{\"format\": "),
