@@ -154,9 +154,10 @@ def test_samples_follow_colour_and_layout(model):
 
 
 def test_samples_at_4096_tokens(model):
-    """At 4096 tokens (no coherent scenes yet, see docs/demo.md) the caption still steers the colours."""
-    yellow = generate(model, "a big yellow square on a striped yellow background", 64, steps=4)
-    blue = generate(model, "a big blue square on a striped blue background", 64, steps=4)
+    """At 4096 tokens (no coherent scenes yet, see docs/demo.md) the caption still steers the colours
+    (2 steps keep the file fast: the margin there was 0.26, at 3 steps 0.25)."""
+    yellow = generate(model, "a big yellow square on a striped yellow background", 64, steps=2)
+    blue = generate(model, "a big blue square on a striped blue background", 64, steps=2)
     assert yellow.shape == blue.shape == (256, 256, 3)
     yellowness = lambda image: (image[..., 0] + image[..., 1] - 2 * image[..., 2]).mean()  # noqa: E731
     assert yellowness(yellow) > yellowness(blue) + 0.1
