@@ -3,11 +3,12 @@ LazyCache and EasyCache.
 
 The demo U-Net (SD 1.5 layout, demo/train_unet.py) loaded with ComfyUI's stock loader, sampled
 with the stock sampler (euler, simple schedule, the example workflows' 20 steps and CFG 4) at a
-16 x 16 latent (a 64 x 64 image), on held-out captions (scenes drawn with a seed training never
-used), float32, CPU. Each round samples every configuration once per caption, configurations
+16 x 16 latent (a 64 x 64 image), on captions of the held-out split (demo/scenes.py; the U-Net was
+trained before that split existed, so it may have seen them), float32, CPU. Each round samples every configuration once per caption, configurations
 interleaved; a configuration's time is the median over rounds and captions. PSNR and SSIM
 (demo/metrics.py) compare each decoded image with the unpatched model's of the same caption and
-seed, averaged over the captions. LazyCache and EasyCache (comfy_extras/nodes_easycache.py) run at
+seed, averaged over the captions; caption fidelity (demo/fidelity.py) scores each image against its
+caption's ground truth. LazyCache and EasyCache (comfy_extras/nodes_easycache.py) run at
 the reuse thresholds given, picked to land near DeepCache's speeds.
 
 Run: `python tests/benchmarks/run_all.py deepcache [--rounds R] [--captions C] [--threads T]
@@ -29,6 +30,7 @@ from harness.models import sample
 
 demo = pack_import("demo")
 scenes = pack_import("demo.scenes")
+fidelity = pack_import("demo.fidelity")
 workflows = pack_import("demo.workflows")
 metrics = pack_import("demo.metrics")
 demo_nodes = pack_import("nodes.demo")
@@ -37,14 +39,6 @@ deepcache = pack_import("patching.deepcache")
 
 SIDE = workflows.UNET_SIZE // 8  # latent side: EmptyLatentImage's 128 px
 STEPS, CFG, SEED = workflows.SAMPLER["steps"], workflows.SAMPLER["cfg"], workflows.SAMPLER["seed"]
-HELD_OUT_SEED = 12345  # scene draws for captions; training draws from seeds 0 * 1_000_003 + step
-
-
-def captions(count: int) -> list[str]:
-    gen = torch.Generator().manual_seed(HELD_OUT_SEED)
-    return [scenes.random_scene(gen).caption for _ in range(count)]
-
-
 def configurations(model, lazy: list[float], easy: list[float]) -> dict:
     configs = {"unpatched": model}
     for schedule in ("uniform", "non-uniform"):
@@ -71,7 +65,8 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(args.threads)
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.UNET_FILE))
     encode = demo_nodes.FastAttnDemoUNetTextEncode.execute
-    prompts = [(caption, encode(caption).result[0]) for caption in captions(args.captions)]
+    held_out = {scene.caption: scene for scene in scenes.held_out_scenes(args.captions)}
+    prompts = [(caption, encode(caption).result[0]) for caption in held_out]
     negative = encode("").result[0]
     latent = {"samples": torch.zeros(1, 4, SIDE, SIDE)}
     configs = configurations(model, args.lazy, args.easy)
@@ -95,14 +90,16 @@ def main(argv: list[str]) -> None:
     print(f"Demo U-Net ({demo.UNET_FILE}), latent {SIDE} x {SIDE} ({4 * SIDE} px image), {STEPS} steps euler simple, "
           f"CFG {CFG}, float32, {args.threads} CPU thread(s) on a shared machine; {args.captions} held-out captions x "
           f"{args.rounds} rounds, interleaved, medians; DeepCache depth 0 (conv_in -> last output block)")
-    print("\n| configuration | median s | speedup | U-Net blocks skipped | PSNR dB | SSIM |")
-    print("|---|---|---|---|---|---|")
+    print("\n| configuration | median s | speedup | U-Net blocks skipped | PSNR dB | SSIM | caption fidelity |")
+    print("|---|---|---|---|---|---|---|")
     for name in configs:
         seconds = statistics.median(times[name])
         psnr = statistics.mean(metrics.psnr(images[(name, c)], images[("unpatched", c)]) for c, _ in prompts)
         ssim = statistics.mean(metrics.ssim(images[(name, c)], images[("unpatched", c)]) for c, _ in prompts)
+        faithful = statistics.mean(fidelity.score(images[(name, c)], held_out[c]) for c, _ in prompts)
         share = f"{skipped[name]:.0%}" if name in skipped else "-"
-        print(f"| {name} | {seconds:.2f} | {base / seconds:.2f}x | {share} | {psnr:.1f} | {ssim:.3f} |", flush=True)
+        print(f"| {name} | {seconds:.2f} | {base / seconds:.2f}x | {share} | {psnr:.1f} | {ssim:.3f} | {faithful:.3f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
