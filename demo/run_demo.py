@@ -6,7 +6,9 @@ attention FLOPs kept, PSNR and SSIM against the baseline. One short untimed warm
 first, so that loading the model and the first use of the attention kernels are not counted in
 any row. Every workflow then runs in each of `--rounds` rounds, each round starting at another
 workflow (the server caches nothing, so each run samples); demo/speed.py turns the times into
-median speed-ups and shows one above the FLOP bound as the measurement error it is.
+median speed-ups and shows one above the FLOP bound as the measurement error it is. The demo
+U-Net follows, unpatched and with DeepCache (its example workflow), in rounds of its own against
+its own baseline.
 
     .venv/bin/python demo/run_demo.py [--size 1024] [--steps 20] [--rounds 3] [--write-workflows] [--write-plan]
 """
@@ -80,6 +82,42 @@ def _kept(text: str) -> str:
     return f"{match.group(1)}%" if match else "100%"
 
 
+def _rounds(server: ComfyServer, graphs: dict[str, dict], rounds: int) -> tuple[dict[str, list[float]], dict]:
+    """Each graph once per round, each round starting at another one: the sampler's seconds of every
+    run, and each graph's last result."""
+    seconds: dict[str, list[float]] = {name: [] for name in graphs}
+    results = {}
+    for round_index, order in enumerate(speed.round_orders(list(graphs), rounds)):
+        for name in order:
+            result = server.run(graphs[name])
+            if result.status != "success":
+                raise SystemExit(f"workflow {name} failed: {result.error}")
+            seconds[name].append(result.seconds_in("sampler"))
+            results[name] = result
+            print(f"round {round_index + 1}/{rounds}, {name}: {seconds[name][-1]:.1f} s", flush=True)
+    return seconds, results
+
+
+def unet_rows(server: ComfyServer, steps: int, rounds: int) -> list[tuple]:
+    """The demo U-Net unpatched, then with DeepCache (the example workflow's settings), in interleaved
+    rounds after an untimed 2-step warm-up: table rows against its own baseline (no FLOP bound
+    column: DeepCache skips blocks, not attention)."""
+    server.run(workflows.unet_graph(steps=2, prefix="warm_up_unet"))
+    graphs = {name: workflows.unet_graph(settings, steps=steps, prefix=name.replace(" ", "_").replace(":", "_"))
+              for name, settings in (("U-Net baseline", None), ("U-Net DeepCache 1:3", workflows.DEEPCACHE))}
+    seconds, results = _rounds(server, graphs, rounds)
+    _, reference = _image(server, results["U-Net baseline"])
+    rows = []
+    for name, result in results.items():
+        path, image = _image(server, result)
+        each = " / ".join(f"{s:.2f}" for s in speed.round_speedups(seconds["U-Net baseline"], seconds[name]))
+        rows.append((name, statistics.median(seconds[name]),
+                     f"{speed.median_speedup(seconds['U-Net baseline'], seconds[name]):.2f}x", each, "-", "-",
+                     metrics.psnr(image, reference), metrics.ssim(image, reference)))
+        print(f"{name} -> {path.relative_to(REPO)}")
+    return rows
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024, help="image size given to EmptySD3LatentImage")
@@ -109,16 +147,7 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"the warm-up run failed: {warm_up.error}")
         print(f"warm-up ({WARM_UP}, 2 steps): {warm_up.seconds_in('sampler'):.1f} s, not timed", flush=True)
         graphs = {name: workflows.demo_graph(name, args.size, args.steps) for name in workflows.TECHNIQUES}
-        seconds: dict[str, list[float]] = {name: [] for name in graphs}
-        results = {}
-        for round_index, order in enumerate(speed.round_orders(list(graphs), args.rounds)):
-            for name in order:
-                result = server.run(graphs[name])
-                if result.status != "success":
-                    raise SystemExit(f"workflow {name} failed: {result.error}")
-                seconds[name].append(result.seconds_in("sampler"))
-                results[name] = result
-                print(f"round {round_index + 1}/{args.rounds}, {name}: {seconds[name][-1]:.1f} s", flush=True)
+        seconds, results = _rounds(server, graphs, args.rounds)
         # the calibrate workflow's time is the calibration's (once: not a speed-up); its image is the plan applied
         calibrated = server.run(workflows.calibrate_graph(args.size, args.steps))
         if calibrated.status != "success":
@@ -139,10 +168,12 @@ def main(argv: list[str]) -> None:
             rows.append((name, median, cell, each, bound_cell, _kept(report), metrics.psnr(image, reference),
                          metrics.ssim(image, reference)))
             print(f"{name} -> {path.relative_to(REPO)}")
+        rows += unet_rows(server, args.steps, args.rounds)
     tokens = (args.size // 16) ** 2
     print(f"\nDemo model, {args.size}x{args.size} ({tokens} image tokens), {args.steps} steps, CFG "
           f"{workflows.SAMPLER['cfg']}, CPU, torch SDPA baseline; medians of {args.rounds} interleaved rounds; "
-          f"attention {100 * share:.1f}% of the FLOPs\n")
+          f"attention {100 * share:.1f}% of the FLOPs; the U-Net rows: the demo U-Net at {workflows.UNET_SIZE} px (a "
+          "16 x 16 latent) against its own baseline\n")
     print("| workflow | sampler wall time s | speedup | per round | FLOP bound | attention FLOPs kept | PSNR dB | SSIM |")
     print("|---|---|---|---|---|---|---|---|")
     for name, median, cell, each, bound, kept, psnr, ssim in rows:

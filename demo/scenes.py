@@ -9,6 +9,7 @@ captions a testable spatial meaning.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -82,7 +83,34 @@ def vocabulary() -> list[str]:
     return words + list(COLOURS) + list(SHAPES) + [p for p in PATTERNS if p != "plain"]
 
 
-def random_scene(gen: torch.Generator) -> Scene:
+HELD_OUT_EVERY = 16  # one caption in 16 is never trained on: the held-out set that fidelity is measured on
+
+
+def is_held_out(caption: str) -> bool:
+    """Whether a caption belongs to the held-out set (a fixed hash of its text, so the split
+    holds for every run and every seed)."""
+    return zlib.crc32(caption.encode()) % HELD_OUT_EVERY == 0
+
+
+def random_scene(gen: torch.Generator, held_out: bool = False) -> Scene:
+    """A scene whose caption is in the training set (or, with `held_out`, in the held-out set)."""
+    while True:
+        scene = _draw_scene(gen)
+        if is_held_out(scene.caption) == held_out:
+            return scene
+
+
+def held_out_scenes(count: int, seed: int = 0) -> list[Scene]:
+    """`count` scenes with distinct held-out captions, the same for every call with this seed."""
+    gen = torch.Generator().manual_seed(seed)
+    found: dict[str, Scene] = {}
+    while len(found) < count:
+        scene = random_scene(gen, held_out=True)
+        found.setdefault(scene.caption, scene)
+    return list(found.values())
+
+
+def _draw_scene(gen: torch.Generator) -> Scene:
     """One or two shapes of distinct colours, none the background's colour."""
 
     def uniform(lo: float, hi: float) -> float:
@@ -167,21 +195,32 @@ def _pattern_mask(bg: Background, y: torch.Tensor, x: torch.Tensor, size: int) -
     return _coverage(torch.sqrt(cx * cx + cy * cy) - cell * 0.28, size)
 
 
-def _second_tone(rgb: torch.Tensor) -> torch.Tensor:
+def second_tone(rgb: torch.Tensor) -> torch.Tensor:
     """The pattern's other colour: the background colour moved 40% toward white or black."""
     luma = float(rgb @ torch.tensor([0.299, 0.587, 0.114]))
     target = torch.zeros(3) if luma > 0.5 else torch.ones(3)
     return rgb + 0.4 * (target - rgb)
 
 
+def coverage(shape: Shape, size: int) -> torch.Tensor:
+    """How much of each pixel of a size x size render the shape covers: [size, size] in [0, 1]."""
+    y, x = _grid(size)
+    return _coverage(_signed_distance(shape, y, x), size)
+
+
+def render_background(background: Background, size: int) -> torch.Tensor:
+    """The background alone as an RGB image [3, size, size] in [0, 1]."""
+    y, x = _grid(size)
+    base = torch.tensor(COLOURS[background.colour])
+    mask = _pattern_mask(background, y, x, size)
+    return base[:, None, None] + mask[None] * (second_tone(base) - base)[:, None, None]
+
+
 def render(scene: Scene, size: int) -> torch.Tensor:
     """The scene as an RGB image [3, size, size] in [0, 1]."""
-    y, x = _grid(size)
-    base = torch.tensor(COLOURS[scene.background.colour])
-    mask = _pattern_mask(scene.background, y, x, size)
-    image = base[:, None, None] + mask[None] * (_second_tone(base) - base)[:, None, None]
+    image = render_background(scene.background, size)
     for shape in scene.shapes:
-        cover = _coverage(_signed_distance(shape, y, x), size)[None]
+        cover = coverage(shape, size)[None]
         image = image + cover * (torch.tensor(COLOURS[shape.colour])[:, None, None] - image)
     return image
 

@@ -1,5 +1,7 @@
-"""A tiny caption encoder producing exactly what SD3's model consumes: context tokens
-[B, T, C] (cross_attn) and a pooled vector [B, P] (pooled_output, the model's `y`).
+"""A tiny caption encoder producing what a DiT's conditioning holds: context tokens
+[B, T, C] (`cross_attn`) and a pooled vector [B, P] (`pooled_output`, for models that take one).
+The context is projected to the width the model's text embedding reads (Wan's stock loader
+fixes it at umT5's 4096).
 
 Captions are padded to a fixed length so a prompt and an empty negative prompt batch
 together under CFG; the empty caption (all padding) is the unconditional input the model
@@ -27,12 +29,12 @@ class DemoTextEncoder(nn.Module):
 
     def __init__(
         self, vocabulary: list[str], width: int = 128, layers: int = 2, heads: int = 4,
-        length: int = 16, pooled_width: int = 128,
+        length: int = 16, pooled_width: int | None = 128, context_width: int | None = None,
     ) -> None:
         super().__init__()
         self.vocabulary = list(vocabulary)
         self.config = {"width": width, "layers": layers, "heads": heads, "length": length,
-                       "pooled_width": pooled_width}
+                       "pooled_width": pooled_width, "context_width": context_width}
         self.length = length
         self.token_ids = {w: i + 1 for i, w in enumerate(self.vocabulary)}  # 0 is padding
         self.embed = nn.Embedding(len(self.vocabulary) + 1, width)
@@ -41,7 +43,9 @@ class DemoTextEncoder(nn.Module):
                                            norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
-        self.pool = nn.Sequential(nn.Linear(width, pooled_width), nn.SiLU(), nn.Linear(pooled_width, pooled_width))
+        self.pool = None if pooled_width is None else nn.Sequential(
+            nn.Linear(width, pooled_width), nn.SiLU(), nn.Linear(pooled_width, pooled_width))
+        self.project = nn.Identity() if context_width in (None, width) else nn.Linear(width, context_width)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions -> token ids [B, length]; case and punctuation are ignored."""
@@ -60,13 +64,19 @@ class DemoTextEncoder(nn.Module):
             rows.append(ids + [0] * (self.length - len(ids)))
         return torch.tensor(rows, dtype=torch.long)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = self.encoder(self.embed(tokens) + self.position)
         context = self.norm(hidden)
-        return context, self.pool(context.mean(dim=1))
+        return self.project(context), None if self.pool is None else self.pool(context.mean(dim=1))
 
-    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self(self.tokenize(captions))
+
+    @torch.no_grad()
+    def conditioning(self, caption: str) -> list:
+        """ComfyUI's CONDITIONING for one caption (with the pooled vector where this encoder has one)."""
+        context, pooled = self.encode([caption])
+        return [[context, {} if pooled is None else {"pooled_output": pooled}]]
 
     def save(self, path: Path) -> None:
         tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}

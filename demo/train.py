@@ -139,8 +139,9 @@ def learning_rate(step: int, total: int) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, live: nn.Module, step: int) -> None:
-    decay = min(EMA_DECAY, (1 + step) / (10 + step))
+def ema_update(ema: nn.Module, live: nn.Module, step: int, final_decay: float = EMA_DECAY) -> None:
+    """Move the EMA networks toward the live ones (the decay ramps up to final_decay over the first steps)."""
+    decay = min(final_decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), live.parameters(), strict=True):
         e.lerp_(p, 1 - decay)
 

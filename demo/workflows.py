@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..plans.storage import NO_PLAN
+from . import DEMO_DIT, DEMO_UNET
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_workflows"
 SHIPPED_PLAN = Path(__file__).resolve().parent / "plans" / "fastattn_demo_sd3_fast.json"
@@ -59,7 +60,7 @@ def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], 
     """API-format graph: demo model -> technique nodes -> KSampler -> decode -> save (+ report);
     `compare` adds the unpatched model's branch (sampler, decode) and Compare Images beside it."""
     graph: dict[str, dict] = {
-        "loader": {"class_type": "FastAttnDemoLoader", "inputs": {}},
+        "loader": {"class_type": "FastAttnDemoLoader", "inputs": {"model": DEMO_DIT}},
         "positive": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
         "negative": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": ""}},
         "latent": {"class_type": "EmptySD3LatentImage",
@@ -87,6 +88,34 @@ def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], 
     return graph
 
 
+DEEPCACHE = {"cache_interval": 3, "cache_depth": 0, "start_percent": 0.0, "end_percent": 1.0, "schedule": "uniform"}
+UNET_SIZE = 128  # EmptyLatentImage pixels: a 16 x 16 latent, the demo U-Net's 64 x 64 image
+
+
+def unet_graph(deepcache: dict | None = DEEPCACHE, size: int = UNET_SIZE, steps: int = SAMPLER["steps"],
+               caption: str = CAPTION, prefix: str = "fastattn_demo_unet", batch_size: int = 1,
+               seed: int = SAMPLER["seed"]) -> dict:
+    """API-format graph: demo U-Net -> DeepCache (None: unpatched) -> KSampler -> decode -> save (+ report)."""
+    graph: dict[str, dict] = {
+        "loader": {"class_type": "FastAttnDemoLoader", "inputs": {"model": DEMO_UNET}},
+        "positive": {"class_type": "FastAttnDemoUNetTextEncode", "inputs": {"caption": caption}},
+        "negative": {"class_type": "FastAttnDemoUNetTextEncode", "inputs": {"caption": ""}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": batch_size}},
+    }
+    model = ["loader", 0]
+    if deepcache is not None:
+        graph["fastattn0"] = {"class_type": "FastAttnDeepCache", "inputs": {"model": model, **deepcache}}
+        model = ["fastattn0", 0]
+    graph["sampler"] = {"class_type": "KSampler", "inputs": {
+        "model": model, **SAMPLER, "seed": seed, "steps": steps, "positive": ["positive", 0], "negative": ["negative", 0],
+        "latent_image": ["latent", 0]}}
+    graph["decode"] = {"class_type": "FastAttnDemoDecode", "inputs": {"samples": ["sampler", 0]}}
+    graph["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}}
+    if deepcache is not None:
+        graph["report"] = {"class_type": "FastAttnReport", "inputs": {"model": model, "samples": ["sampler", 0]}}
+    return graph
+
+
 def calibrate_graph(size: int = 1024, steps: int = SAMPLER["steps"], caption: str = CAPTION,
                     prefix: str = "fastattn_demo_calibrate", plan_name: str = "") -> dict:
     """API-format graph: calibrate a plan on the demo model (saving it if `plan_name`), show its
@@ -111,7 +140,7 @@ def calibrate_graph(size: int = 1024, steps: int = SAMPLER["steps"], caption: st
 def inspector_graph(size: int = 1024, caption: str = CAPTION) -> dict:
     """API-format graph: what attention costs in the demo model at this size."""
     return {
-        "loader": {"class_type": "FastAttnDemoLoader", "inputs": {}},
+        "loader": {"class_type": "FastAttnDemoLoader", "inputs": {"model": DEMO_DIT}},
         "positive": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
         "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "inspector": {"class_type": "FastAttnInspector",
@@ -207,9 +236,9 @@ def model_graph(name: str) -> dict:
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 InputTypes = Callable[[str], tuple[list[tuple[str, str]], list[str]]]
 TITLES = {"positive": "Positive caption", "negative": "Negative caption (empty)"}
-SIZES = {"FastAttnCalibrate": [380, 560], "FastAttnApplyPlan": [420, 220], "FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
+SIZES = {"FastAttnDeepCache": [340, 250], "FastAttnDemoUNetTextEncode": [360, 130], "FastAttnCalibrate": [380, 560], "FastAttnApplyPlan": [420, 220], "FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
          "KSampler": [320, 270], "FastAttnDemoTextEncode": [360, 130], "FastAttnCompare": [540, 420],
-         "FastAttnDemoLoader": [320, 60]}
+         "FastAttnDemoLoader": [320, 80]}
 GAP = 80  # px between columns and between the nodes of a column (the title bar is not in a node's size)
 
 
@@ -262,7 +291,7 @@ def to_ui(graph: dict, node_io: InputTypes, title: str) -> dict:
             "outputs": [{"name": kind, "type": kind, "slot_index": slot} for slot, kind in enumerate(output_types)],
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": widgets,
         }
-        if key in TITLES and node["class_type"] == "FastAttnDemoTextEncode":
+        if key in TITLES and node["class_type"] in ("FastAttnDemoTextEncode", "FastAttnDemoUNetTextEncode"):
             ui_node["title"] = TITLES[key]
         nodes.append(ui_node)
     for node, key in zip(nodes, graph, strict=True):
@@ -282,6 +311,9 @@ def example_graphs() -> dict[str, tuple[dict, str]]:
     graphs["fastattn_demo_calibrate.json"] = (
         calibrate_graph(), "Calibrate a plan on the demo model (fast search, delta 0.1), see it as a heatmap, apply it "
         "and sample: set plan_name to save it for Apply Plan.")
+    graphs["fastattn_demo_unet_deepcache.json"] = (
+        unet_graph(), "DeepCache on the demo U-Net (SD 1.5 layout): the full U-Net every 3rd step, its shallowest "
+        "blocks on the cached deep feature between.")
     graphs["fastattn_attention_inspector.json"] = (
         inspector_graph(), "Attention Inspector on the demo model at 1024 x 1024 (4096 image tokens).")
     graphs.update({f"fastattn_{name}.json": (model_graph(name), title) for name, title in MODEL_TITLES.items()})

@@ -12,7 +12,8 @@ The C++ source is compiled for this CPU's vector instructions (about a minute, c
 under ~/.cache/torch_extensions): by `make setup`, and for ComfyUI users on a background thread
 started when the pack loads (`build_in_background`), so that no sample waits for it; until it is
 ready "auto" uses the torch backend. Where it cannot be built, `available()` says so and "auto"
-falls back to the torch backend for good.
+falls back to the torch backend; a failed build is tried again in the background ten minutes later
+(a failure may be transient: another process holding torch's build lock, a full disk).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -64,43 +66,77 @@ def extension() -> ModuleType:
 
 
 _build_lock = threading.Lock()  # one build at a time: the background one and a caller's
+RETRY_AFTER_S = 600.0  # a failed build is tried again, in the background, this long after
 
 
-@functools.cache
+@dataclass
+class BuildState:
+    """Where the kernel's build stands in this process: loaded, it stays loaded; a failure (no
+    compiler, but also a transient one: another process holding torch's build lock, a full disk)
+    holds only until RETRY_AFTER_S later."""
+
+    loaded: bool = False
+    failed_at: float | None = None  # _clock() of the last failed build
+
+
+_state = BuildState()
+_clock = time.monotonic
+
+
 def available() -> bool:
-    """Whether the kernel builds and loads here (needs a C++ compiler; the reason is logged)."""
+    """Whether the kernel is loaded here: built (or loaded from torch's cache) on the first call;
+    after a failed build (the reason is logged), False until RETRY_AFTER_S later, when a background
+    build tries again (no sample waits for it)."""
+    if _state.loaded:
+        return True
     if sys.platform == "win32" or not hasattr(torch.backends.cpu, "get_cpu_capability"):
         return False
+    if _state.failed_at is None:
+        return _build()
+    if _clock() - _state.failed_at >= RETRY_AFTER_S and not building():
+        _state.failed_at = _clock()  # one retry per period, however long it takes
+        build_in_background()
+    return False
+
+
+def _build() -> bool:
+    """Build or load the kernel now (any failure means: the torch backend until the next try)."""
     with _build_lock:
+        if _state.loaded:
+            return True
         try:
             extension()
-        except Exception as error:  # any build or load failure means: use the torch backend
-            log.warning("FastAttn: the native CPU kernel is unavailable (%s); using the torch backend", error)
+        except Exception as error:
+            level = logging.WARNING if _state.failed_at is None else logging.INFO  # warned once, retries quieter
+            log.log(level, "FastAttn: the native CPU kernel is unavailable (%s); using the torch backend, trying "
+                    "again in %d minutes", error, RETRY_AFTER_S // 60)
+            _state.failed_at = _clock()
             return False
+        _state.loaded = True
     return True
 
 
-_background: list[threading.Thread] = []  # the background build, once started
+_background: list[threading.Thread] = []  # the latest background build
 
 
 def _build_and_report() -> None:
-    if available():
+    if _build():
         log.info("FastAttn: the native CPU kernel is ready")
 
 
 def build_in_background() -> threading.Thread:
-    """Build (or load from the cache) the kernel on a daemon thread, started once; returns it."""
-    if not _background:
-        _background.append(
-            threading.Thread(target=_build_and_report, name="fastattn-native-build", daemon=True)
-        )
-        _background[0].start()
-    return _background[0]
+    """Build (or load from the cache) the kernel on a daemon thread, unless one is under way or the
+    kernel is loaded; returns the latest such thread."""
+    if not _background or (not _background[-1].is_alive() and not _state.loaded):
+        thread = threading.Thread(target=_build_and_report, name="fastattn-native-build", daemon=True)
+        _background[:] = [thread]
+        thread.start()
+    return _background[-1]
 
 
 def building() -> bool:
     """Whether the background build is under way (calls meanwhile use the torch backend)."""
-    return bool(_background) and _background[0].is_alive()
+    return bool(_background) and _background[-1].is_alive()
 
 
 @dataclass(frozen=True)

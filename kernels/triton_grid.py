@@ -1,6 +1,11 @@
 """Triton kernel for circle and square windows, in tile-major blocks: each query block and each
-key block is a box of the image grid (GridConfig: frames x rows x columns), addressed through
-index maps inside the kernel, so q, k, v stay in their row-major order and nothing is permuted.
+key block is a box of the image grid (GridConfig: frames x rows x columns). By default the boxes
+are addressed through index maps inside the kernel, so q, k, v stay in their row-major order and
+nothing is permuted. With `tile_major_keys` the image keys and values are first copied, once per
+call, into box order (each key box one contiguous block of BLOCK_N rows, padded at the grid's far
+edges): the kernel then reads every key block as one dense tile (what Hopper's bulk copies and
+warp-group products want) instead of BLOCK_N gathered rows; queries are still read and outputs
+written through the index maps (once per program).
 
 A 64-token block of row-major order is a strip of a grid row (half a row of a 128-wide grid),
 whose circle reaches whole rows of keys: at FLUX 2048^2 r16 the row-major blocks compute 27% of
@@ -44,6 +49,7 @@ class GridConfig:
     key_box: tuple[int, int, int] = (1, 8, 8)
     num_warps: int = 8
     num_stages: int = 3
+    tile_major_keys: bool = False  # copy k, v into key-box order first (dense key blocks)
 
     def __post_init__(self) -> None:
         for box in (self.query_box, self.key_box):
@@ -142,14 +148,18 @@ def _grid_kernel(
     V,
     Out,
     Res,
+    KT,
+    VT,
     key_count,
     full_count,
     key_boxes,
     max_keys,
     seq_len,
     kv_len,
+    tile_rows,
     scale,
     HAS_RES: tl.constexpr,
+    TILED: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -181,6 +191,7 @@ def _grid_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_base = head * seq_len * HEAD_DIM
     kv_base = head * kv_len * HEAD_DIM
+    tiles_base = head * tile_rows * HEAD_DIM  # KT, VT: the image keys in key-box order (TILED)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -207,10 +218,17 @@ def _grid_kernel(
                 else:
                     near = (tl.abs(dy) <= RADIUS) & (tl.abs(dx) <= RADIUS)
                 allowed = allowed & near & (tl.abs(qt[:, None] - kt[None, :]) <= T_RADIUS)
-            m_i, l_i, acc = attend_block(
-                q, K, V, kv_base, IMAGE_START + (kt * GRID_H + ky) * GRID_W + kx, k_ok, offs_d, m_i, l_i, acc,
-                scale, allowed, HEAD_DIM, UPCAST, PRECISION,
-            )  # fmt: skip
+            if TILED:  # the box's BLOCK_N slots are contiguous rows of KT, VT (padding slots included)
+                slots = key_box * BLOCK_N + tl.arange(0, BLOCK_N)
+                m_i, l_i, acc = attend_block(
+                    q, KT, VT, tiles_base, slots, tl.full([BLOCK_N], True, tl.int1), offs_d, m_i, l_i, acc,
+                    scale, allowed, HEAD_DIM, UPCAST, PRECISION,
+                )  # fmt: skip
+            else:
+                m_i, l_i, acc = attend_block(
+                    q, K, V, kv_base, IMAGE_START + (kt * GRID_H + ky) * GRID_W + kx, k_ok, offs_d, m_i, l_i,
+                    acc, scale, allowed, HEAD_DIM, UPCAST, PRECISION,
+                )  # fmt: skip
         # then the text keys and the pooled keys, which every image query sees
         m_i, l_i, acc = attend_range(
             q, K, V, kv_base, TEXT_START, TEXT_START + TEXT_LEN, offs_d, m_i, l_i, acc, scale,
@@ -231,6 +249,23 @@ def _grid_kernel(
 
 
 @functools.lru_cache(maxsize=32)
+def tile_major_order(layout: TokenLayout, key_box: tuple[int, int, int], device: torch.device) -> Tensor:
+    """Tile-major key order: for each key box (in the kernel's box numbering) its BLOCK_N slots,
+    frames, rows, columns row-major inside the box, as the sequence index of the key each slot
+    holds. Slots past the grid's far edges hold the box's first key (any real row would do: the
+    kernel masks them out by their coordinates)."""
+    boxes = grid_boxes(layout, key_box)
+    frames, height, width = (layout.grid[0] if len(layout.grid) == 3 else 1, *layout.grid[-2:])
+    lanes = torch.arange(math.prod(key_box))
+    lane = (lanes // (key_box[1] * key_box[2]), lanes // key_box[2] % key_box[1], lanes % key_box[2])
+    t, y, x = (first[:, None] + offset[None, :] for first, offset in zip(boxes.first, lane, strict=True))
+    inside = (t < frames) & (y < height) & (x < width)
+    corner = (boxes.first[0] * height + boxes.first[1]) * width + boxes.first[2]
+    index = torch.where(inside, (t * height + y) * width + x, corner[:, None])
+    return (layout.image_start + index).flatten().to(device)
+
+
+@functools.lru_cache(maxsize=32)
 def _lists_on(
     layout: TokenLayout, window: Window, query_box: tuple, key_box: tuple, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -247,6 +282,11 @@ def window_attention(p: Problem, config: GridConfig | None = None) -> Tensor:
     queries, keys = grid_boxes(layout, config.query_box), grid_boxes(layout, config.key_box)
     query_boxes, block_m, block_n = math.prod(queries.counts), math.prod(config.query_box), math.prod(config.key_box)
     lists = _lists_on(layout, window, config.query_box, config.key_box, q.device)
+    if config.tile_major_keys:  # once per call: every key block of the kernel becomes one dense tile
+        slots = tile_major_order(layout, config.key_box, q.device)
+        k_tiles, v_tiles = k.index_select(2, slots), v.index_select(2, slots)
+    else:
+        k_tiles, v_tiles = k, v  # not read
     out = torch.empty_like(q)
     _grid_kernel[(batch * heads, -(-layout.text_len // block_m) + query_boxes)](
         q,
@@ -254,12 +294,16 @@ def window_attention(p: Problem, config: GridConfig | None = None) -> Tensor:
         v,
         out,
         out if p.residual is None else p.residual.contiguous(),
+        k_tiles,
+        v_tiles,
         *lists,
         lists[2].shape[1],
         seq,
         k.shape[2],
+        k_tiles.shape[2],
         p.scale,
         **launch_options(q, p.residual),
+        TILED=config.tile_major_keys,
         QBOX_T=config.query_box[0],
         QBOX_H=config.query_box[1],
         QBOX_W=config.query_box[2],

@@ -17,7 +17,7 @@ from comfy_api.latest import io
 
 from ..patching.clear_distill import DISTILLED_MODELS, DistillSettings, distill
 from ..patching.clear_weights import LAYER_POOL_WEIGHT, model_patches, read_clear_file, resolve_radius
-from ..patching.schedule import LocalAttention, PoolWeights, Scope, StepRange, WindowSize, parse_layers
+from ..patching.schedule import LocalAttention, NoiseRange, PoolWeights, Scope, WindowSize, parse_layers
 from .ditfastattn import with_technique
 
 CATEGORY = "FastAttn/CLEAR"
@@ -35,10 +35,12 @@ def _common_inputs() -> list:
                      tooltip="Video models: an image token also sees the frames within this many frames "
                              "(0: its own frame only). Ignored by image models."),
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="First step using local attention, as a fraction of the sampling steps "
-                               "(full attention before)."),
+                       tooltip="Noise level where local attention starts, as a percent of the model's noise "
+                               "schedule (0: pure noise; full attention at higher noise), as ComfyUI's own nodes "
+                               "read it."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="Local attention stops before this fraction of the sampling steps (full after)."),
+                       tooltip="Noise level where local attention stops (full attention below it; 1: the end of "
+                               "sampling)."),
         io.String.Input("layers_kept_full", default="",
                         tooltip="Attention layers that keep full attention, as the Attention Inspector numbers "
                                 "them, e.g. '0-1, 20'. Empty: every layer is local."),
@@ -48,7 +50,7 @@ def _common_inputs() -> list:
 def _local_attention(window: WindowSize, start_percent: float, end_percent: float, layers_kept_full: str,
                      pool_weights: PoolWeights | None = None) -> LocalAttention:
     kept_full = parse_layers(layers_kept_full) or frozenset()
-    return LocalAttention(window, Scope(StepRange(start_percent, end_percent), kept_full=kept_full), pool_weights)
+    return LocalAttention(window, Scope(NoiseRange(start_percent, end_percent), kept_full=kept_full), pool_weights)
 
 
 class ClearAttention(io.ComfyNode):
@@ -145,8 +147,8 @@ class ClearDistill(io.ComfyNode):
             description="Generates samples with the model (full attention, the teacher) from your prompts, then "
                         "fine-tunes the image-stream attention projections (and pooling weights) of the same model "
                         "with local attention (the student) to match it, with CLEAR's losses. Saves the weights to "
-                        f"models/clear/ for the CLEAR weights loader and returns the distilled model. {DISTILLED_MODELS} "
-                        "only (FLUX is refused: its released CLEAR weights go through the loader). Cancel stops "
+                        f"models/clear/ for the CLEAR weights loader and returns the distilled model. {DISTILLED_MODELS}; "
+                        "other models are refused. Cancel stops "
                         "between steps and saves what was trained so far.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to distil (without other FastAttn nodes)."),

@@ -9,9 +9,9 @@ from ..patching import install, patch_of
 from ..patching.ditfastattn import DiTFastAttn
 from ..patching.schedule import (
     CFGSharing,
+    NoiseRange,
     Schedule,
     Scope,
-    StepRange,
     StepSharing,
     Technique,
     WindowResidual,
@@ -30,9 +30,12 @@ WINDOW_SHAPES = {
 def _scope_inputs() -> list:
     return [
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="First step the technique acts on, as a fraction of the sampling steps."),
+                       tooltip="Noise level where the technique starts, as a percent of the model's noise schedule "
+                               "(0: pure noise), as ComfyUI's own nodes read it: a split sampler, denoise below 1 "
+                               "or custom sigmas keep the same noise levels."),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="The technique stops before this fraction of the sampling steps."),
+                       tooltip="Noise level where the technique stops (1: the end of sampling), as a percent of the "
+                               "model's noise schedule."),
         io.String.Input("layers", default="",
                         tooltip="Attention layers to act on, as the Attention Inspector numbers them, "
                                 "e.g. '0-3, 7'. Empty: all layers. Cross-attention and text-only layers keep "
@@ -42,7 +45,7 @@ def _scope_inputs() -> list:
 
 
 def _scope(start_percent: float, end_percent: float, layers: str) -> Scope:
-    return Scope(StepRange(start_percent, end_percent), parse_layers(layers))
+    return Scope(NoiseRange(start_percent, end_percent), parse_layers(layers))
 
 
 def _technique_schema(node_id: str, display_name: str, description: str, inputs: list) -> io.Schema:
@@ -89,8 +92,9 @@ class WindowResidualAttention(io.ComfyNode):
                              tooltip="Radius per side in tokens (band) or grid cells (square / circle); "
                                      "0 uses window_fraction."),
                 io.Int.Input("refresh_every", default=4, min=2, max=1000,
-                             tooltip="Full attention (and a fresh residual) every this many steps; window + "
-                                     "residual in between. 4 is the setting measured in BENCHMARKS.md."),
+                             tooltip="Full attention (and a fresh residual) every this many steps within the noise "
+                                     "range, counted from each sampler's first step in it; window + residual in "
+                                     "between. 4 is the setting measured in BENCHMARKS.md."),
                 io.Boolean.Input("residual", default=True,
                                  tooltip="Add the residual cached at the last full step to the window's output. "
                                          "Off: plain window attention (only to compare; it is less faithful)."),
@@ -115,7 +119,8 @@ class StepSharingAttention(io.ComfyNode):
             "in between. The whole attention branch is skipped (QKV and output projections too) where the "
             "model's adapter maps it (every served model but Cosmos 1.0); elsewhere only the attention call.",
             [io.Int.Input("compute_every", default=2, min=2, max=1000,
-                          tooltip="Attention is computed at every this-many-th step of the range, reused between.")],
+                          tooltip="Attention is computed at every this-many-th step within the noise range, counted "
+                                  "from each sampler's first step in it; reused between.")],
         )
 
     @classmethod

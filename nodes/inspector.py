@@ -6,6 +6,7 @@ import comfy.sample
 from comfy_api.latest import io, ui
 
 from ..patching import patch_of
+from ..patching.deepcache import holder_of
 from ..patching.probe import profile_attention
 
 
@@ -64,7 +65,8 @@ class AttentionReport(io.ComfyNode):
             category="FastAttn",
             description="What a FastAttn-patched model did in its last sampling run: the run's sampling wall "
                         "time (sampling start to end, loading the model onto the device included), attention FLOPs "
-                        "computed vs. full, per technique. Connect the sampler's output so it runs after sampling.",
+                        "computed vs. full, per technique, and for DeepCache the U-Net blocks skipped. Connect the "
+                        "sampler's output so it runs after sampling.",
             inputs=[
                 io.Model.Input("model", tooltip="The patched model given to the sampler."),
                 io.Latent.Input("samples", tooltip="The sampler's output (only orders this node after sampling)."),
@@ -75,14 +77,14 @@ class AttentionReport(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: io.Model.Type, samples: io.Latent.Type) -> io.NodeOutput:
-        patch = patch_of(model)
-        if patch is None:
+        holders = [holder for holder in (patch_of(model), holder_of(model)) if holder is not None]
+        if not holders:
             raise ValueError("Attention Report: this model has no FastAttn patch; connect the model that a FastAttn "
                              "node returned (the one given to the sampler).")
-        if patch.last_report is None:
+        if any(holder.last_report is None for holder in holders):
             raise ValueError("Attention Report: the patched model has not been sampled yet; connect the sampler's "
                              "output to `samples` so this node runs after it.")
-        text = patch.last_report.summary()
+        text = "\n".join(holder.last_report.summary() for holder in holders)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 

@@ -47,7 +47,8 @@ class Calibrate(io.ComfyNode):
                                      "pack's frontend extension sets it), so queueing the workflow again does "
                                      "not recalibrate."),
                 io.Int.Input("steps", default=20, min=1, max=10000,
-                             tooltip="Sampling steps; the plan maps to other step counts by position."),
+                             tooltip="Sampling steps; another step count, a split sampler or denoise below 1 uses "
+                                     "the plan step calibrated at the same noise level."),
                 io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale, as for the sampler."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
@@ -126,9 +127,10 @@ class ApplyPlan(io.ComfyNode):
             display_name="Apply Attention Plan (DiTFastAttn)",
             category=CATEGORY,
             description="Carries out a calibrated plan: the plan input if connected, else the pasted plan_json, "
-                        "else the saved plan picked. Checked against the model when sampling starts; another step "
-                        "count uses the plan step at the same position in the schedule, with a warning shown under "
-                        "the sampler and this node.",
+                        "else the saved plan picked. Checked against the model when sampling starts; a run at other "
+                        "noise levels (another step count, denoise below 1) uses the plan step calibrated at the same "
+                        "noise level, with a warning shown under the sampler and this node (so does another token grid "
+                        "than the calibration's).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion transformer the plan was calibrated for."),
                 io.Combo.Input("plan_name", options=[NO_PLAN, *list_plans()], default=NO_PLAN,

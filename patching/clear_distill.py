@@ -6,18 +6,23 @@ trainable deltas to the projections through ModelPatcher weight wrappers (as Com
 trainer does) and runs local attention through a differentiable dense masked softmax (the
 kernels' reference; the fast kernels have no backward). Training runs inside ComfyUI's own
 sampling path as a custom Sampler, so conditioning, model loading and the runtime's wrappers
-are the host's. Losses as the CLEAR paper's (Liu et al., 2024), on the model's prediction
+are the host's. Losses as in CLEAR's paper (docs/nodes.md, CLEAR Distillation), on the model's prediction
 (x_t - denoised) / sigma (velocity for flow models): flow matching against the teacher's
 samples + 0.5 x MSE(student, teacher) + 0.5 x MSE of every local layer's attention output,
 with the sampling's prompts and CFG scale (the guided prediction is what sampling uses).
-SD3-class models only for now: FLUX's blocks in the host add to their inputs in place, which
-autograd rejects without per-block recomputation (see TRAINABLE).
+
+What trains is read from the architecture's adapter (the projections of its attention branches):
+the image-stream q/k/v and output projections of SD3-class (MMDiT) and FLUX models, and the q/k/v
+rows of FLUX's fused single-block layer, as CLEAR trains FLUX. FLUX's blocks add to their input in
+place (`img += ...`), which autograd rejects once that input was saved for the backward pass; the
+student's blocks run through block replacements that make those adds out of place (ResidualStream),
+without a copy of the model's forward.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import comfy.model_management
@@ -30,6 +35,7 @@ from tqdm import trange
 
 from ..kernels import reference_attention
 from ..kernels.pooling import default_pool_weight
+from .adapters import Projection, adapter_for
 from .call import AttentionCall
 from .clear_weights import (
     ARCHITECTURE_KEY,
@@ -44,12 +50,9 @@ from .report import CallSite
 from .runtime import SamplingRun, install
 from .schedule import WindowSize
 
-# Image-stream attention projections CLEAR trains, by the host's module names (SD3-class MMDiT).
-# FLUX is left out: the host's FLUX blocks add to their inputs in place, which autograd rejects;
-# gradient checkpointing would avoid that but replays the attention calls, renumbering layers.
-TRAINABLE = re.compile(r"joint_blocks\.\d+\.x_block\.attn2?\.(qkv|proj)$")
-# The models TRAINABLE finds, as the node's description, its help page and the README name them.
-DISTILLED_MODELS = "SD3-class (MMDiT) models"
+DISTILLABLE = ("SD3 (MMDiT)", "Flux")  # adapters whose branch maps say what CLEAR trains (tested)
+DISTILLED_MODELS = "SD3-class (MMDiT) and FLUX models"  # DISTILLABLE as the node's texts name it
+FLUX_BLOCKS = ("double_block", "single_block")  # block kinds whose residual adds go out of place
 PREFIX = "diffusion_model."
 
 
@@ -64,15 +67,55 @@ class DistillSettings:
 
 
 class Delta(nn.Module):
-    """A trainable change to a weight or bias (a ModelPatcher weight wrapper); off for the teacher."""
+    """A trainable change to a weight or bias (a ModelPatcher weight wrapper), to its leading `rows`
+    only in a fused layer (FLUX single blocks: q, k, v before the MLP's rows); off for the teacher."""
 
-    def __init__(self, shape: torch.Size, start: torch.Tensor | None = None) -> None:
+    def __init__(self, shape: torch.Size, rows: int | None = None, start: torch.Tensor | None = None) -> None:
         super().__init__()
+        shape = shape if rows is None else torch.Size((rows, *shape[1:]))
         self.delta = nn.Parameter(torch.zeros(shape) if start is None else start.float().clone())
         self.enabled = True
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta.to(weight.dtype) if self.enabled else weight
+        if not self.enabled:
+            return weight
+        rows = self.delta.shape[0]
+        changed = weight[:rows] + self.delta.to(weight.dtype)
+        return changed if rows == weight.shape[0] else torch.cat((changed, weight[rows:]))
+
+    def trained(self, weight: torch.Tensor) -> torch.Tensor:
+        """The rows this delta trains, changed: what the CLEAR file keeps for this key."""
+        return (weight[:self.delta.shape[0]].float() + self.delta.detach()).to(weight.dtype).contiguous()
+
+
+class ResidualStream(torch.Tensor):
+    """A block's residual stream whose `x += y` makes a new tensor instead of writing into x (Python
+    rebinds x to what __iadd__ returns); every other operation on it returns plain tensors."""
+
+    def __iadd__(self, other):
+        return (self.as_subclass(torch.Tensor) + other).as_subclass(ResidualStream)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return func(*_plain(args), **_plain(kwargs or {}))
+
+
+def _plain(value):
+    """`value` with every ResidualStream in it (at any depth of tuples, lists, dicts) a plain tensor."""
+    if isinstance(value, ResidualStream):
+        return value.as_subclass(torch.Tensor)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def out_of_place_residuals(args: dict, extra: dict) -> dict:
+    """A FLUX block replacement: the original block, with its residual adds out of place."""
+    streams = {name: args[name].as_subclass(ResidualStream) for name in ("img", "txt") if name in args}
+    out = extra["original_block"]({**args, **streams})
+    return {name: tensor.as_subclass(torch.Tensor) for name, tensor in out.items()}
 
 
 class DistillAttention:
@@ -119,25 +162,49 @@ class Trainable:
             delta.enabled = not on
 
 
+def trained_projections(model) -> list[Projection]:
+    """The projections CLEAR trains in `model`: image-stream (or joint) q/k/v and output layers of its
+    attention branches, a fused output layer (FLUX single blocks' attention and MLP) left out."""
+    adapter = adapter_for(model.model.diffusion_model)
+    projections = adapter.projections(model.model.diffusion_model) if adapter.projections else []
+    projections = [p for p in projections if p.tokens != "text" and (p.role == "qkv" or p.branch_features is None)]
+    if adapter.name not in DISTILLABLE or not projections:
+        raise ValueError(f"CLEAR distillation trains {DISTILLED_MODELS}; "
+                         f"{type(model.model.diffusion_model).__name__} is not supported yet")
+    return projections
+
+
 def trainable_for(model, start: dict[str, torch.Tensor] | None = None) -> Trainable:
-    """Deltas for every image-stream attention projection of `model`; `start` (full trained
-    tensors by state-dict key, from an earlier file) resumes from them."""
+    """Deltas for every projection CLEAR trains in `model`; `start` (trained tensors by state-dict
+    key, from an earlier file: whole, or the leading rows of a fused layer) resumes from them."""
     trainable = Trainable()
-    for name, module in model.model.diffusion_model.named_modules():
-        if not TRAINABLE.search(name):
-            continue
+    for projection in trained_projections(model):
+        module = model.get_model_object(f"diffusion_model.{projection.path}")
         for kind in ("weight", "bias"):
             tensor = getattr(module, kind)
             if tensor is None:
                 continue
-            key = f"{PREFIX}{name}.{kind}"
-            begin = None if start is None or key not in start else start[key].float() - tensor.float()
-            trainable.deltas[key] = Delta(tensor.shape, begin)
-    if not trainable.deltas:
-        raise ValueError(f"CLEAR distillation trains {DISTILLED_MODELS}; "
-                         f"{type(model.model.diffusion_model).__name__} is not supported yet (FLUX: use the released "
-                         "CLEAR weights with the loader)")
+            key = f"{PREFIX}{projection.path}.{kind}"
+            begin = None
+            if start is not None and key in start:
+                if start[key].shape[1:] != tensor.shape[1:] or start[key].shape[0] != (projection.branch_features
+                                                                                        or tensor.shape[0]):
+                    raise ValueError(f"CLEAR Distillation: {key} in the file to resume has shape "
+                                     f"{tuple(start[key].shape)}, which this model's layer does not fit")
+                begin = start[key].float() - tensor[:start[key].shape[0]].float()
+            trainable.deltas[key] = Delta(tensor.shape, projection.branch_features, begin)
     return trainable
+
+
+def _with_out_of_place_residuals(student) -> None:
+    """FLUX: every block of the student through the block replacement that adds out of place."""
+    diffusion_model = student.model.diffusion_model
+    if adapter_for(diffusion_model).name != "Flux":
+        return
+    for kind, blocks in zip(FLUX_BLOCKS, (diffusion_model.double_blocks, diffusion_model.single_blocks),
+                            strict=True):
+        for index in range(len(blocks)):
+            student.set_model_patch_replace(out_of_place_residuals, "dit", kind, index)
 
 
 class DistillSampler(comfy.samplers.Sampler):
@@ -213,13 +280,14 @@ def distill(model, positive, negative, cfg: float, teacher_latents: torch.Tensor
     tensors and metadata: every trained projection whole (by state-dict key) and the pooling
     weights, for the CLEAR loader. Stops between steps when ComfyUI is interrupted, and saves
     what was trained so far (its metadata says how many steps)."""
-    with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; parameters must be made outside it
-        trainable = trainable_for(model, start)
+    with torch.inference_mode(False), _frozen(model.model):  # ComfyUI runs nodes in inference mode: parameters
+        trainable = trainable_for(model, start)  # must be made outside it
         trainable.pool_weights.update({int(k.removeprefix(LAYER_POOL_WEIGHT)): nn.Parameter(v.float().clone())
                                        for k, v in (start or {}).items() if k.startswith(LAYER_POOL_WEIGHT)})
         attention = DistillAttention(WindowSize("circle", tokens=settings.radius, pool=settings.pool),
                                      trainable.pool_weights)
         student = install(model, attention)
+        _with_out_of_place_residuals(student)
         for key, delta in trainable.deltas.items():
             student.add_weight_wrapper(key, delta)
         sampler = DistillSampler(trainable, attention, settings, on_loss)
@@ -235,14 +303,34 @@ def distill(model, positive, negative, cfg: float, teacher_latents: torch.Tensor
                 save(*_file_contents(model, trainable, settings, sampler.steps_done))
 
 
+@contextlib.contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """The model's own tensors as autograd can use them while the deltas train: plain tensors
+    (ComfyUI loads models under inference mode, and autograd cannot keep inference tensors for a
+    backward; they become plain tensors of the same values, once, which inference does not notice)
+    asking for no gradient (as ComfyUI's LoRA trainer freezes them), their flags restored after."""
+    for owner in module.modules():
+        for name, tensor in (*owner.named_parameters(recurse=False), *owner.named_buffers(recurse=False)):
+            if tensor.is_inference():
+                plain = tensor.clone()
+                setattr(owner, name, nn.Parameter(plain, tensor.requires_grad) if name in owner._parameters else plain)
+    asking = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    for parameter in asking:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in asking:
+            parameter.requires_grad_(True)
+
+
 def _file_contents(model, trainable: Trainable, settings: DistillSettings,
                    steps_done: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     state = model.model_state_dict()
     tensors = {}
     with torch.no_grad():
         for key, delta in trainable.deltas.items():
-            delta.enabled = True
-            tensors[key] = delta(state[key].float()).to(state[key].dtype).contiguous()
+            tensors[key] = delta.trained(state[key])
         for layer, weight in trainable.pool_weights.items():
             tensors[f"{LAYER_POOL_WEIGHT}{layer}"] = weight.detach().clone()
     metadata = {FORMAT_KEY: NATIVE_FORMAT, RADIUS_KEY: str(settings.radius), POOL_KEY: str(settings.pool),

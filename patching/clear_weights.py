@@ -9,9 +9,10 @@ rows of single_blocks.N.linear1); the host's own diffusers key map gives the row
 Patches are "set" patches on those rows: unpatching restores the model, and LoRAs added after
 apply on top of the CLEAR weights.
 
-Files from the pack's distillation (any supported architecture) are in ComfyUI's own names
-instead: whole tensors by state-dict key, pooling weights by attention layer, and metadata
-saying so (clear_format = "comfyui") and which radius, pooling and architecture they are for.
+Files from the pack's distillation (SD3-class and FLUX) are in ComfyUI's own names instead:
+tensors by state-dict key (whole, or the leading rows of a fused layer: FLUX single blocks' q, k, v
+rows of linear1), pooling weights by attention layer, and metadata saying so (clear_format =
+"comfyui") and which radius, pooling and architecture they are for.
 """
 
 from __future__ import annotations
@@ -116,12 +117,15 @@ def model_patches(model, weights: ClearWeights) -> tuple[dict, PoolWeights | Non
         raise ClearWeightsError(f"these CLEAR weights were distilled for a {weights.metadata[ARCHITECTURE_KEY]} model, "
                                 f"not this {architecture}")
     state = model.model_state_dict()
+    patches = {}
     for key, tensor in weights.projections.items():
-        if key not in state or state[key].shape != tensor.shape:
+        fits = key in state and tensor.shape[1:] == state[key].shape[1:] and tensor.shape[0] <= state[key].shape[0]
+        if not fits:
             found = "missing" if key not in state else f"of shape {tuple(state[key].shape)}"
             raise ClearWeightsError(f"{key} ({tuple(tensor.shape)}) in the CLEAR file is {found} in this model: the "
                                     "file was distilled for another model of this architecture")
-    patches = {key: ("set", (tensor,)) for key, tensor in weights.projections.items()}
+        rows = tensor.shape[0]
+        patches[key if rows == state[key].shape[0] else (key, (0, 0, rows))] = ("set", (tensor,))
     by_layer = {int(layer): tensor.float() for layer, tensor in weights.pool_weights.items()}
     return patches, PoolWeights(by_layer) if by_layer else None
 

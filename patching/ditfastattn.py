@@ -51,7 +51,7 @@ class DiTFastAttn:
         the batch. The attention call then decides the same from the same state."""
         if not self.skip_branch:
             return None
-        choice = self.schedule.choose(site.step, site.total_steps, site.layer)
+        choice = self.schedule.choose(site.step, site.timeline, site.layer)
         made_for = (site.layout,)
         if choice.compute == "reuse":
             cached = {path: gather_chunks(run, ("branch", site.layer, path), site.chunk_ids, made_for, site.step)
@@ -59,15 +59,13 @@ class DiTFastAttn:
             if all(tensor is not None for tensor in cached.values()):
                 return BranchPlan(site.layer, site.step, site.chunk_ids, made_for, cached=cached)
             choice = Choice("full", choice.share_cfg)
-        sources = {}
-        if choice.share_cfg and len(site.inputs) == len(site.chunk_ids):
-            sources = {i: _in_batch_source(site, i) for i, half in enumerate(site.halves) if half == UNCOND}
-            sources = {} if None in sources.values() else sources
-        store = self.schedule.choose(site.step + 1, site.total_steps, site.layer).compute == "reuse"
+        sources = in_batch_copies(site) if choice.share_cfg else {}
+        sources = sources if len(sources) == site.halves.count(UNCOND) else {}  # else the attention call copies
+        store = self.schedule.choose(site.step + 1, site.timeline, site.layer).compute == "reuse"
         return BranchPlan(site.layer, site.step, site.chunk_ids, made_for, store=store, sources=sources)
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
-        choice = self.schedule.choose(site.step, site.total_steps, site.layer)
+        choice = self.schedule.choose(site.step, site.timeline, site.layer)
         reason = _stands_aside(call, site)
         if site.branch is not None and site.branch.before_attention and reason is not None:
             raise RuntimeError(f"FastAttn: layer {site.layer}'s projections were already skipped for sharing, but its "
@@ -90,7 +88,7 @@ class DiTFastAttn:
                             "in the run, or another shape)")
             choice = Choice("full", choice.share_cfg)
         out, flops, technique = self._with_cfg_sharing(call, site, run, choice)
-        next_reuses = self.schedule.choose(site.step + 1, site.total_steps, site.layer).compute == "reuse"
+        next_reuses = self.schedule.choose(site.step + 1, site.timeline, site.layer).compute == "reuse"
         if next_reuses and site.branch is None:  # else the output projections store the branch's output
             store_chunks(run, ("output", site.layer), site.chunk_ids, site.step, out, (site.layout,))
         return out, flops, technique
@@ -100,7 +98,7 @@ class DiTFastAttn:
         """Compute every chunk except the unconditional ones that can copy a conditional output of
         this step with the same model input (in this batch, or from a call just before)."""
         chunks = len(site.chunk_ids)
-        if not choice.share_cfg or chunks == 0 or len(site.inputs) != chunks:
+        if not choice.share_cfg:
             return self._compute(call, site, run, choice, site.chunk_ids)
         if COND not in site.halves and UNCOND not in site.halves:
             run.stood_aside("CFG sharing needs ComfyUI's CFG guider (positive, negative); this guider orders its "
@@ -158,7 +156,7 @@ class DiTFastAttn:
                     "window+residual" if choice.residual else "window"
         out = call.run_default()
         flops = call.flops()
-        size = None if site.layout_unproven else self.schedule.residual_window(site.step, site.total_steps, site.layer)
+        size = None if site.layout_unproven else self.schedule.residual_window(site.step, site.timeline, site.layer)
         hidden = hidden_text_keys(call.mask, layout, call.batch) if size is not None else None
         if hidden is not None:
             q, k, v = call.heads_first()
@@ -230,6 +228,16 @@ def _cfg_source(run: SamplingRun, site: CallSite, chunk: int) -> int | torch.Ten
             or not torch.equal(entry.model_input, site.inputs[chunk])):
         return None
     return entry.tensor
+
+
+def in_batch_copies(site: CallSite) -> dict[int, int]:
+    """What CFG sharing copies within this call's batch: unconditional chunk -> the first conditional
+    chunk with the same model input (unconditional chunks without one are left out; none when the
+    batch does not split into the call's chunks)."""
+    if len(site.inputs) != len(site.chunk_ids):
+        return {}
+    found = {i: _in_batch_source(site, i) for i, half in enumerate(site.halves) if half == UNCOND}
+    return {i: source for i, source in found.items() if source is not None}
 
 
 def _in_batch_source(site: CallSite, chunk: int) -> int | None:

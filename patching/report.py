@@ -11,14 +11,15 @@ from ..kernels import TokenLayout
 
 if TYPE_CHECKING:
     from .branch import BranchPlan
+    from .timeline import Timeline
 
 
 @dataclass(frozen=True)
 class CallSite:
     """Where an attention call sits: step of the schedule, layer of the forward, batch halves."""
 
-    step: int  # index into the sampling schedule (0 = first step)
-    total_steps: int
+    step: int  # index into the run's sampling schedule (0 = its first step)
+    timeline: Timeline  # the run's steps as noise levels
     layer: int  # order of the call within one diffusion-model forward
     kind: str  # "joint" (text + image), "image", "text", "cross", or "unknown"
     layout: TokenLayout | None  # None when the call has no image grid the adapter can place

@@ -2,7 +2,8 @@
 
     OUTER_SAMPLE wrapper   sampling starts: a SamplingRun is created for this run only and
                            dropped when sampling ends (also on exception or interrupt).
-    APPLY_MODEL wrapper    each model call: finds the step from `sigmas` in `sample_sigmas`,
+    APPLY_MODEL wrapper    each model call: finds the step from `sigmas` in `sample_sigmas` (the
+                           run's Timeline, which also reads start / end percent as noise levels),
                            the batch halves from `cond_or_uncond`, the layout from the latent and
                            the conditioning, and installs a ForwardPass as the attention override
                            of this call only (chaining any override already present).
@@ -13,6 +14,12 @@
 
 APPLY_MODEL (not DIFFUSION_MODEL) wrappers are used because every architecture runs them;
 SD3's model never calls DIFFUSION_MODEL wrappers.
+
+Other attention overrides: the one found in the call's options (core's "Model Attention Backend" and
+"Model Sparse Attention", which newer hosts re-install from ON_PREPARE_STATE every step, or another
+pack's) is chained below ours, whichever node came first, and runs every call we compute in full. An
+override installed above ours inside the forward would hide calls from our numbering, and a CUDA graph
+capture would freeze our per-step choices: both make the techniques stand aside, visibly.
 """
 
 from __future__ import annotations
@@ -33,13 +40,20 @@ from comfy_execution.utils import get_executing_context
 from ..kernels import TokenLayout
 from .adapters import Adapter, Projection, adapter_for
 from .branch import ACTIVE, BranchPlan, projection_forward
+from .cache import block_replacements, chunk_ids
 from .call import AttentionCall
 from .layout_proof import LayoutProof, prove_layout
 from .report import CallSite, LayerRecord, RunReport
+from .run_scope import run_in_options, sampled_timeline
+from .timeline import Timeline
 
 PATCH_KEY = "fastattn"  # key of our holder in transformer_options and of our wrappers
 RUN_KEY = "fastattn_run"  # key of the per-run state in a run's transformer_options
 OVERRIDE_KEY = "optimized_attention_override"
+CAPTURED = ("a CUDA graph capture ran the model: FastAttn's per-step choices cannot be recorded in a graph, so "
+            "the run from then on uses the host's attention")
+DISPLACED = ("another attention override was installed above FastAttn's inside the model's forward: FastAttn "
+             "cannot number the attention calls it handles, so that forward uses the host's attention")
 
 
 class AttentionMethod(Protocol):
@@ -73,24 +87,18 @@ class AttentionPatch:
 class SamplingRun:
     """State of one sampling run: the schedule, caches the methods keep, and the report."""
 
-    def __init__(self, patch: AttentionPatch, sample_sigmas: torch.Tensor, roles: dict[int, int] | None = None,
+    def __init__(self, patch: AttentionPatch, timeline: Timeline, roles: dict[int, int] | None = None,
                  block_replacements: frozenset = frozenset()) -> None:
         self.patch = patch
-        self.sigmas = [float(s) for s in sample_sigmas]
-        self.total_steps = max(len(self.sigmas) - 1, 1)
+        self.timeline = timeline
         self.roles = roles  # conditioning index -> COND / UNCOND, None when the guider is not ComfyUI's CFG
         self.block_replacements = block_replacements  # the model's own patches_replace keys
         self.evaluations: dict[tuple, int] = {}  # (step, chunk) -> model evaluations seen so far
         self.layout_proofs: dict[tuple, LayoutProof] = {}  # (grid, text tokens) -> a generic model's proven order
         self.cache: dict = {}
-        self.report = RunReport(patch.adapter.name, self.total_steps, branch_note=patch.branch_note,
+        self.displaced: str | None = None  # why the techniques stand aside for the rest of the run, if they must
+        self.report = RunReport(patch.adapter.name, timeline.steps, branch_note=patch.branch_note,
                                 layout_derived=not patch.adapter.layout_proven)
-
-    def step_of(self, sigma: float) -> int:
-        """Index of the schedule step whose interval holds `sigma` (intermediate sigmas of
-        multi-evaluation samplers belong to the step they started from)."""
-        reached = sum(1 for s in self.sigmas[:-1] if s >= sigma or abs(s - sigma) <= 1e-5 * max(abs(s), 1e-8))
-        return min(max(reached - 1, 0), self.total_steps - 1)
 
     def layout_proof(self, grid: tuple[int, ...], text_len: int, prove: Callable[[], LayoutProof]) -> LayoutProof:
         """A generic model's token order at this grid and text length, proven once per run, and only
@@ -155,6 +163,11 @@ class SamplingRun:
         return self.report
 
 
+def capturing_cuda_graph() -> bool:
+    """Whether this call runs inside a CUDA graph capture (whose replays skip Python)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
 def executing_node() -> str | None:
     """The id of the workflow node now executing (None outside a queued prompt)."""
     context = get_executing_context()
@@ -192,12 +205,25 @@ class ForwardPass:
         self.context_len = text_len if context_len is None else context_len  # the prompt as the model got it
         self.layout_proof = layout_proof  # a generic model's proven token order (None: the adapter knows it)
         self.previous_override = previous_override
+        self.options: dict = {}  # the transformer options this pass was installed in
         self.layers = 0
         self.plans: dict[int, BranchPlan | None] = {}  # mapped layer -> what its projections do in this call
         self._planned_kinds: dict[int, str] = {}
 
+    def _check_displaced(self, call_options: dict | None = None) -> None:
+        """Stand aside from here on if a CUDA graph is being captured (for the rest of the run: replays
+        skip this Python, so later calls could not be numbered) or another override sits above this one."""
+        if capturing_cuda_graph():
+            self.run.displaced = self.run.displaced or CAPTURED
+        above = [options.get(OVERRIDE_KEY) for options in (self.options, call_options or {}) if OVERRIDE_KEY in options]
+        reason = self.run.displaced or (DISPLACED if any(override is not self for override in above) else None)
+        if reason is not None and self.stand_aside is None:
+            self.stand_aside = reason
+            self.run.warn(reason)
+
     def __call__(self, func: Callable, *args, **kwargs) -> torch.Tensor:
         call = AttentionCall(func, args, kwargs, self.previous_override)
+        self._check_displaced(kwargs.get("transformer_options"))
         if not all(hasattr(t, "shape") for t in args[:3]):  # a container this pack cannot even measure
             self.layers += 1
             self.run.stood_aside("q/k/v passed as objects without a shape")
@@ -209,7 +235,7 @@ class ForwardPass:
                                f"call, but its projections were mapped to a {self._planned_kinds[self.layers]} call "
                                "(a model variant this pack does not know). Please report it; remove the sharing "
                                "nodes meanwhile.")
-        site = CallSite(self.step, self.run.total_steps, self.layers, kind, layout, self.cond_or_uncond, self.chunk_ids,
+        site = CallSite(self.step, self.run.timeline, self.layers, kind, layout, self.cond_or_uncond, self.chunk_ids,
                         self.halves, self.inputs, self.stand_aside, plan, self._unproven(kind))
         self.layers += 1
         report = self.run.report
@@ -225,6 +251,7 @@ class ForwardPass:
         that projection's input (`tokens` long) is not what the layout expects: the model added tokens
         inside its forward (reference images, padding), so its attention call cannot be placed either."""
         layer = projection.layer
+        self._check_displaced()
         if layer not in self.plans:
             self._planned_kinds[layer] = projection.kind
             plan_branch = getattr(self.run.patch.method, "plan_branch", None)
@@ -236,7 +263,7 @@ class ForwardPass:
                 self.plans[layer] = None
             else:
                 layout = self._layout(projection.kind)
-                site = CallSite(self.step, self.run.total_steps, layer, projection.kind, layout, self.cond_or_uncond,
+                site = CallSite(self.step, self.run.timeline, layer, projection.kind, layout, self.cond_or_uncond,
                                 self.chunk_ids, self.halves, self.inputs)
                 self.plans[layer] = plan_branch(site, self.run, self.run.patch.outputs[layer])
         return self.plans[layer]
@@ -294,30 +321,22 @@ def _cfg_roles(guider) -> dict[int, int] | None:
     return None
 
 
-def _block_replacements(transformer_options: dict) -> frozenset:
-    """The (kind, key) of every whole-block replacement the forward will use."""
-    return frozenset((kind, key) for kind, blocks in transformer_options.get("patches_replace", {}).items()
-                     for key in blocks)
-
-
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Create the run's state when sampling starts; drop it when sampling ends, however it ends."""
     guider = executor.class_obj
-    original_options = guider.model_options
-    patch: AttentionPatch = original_options["transformer_options"][PATCH_KEY]
-    sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
-    run = SamplingRun(patch, sigmas, _cfg_roles(guider), _block_replacements(original_options["transformer_options"]))
-    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-    guider.model_options["transformer_options"][RUN_KEY] = run
+    transformer_options = guider.model_options["transformer_options"]
+    patch: AttentionPatch = transformer_options[PATCH_KEY]
+    run = SamplingRun(patch, sampled_timeline(executor, args, kwargs), _cfg_roles(guider),
+                      block_replacements(transformer_options))
     start = time.perf_counter()
     try:
-        samples = executor(*args, **kwargs)
-        if samples.device.type == "cuda":  # the run's queued GPU work counts in its wall time
-            torch.cuda.synchronize(samples.device)
-        return samples
+        with run_in_options(guider, RUN_KEY, run):
+            samples = executor(*args, **kwargs)
+            if samples.device.type == "cuda":  # the run's queued GPU work counts in its wall time
+                torch.cuda.synchronize(samples.device)
+            return samples
     finally:
         run.report.wall_seconds = time.perf_counter() - start
-        guider.model_options = original_options
         patch.last_report = run.close()
         logging.info("FastAttn: %s", patch.last_report.summary())
 
@@ -330,26 +349,28 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     adapter = run.patch.adapter
     sigmas = transformer_options.get("sigmas", t)
-    step = run.step_of(float(sigmas.flatten()[0]))
+    step = run.timeline.step_of(float(sigmas.flatten()[0]))
     cond_or_uncond = tuple(transformer_options.get("cond_or_uncond", ()))
+    stand_aside = _stand_aside(run, transformer_options, x.shape[0], cond_or_uncond)
     grid, text_len = adapter.image_grid(x.shape), adapter.text_len(c_crossattn, kwargs)
     forward = ForwardPass(
         run,
         step=step,
         cond_or_uncond=cond_or_uncond,
-        chunk_ids=_chunk_ids(run, step, cond_or_uncond, transformer_options, x.device),
+        chunk_ids=chunk_ids(run.evaluation_of, step, cond_or_uncond, transformer_options, x.device),
         grid=grid,
         text_len=text_len,
         previous_override=transformer_options.get(OVERRIDE_KEY),
         halves=tuple(OTHER if run.roles is None else run.roles.get(index, OTHER) for index in cond_or_uncond),
-        inputs=tuple(x.chunk(len(cond_or_uncond))) if cond_or_uncond and x.shape[0] % len(cond_or_uncond) == 0 else (),
-        stand_aside=_stand_aside(run, transformer_options),
+        inputs=tuple(x.chunk(len(cond_or_uncond))) if stand_aside is None else (),
+        stand_aside=stand_aside,
         context_len=0 if c_crossattn is None else int(c_crossattn.shape[1]),
         layout_proof=None if adapter.layout_proven else run.layout_proof(grid, text_len, lambda: prove_layout(
             _forward_with(executor, (t, c_concat, c_crossattn, control), transformer_options, kwargs, adapter),
             x, grid, adapter.patch_size, text_len)),
     )
     options = {**transformer_options, OVERRIDE_KEY: forward}
+    forward.options = options
     token = ACTIVE.set(forward)
     try:
         with adapter.routed(options):
@@ -371,27 +392,20 @@ def _forward_with(executor, args: tuple, transformer_options: dict, kwargs: dict
     return forward
 
 
-def _chunk_ids(run: SamplingRun, step: int, cond_or_uncond: tuple[int, ...], transformer_options: dict,
-               device: torch.device) -> tuple:
-    """A cache identity per batch chunk: its conditioning (the host's uuid, else its index and
-    place), the frames of a context window, the device, and which evaluation of this step it is
-    (a second-order sampler's second call, an extension's extra forward), so that a cache is read
-    only by the same kind of call that wrote it."""
-    uuids = tuple(transformer_options.get("uuids", ()))
-    if len(uuids) != len(cond_or_uncond):
-        uuids = tuple((index, cond_or_uncond[:place].count(index)) for place, index in enumerate(cond_or_uncond))
-    window = transformer_options.get("context_window")
-    frames = tuple(getattr(window, "index_list", ())) if window is not None else ()
-    chunks = tuple((uuid, frames, str(device)) for uuid in uuids)
-    return tuple((*chunk, run.evaluation_of(step, chunk)) for chunk in chunks)
-
-
-def _stand_aside(run: SamplingRun, transformer_options: dict) -> str | None:
+def _stand_aside(run: SamplingRun, transformer_options: dict, batch: int, cond_or_uncond: tuple[int, ...]) -> str | None:
     """Why no technique may touch this forward, if one must stand aside: a forward that replaces
     blocks the model itself does not (Skip Layer Guidance skipping layers) numbers its attention
-    layers differently, so neither the schedule's layers nor the caches apply to it."""
-    if _block_replacements(transformer_options) != run.block_replacements:
+    layers differently, so neither the schedule's layers nor the caches apply to it; and every
+    cache and CFG copy is kept per conditioning chunk, so a call whose batch is not made of its
+    `cond_or_uncond` chunks (an extension calling the model itself) has nothing to key them by."""
+    if run.displaced is not None:
+        return run.displaced
+    if block_replacements(transformer_options) != run.block_replacements:
         return "a forward with blocks replaced for it alone (e.g. Skip Layer Guidance)"
+    if not cond_or_uncond:
+        return "a model call without cond_or_uncond (an extension calling the model itself)"
+    if batch % len(cond_or_uncond):
+        return "a model call whose batch does not split into its cond_or_uncond chunks"
     return None
 
 

@@ -6,6 +6,11 @@ compute it, with a window plus the cached residual (window attention with residu
 with a window alone (CLEAR's local attention) or in full, and in all cases for the
 conditional half only, copied to the unconditional half (CFG sharing). When two techniques
 of the same kind cover a call, the later node wins (the two window techniques are one kind).
+
+A technique's range is a range of noise levels (timeline.py): the steps of the run that start
+inside it. `refresh_every` and `compute_every` count those steps from the first one this sampler
+runs: each sampler of a split run starts its range with a full (computed) step, since caches live
+in one sampling run.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ from typing import Literal, Union
 import torch
 
 from ..kernels import TokenLayout, Window
+from .timeline import Timeline
 
 
 @dataclass(frozen=True)
-class StepRange:
-    """The steps a technique acts on, as fractions of the schedule: start <= step/total < end."""
+class NoiseRange:
+    """The noise levels a technique acts on, as start / end percent of the model's noise schedule
+    (0: pure noise, 1: none), read as ComfyUI's own nodes read them (timeline.py)."""
 
     start: float = 0.0
     end: float = 1.0
@@ -31,15 +38,9 @@ class StepRange:
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise ValueError(f"start/end percent must satisfy 0 <= start <= end <= 1, got {self.start} and {self.end}")
 
-    def first_step(self, total_steps: int) -> int:
-        return _ceil(self.start * total_steps)
-
-    def contains(self, step: int, total_steps: int) -> bool:
-        return self.first_step(total_steps) <= step < _ceil(self.end * total_steps)
-
-
-def _ceil(x: float) -> int:
-    return int(-(-round(x, 9) // 1))
+    def steps_in(self, timeline: Timeline) -> tuple[int, ...]:
+        """The run's steps that start inside this range, in order."""
+        return timeline.steps_within(self.start, self.end)
 
 
 def parse_layers(text: str) -> frozenset[int] | None:
@@ -62,13 +63,17 @@ def parse_layers(text: str) -> frozenset[int] | None:
 
 @dataclass(frozen=True)
 class Scope:
-    steps: StepRange = StepRange()
+    noise: NoiseRange = NoiseRange()
     layers: frozenset[int] | None = None  # None: every layer
     kept_full: frozenset[int] = frozenset()  # layers left out even if `layers` names them
 
-    def covers(self, step: int, total_steps: int, layer: int) -> bool:
-        return (self.steps.contains(step, total_steps) and (self.layers is None or layer in self.layers)
-                and layer not in self.kept_full)
+    def covers(self, step: int, timeline: Timeline, layer: int) -> bool:
+        return ((self.layers is None or layer in self.layers) and layer not in self.kept_full
+                and step in self.noise.steps_in(timeline))
+
+    def ordinal(self, step: int, timeline: Timeline) -> int:
+        """How many steps of this range the run took before `step` (a step it covers)."""
+        return self.noise.steps_in(timeline).index(step)
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,8 @@ class WindowSize:
 @dataclass(frozen=True)
 class WindowResidual:
     """Window attention with residual sharing: full attention every `refresh_every` steps of
-    its range (caching full - window), window + cached residual in between."""
+    its range, from the first step of it the run takes (caching full - window), window + cached
+    residual in between."""
 
     window: WindowSize = WindowSize()
     refresh_every: int = 2
@@ -121,8 +127,8 @@ class WindowResidual:
 
 @dataclass(frozen=True)
 class StepSharing:
-    """Attention sharing across steps: compute every `compute_every`-th step of the range,
-    reuse the layer's last computed output in between."""
+    """Attention sharing across steps: compute every `compute_every`-th step of the range, from
+    the first step of it the run takes, reuse the layer's last computed output in between."""
 
     compute_every: int = 2
     scope: Scope = Scope()
@@ -193,34 +199,34 @@ class Schedule:
         """Whether any step may share attention across CFG halves (DiTFastAttn reports if it never could)."""
         return any(isinstance(technique, CFGSharing) for technique in self.techniques)
 
-    def _last(self, kind: type | tuple[type, ...], step: int, total_steps: int, layer: int):
+    def _last(self, kind: type | tuple[type, ...], step: int, timeline: Timeline, layer: int):
         found = None
         for technique in self.techniques:
-            if isinstance(technique, kind) and technique.scope.covers(step, total_steps, layer):
+            if isinstance(technique, kind) and technique.scope.covers(step, timeline, layer):
                 found = technique
         return found
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019  (schedules are small, immutable and few)
-    def choose(self, step: int, total_steps: int, layer: int) -> Choice:
-        share_cfg = self._last(CFGSharing, step, total_steps, layer) is not None
-        sharing = self._last(StepSharing, step, total_steps, layer)
-        if sharing is not None and (step - sharing.scope.steps.first_step(total_steps)) % sharing.compute_every:
+    def choose(self, step: int, timeline: Timeline, layer: int) -> Choice:
+        share_cfg = self._last(CFGSharing, step, timeline, layer) is not None
+        sharing = self._last(StepSharing, step, timeline, layer)
+        if sharing is not None and sharing.scope.ordinal(step, timeline) % sharing.compute_every:
             return Choice("reuse", share_cfg)
-        windowed = self._last((WindowResidual, LocalAttention), step, total_steps, layer)
+        windowed = self._last((WindowResidual, LocalAttention), step, timeline, layer)
         if windowed is None:
             return Choice("full", share_cfg)
         if isinstance(windowed, LocalAttention):
             return Choice("window", share_cfg, windowed.window, residual=False, pool_weights=windowed.pool_weights)
-        if (step - windowed.scope.steps.first_step(total_steps)) % windowed.refresh_every == 0:
+        if windowed.scope.ordinal(step, timeline) % windowed.refresh_every == 0:
             return Choice("full", share_cfg)
         return Choice("window", share_cfg, windowed.window, windowed.residual)
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019
-    def residual_window(self, step: int, total_steps: int, layer: int) -> WindowSize | None:
+    def residual_window(self, step: int, timeline: Timeline, layer: int) -> WindowSize | None:
         """At a full step: the window of the next step that computes this layer, if it uses
         one; the residual full - window is only worth computing then."""
-        for later in range(step + 1, total_steps):
-            choice = self.choose(later, total_steps, layer)
+        for later in range(step + 1, timeline.steps):
+            choice = self.choose(later, timeline, layer)
             if choice.compute != "reuse":
                 return choice.window if choice.residual else None
         return None

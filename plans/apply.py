@@ -39,7 +39,21 @@ class PlannedAttention(DiTFastAttn):
         if problem is not None:
             raise PlanError(f"FastAttn Apply Plan: this plan does not fit the model: {problem}. Calibrate a plan "
                             "for this model (the Calibrate node), or pick the plan made for it.")
-        if site.layer == 0 and run.report.forwards == 0 and site.total_steps != self.plan.steps:
-            run.warn(f"the plan was calibrated at {self.plan.steps} steps and this run has {site.total_steps}; each "
-                     "step uses the plan step at the same position in the schedule (calibrate at this step count "
-                     "for a plan made for it)", () if self.node_id is None else (self.node_id,))
+        nodes = () if self.node_id is None else (self.node_id,)
+        if site.layer == 0 and run.report.forwards == 0 and not self.plan.step_map(site.timeline)[1]:
+            calibrated = self.plan.calibration
+            scheduler = calibrated.scheduler or "its scheduler not recorded"
+            run.warn(f"the plan was calibrated at {calibrated.steps} steps ({scheduler}) and this run samples "
+                     f"{site.timeline.steps} steps at other noise levels; each step uses the plan step calibrated at "
+                     "the same noise level (at the same position in the run if this ComfyUI does not know that "
+                     "scheduler); calibrate with this run's steps and scheduler for a plan made for it", nodes)
+        grid = self.plan.calibration.grid
+        if site.layout is not None and grid and tuple(site.layout.grid) != tuple(grid):
+            run.warn(f"the plan was calibrated on a token grid of {_grid(grid)} and this run has "
+                     f"{_grid(site.layout.grid)}; its window scales with the grid, but the errors it kept within "
+                     "delta were measured at the calibration's size (calibrate at this size for a plan made for it)",
+                     nodes)
+
+
+def _grid(grid: tuple[int, ...]) -> str:
+    return " x ".join(str(side) for side in grid)

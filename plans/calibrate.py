@@ -33,9 +33,10 @@ import torch
 from ..kernels import attention_flops, window_attention
 from ..kernels.backends import choose_backend
 from ..patching import AttentionCall, CallSite, SamplingRun, install
-from ..patching.ditfastattn import DiTFastAttn
+from ..patching.ditfastattn import DiTFastAttn, in_batch_copies
 from ..patching.runtime import PATCH_KEY, RUN_KEY, apply_model_wrapper
 from ..patching.schedule import Choice, WindowSize
+from ..patching.timeline import Timeline
 from .schema import (
     CANDIDATES,
     WINDOWED_KINDS,
@@ -85,11 +86,11 @@ def squared_error_per_head(approx: torch.Tensor, exact: torch.Tensor) -> torch.T
     return (approx.double() - exact.double()).square().sum(dim=(0, 2, 3))
 
 
-def share_cfg(tensor: torch.Tensor, halves: tuple[int, ...]) -> torch.Tensor:
-    """Every unconditional chunk of the batch replaced by the first conditional chunk."""
-    chunks = tensor.chunk(len(halves))
-    conditional = chunks[halves.index(0)]
-    return torch.cat([conditional if half == 1 else chunk for chunk, half in zip(chunks, halves, strict=True)])
+def share_cfg(tensor: torch.Tensor, copies: dict[int, int], chunks: int) -> torch.Tensor:
+    """`tensor` (`chunks` batch chunks) as CFG sharing makes it: each unconditional chunk of `copies`
+    replaced by the conditional chunk it copies (`in_batch_copies`, as the runtime copies)."""
+    parts = tensor.chunk(chunks)
+    return torch.cat([parts[copies.get(chunk, chunk)] for chunk in range(chunks)])
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,12 @@ class TrialSchedule:
         self.assignment: dict[int, str] = {}
         self.heads: dict[int, HeadSet] = {}  # per-head window cells of the assignment
 
-    def choose(self, step: int, total_steps: int, layer: int) -> Choice:
+    def choose(self, step: int, timeline: Timeline, layer: int) -> Choice:
         if step != self.step:
             return Choice("reuse")
         return choice_of(self.assignment.get(layer, "full"), self.window, self.heads.get(layer))
 
-    def residual_window(self, step: int, total_steps: int, layer: int) -> WindowSize | None:
+    def residual_window(self, step: int, timeline: Timeline, layer: int) -> WindowSize | None:
         return self.window if self.caches_residual else None
 
 
@@ -144,7 +145,7 @@ class Scorer:
         self.candidates = candidates
         self.previous: dict[int, torch.Tensor] = {}  # what an AST at this step reuses
         self.residual: dict[int, torch.Tensor] = {}
-        self.pending_full: dict[int, tuple[torch.Tensor, tuple[int, ...]]] = {}  # this step's (output, halves)
+        self.pending_full: dict[int, tuple[torch.Tensor, dict[int, int], int]] = {}  # (output, CFG copies, chunks)
         self.pending_residual: dict[int, torch.Tensor] = {}
         self.squared_errors: dict[int, dict[str, torch.Tensor]] = {}  # layer -> technique -> [heads]
         self.squared_norms: dict[int, torch.Tensor] = {}  # layer -> ||full output||^2 per head
@@ -155,20 +156,19 @@ class Scorer:
         previous = self.previous.get(site.layer)
         if "ast" in self.candidates and previous is not None and previous.shape == full_heads.shape:
             approx["ast"] = previous
-        halves = site.cond_or_uncond
-        self.pending_full[site.layer] = full_heads, halves
-        has_cfg = 0 in halves and 1 in halves and full.shape[0] % len(halves) == 0
-        if has_cfg:  # also what the unwindowed heads of a per-head wars+asc cell compute
-            approx["full+asc"] = share_cfg(full_heads, halves)
+        copies, chunks = in_batch_copies(site), len(site.chunk_ids)
+        self.pending_full[site.layer] = full_heads, copies, chunks
+        if copies:  # also what the unwindowed heads of a per-head wars+asc cell compute
+            approx["full+asc"] = share_cfg(full_heads, copies, chunks)
         if any(name.startswith("wars") for name in self.candidates):
             q, k, v = call.heads_first()
-            window = window_attention(q, k, v, site.layout, self.window.window_for(site.layout))
+            window = window_attention(q, k, v, site.layout, self.window.window_for(site.layout), scale=call.scale)
             self.pending_residual[site.layer] = full_heads - window
             residual = self.residual.get(site.layer)
             if residual is not None and residual.shape == window.shape:
                 approx["wars"] = window + residual
-                if has_cfg:
-                    approx["wars+asc"] = share_cfg(approx["wars"], halves)
+                if copies:
+                    approx["wars+asc"] = share_cfg(approx["wars"], copies, chunks)
         self.squared_norms[site.layer] = full_heads.double().square().sum(dim=(0, 2, 3))
         self.squared_errors[site.layer] = {name: squared_error_per_head(out, full_heads) for name, out in approx.items()}
 
@@ -200,7 +200,7 @@ class Scorer:
 
     def _output(self, layer: int, technique: str, heads: HeadSet) -> torch.Tensor:
         """The attention output `technique` gave this layer at this step (heads first)."""
-        full, halves = self.pending_full[layer]
+        full, copies, chunks = self.pending_full[layer]
         out = full
         if technique.startswith("wars"):
             out = full - self.pending_residual[layer] + self.residual[layer]  # window + the older residual
@@ -208,7 +208,7 @@ class Scorer:
                 windowed = torch.zeros(full.shape[1], dtype=torch.bool, device=full.device)
                 windowed[list(heads)] = True
                 out = torch.where(windowed[:, None, None], out, full)
-        return share_cfg(out, halves) if technique.endswith("+asc") else out
+        return share_cfg(out, copies, chunks) if technique.endswith("+asc") else out
 
     def commit(self, assignment: dict[int, str], heads: dict[int, HeadSet]) -> None:
         """The step is decided: layers that computed keep their output for a later AST (a shared
@@ -257,6 +257,7 @@ class Calibration:
         self.scorer = Scorer(settings.window, settings.candidates) if settings.mode == "fast" else None
         self.scoring = False
         self.architecture = ""
+        self.timeline: Timeline | None = None  # the calibration run's steps as noise levels
         self.grid: tuple[int, ...] = ()  # the image token grid, as the runtime placed it
         self.layers: list[LayerSlot] = []
         self.methods: list[list[str]] = []
@@ -268,6 +269,7 @@ class Calibration:
     def observe(self, call: AttentionCall, site: CallSite, run: SamplingRun, out: torch.Tensor) -> None:
         if site.layer == len(self.layers) and not self.methods:
             self.architecture = run.patch.adapter.name
+            self.timeline = run.timeline
             self.grid = self.grid or (tuple(site.layout.grid) if site.layout is not None else ())
             self.layers.append(self._slot(call, site))
         if self.scoring and site.layer < len(self.layers) and self.layers[site.layer].compressible:
@@ -288,7 +290,7 @@ class Calibration:
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
                             transformer_options=None, **kwargs):
         run: SamplingRun = transformer_options[RUN_KEY]
-        step = run.step_of(float(transformer_options.get("sigmas", t).flatten()[0]))
+        step = run.timeline.step_of(float(transformer_options.get("sigmas", t).flatten()[0]))
 
         def forward(assignment: dict[int, str], state: tuple[dict, dict] | None,
                     heads: dict[int, HeadSet] | None = None) -> torch.Tensor:
@@ -392,7 +394,7 @@ class Calibration:
         fingerprint = Fingerprint(self.architecture, tuple(slot.info for slot in self.layers))
         heads = self.heads if any(cell is not None for row in self.heads for cell in row) else []
         plan = Plan(fingerprint, info, self.settings.window, self.methods, self.losses, self.step_losses, heads=heads)
-        plan.flops_kept = flops_kept(plan, self.layers)
+        plan.flops_kept = flops_kept(plan, self.layers, self.timeline)
         return plan
 
 
@@ -414,15 +416,15 @@ def passing_choices(assignment: dict[int, str], errors: dict[int, float],
     return {}, 0.0, None
 
 
-def flops_kept(plan: Plan, layers: list[LayerSlot]) -> float:
-    """Attention FLOPs the plan computes / full attention's, at the calibrated steps (a full
-    step that caches a residual also pays for the window)."""
+def flops_kept(plan: Plan, layers: list[LayerSlot], timeline: Timeline) -> float:
+    """Attention FLOPs the plan computes / full attention's, over the calibration run's `timeline`
+    (a full step that caches a residual also pays for the window)."""
     computed = full = 0.0
     for step, row in enumerate(plan.methods):
         for layer, (name, slot) in enumerate(zip(row, layers, strict=True)):
             full += slot.full_flops
             computed += slot.cost(name, plan.heads_of(step, layer))
-            if name.startswith("full") and plan.residual_window(step, plan.steps, layer) is not None:
+            if name.startswith("full") and plan.residual_window(step, timeline, layer) is not None:
                 computed += slot.window_flops / (2 if name.endswith("+asc") else 1)
     return computed / full if full else 1.0
 

@@ -6,8 +6,10 @@ lists, per (step, layer), the heads that use the window; the others compute full
 Plans without per-head cells are still written as version 1, so older FastAttn reads them.
 
 A plan answers DiTFastAttn's two questions (`choose`, `residual_window`) like a hand-set
-Schedule does, mapping a sampling step to the plan step at the same POSITION in the schedule,
-so a plan calibrated at 20 steps serves 30.
+Schedule does, mapping a sampling step to the plan step calibrated at the same NOISE LEVEL (the
+calibration's schedule remade from the plan's scheduler and step count on the model at hand), so a
+plan calibrated at 20 steps serves 30, and each sampler of a split run, or a run at denoise below 1,
+uses the plan steps of its own noise levels. The plan's cells stay indexed by calibration step.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from ..patching.ditfastattn import (
     SELF_ATTENTION_KINDS as WINDOWED_KINDS,  # layers any technique may act on; cross / text stay full
 )
 from ..patching.schedule import Choice, WindowSize
+from ..patching.timeline import Timeline
 
 FORMAT = "fastattn-plan"
 VERSION = 2  # 2 added per-head cells ("heads"); version 1 plans load unchanged
 
-# The candidates of the DiTFastAttn paper (Yuan et al., NeurIPS 2024), in the order greedy search tries them.
+# The candidates of the DiTFastAttn paper (Yuan et al., NeurIPS 2024; docs/plans.md), in the order greedy search tries them.
 # ast: attention sharing across timesteps; wars: window attention + residual sharing;
 # asc: attention sharing across CFG.
 CANDIDATES = ("ast", "wars+asc", "wars", "full+asc")
@@ -63,21 +66,11 @@ class Fingerprint:
     architecture: str
     layers: tuple[LayerInfo, ...]
 
-    def mismatch(self, other: Fingerprint) -> str | None:
-        """Why a plan for `self` does not fit a model with fingerprint `other`, or None."""
-        if self.architecture != other.architecture:
-            return f"the plan is for a {self.architecture} model, this model is {other.architecture}"
-        if len(self.layers) != len(other.layers):
-            return f"the plan has {len(self.layers)} attention layers per forward, this model has {len(other.layers)}"
-        for index, (mine, theirs) in enumerate(zip(self.layers, other.layers, strict=True)):
-            if mine != theirs:
-                return f"attention layer {index} differs: the plan has {mine}, this model has {theirs}"
-        return None
-
 
 @dataclass(frozen=True)
 class CalibrationInfo:
-    """What a plan was calibrated on (for the user and for mapping; only `steps` is used)."""
+    """What a plan was calibrated on: for the user, and for applying it (`steps` maps another step
+    count by position; another `grid` is warned about)."""
 
     steps: int
     sampler: str = ""
@@ -102,7 +95,7 @@ class Plan:
     heads: list[list[list[int] | None]] = field(default_factory=list)  # [plan step][layer] -> windowed heads
 
     def __post_init__(self) -> None:
-        self._tables: dict[int, list[list[Choice]]] = {}
+        self._tables: dict[Timeline, list[list[Choice]]] = {}
 
     def heads_of(self, step: int, layer: int) -> HeadSet:
         """The heads the window technique of this cell applies to (None: all; always None off window cells)."""
@@ -128,27 +121,35 @@ class Plan:
     def shares_cfg(self) -> bool:
         return any(name.endswith("+asc") for row in self.methods for name in row)
 
-    def plan_step(self, step: int, total_steps: int) -> int:
-        """The plan step at the same position in the schedule as `step` of `total_steps`."""
-        if total_steps == self.steps:
-            return step
-        return min(self.steps - 1, math.floor(step * self.steps / total_steps))
+    def step_map(self, timeline: Timeline) -> tuple[tuple[int, ...], bool]:
+        """The plan step each step of the run uses, and whether each is the very step (same noise level)
+        of the calibration run: a whole run at the calibrated step count, or a part of one (a sampler of
+        a split run). Where this host does not know the plan's scheduler: by position in the run."""
+        calibrated = Timeline.ksampler(timeline.model_sampling, self.calibration.scheduler, self.steps,
+                                       self.calibration.sampler)
+        if calibrated is None:
+            mapped = tuple(min(self.steps - 1, step * self.steps // timeline.steps) for step in range(timeline.steps))
+            return mapped, timeline.steps == self.steps
+        mapped = tuple(calibrated.step_of(sigma) for sigma in timeline.sigmas[:timeline.steps])
+        same = all(math.isclose(sigma, calibrated.sigmas[step], rel_tol=1e-5, abs_tol=1e-8)
+                   for sigma, step in zip(timeline.sigmas, mapped, strict=False))
+        return mapped, same
 
-    def choose(self, step: int, total_steps: int, layer: int) -> Choice:
-        table = self._table(total_steps)
-        if not 0 <= step < total_steps or layer >= len(table[0]):
+    def choose(self, step: int, timeline: Timeline, layer: int) -> Choice:
+        table = self._table(timeline)
+        if not 0 <= step < timeline.steps or layer >= len(table[0]):
             return Choice("full")
         return table[step][layer]
 
-    def residual_window(self, step: int, total_steps: int, layer: int) -> WindowSize | None:
+    def residual_window(self, step: int, timeline: Timeline, layer: int) -> WindowSize | None:
         """At a full step: the window, if a later step of this layer uses window + residual before
         a full step without CFG sharing refreshes the residual of every batch row (one that shares
         CFG computes, so refreshes, the conditional rows only). The residual a window step reads is
         then the one the calibration run read: it cached one at every full step, and the latest wins."""
-        table = self._table(total_steps)
+        table = self._table(timeline)
         if layer >= len(table[0]):
             return None
-        for later in range(step + 1, total_steps):
+        for later in range(step + 1, timeline.steps):
             choice = table[later][layer]
             if choice.compute == "window":
                 return self.window
@@ -156,15 +157,15 @@ class Plan:
                 return None
         return None
 
-    def _table(self, total_steps: int) -> list[list[Choice]]:
-        if total_steps not in self._tables:
-            plan_steps = [self.plan_step(step, total_steps) for step in range(total_steps)]
-            self._tables[total_steps] = [
+    def _table(self, timeline: Timeline) -> list[list[Choice]]:
+        if timeline not in self._tables:
+            plan_steps, _ = self.step_map(timeline)
+            self._tables[timeline] = [
                 [choice_of(name, self.window, self.heads_of(plan_step, layer))
                  for layer, name in enumerate(self.methods[plan_step])]
                 for plan_step in plan_steps
             ]
-        return self._tables[total_steps]
+        return self._tables[timeline]
 
     def counts(self) -> dict[str, int]:
         """How many (step, layer) cells use each technique."""

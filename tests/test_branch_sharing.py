@@ -1,11 +1,13 @@
 """Branch-level sharing: shared layers skip their QKV and output projections, and compute what
-call-level sharing computes (the output projection is a fixed linear map of the attention output)."""
+call-level sharing computes (the output projection is a fixed linear map of the attention output)
+and what the independent float64 reference (`harness.reference_schedule`) computes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from harness import pack_import
+from harness.chains import patched_with_nodes
 from harness.models import (
     ARCHITECTURES,
     CORE_ARCHITECTURES,
@@ -15,7 +17,7 @@ from harness.models import (
     sample,
     small_latent,
 )
-from harness.reference_schedule import patched_with_nodes
+from harness.reference_schedule import reference_model, techniques_acted
 
 patching = pack_import("patching")
 DiTFastAttn = pack_import("patching.ditfastattn").DiTFastAttn
@@ -75,13 +77,19 @@ def test_branch_sharing_equals_call_sharing_and_skips_the_projections(arch, conf
     work.take()
     out = _run(branch, arch)
     branch_work = work.take()
+    reference = reference_model(model, STEP_AND_CFG, arch)  # the independent float64 implementation
+    expected = _run(reference, arch)
 
+    error = (out - expected).abs().max().item()
+    assert error <= 2e-4 * expected.abs().max().item(), error
     error = (out - call_level).abs().max().item()
     assert error <= 1e-5 * call_level.abs().max().item(), error
     assert (out - plain).abs().max() > 1e-4  # sharing changed something, so the comparison means something
+    assert techniques_acted(reference) == {"step", "cfg"}
 
     report = patching.patch_of(branch).last_report
     assert "whole attention branches" in report.summary() and report.projection_flops_saved > 0
+    assert {"step sharing", "full + cfg sharing"} <= set(report.flops_by_technique)
     # only calls no technique touches: cross-attention, text-only refiners
     assert all(reason.startswith(("cross-attention", "text attention")) for reason in report.stood_aside), \
         report.stood_aside

@@ -1,24 +1,35 @@
 """The pack in ComfyUI's real web frontend (headless Chromium against a real server): every
-example workflow loads with all its nodes and widget values and no console error, our nodes
-are found by their display names in the node search and show their tooltips, a demo workflow
-queued from the Run button shows its image, and the reports appear on their nodes."""
+example workflow loads with all its nodes and widget values and no console error, every node of
+the pack is found by its display name in the node search and shows, on hover, the description
+and tooltips its definition gives, a demo workflow queued from the Run button shows its image,
+and the reports appear on their nodes."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from harness import pack_import
+from harness import pack_import, pack_nodes
 from harness.browser import FRONTENDS, api_differences, frontend_args, frontend_version, open_frontend
 from harness.server import ComfyServer
 
 workflows = pack_import("demo.workflows")
 ABSENT_WEIGHTS = frozenset(file for files in workflows.MODEL_FILES.values() for _, file in files)
-OUR_NODES = {
+NODES = pack_nodes()  # every node of the pack, as the pack defines it
+TOOLTIP_INPUT = {
     "FastAttnInspector": "latent", "FastAttnReport": "samples", "FastAttnWindowResidual": "window_fraction",
-    "FastAttnStepSharing": "compute_every", "FastAttnCFGSharing": "start_percent",
-    "FastAttnCompare": "view", "FastAttnDemoTextEncode": "caption", "FastAttnDemoDecode": "samples",
-}  # node -> an input whose tooltip is checked (a widget where the node has one)
+    "FastAttnStepSharing": "compute_every", "FastAttnCFGSharing": "start_percent", "FastAttnCalibrate": "delta",
+    "FastAttnApplyPlan": "plan", "FastAttnClearAttention": "radius", "FastAttnClearWeightsLoader": "radius",
+    "FastAttnClearDistill": "positive", "FastAttnDemoTextEncode": "caption", "FastAttnDemoDecode": "samples",
+    "FastAttnDeepCache": "cache_interval", "FastAttnDemoUNetTextEncode": "caption", "FastAttnCompare": "view",
+    "FastAttnDemoLoader": "model",
+}  # node -> the input whose tooltip is checked: a widget litegraph draws, a socket, or a text box
+
+
+def _defined_tooltip(node_type: str, name: str) -> str:
+    """The tooltip the node's own definition gives input `name` (not what the server sent)."""
+    types = NODES[node_type].INPUT_TYPES()
+    return {**types.get("required", {}), **types.get("optional", {})}[name][1]["tooltip"]
 
 
 @pytest.fixture(scope="module", params=FRONTENDS)
@@ -61,24 +72,31 @@ def test_every_example_workflow_loads_cleanly(page, name):
     assert api_differences(graph, page.api_graph()) == []
 
 
-@pytest.mark.parametrize("node_type", list(OUR_NODES))
-def test_our_nodes_are_found_by_display_name_with_tooltips(page, object_info, node_type):
-    spec = object_info[node_type]
-    found = page.search(spec["display_name"])
-    assert any(option.startswith(spec["display_name"]) for option in found), found
+def test_every_node_of_the_pack_has_its_tooltip_checked():
+    assert set(TOOLTIP_INPUT) == set(NODES)
+
+
+@pytest.mark.parametrize("node_type", list(TOOLTIP_INPUT))
+def test_our_nodes_are_found_by_display_name_with_tooltips(page, node_type):
+    """Found in the node search by the display name the node defines; hovering over its title and
+    over an input shows the description and tooltip the node defines."""
+    schema = NODES[node_type].define_schema()
+    found = page.search(schema.display_name)
+    assert any(option.startswith(schema.display_name) for option in found), found
     page.page.evaluate("(t) => { const n = window.LiteGraph.createNode(t); n.pos = [200, 200]; "
                        "window.app.graph.add(n); }", node_type)
     page.page.wait_for_timeout(300)
-    name = OUR_NODES[node_type]
-    expected = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}[name][1]["tooltip"]
     node_id = page.node_id(node_type)
-    on_canvas = page.page.evaluate("([id, n]) => !!window.app.graph.getNodeById(id).widgets?.some("
-                                   "(w) => w.name === n && !w.element)", [node_id, name])
-    if on_canvas:  # a widget litegraph draws: hover over it as a user would
-        assert page.tooltip(node_id, name) == expected
-    else:  # a socket or a text box: the frontend reads its tooltip from the same node definition
-        assert page.page.evaluate("([id, n]) => window.app.graph.getNodeById(id).constructor.nodeData"
-                                  ".inputs[n].tooltip", [node_id, name]) == expected
+    name = TOOLTIP_INPUT[node_type]
+    in_the_page = page.page.evaluate("([id, n]) => !!window.app.graph.getNodeById(id).widgets?.some("
+                                     "(w) => w.name === n && w.element)", [node_id, name])
+    if in_the_page:  # a text box the page draws (no hover tooltip): the node data the frontend built
+        shown = page.page.evaluate("([id, n]) => window.app.graph.getNodeById(id).constructor.nodeData"
+                                   ".inputs[n].tooltip", [node_id, name])
+    else:
+        shown = page.tooltip(node_id, name)
+    assert shown == _defined_tooltip(node_type, name)
+    assert page.tooltip(node_id, None) == schema.description
 
 
 def test_a_demo_workflow_queued_from_the_page_shows_its_image_and_report(page):
@@ -127,7 +145,7 @@ def test_a_new_calibrate_node_starts_with_a_fixed_seed(page):
 def test_node_help_pages_are_served_for_every_node(server, object_info):
     """The frontend's node library opens /extensions/<pack>/docs/<node>.md for a custom node."""
     ours = [name for name, spec in object_info.items() if spec["python_module"].endswith("comfyui_fastattn")]
-    assert set(OUR_NODES) <= set(ours)
+    assert set(ours) == set(NODES)
     for name in ours:
         with server.open(f"/extensions/comfyui_fastattn/docs/{name}.md") as response:
             text = response.read().decode()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import comfy.model_management
+import folder_paths
 import pytest
 import torch
 from harness import pack_import
-from harness.models import build_model, conditioning, empty_latent, sample
+from harness.models import build_model, conditioning, empty_latent, linear_timeline, sample
 from safetensors.torch import save_file
 
 patching = pack_import("patching")
@@ -47,15 +51,16 @@ def _spied(model, *techniques) -> tuple:
 
 
 def test_local_attention_is_a_window_without_residual_at_every_covered_step():
-    local = S.LocalAttention(S.WindowSize("circle", tokens=4), S.Scope(S.StepRange(0.25, 1.0), kept_full=frozenset({2})))
+    local = S.LocalAttention(S.WindowSize("circle", tokens=4), S.Scope(S.NoiseRange(0.25, 1.0), kept_full=frozenset({2})))
     sched = S.Schedule((local, S.CFGSharing()))
-    choices = [sched.choose(step, 4, 0) for step in range(4)]
+    timeline = linear_timeline(4)
+    choices = [sched.choose(step, timeline, 0) for step in range(4)]
     assert [c.compute for c in choices] == ["full", "window", "window", "window"]
     assert all(c.share_cfg and not c.residual for c in choices[1:])
-    assert sched.choose(2, 4, 2).compute == "full"  # kept full
-    assert sched.residual_window(0, 4, 0) is None  # nothing to cache for a plain window
+    assert sched.choose(2, timeline, 2).compute == "full"  # kept full
+    assert sched.residual_window(0, timeline, 0) is None  # nothing to cache for a plain window
     later = S.Schedule((local, S.WindowResidual(S.WindowSize("band"), refresh_every=2)))
-    assert later.choose(1, 4, 0).residual  # the later window technique wins
+    assert later.choose(1, timeline, 0).residual  # the later window technique wins
     with pytest.raises(ValueError, match="circle or square"):
         S.LocalAttention(S.WindowSize("band"))
     with pytest.raises(ValueError, match="pool must be"):
@@ -106,15 +111,6 @@ def test_each_call_is_the_dense_reference_and_text_queries_see_everything(arch, 
     assert checked >= STEPS and checked_text >= (STEPS if arch != "wan" else 0)
 
 
-def test_pooling_that_does_not_divide_the_grid_runs_full_with_one_log_line(caplog):
-    patched, spy = _spied(build_model("sd3"), S.LocalAttention(S.WindowSize("circle", tokens=2, pool=3)))
-    with caplog.at_level("INFO"):
-        _run(patched, "sd3")
-    assert {technique for _, technique, _, _ in spy.records} == {"full"}
-    stood_aside = [m for m in caplog.messages if m.startswith("FastAttn: a technique stood aside")]
-    assert len(stood_aside) == 1 and "pool=3 must divide" in stood_aside[0]
-
-
 def test_node_chains_with_dit_fast_attn_and_leaves_the_input_model_alone():
     model = build_model("flux")
     local = clear_nodes.ClearAttention.execute(model, 0, 0.25, "2 x 2", 1, 0.0, 1.0, "1").result[0]
@@ -124,9 +120,11 @@ def test_node_chains_with_dit_fast_attn_and_leaves_the_input_model_alone():
     assert techniques[0].window == S.WindowSize("circle", 0.25, 0, temporal_tokens=1, pool=2)
     assert techniques[0].scope.kept_full == frozenset({1})
     assert patching.patch_of(model) is None
-    _run(chained, "flux")
+    out = _run(chained, "flux")
     assert set(patching.patch_of(chained).last_report.flops_by_technique) == {"window + cfg sharing",
                                                                                "full + cfg sharing"}
+    plain = _run(model, "flux")
+    assert (out - plain).abs().max() > 1e-4 * plain.abs().max()
 
 
 # ---- CLEAR weights on ComfyUI's fused FLUX layout ----
@@ -202,14 +200,50 @@ def test_loaded_weights_sit_at_the_right_rows_and_unload_cleanly(flux, tmp_path)
     assert patching.patch_of(flux) is None and not flux.patches
 
 
+@torch.no_grad()
+def _written_in(model, tensors: dict[str, torch.Tensor]):
+    """`model` with a CLEAR file's projections written into its weights by hand: q, k, v as the first
+    three blocks of rows of the fused image-stream qkv (and of a single block's linear1), to_out as
+    the image stream's proj."""
+    net, h = model.model.diffusion_model, HIDDEN
+    for n in range(DOUBLE):
+        for end in ("weight", "bias"):
+            qkv = getattr(net.double_blocks[n].img_attn.qkv, end)
+            for i, name in enumerate(("to_q", "to_k", "to_v")):
+                qkv[i * h:(i + 1) * h] = tensors[f"transformer_blocks.{n}.attn.{name}.{end}"]
+            getattr(net.double_blocks[n].img_attn.proj, end).copy_(tensors[f"transformer_blocks.{n}.attn.to_out.0.{end}"])
+    for n in range(SINGLE):
+        for end in ("weight", "bias"):
+            linear1 = getattr(net.single_blocks[n].linear1, end)
+            for i, name in enumerate(("to_q", "to_k", "to_v")):
+                linear1[i * h:(i + 1) * h] = tensors[f"single_transformer_blocks.{n}.attn.{name}.{end}"]
+    return model
+
+
 def test_loaded_model_samples_with_the_file_weights_and_pooling(flux, tmp_path):
-    path = _write(tmp_path, "distilled.safetensors", _clear_file(pool=2, seed=1),
-                  metadata={"clear_radius": "3", "clear_pool": "2"})
+    """The loaded model samples as the same FLUX with the file's projections written in by hand and
+    CLEAR's local attention at the file's radius (3) and pooling (2 x 2, the file's weights per layer);
+    the weights, the window and the pooling each change the output."""
+    tensors = _clear_file(pool=2, seed=1)
+    path = _write(tmp_path, "distilled.safetensors", tensors, metadata={"clear_radius": "3", "clear_pool": "2"})
     patched = clear_nodes.load_clear(flux, path)
     out = _run(patched, "flux")
-    assert torch.isfinite(out).all()
     assert set(patching.patch_of(patched).last_report.flops_by_technique) == {"window"}
-    assert not torch.equal(out, _run(flux, "flux"))
+
+    by_hand = _written_in(build_model("flux", depth=DOUBLE, depth_single_blocks=SINGLE), tensors)
+    prefixes = [f"transformer_blocks.{n}." for n in range(DOUBLE)] + [f"single_transformer_blocks.{n}."
+                                                                     for n in range(SINGLE)]
+    weights = S.PoolWeights({layer: tensors[f"{prefix}attn.processor.spatial_weight"].flatten()
+                             for layer, prefix in enumerate(prefixes)})
+
+    def local(pool: int, pool_weights=None):
+        window = S.WindowSize("circle", tokens=3, temporal_tokens=1, pool=pool)
+        return patching.install(by_hand, DiTFastAttn(S.Schedule((S.LocalAttention(window, pool_weights=pool_weights),))))
+
+    expected = _run(local(2, weights), "flux")
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    for other in (_run(flux, "flux"), _run(by_hand, "flux"), _run(local(2), "flux"), _run(local(0), "flux")):
+        assert (out - other).abs().max() > 1e-4 * other.abs().max()
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -242,7 +276,7 @@ def test_radius_and_pooling_must_match_the_file(flux, tmp_path):
 distillation = pack_import("patching.clear_distill")
 
 
-def _distil(model, arch: str, tmp_path, settings, start=None) -> tuple[str, torch.Tensor]:
+def _distil(model, arch: str, tmp_path, settings, start=None, on_loss=lambda step, loss: None) -> tuple[str, torch.Tensor]:
     """Teacher samples at the test size, then distillation; returns the file and the samples."""
     node = clear_nodes
     latent = {"samples": torch.zeros_like(_latent(arch)["samples"]).repeat(2, 1, 1, 1)}
@@ -251,7 +285,7 @@ def _distil(model, arch: str, tmp_path, settings, start=None) -> tuple[str, torc
     path = str(tmp_path / f"distilled_{settings.iterations}.safetensors")
     with torch.inference_mode():  # as ComfyUI runs nodes
         distillation.distill(model, conditioning(arch, 7, seed=1), conditioning(arch, 7, seed=2), 3.0, samples, settings,
-                             lambda tensors, metadata: save_file(tensors, path, metadata=metadata), start)
+                             lambda tensors, metadata: save_file(tensors, path, metadata=metadata), start, on_loss)
     return path, samples
 
 
@@ -273,7 +307,8 @@ def test_distillation_brings_the_student_closer_to_the_teacher(tmp_path):
 
 def test_distilled_file_holds_the_attention_projections_and_pooling_and_resumes(tmp_path):
     arch = "sd3"
-    model = build_model(arch)
+    with torch.inference_mode():  # as ComfyUI runs its loaders: the weights are inference tensors
+        model = build_model(arch)
     base = {k: v.clone() for k, v in model.model_state_dict().items()}
     path, _ = _distil(model, arch, tmp_path, distillation.DistillSettings(radius=2, pool=2, iterations=2,
                                                                           learning_rate=1e-3))
@@ -293,6 +328,44 @@ def test_distilled_file_holds_the_attention_projections_and_pooling_and_resumes(
         clear_nodes.load_clear(build_model("flux"), resumed)
 
 
-def test_distillation_of_flux_is_refused_clearly(flux):
-    with pytest.raises(ValueError, match="Flux is not supported yet"):
-        distillation.trainable_for(flux)
+def test_distillation_of_flux_trains_and_its_file_loads(flux, tmp_path, monkeypatch):
+    """FLUX blocks add to their input in place; the student runs them with out-of-place residual adds,
+    so the image-stream projections and the single blocks' q/k/v rows train (on the same seeded draws
+    of latents, sigmas and noise, the loss falls below the untrained student's), and the file loads."""
+    base = {k: v.clone() for k, v in flux.model_state_dict().items()}
+    untrained, trained = [], []
+    for rate, losses in ((0.0, untrained), (3e-4, trained)):
+        settings = distillation.DistillSettings(radius=2, pool=2, iterations=12, learning_rate=rate, flow_matching=0.0)
+        path, _ = _distil(flux, "flux", tmp_path, settings, on_loss=lambda step, loss, losses=losses: losses.append(loss))
+    assert trained[0] == pytest.approx(untrained[0], rel=1e-6)  # the same draws, before the first update
+    assert all(t < u for t, u in zip(trained[1:], untrained[1:], strict=True)), (trained, untrained)
+    assert sum(trained[-6:]) < 0.8 * sum(untrained[-6:]), (trained, untrained)
+    weights = pack_import("patching.clear_weights").read_clear_file(path)
+    assert weights.native and weights.radius == 2 and weights.pool == 2 and len(weights.pool_weights) == DOUBLE + SINGLE
+    keys = {f"diffusion_model.{name}.{end}" for end in ("weight", "bias") for name in
+            [f"double_blocks.{n}.img_attn.{p}" for n in range(DOUBLE) for p in ("qkv", "proj")]
+            + [f"single_blocks.{n}.linear1" for n in range(SINGLE)]}
+    assert set(weights.projections) == keys  # the image stream and the single blocks' q/k/v, no text stream
+    rows = weights.projections["diffusion_model.single_blocks.0.linear1.weight"]
+    assert rows.shape == (3 * HIDDEN, HIDDEN) and not torch.equal(rows, base["diffusion_model.single_blocks.0.linear1.weight"][:3 * HIDDEN])
+    assert all(torch.equal(v, flux.model_state_dict()[k]) for k, v in base.items())  # the model is untouched
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, clear_nodes.CLEAR_FOLDER, ([str(tmp_path)], {".safetensors"}))
+    loader = clear_nodes.ClearWeightsLoader  # the node, as a workflow runs it, radius from the file
+    (loaded,) = loader.execute(flux, Path(path).name, 0, 1, 0.0, 1.0, "").result
+    comfy.model_management.unload_all_models()  # as ComfyUI does before loading another patcher of the model
+    loaded.patch_model()
+    try:
+        patched = loaded.model.diffusion_model.state_dict()
+        linear1 = patched["single_blocks.0.linear1.weight"]
+        assert torch.equal(linear1[:3 * HIDDEN], rows)
+        assert torch.equal(linear1[3 * HIDDEN:], base["diffusion_model.single_blocks.0.linear1.weight"][3 * HIDDEN:])
+    finally:
+        loaded.unpatch_model()
+    assert torch.isfinite(_run(loaded, "flux")).all()
+    assert patching.patch_of(loaded).method.schedule.techniques[0].window.pool == 2
+
+
+def test_distillation_of_other_architectures_is_refused_clearly():
+    with pytest.raises(ValueError, match="trains SD3-class \\(MMDiT\\) and FLUX models; WanModel is not supported"):
+        distillation.trainable_for(build_model("wan"))

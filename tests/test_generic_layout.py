@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import pack_import
-from harness.models import build_model, build_unet, conditioning, sample, small_latent
-from harness.reference_schedule import patched_with_nodes, reference_model
+from harness.chains import patched_with_nodes
+from harness.models import build_model, conditioning, sample, small_latent
+from harness.reference_schedule import reference_model
 
 patching = pack_import("patching")
 adapters = pack_import("patching.adapters")
@@ -101,6 +102,6 @@ def test_an_unrouted_model_without_an_adapter_says_nothing_was_compressed(monkey
 
 
 def test_unets_are_refused_with_deepcache_named():
-    unet = build_unet()
+    unet = build_model("sd15")
     with pytest.raises(patching.UnsupportedArchitectureError, match="UNetModel is a U-Net.*DeepCache"):
         nodes.StepSharingAttention.execute(unet, 2, 0.0, 1.0, "")

@@ -1,11 +1,13 @@
-"""Window-attention kernels: semantics of the windows, every backend against the dense
-float64 reference, FLOP accounting and input validation."""
+"""Window-attention kernels: semantics of the windows, every backend against a dense float64
+reference written here from the methods' definitions (not the pack's masks and pooling), FLOP
+accounting and input validation. Random inputs come from generators seeded per test (conftest)."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
+import math
+import os
 import random
 import subprocess
 import sys
@@ -37,8 +39,51 @@ WINDOWS = [
 TEXT = [(0, True), (77, True), (77, False), (512, True), (512, False)]
 
 
+def dense_reference(q: Tensor, k: Tensor, v: Tensor, layout, window, pool_weight: Tensor | None = None,
+                    scale: float | None = None) -> Tensor:
+    """Window attention straight from the definitions (README and the papers), in float64, sharing
+    no code with the pack's masks or pooling: image tokens form a row-major (F,) H, W grid after
+    (or before) the text; an image query sees the image keys of its window (band |i - j| <= r over
+    the flattened image; circle dy^2 + dx^2 < r^2, cut at the edges; square |dy|, |dx| <= r; and
+    |dt| <= temporal radius on video), every text key and, with pooling, every pooled key: the image
+    keys / values summed over d x d patches with weight w[py * d + px] for patch position (py, px),
+    in row-major (frame, patch row, patch column) order. Text queries see every original key. One
+    softmax over all the keys a query sees."""
+    q, k, v = (t.double() for t in (q, k, v))
+    text, grid = layout.text_len, tuple(layout.grid)
+    image_len = math.prod(grid)
+    first = text if layout.text_first else 0  # where the image tokens start
+    position = torch.arange(text + image_len)
+    is_image = (position >= first) & (position < first + image_len)
+    i = (position - first).clamp(0, image_len - 1)
+    frames, height, width = (1,) * (3 - len(grid)) + grid if len(grid) > 1 else (1, 1, image_len)
+    t, y, x = i // (height * width), (i // width) % height, i % width
+    dt, dy, dx = (a[:, None] - a[None, :] for a in (t, y, x))
+    if window.shape == "band":
+        near = (i[:, None] - i[None, :]).abs() <= window.radius
+    elif window.shape == "circle":
+        near = (dy * dy + dx * dx < window.radius**2) & (dt.abs() <= window.temporal_radius)
+    else:
+        near = (dy.abs() <= window.radius) & (dx.abs() <= window.radius) & (dt.abs() <= window.temporal_radius)
+    allowed = torch.where(is_image[:, None] & is_image[None, :], near, True)
+    keys, values = k, v
+    if window.pool:
+        d = window.pool
+        weight = (torch.full((d * d,), 1.0 / d**2) if pool_weight is None else pool_weight).double().reshape(d, d)
+
+        def pooled(z: Tensor) -> Tensor:
+            patches = z[:, :, first:first + image_len].reshape(*z.shape[:2], frames, height // d, d, width // d, d, -1)
+            return torch.einsum("bnfpqrse,qs->bnfpre", patches, weight).reshape(*z.shape[:2], -1, z.shape[-1])
+
+        keys, values = torch.cat([k, pooled(k)], dim=2), torch.cat([v, pooled(v)], dim=2)
+        allowed = torch.cat([allowed, is_image[:, None].expand(-1, keys.shape[2] - k.shape[2])], dim=1)
+    scores = (q @ keys.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ values
+
+
 def random_inputs(layout, batch, heads, dim=16, pool=0, seed=None):
-    """Fresh random q, k, v (and pool weights) in float64; the seed is returned for the report."""
+    """Fresh random q, k, v (and pool weights) in float64 from a seeded generator (by default the
+    test's own seed, see conftest); the seed is returned for the report."""
     seed = random.randrange(2**31) if seed is None else seed
     gen = torch.Generator().manual_seed(seed)
     qkv = [
@@ -55,7 +100,7 @@ def rel_error(out, ref):
 def check_backend(backend, layout, window, batch, heads, dtype, dim=16):
     (q, k, v), weight, seed = random_inputs(layout, batch, heads, dim, window.pool)
     q, k, v = (x.to(dtype) for x in (q, k, v))  # the reference sees the same rounded inputs
-    ref = kernels.reference_attention(q.double(), k.double(), v.double(), layout, window, pool_weight=weight)
+    ref = dense_reference(q, k, v, layout, window, pool_weight=weight)
     out = kernels.window_attention(q, k, v, layout, window, backend=backend, pool_weight=weight)
     assert out.shape == q.shape and out.dtype == dtype
     err = rel_error(out, ref)
@@ -69,6 +114,17 @@ def check_backend(backend, layout, window, batch, heads, dtype, dim=16):
 def test_cpu_backends_match_reference(backend, grid, window, text_len, text_first, dtype):
     batch, heads = (2, 24) if text_len == 77 else (1, 1)
     check_backend(backend, TokenLayout(text_len, grid, text_first), window, batch, heads, dtype)
+
+
+@pytest.mark.parametrize("text_len,text_first", [(0, True), (7, True), (7, False)])
+@pytest.mark.parametrize("grid,window", WINDOWS, ids=lambda x: str(x))
+def test_the_packs_dense_reference_is_the_definition(grid, window, text_len, text_first):
+    """kernels.reference_attention (which the runtime's tests use as ground truth) builds its mask
+    and pooled keys from the pack's own masks.py and pooling.py: it must equal the definitions."""
+    layout = TokenLayout(text_len, grid, text_first)
+    (q, k, v), weight, seed = random_inputs(layout, 2, 3, pool=window.pool)
+    ours = kernels.reference_attention(q, k, v, layout, window, pool_weight=weight, scale=0.2)
+    assert rel_error(ours, dense_reference(q, k, v, layout, window, pool_weight=weight, scale=0.2)) < 1e-12, seed
 
 
 # FlexAttention compiles once per shape and dtype (seconds each on CPU): a few cases that
@@ -104,37 +160,32 @@ def test_window_covering_everything_is_full_attention(backend, grid, window):
 
 
 # The Triton interpreter is slow and must be switched on before triton is imported: the cases
-# run in a fresh interpreter that imports the kernels package on its own (it needs no ComfyUI).
+# run in a fresh interpreter that imports the kernels package on its own (it needs no ComfyUI) and
+# saves each case's inputs and output, checked here against the definitions.
 TRITON_SCRIPT = """
 import json, os, sys
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, sys.argv[1])
 import torch
-import torch.nn.functional as F
-from kernels import TokenLayout, Window, reference_attention, window_attention
+from kernels import TokenLayout, Window, window_attention
 from kernels.problem import Problem
 from kernels.triton_grid import GridConfig
 from kernels.triton_kernel import BandConfig
 import kernels.triton_kernel as triton_kernel
-errors = []
+results = []
 for text, grid, first, window, batch, heads, dtype, residual, full, config in json.loads(sys.argv[2]):
     layout, window, dtype = TokenLayout(text, tuple(grid), first), Window(**window), getattr(torch, dtype)
-    gen = torch.Generator().manual_seed(len(errors))
+    gen = torch.Generator().manual_seed(len(results))
     q, k, v = (torch.randn(batch, heads, layout.seq_len, 16, generator=gen).to(dtype) for _ in range(3))
     res = torch.randn(q.shape, generator=gen).to(dtype) if residual else None
     if config is None:
-        out = window_attention(q, k, v, layout, window, backend="triton", residual=res).double()
+        out = window_attention(q, k, v, layout, window, backend="triton", residual=res)
     else:
         config = BandConfig(**config) if "block" in config else GridConfig(**{name: tuple(value) if isinstance(value, list) else value for name, value in config.items()})
-        out = triton_kernel.window_attention(Problem(q, k, v, layout, window, residual=res), config).double()
-    if full:
-        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    else:
-        ref = reference_attention(q.double(), k.double(), v.double(), layout, window)
-    if res is not None:
-        ref = ref + res.double()
-    errors.append(float((out - ref).norm() / ref.norm()))
-print(json.dumps(errors))
+        out = triton_kernel.window_attention(Problem(q, k, v, layout, window, residual=res), config)
+    results.append((q, k, v, res, out))
+torch.save(results, sys.argv[3])
+print("done")
 """
 
 TRITON_CASES = [  # text, grid, text first, window, batch, heads, dtype, fused residual, compare with SDPA, config
@@ -169,22 +220,38 @@ TRITON_CASES = [  # text, grid, text first, window, batch, heads, dtype, fused r
     (9, (5, 9, 11), False, {"shape": "circle", "radius": 3, "temporal_radius": 1}, 1, 1, "float32", False, False,
      {"query_box": (2, 4, 8), "key_box": (1, 8, 16)}),
     (20, (7, 9), True, {"shape": "band", "radius": 5}, 1, 1, "float16", True, False, {"block": 128}),
+    # tile-major keys: k, v copied into key-box order, boxes padded at odd grid edges, 2D and 3D
+    (77, (13, 17), False, {"shape": "circle", "radius": 4}, 1, 2, "bfloat16", True, False,
+     {"tile_major_keys": True}),
+    (7, (12, 20), True, {"shape": "circle", "radius": 5, "pool": 4}, 1, 1, "float32", False, False,
+     {"tile_major_keys": True}),
+    (0, (5, 9, 11), True, {"shape": "square", "radius": 2, "temporal_radius": 1}, 1, 1, "float32", True, False,
+     {"query_box": (1, 8, 8), "key_box": (2, 4, 4), "num_warps": 4, "tile_major_keys": True}),
 ]
 
 
-def test_triton_matches_reference_in_the_interpreter():
+def test_triton_matches_reference_in_the_interpreter(tmp_path):
     pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
     repo = Path(kernels.__file__).resolve().parents[1]
+    saved = tmp_path / "triton_cases.pt"
     run = subprocess.run(
-        [sys.executable, "-c", TRITON_SCRIPT, str(repo), json.dumps(TRITON_CASES)],
+        [sys.executable, "-c", TRITON_SCRIPT, str(repo), json.dumps(TRITON_CASES), str(saved)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    errors = json.loads(run.stdout.strip().splitlines()[-1])
-    for case, err in zip(TRITON_CASES, errors, strict=True):
-        assert err < BOUND[getattr(torch, case[6])], f"triton {case}: rel err {err:.2e}"
+    results = torch.load(saved)
+    for case, (q, k, v, res, out) in zip(TRITON_CASES, results, strict=True):
+        text, grid, first, window, _, _, dtype, _, full, _ = case
+        assert out.dtype == getattr(torch, dtype) and out.shape == q.shape
+        if full:  # a window covering everything is full attention
+            ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        else:
+            ref = dense_reference(q, k, v, TokenLayout(text, grid, first), Window(**window))
+        ref = ref if res is None else ref + res.double()
+        err = rel_error(out, ref)
+        assert err < BOUND[out.dtype], f"triton {case}: rel err {err:.2e}"
 
 
 @pytest.mark.parametrize("query_box,key_box", [((1, 8, 8), (1, 8, 8)), ((2, 4, 4), (1, 16, 8))])
@@ -214,6 +281,25 @@ def test_grid_boxes_are_classified_as_the_dense_mask_says(layout, window, query_
         assert sorted(listed) == some and sorted(listed[: lists.full_count[q]]) == full
 
 
+@pytest.mark.parametrize(
+    "layout,key_box",
+    [(TokenLayout(5, (13, 17)), (1, 8, 8)), (TokenLayout(3, (5, 9, 11), text_first=False), (2, 4, 4))],
+    ids=["2d", "3d"],
+)
+def test_tile_major_order_puts_each_key_box_in_one_block(layout, key_box):
+    """Tile-major keys: block b of the copied keys holds key box b's tokens in row-major order,
+    then padding slots (past the grid's far edges) that repeat a real key of the box."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
+    grid_kernel = pack_import("kernels.triton_grid")
+    slots = grid_kernel.tile_major_order(layout, key_box, torch.device("cpu")).view(-1, math.prod(key_box))
+    boxes = _box_tokens(grid_kernel.grid_boxes(layout, key_box), layout)
+    assert slots.shape[0] == len(boxes)
+    for block, tokens in zip(slots - layout.image_start, boxes, strict=True):
+        inside = block[: tokens.numel()] if block.numel() == tokens.numel() else None
+        assert torch.equal(block.unique(), tokens)  # every key of the box, nothing else
+        assert inside is None or torch.equal(inside, tokens)  # a whole box: exactly in order
+
+
 def _box_tokens(boxes, layout: TokenLayout) -> list[Tensor]:
     """The flattened image indices of each box (the boxes' first and last coordinates as listed)."""
     dims, tokens = len(layout.grid), []
@@ -236,8 +322,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import triton_grid, triton_kernel
 
-def compile_for_hopper(kernel, pointers, dtype, scalars, constants):
-    types = {**{name: "*" + dtype for name in pointers[:5]}, **{name: "*i32" for name in pointers[5:]}}
+def compile_for_hopper(kernel, pointers, dtype, scalars, constants, tensors=5):
+    # pointers: the first `tensors` point at `dtype` data, the others at int32 lists
+    types = {**{name: "*" + dtype for name in pointers[:tensors]}, **{name: "*i32" for name in pointers[tensors:]}}
     types.update({name: "fp32" if name == "scale" else "i32" for name in scalars})
     types.update({name: "constexpr" for name in constants})
     signature = {name: types[name] for name in kernel.arg_names}  # in the kernel's order
@@ -246,13 +333,17 @@ def compile_for_hopper(kernel, pointers, dtype, scalars, constants):
     assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
 
 common = dict(UPCAST=False, HEAD_DIM=128, BLOCK_D=128)
-compile_for_hopper(
-    triton_grid._grid_kernel, ["Q", "K", "V", "Out", "Res", "key_count", "full_count", "key_boxes"], "bf16",
-    ["max_keys", "seq_len", "kv_len", "scale"],
-    dict(common, HAS_RES=True, PRECISION="tf32", QBOX_T=1, QBOX_H=16, QBOX_W=8, Q_ROWS=8, Q_COLUMNS=16,
-         KBOX_T=1, KBOX_H=8, KBOX_W=8, K_ROWS=16, K_COLUMNS=16, BLOCK_M=128, BLOCK_N=64, IMAGE_START=512, TEXT_START=0,
-         TEXT_LEN=512, FRAMES=1, GRID_H=128, GRID_W=128, CIRCLE=True, RADIUS=16, T_RADIUS=0),
-)
+for tiled in (False, True):  # keys gathered through index maps, and tile-major keys
+    compile_for_hopper(
+        triton_grid._grid_kernel,
+        ["Q", "K", "V", "Out", "Res", "KT", "VT", "key_count", "full_count", "key_boxes"], "bf16",
+        ["max_keys", "seq_len", "kv_len", "tile_rows", "scale"],
+        dict(common, HAS_RES=True, TILED=tiled, PRECISION="tf32", QBOX_T=1, QBOX_H=16, QBOX_W=8, Q_ROWS=8,
+             Q_COLUMNS=16, KBOX_T=1, KBOX_H=8, KBOX_W=8, K_ROWS=16, K_COLUMNS=16, BLOCK_M=128, BLOCK_N=64,
+             IMAGE_START=512, TEXT_START=0, TEXT_LEN=512, FRAMES=1, GRID_H=128, GRID_W=128, CIRCLE=True, RADIUS=16,
+             T_RADIUS=0),
+        tensors=7,
+    )
 compile_for_hopper(
     triton_kernel._band_kernel, ["Q", "K", "V", "Out", "Res", "partial_count", "partial_index", "full_count",
     "full_index"], "fp32", ["seq_len", "kv_len", "kv_blocks", "scale"],
@@ -263,12 +354,14 @@ print("compiled")
 
 
 def test_triton_kernels_compile_for_a_gpu():
-    """Both Triton kernels pass Triton's compiler for sm_90 (bfloat16 grid kernel with text,
-    float32 band kernel in IEEE precision): the type errors the interpreter cannot see."""
+    """Both Triton kernels pass Triton's compiler for sm_90 (bfloat16 grid kernel with text, its
+    keys gathered and tile-major; float32 band kernel in IEEE precision): the type errors the
+    interpreter cannot see."""
     pytest.importorskip("triton", reason="triton is not installed: the Triton backend cannot be checked")
     repo = Path(kernels.__file__).resolve().parents[1]
-    run = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT, str(repo)], capture_output=True, text=True, timeout=600
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}  # compile, not
+    run = subprocess.run(  # interpret, whatever the test run's own environment says
+        [sys.executable, "-c", COMPILE_SCRIPT, str(repo)], capture_output=True, text=True, timeout=600, env=environment
     )
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
 
@@ -461,7 +554,7 @@ def test_residual_is_added():
 def test_scale_is_used():
     layout, window = TokenLayout(7, (11, 15)), Window("square", 2)
     (q, k, v), _, _ = random_inputs(layout, 1, 2)
-    ref = kernels.reference_attention(q, k, v, layout, window, scale=0.3)
+    ref = dense_reference(q, k, v, layout, window, scale=0.3)
     assert rel_error(kernels.window_attention(q, k, v, layout, window, scale=0.3), ref) < 1e-6
 
 
@@ -564,9 +657,13 @@ def test_validation_messages():
 def test_available_backends_and_auto_choice(monkeypatch):
     pack_import("kernels.native").build_in_background().join()  # started when the pack loaded
     assert {"native", "torch"} <= set(kernels.available_backends())
-    choose = pack_import("kernels.backends").choose_backend
+    backends = pack_import("kernels.backends")
+    choose = backends.choose_backend
     assert choose("auto", torch.device("cpu")) == "native"
-    assert choose("auto", torch.device("cuda")) in ("triton", "flex")
+    monkeypatch.setattr(backends, "_failed_launch", lambda name, device_type: None)  # as on a working GPU
+    backends._device_backend.cache_clear()
+    assert choose("auto", torch.device("cuda")) == ("triton" if importlib.util.find_spec("triton") else "torch")
+    backends._device_backend.cache_clear()
     monkeypatch.setattr(pack_import("kernels.native"), "available", lambda: False)  # no C++ compiler
     assert choose("auto", torch.device("cpu")) == "torch"
     with pytest.raises(ValueError, match="backend 'native' cannot run here"):
@@ -584,15 +681,19 @@ print(choose_backend("auto", torch.device("cuda")), "kernels.native" in sys.modu
 
 def test_auto_on_a_gpu_neither_builds_nor_imports_the_native_kernel():
     """In a fresh interpreter (nothing imported yet): choosing for a CUDA device leaves the CPU
-    kernel alone, and picks Triton when importable, else FlexAttention."""
+    kernel alone; with no CUDA device here nothing launches there, so it picks the torch tiles
+    (Triton on a machine where Triton runs on the GPU)."""
     repo = Path(kernels.__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, "-c", AUTO_ON_GPU_SCRIPT, str(repo)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     chosen, imported = run.stdout.split()
-    assert chosen == ("triton" if importlib.util.find_spec("triton") else "flex") and imported == "False"
+    expected = "triton" if torch.cuda.is_available() and importlib.util.find_spec("triton") else "torch"
+    assert chosen == expected and imported == "False"
 
 
-def test_auto_on_a_gpu_without_triton_is_flex(monkeypatch):
+@pytest.fixture
+def simulated_gpu(monkeypatch):
+    """The auto choice as on a GPU machine, decided afresh; the native kernel must not be consulted."""
     backends, native = pack_import("kernels.backends"), pack_import("kernels.native")
 
     def never() -> bool:
@@ -600,8 +701,62 @@ def test_auto_on_a_gpu_without_triton_is_flex(monkeypatch):
 
     monkeypatch.setattr(native, "available", never)
     monkeypatch.setattr(native, "building", never)
+    backends._device_backend.cache_clear()
+    yield backends
+    backends._device_backend.cache_clear()
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "xpu"])
+def test_a_gpu_without_triton_runs_the_torch_tiles_said_once_in_the_log(simulated_gpu, monkeypatch, caplog, device):
+    """No Triton (ComfyUI's Windows portable build; Apple MPS): neither the Triton kernel nor a
+    compiled FlexAttention can run, so "auto" picks the torch tiles up front, says so once, and
+    they compute the reference's result."""
+    backends = simulated_gpu
     monkeypatch.setattr(backends, "_importable", lambda needs: needs != "triton")
-    assert backends.choose_backend("auto", torch.device("cuda")) == "flex"
+    launched = []
+    monkeypatch.setattr(backends, "_failed_launch", lambda name, device_type: launched.append(name) or "no device")
+    with caplog.at_level("INFO", logger=backends.log.name):
+        chosen = {backends.choose_backend("auto", torch.device(device)) for _ in range(3)}
+    assert chosen == {"torch"}
+    said = [r.getMessage() for r in caplog.records if "window attention on" in r.getMessage()]
+    assert len(said) == 1 and "torch tiles" in said[0] and "Triton is not installed" in said[0]
+    assert launched == ([] if device in backends.TRITON_DEVICES else ["flex"])  # MPS: flex tried, fails here
+    layout, window = TokenLayout(77, (11, 15)), Window("circle", 4)
+    (q, k, v), _, _ = random_inputs(layout, 2, 3)
+    problem = pack_import("kernels.problem").Problem(q.float(), k.float(), v.float(), layout, window)
+    out = backends.backend_module("torch").window_attention(problem)
+    assert rel_error(out, kernels.reference_attention(q, k, v, layout, window)) < BOUND[torch.float32]
+
+
+def test_a_gpu_whose_triton_fails_to_launch_falls_back_up_front(simulated_gpu, monkeypatch, caplog):
+    """Triton installed but broken (no C compiler, a GPU it does not support): the launch check
+    finds it before the first window; compiled FlexAttention fails the same way; the torch tiles run.
+    A backend that runs but gives wrong results is refused too."""
+    backends = simulated_gpu
+
+    class Broken:
+        @staticmethod
+        def window_attention(problem):
+            raise RuntimeError("Failed to find C compiler")
+
+    class Wrong:
+        @staticmethod
+        def window_attention(problem):
+            return torch.zeros_like(problem.q)
+
+    real_module = backends.backend_module
+    monkeypatch.setattr(backends, "_importable", lambda needs: True)
+    monkeypatch.setattr(backends, "TRITON_DEVICES", ("meta",))  # a device type this machine can allocate on
+    monkeypatch.setattr(backends, "backend_module", lambda name: Broken if name in ("triton", "flex") else
+                        real_module(name))
+    with caplog.at_level("INFO", logger=backends.log.name):
+        assert backends.choose_backend("auto", torch.device("meta")) == "torch"
+    (said,) = [r.getMessage() for r in caplog.records if "window attention on" in r.getMessage()]
+    assert "triton failed on meta: RuntimeError: Failed to find C compiler" in said and "flex failed" in said
+    monkeypatch.setattr(backends, "backend_module", lambda name: Wrong)
+    assert backends._failed_launch("triton", "cpu") == "triton gave wrong results on cpu"
+    monkeypatch.setattr(backends, "backend_module", real_module)
+    assert backends._failed_launch("torch", "cpu") is None
 
 
 def test_calls_during_the_background_build_use_the_torch_tiles(monkeypatch):
@@ -617,7 +772,7 @@ def test_calls_during_the_background_build_use_the_torch_tiles(monkeypatch):
         return built
 
     monkeypatch.setattr(native, "extension", held_build)
-    monkeypatch.setattr(native, "available", functools.cache(native.available.__wrapped__))
+    monkeypatch.setattr(native, "_state", native.BuildState())  # as in a fresh process
     monkeypatch.setattr(native, "_background", [])
     used = []
     for module in (native, torch_tiles):
@@ -625,7 +780,7 @@ def test_calls_during_the_background_build_use_the_torch_tiles(monkeypatch):
     layout, window = TokenLayout(77, (11, 15)), Window("circle", 4)
     (q, k, v), _, _ = random_inputs(layout, 1, 3)
     q, k, v = (x.float() for x in (q, k, v))
-    ref = kernels.reference_attention(q.double(), k.double(), v.double(), layout, window)
+    ref = dense_reference(q, k, v, layout, window)
 
     build = native.build_in_background()
     assert native.building()
@@ -638,6 +793,36 @@ def test_calls_during_the_background_build_use_the_torch_tiles(monkeypatch):
     after = kernels.window_attention(q, k, v, layout, window)
     assert used[-1] == "native"
     assert rel_error(during, ref) < 1e-5 and rel_error(after, ref) < 1e-5
+
+
+def test_a_failed_native_build_is_tried_again_later(monkeypatch):
+    """A build that fails (here once, as when another process holds torch's build lock) leaves
+    "auto" on the torch tiles, without retrying at every call; RETRY_AFTER_S later a background
+    build tries again, and once it loads "auto" uses the native kernel."""
+    native, backends = pack_import("kernels.native"), pack_import("kernels.backends")
+    native.build_in_background().join()  # the pack's own build, started when it loaded
+    built = native.extension()
+    attempts = []
+
+    def flaky_build():
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            raise RuntimeError("the build lock is held by another process")
+        return built
+
+    now = [1000.0]
+    monkeypatch.setattr(native, "extension", flaky_build)
+    monkeypatch.setattr(native, "_state", native.BuildState())
+    monkeypatch.setattr(native, "_background", [])
+    monkeypatch.setattr(native, "_clock", lambda: now[0])
+    assert backends.choose_backend("auto", torch.device("cpu")) == "torch" and attempts == [0]
+    now[0] += native.RETRY_AFTER_S / 2
+    assert not native.available() and attempts == [0]  # not at every call
+    now[0] += native.RETRY_AFTER_S / 2
+    assert not native.available()  # the retry runs in the background: no caller waits for it
+    native._background[-1].join(60)
+    assert attempts == [0, 1] and native.available()
+    assert backends.choose_backend("auto", torch.device("cpu")) == "native"
 
 
 def _recording(module, used):
@@ -712,4 +897,12 @@ def test_gpu_benchmark_script_runs_in_smoke_mode():
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "| triton | 77 text + (13, 17), circle r4 | float32 |" in run.stdout
+    assert "| triton tile-major | 77 text + (13, 17), circle r4 | bfloat16 |" in run.stdout
     assert "0 correctness failures" in run.stdout
+    # tile-major keys timed at both shapes: a time (x SDPA) and its share of the bound
+    table = [line.split("|") for line in run.stdout.splitlines() if line.startswith("| smoke:") and line.count("|") == 17]
+    assert len(table) == 2 and all(cells[8].strip().endswith("x)") and cells[9].strip().endswith("%") for cells in table)
+    # every other library either ran or says why not
+    for peer in ("flash-attn", "natten", "comfy-kitchen na", "comfy-kitchen sol-attn", "st-attn"):
+        line = next(line for line in run.stdout.splitlines() if line.startswith(f"| smoke: 3 x 8 x 8, square 2 x 2 x 1 | {peer} |"))
+        assert " ms" in line or "did not load: " in line or "does not apply: " in line, line

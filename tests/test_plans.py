@@ -9,6 +9,7 @@ from pathlib import Path
 
 import comfy.samplers
 import folder_paths
+import nodes as host_nodes
 import pytest
 import torch
 from harness import pack_import
@@ -18,6 +19,7 @@ plans = pack_import("plans")
 patching = pack_import("patching")
 kernels = pack_import("kernels")
 schema = pack_import("plans.schema")
+Timeline = pack_import("patching.timeline").Timeline
 nodes = pack_import("nodes.plans")
 
 STEPS = 4
@@ -35,6 +37,11 @@ def _calibrate(model, mode: str, delta: float, candidates=plans.CANDIDATES, arch
     settings = plans.Settings(delta, tuple(candidates), WINDOW, mode)
     return plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
                            scheduler="simple", settings=settings)
+
+
+def _timeline(model, steps: int):
+    """The run timeline of KSampler's euler / simple schedule at `steps` steps on `model`."""
+    return Timeline.ksampler(model.get_model_object("model_sampling"), "simple", steps)
 
 
 def _apply(model, plan, steps: int = STEPS, arch: str = ARCH) -> torch.Tensor:
@@ -132,7 +139,7 @@ def test_delta_zero_keeps_full_attention_and_the_unpatched_result(model, mode):
     assert plan.counts()["full"] == STEPS * 3
     positive, negative, inputs = _inputs()
     reference = sample(model, positive, negative, inputs, steps=STEPS, seed=3)
-    assert torch.allclose(latent, reference, atol=1e-5)
+    assert torch.equal(latent, reference)
 
 
 def test_some_techniques_are_accepted_and_some_refused(calibrated):
@@ -178,7 +185,7 @@ def test_flops_kept_is_what_the_applied_run_computes(model, calibrated):
     assert plan.flops_kept == pytest.approx(report.computed_flops / report.full_flops, rel=1e-9)
 
 
-def test_a_full_step_caches_a_residual_only_for_the_window_steps_that_read_it(calibrated):
+def test_a_full_step_caches_a_residual_only_for_the_window_steps_that_read_it(model, calibrated):
     """Step sharing reads no residual and a full step refreshes it; a full step that shares CFG
     refreshes only the conditional rows', so the one before must be kept for the others."""
     _, plan, _ = calibrated
@@ -186,20 +193,50 @@ def test_a_full_step_caches_a_residual_only_for_the_window_steps_that_read_it(ca
     layers = len(plan.fingerprint.layers)
     plan = dataclasses.replace(plan, methods=[[name] * layers for name in row], losses=[], step_losses=[], heads=[])
     full_steps = [step for step, name in enumerate(row) if name.startswith("full")]
-    caches = [plan.residual_window(step, len(row), 1) is not None for step in full_steps]
+    caches = [plan.residual_window(step, _timeline(model, len(row)), 1) is not None for step in full_steps]
     assert dict(zip(full_steps, caches, strict=True)) == {0: False, 1: True, 4: True, 5: True, 7: False}
 
 
-def test_another_step_count_maps_by_position(calibrated):
+def test_another_step_count_maps_by_noise_level(model, calibrated):
     _, plan, _ = calibrated
-    assert [plan.plan_step(step, 2 * STEPS) for step in range(2 * STEPS)] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert plan.choose(5, 2 * STEPS, 1) == schema.choice_of(plan.methods[2][1], plan.window)
+    assert plan.step_map(_timeline(model, STEPS)) == (tuple(range(STEPS)), True)
+    assert plan.step_map(_timeline(model, 2 * STEPS)) == ((0, 0, 1, 1, 2, 2, 3, 3), False)
+    assert plan.choose(5, _timeline(model, 2 * STEPS), 1) == schema.choice_of(plan.methods[2][1], plan.window)
 
 
 def test_a_plan_runs_at_another_step_count(model, calibrated):
+    """At 8 steps a 4-step plan gives what the 8-step plan repeating each of its steps twice gives,
+    and its techniques act (the output moves away from the unpatched model's)."""
     _, plan, _ = calibrated
-    out = _apply(model, plan, steps=2 * STEPS)
-    assert torch.isfinite(out).all()
+    positive, negative, latent = _inputs()
+    applied = patching.install(model, plans.PlannedAttention(plan))
+    out = sample(applied, positive, negative, latent, steps=2 * STEPS, seed=3)
+    stretched = dataclasses.replace(plan, methods=[row for row in plan.methods for _ in range(2)],
+                                    calibration=dataclasses.replace(plan.calibration, steps=2 * STEPS))
+    assert torch.equal(out, _apply(model, stretched, steps=2 * STEPS))
+    plain = sample(model, positive, negative, latent, steps=2 * STEPS, seed=3)
+    assert (out - plain).abs().max() > 1e-4 * plain.abs().max()
+    assert set(patching.patch_of(applied).last_report.flops_by_technique) - {"full"}
+
+
+def test_a_split_run_and_denoise_use_the_plan_steps_of_their_noise_levels(model, calibrated):
+    _, plan, _ = calibrated
+    whole = _timeline(model, STEPS)
+    assert plan.step_map(Timeline.of(whole.sigmas[2:], whole.model_sampling)) == ((2, 3), True)  # a split's 2nd half
+    denoised = comfy.samplers.calculate_sigmas(whole.model_sampling, "simple", int(STEPS / 0.6))[-STEPS - 1:]
+    assert plan.step_map(Timeline.of(denoised, whole.model_sampling)) == ((1, 2, 2, 3), False)  # denoise 0.6
+
+    applied = patching.install(model, plans.PlannedAttention(plan))
+    positive, negative, latent = _inputs()
+    sampler = host_nodes.KSamplerAdvanced()
+    first = sampler.sample(applied, "enable", 3, STEPS, 3.0, "euler", "simple", positive, negative, latent, 0, 2,
+                           "enable")[0]
+    assert not patching.patch_of(applied).last_report.warnings
+    sampler.sample(applied, "disable", 3, STEPS, 3.0, "euler", "simple", positive, negative, first, 2, STEPS, "disable")
+    report = patching.patch_of(applied).last_report
+    assert report.total_steps == 2 and not report.warnings  # plan steps 2 and 3: the run's own
+    host_nodes.KSampler().sample(applied, 3, STEPS, 3.0, "euler", "simple", positive, negative, latent, denoise=0.6)
+    assert "at other noise levels" in patching.patch_of(applied).last_report.warnings[0]
 
 
 def test_interrupt_stops_calibration_cleanly(model, monkeypatch):
@@ -377,7 +414,7 @@ def test_a_per_head_plan_windows_exactly_the_local_heads(model, per_head):
     assert all(row[0] == row[2] == "full" for row in plan.methods)  # real layers err far more than 1e-3
     assert all(row[0] is None and row[2] is None for row in plan.heads)
     assert plan.windowed_share(1, 1) == 0.5 and plan.per_head
-    assert plan.choose(2 * STEPS - 1, 2 * STEPS, 1).heads == LOCAL_HEADS  # another step count maps by position
+    assert plan.choose(2 * STEPS - 1, _timeline(model, 2 * STEPS), 1).heads == LOCAL_HEADS  # another step count
     whole_layer, _ = _calibrate(with_image_layer(model, half_local_attention), "fast", 1e-3, candidates=("wars",))
     assert whole_layer.counts()["full"] == STEPS * 3  # without per_head the global head keeps layer 1 full
 
@@ -462,7 +499,7 @@ def test_a_per_head_call_keeps_the_text_padding_mask():
         if technique != "window+residual on some heads":
             return
         assert call.mask is not None
-        whole_layer = dataclasses.replace(plan.choose(site.step, site.total_steps, site.layer), heads=None)
+        whole_layer = dataclasses.replace(plan.choose(site.step, site.timeline, site.layer), heads=None)
         expected = call.output_heads_first(method._compute(call, site, run, whole_layer, site.chunk_ids)[0])
         out, host = call.output_heads_first(out), call.output_heads_first(call.run_default())
         assert torch.allclose(out[:, 0], host[:, 0], atol=1e-6) and torch.allclose(out[:, 1], expected[:, 1], atol=1e-6)
@@ -493,7 +530,7 @@ def test_a_per_head_plans_flops_kept_is_what_the_applied_run_computes(per_head):
     assert plan.flops_kept == pytest.approx(report.computed_flops / report.full_flops, rel=1e-9)
 
 
-def test_old_per_layer_plans_still_load(calibrated):
+def test_old_per_layer_plans_still_load(model, calibrated):
     shipped = Path(__file__).resolve().parents[1] / "demo" / "plans" / "fastattn_demo_sd3_fast.json"
     text = shipped.read_text()
     assert json.loads(text)["version"] == 1  # written before per-head plans existed
@@ -503,7 +540,8 @@ def test_old_per_layer_plans_still_load(calibrated):
     assert json.loads(text)["version"] == 1 and "heads" not in json.loads(text)  # per-layer plans stay version 1
     loaded = plans.Plan.from_json(text)
     assert loaded.heads == [] and not loaded.per_head
-    assert all(loaded.choose(step, STEPS, layer).heads is None for step in range(STEPS) for layer in range(3))
+    timeline = _timeline(model, STEPS)
+    assert all(loaded.choose(step, timeline, layer).heads is None for step in range(STEPS) for layer in range(3))
 
 
 INVALID_HEADS = {
@@ -567,7 +605,7 @@ def test_a_plan_mapped_to_another_step_count_warns_on_the_nodes_and_in_the_repor
     if steps == STEPS:
         assert screen.texts == [] and "warning" not in text
         return
-    expected = f"the plan was calibrated at {STEPS} steps and this run has {steps}"
+    expected = f"the plan was calibrated at {STEPS} steps (simple) and this run samples {steps} steps at other noise"
     assert [node for node, _ in screen.texts] == ["sampler node", "apply node"]
     assert all(expected in shown for _, shown in screen.texts)
     assert f"warning: {expected}" in text
@@ -590,6 +628,62 @@ def test_a_failed_fast_check_returns_the_riskier_half_of_the_choices_to_full():
     checked.clear()
     assert calibrate.passing_choices(choices, errors, lambda kept: (1.0, None), 0.1) == ({}, 0.0, None)
     assert calibrate.passing_choices({0: "ast"}, {0: 0.3}, check, 0.1) == ({}, 0.0, None)  # one layer: full
+
+
+def _scored(scale: float | None, same_inputs: bool):
+    """A Scorer after one call of an image-only layer (4 x 6 grid, batch [unconditional, conditional])
+    with attention `scale`, whose two chunks have the same model input or not; and that call."""
+    calibrate, report = pack_import("plans.calibrate"), pack_import("patching.report")
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 24, 8, generator=gen) for _ in range(3))
+
+    def sdpa(q, k, v, heads, scale=None, **kwargs):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    kwargs = {"skip_reshape": True, "skip_output_reshape": True, **({} if scale is None else {"scale": scale})}
+    call = patching.AttentionCall(sdpa, (q, k, v, 2), kwargs, None)
+    x = torch.randn(1, 16, 8, 12, generator=gen)
+    inputs = (x, x if same_inputs else x + 1)
+    site = report.CallSite(1, 2, 0, "image", kernels.TokenLayout(0, (4, 6)), (1, 0), ("u", "c"), (1, 0), inputs)
+    scorer = calibrate.Scorer(schema.WindowSize("band", tokens=2), plans.CANDIDATES)
+    scorer.score(call, site, call.run_default())
+    return scorer, call
+
+
+def test_fast_scoring_uses_the_calls_scale():
+    """The residual a window step would add is full - window, both with the call's own scale."""
+    scorer, call = _scored(0.3, same_inputs=True)
+    q, k, v = (t.double() for t in call.heads_first())
+    window = kernels.reference_attention(q, k, v, kernels.TokenLayout(0, (4, 6)), kernels.Window("band", 2), scale=0.3)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert torch.allclose(scorer.pending_residual[0].double(), full - window, atol=1e-5)
+
+
+def test_fast_scoring_copies_cfg_only_between_equal_inputs():
+    """As the runtime: CFG sharing is scored where the unconditional chunk has a conditional chunk
+    with the same model input (its error: the two chunks' difference), and not at all elsewhere."""
+    scorer, call = _scored(None, same_inputs=True)
+    unconditional, conditional = call.run_default().double().chunk(2)
+    expected = (unconditional - conditional).square().sum(dim=(0, 2, 3))
+    assert torch.allclose(scorer.squared_errors[0]["full+asc"], expected)
+    scorer, _ = _scored(None, same_inputs=False)
+    assert "full+asc" not in scorer.squared_errors[0]
+
+
+def test_a_plan_on_another_token_grid_warns(model, calibrated):
+    """The window is a fraction of the grid, so a plan runs at another size, but the errors it kept
+    within delta were measured at its own: the run says so, as for another step count."""
+    _, plan, _ = calibrated
+    assert plan.calibration.grid == (8, 8)
+    positive, negative, _ = _inputs()
+    for size, warned in ((16, False), (24, True)):
+        applied = patching.install(model, plans.PlannedAttention(plan))
+        sample(applied, positive, negative, empty_latent(ARCH, size, size, batch=2), steps=STEPS, seed=3)
+        warnings = patching.patch_of(applied).last_report.warnings
+        assert [w for w in warnings if "token grid" in w] == (
+            ["the plan was calibrated on a token grid of 8 x 8 and this run has 12 x 12; its window scales with the "
+             "grid, but the errors it kept within delta were measured at the calibration's size (calibrate at this "
+             "size for a plan made for it)"] if warned else [])
 
 
 def test_per_head_options_window_the_heads_within_delta_if_the_layer_stays_within_it():

@@ -1,5 +1,6 @@
-"""The attention hook runtime on ComfyUI's own model classes: exact when every layer is full,
-and it sees the steps, layers, batch halves and token layout the model really has."""
+"""The attention hook runtime on ComfyUI's own model classes: bit-identical to the unpatched
+model when every layer is full (README's and docs/host-paths.md's promise, on all seven architectures), and it sees the
+steps, layers, batch halves and token layout the model really has."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import comfy.ldm.pixart.blocks
 import pytest
 import torch
 from harness import pack_import
+from harness.chains import patched_with_nodes
 from harness.models import (
     ARCHITECTURES,
     SPECS,
@@ -18,6 +20,7 @@ from harness.models import (
     empty_latent,
     expected_layers,
     joint_text_tokens,
+    linear_timeline,
     sample,
     token_grid,
 )
@@ -89,6 +92,17 @@ def test_full_attention_is_exact_and_sees_the_model(arch_model):
             assert layer.layout.text_len == 0
 
 
+def test_technique_nodes_acting_nowhere_are_exact(arch_model):
+    """The nodes with their branch hooks installed (every mapped projection's forward replaced)
+    but covering no layer of the model: bit-identical too."""
+    arch, model = arch_model
+    latent = _latent(arch)
+    nowhere = [{"technique": technique, "layers": "50"} for technique in ("window", "step", "cfg")]
+    patched = patched_with_nodes(model, nowhere)
+    assert torch.equal(_run(patched, arch, latent), _run(model, arch, latent))
+    assert set(patching.patch_of(patched).last_report.flops_by_technique) == {"full"}
+
+
 def test_heads_first_view_matches_each_architecture(arch_model):
     """Recomputing attention from the runtime's [B, H, N, D] view reproduces the host's
     output, so methods that replace attention read every model's tensors correctly."""
@@ -121,7 +135,7 @@ def test_batch_of_two(arch):
     patched = patching.install(model)
     out = _run(patched, arch, latent)
     assert out.shape[0] == 2
-    assert (out - reference).abs().max().item() <= 1e-5
+    assert torch.equal(out, reference)
     assert patching.patch_of(patched).last_report.batch_halves == {(1, 0)}
 
 
@@ -134,7 +148,7 @@ def test_conditional_and_unconditional_in_separate_calls(arch):
     patched = patching.install(model)
     out = _run(patched, arch, latent, negative_len=2)
     report = patching.patch_of(patched).last_report
-    assert (out - reference).abs().max().item() <= 1e-5
+    assert torch.equal(out, reference)
     assert report.batch_halves == {(0,), (1,)}
     assert report.forwards == 2 * STEPS
 
@@ -146,7 +160,7 @@ def test_two_resolutions_on_one_patched_model():
     for scale in (1, 2):
         latent = _latent(arch, scale=scale)
         out = _run(patched, arch, latent)
-        assert (out - _run(model, arch, latent)).abs().max().item() <= 1e-5
+        assert torch.equal(out, _run(model, arch, latent))
         report = patching.patch_of(patched).last_report
         assert report.forwards == STEPS  # nothing carried over from the first run
         assert {layer.layout.grid for layer in report.layers} == {token_grid(arch, latent)}
@@ -174,7 +188,7 @@ def test_an_exception_mid_run_leaves_no_state():
 
     failing["armed"] = False
     out = _run(patched, arch, latent)
-    assert (out - reference).abs().max().item() <= 1e-5
+    assert torch.equal(out, reference)
     assert patching.patch_of(patched).last_report.steps_seen == set(range(STEPS))
 
 
@@ -212,7 +226,7 @@ def test_another_override_is_chained_not_replaced():
     other.model_options["transformer_options"][runtime.OVERRIDE_KEY] = other_pack_override
     patched = patching.install(other)
     out = _run(patched, arch, latent)
-    assert (out - reference).abs().max().item() <= 1e-5
+    assert torch.equal(out, reference)
     report = patching.patch_of(patched).last_report
     assert len(calls) == report.forwards * len(report.layers) > 0
 
@@ -236,6 +250,5 @@ def test_unknown_architecture_is_named_at_patch_time():
 
 
 def test_step_of_maps_intermediate_sigmas_to_their_step():
-    patch = runtime.AttentionPatch(runtime.full_attention, patching.adapter_for(build_model("sd3").model.diffusion_model))
-    run = runtime.SamplingRun(patch, torch.tensor([1.0, 0.6, 0.3, 0.0]))
-    assert [run.step_of(s) for s in (1.0, 0.8, 0.6, 0.45, 0.3, 0.1)] == [0, 0, 1, 1, 2, 2]
+    timeline = linear_timeline(3, [1.0, 0.6, 0.3, 0.0])
+    assert [timeline.step_of(s) for s in (1.0, 0.8, 0.6, 0.45, 0.3, 0.1)] == [0, 0, 1, 1, 2, 2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from harness import pack_import
+from harness.models import linear_timeline
 
 schedule = pack_import("patching.schedule")
 kernels = pack_import("kernels")
@@ -11,26 +12,28 @@ S = schedule
 
 
 def _computes(sched, total: int, layer: int = 0) -> list[str]:
-    return [sched.choose(step, total, layer).compute for step in range(total)]
+    timeline = linear_timeline(total)
+    return [sched.choose(step, timeline, layer).compute for step in range(total)]
 
 
 def test_window_residual_refreshes_every_k_steps_from_its_first_step():
     sched = S.Schedule((S.WindowResidual(refresh_every=3),))
     assert _computes(sched, 7) == ["full", "window", "window", "full", "window", "window", "full"]
-    assert [sched.residual_window(step, 7, 0) is not None for step in (0, 3, 6)] == [True, True, False]
+    assert [sched.residual_window(step, linear_timeline(7), 0) is not None for step in (0, 3, 6)] == [True, True, False]
 
 
 def test_step_sharing_computes_every_kth_step_and_residual_survives_reuse():
-    sched = S.Schedule((S.WindowResidual(refresh_every=2), S.StepSharing(compute_every=2, scope=S.Scope(S.StepRange(0.5, 1.0)))))
+    sched = S.Schedule((S.WindowResidual(refresh_every=2), S.StepSharing(compute_every=2, scope=S.Scope(S.NoiseRange(0.5, 1.0)))))
     # steps 0..7: sharing acts from step 4 on, computing steps 4 and 6.
     assert _computes(sched, 8) == ["full", "window", "full", "window", "full", "reuse", "full", "reuse"]
-    assert sched.residual_window(4, 8, 0) is None  # step 6 is full again: no residual needed
+    assert sched.residual_window(4, linear_timeline(8), 0) is None  # step 6 is full again: no residual needed
 
 
 def test_ranges_layers_and_cfg_flag():
-    sched = S.Schedule((S.CFGSharing(S.Scope(S.StepRange(0.0, 0.5), S.parse_layers("1-2"))),))
-    assert [sched.choose(step, 4, 1).share_cfg for step in range(4)] == [True, True, False, False]
-    assert not sched.choose(0, 4, 0).share_cfg and not sched.choose(0, 4, 3).share_cfg
+    sched = S.Schedule((S.CFGSharing(S.Scope(S.NoiseRange(0.0, 0.5), S.parse_layers("1-2"))),))
+    timeline = linear_timeline(4)
+    assert [sched.choose(step, timeline, 1).share_cfg for step in range(4)] == [True, True, False, False]
+    assert not sched.choose(0, timeline, 0).share_cfg and not sched.choose(0, timeline, 3).share_cfg
 
 
 def test_later_node_wins_for_the_same_technique():
@@ -56,7 +59,7 @@ def test_bad_settings_are_clear_errors(bad):
         with pytest.raises(ValueError, match="refresh_every must be >= 2"):
             S.WindowResidual(**bad)
     with pytest.raises(ValueError, match="start <= end"):
-        S.StepRange(0.8, 0.2)
+        S.NoiseRange(0.8, 0.2)
 
 
 def test_window_sizes():
@@ -70,5 +73,5 @@ def test_window_sizes():
 
 def test_plain_window_needs_no_residual():
     sched = S.Schedule((S.WindowResidual(refresh_every=2, residual=False),))
-    assert sched.choose(1, 4, 0) == S.Choice("window", False, S.WindowSize(), residual=False)
-    assert sched.residual_window(0, 4, 0) is None
+    assert sched.choose(1, linear_timeline(4), 0) == S.Choice("window", False, S.WindowSize(), residual=False)
+    assert sched.residual_window(0, linear_timeline(4), 0) is None

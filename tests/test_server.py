@@ -4,7 +4,8 @@ run through the API queue, and a bad input gives a clear error without harming t
 from __future__ import annotations
 
 import pytest
-from harness import pack_import
+from harness import pack_import, pack_nodes
+from harness.queue_mix import reported_phrases
 from harness.server import ComfyServer
 
 workflows = pack_import("demo.workflows")
@@ -12,7 +13,7 @@ workflows = pack_import("demo.workflows")
 def inspector_graph(caption: str, size: int = 512) -> dict:
     """API format: demo model + demo text encoder + SD3 empty latent -> Attention Inspector."""
     return {
-        "1": {"class_type": "FastAttnDemoLoader", "inputs": {}},
+        "1": {"class_type": "FastAttnDemoLoader", "inputs": {"model": pack_import("demo").DEMO_DIT}},
         "2": {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": caption}},
         "3": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "4": {"class_type": "FastAttnInspector", "inputs": {"model": ["1", 0], "positive": ["2", 0], "latent": ["3", 0]}},
@@ -25,14 +26,16 @@ def server(tmp_path_factory):
         yield running
 
 
-def test_object_info_lists_our_nodes(server):
+def test_object_info_lists_every_node_with_a_tooltip_on_every_input(server):
     info = server.get("/object_info")
-    ours = {name for name in info if name.startswith("FastAttn")}
-    assert {"FastAttnInspector", "FastAttnDemoLoader", "FastAttnDemoTextEncode", "FastAttnDemoDecode"} <= ours
-    inspector = info["FastAttnInspector"]
-    assert inspector["category"] == "FastAttn"
-    assert all("tooltip" in spec[1] for spec in inspector["input"]["required"].values())
-    assert pack_import("demo").DIT_FILE not in info["UNETLoader"]["input"]["required"]["unet_name"][0]  # only the demo loader's
+    assert {name for name in info if name.startswith("FastAttn")} == set(pack_nodes())
+    for name in pack_nodes():
+        assert info[name]["category"].startswith("FastAttn"), name
+        inputs = {**info[name]["input"]["required"], **info[name]["input"].get("optional", {})}
+        assert inputs and all(spec[1].get("tooltip") for spec in inputs.values()), name
+    unet_files = info["UNETLoader"]["input"]["required"]["unet_name"][0]
+    demo = pack_import("demo")
+    assert demo.DIT_FILE not in unet_files and demo.UNET_FILE not in unet_files  # only the demo loader's
 
 
 def test_inspector_graph_runs_through_the_queue(server):
@@ -58,15 +61,30 @@ def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(server):
 @pytest.mark.parametrize("technique", list(workflows.TECHNIQUES))
 def test_every_demo_workflow_runs_through_the_queue(server, technique):
     """The API twins of example_workflows/ (the unpatched branch and Compare Images beside the
-    patched one), small and short."""
+    patched one), small and short: each saves its image, and its report names the technique, so it
+    acted."""
     result = server.run(workflows.demo_graph(technique, size=128, steps=3, prefix=f"test_{technique}", compare=True))
     assert result.status == "success", result.error
-    assert result.outputs("save")["images"][0]["filename"].startswith(f"test_{technique}")
-    if technique != "baseline":
-        assert "attention FLOPs computed" in "".join(result.outputs("report")["text"])
-        shown = "".join(result.outputs("compare")["text"])
-        assert shown.startswith("image vs. reference, 32 x 32 px\nimage 1: PSNR ") and "SSIM" in shown, shown
-        assert len(result.outputs("compare")["images"]) == 1  # the side-by-side preview
+    saved = result.outputs("save")["images"]
+    assert len(saved) == 1 and saved[0]["filename"].startswith(f"test_{technique}")
+    assert (server.output_dir / saved[0].get("subfolder", "") / saved[0]["filename"]).stat().st_size > 0
+    if technique == "baseline":
+        assert "report" not in result.history["outputs"]
+        return
+    report = "".join(result.outputs("report")["text"])
+    assert "attention FLOPs computed" in report
+    assert reported_phrases(technique, steps=3) and all(phrase in report for phrase in reported_phrases(technique, 3))
+    shown = "".join(result.outputs("compare")["text"])
+    assert shown.startswith("image vs. reference, 32 x 32 px\nimage 1: PSNR ") and "SSIM" in shown, shown
+    assert len(result.outputs("compare")["images"]) == 1  # the side-by-side preview
+
+
+def test_the_demo_unet_deepcache_workflow_runs_through_the_queue(server):
+    result = server.run(workflows.unet_graph(steps=4, prefix="test_unet_deepcache"))
+    assert result.status == "success", result.error
+    assert result.outputs("save")["images"][0]["filename"].startswith("test_unet_deepcache")
+    assert "DeepCache (1:3 uniform, depth 0): 4 U-Net calls over 4 steps, 2 full and 2 shallow" in "".join(
+        result.outputs("report")["text"])
 
 
 def _saved_pixels(server, result, node_id: str) -> bytes:
@@ -77,11 +95,11 @@ def _saved_pixels(server, result, node_id: str) -> bytes:
 
 
 def test_a_plan_at_another_step_count_warns_on_the_sampler_the_apply_node_and_the_report(server):
-    """The shipped plan was calibrated at 20 steps; sampled at 3, each step maps by position."""
+    """The shipped plan was calibrated at 20 steps; sampled at 3, each step maps by noise level."""
     result = server.run_alone(workflows.demo_graph("plan", size=128, steps=3, prefix="test_mapped"))
     assert result.status == "success", result.error
     shown = [(m["data"]["node"], m["data"]["text"]) for m in result.messages if m["type"] == "progress_text"]
-    warning = "the plan was calibrated at 20 steps and this run has 3"
+    warning = "the plan was calibrated at 20 steps (simple) and this run samples 3 steps at other noise levels"
     assert {node for node, text in shown if warning in text} == {"sampler", "fastattn0"}
     assert f"warning: {warning}" in "".join(result.outputs("report")["text"])
 

@@ -29,6 +29,7 @@ from comfy.ldm.flux.layers import DoubleStreamBlock, EmbedND, SingleStreamBlock
 from comfy.ldm.modules.diffusionmodules.mmdit import JointBlock
 from comfy.ldm.wan.model import WanAttentionBlock, WanModel
 from harness import pack_import
+from harness.models import linear_timeline
 
 patching = pack_import("patching")
 adapters = pack_import("patching.adapters")
@@ -146,7 +147,7 @@ class Runner:
         adapter = next(a for a in adapters.ADAPTERS if a.name == case.adapter)
         projections = adapter.projections(case.container) if getattr(method, "skip_branch", False) else []
         self.patch = runtime.AttentionPatch(method, adapter, tuple(projections))
-        self.run = runtime.SamplingRun(self.patch, torch.linspace(1.0, 0.0, 5))
+        self.run = runtime.SamplingRun(self.patch, linear_timeline(4))
         self.projections = projections
         self.halves = halves
 

@@ -48,6 +48,7 @@ native = pack_import("kernels.native")
 patching = pack_import("patching")
 plans = pack_import("plans")
 schema = pack_import("plans.schema")
+Timeline = pack_import("patching.timeline").Timeline
 
 CFG = workflows.SAMPLER["cfg"]
 DELTAS = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15)  # the paper's sweep
@@ -97,23 +98,23 @@ def _uniform(model, fraction: float, refresh: int):
     return host_nodes.NODE_CLASS_MAPPINGS["FastAttnWindowResidual"].execute(model, **inputs).result[0]
 
 
-def schedule_flops_kept(schedule, layers: list, steps: int) -> float:
+def schedule_flops_kept(schedule, layers: list, timeline) -> float:
     """Attention FLOPs a DiTFastAttn schedule computes / full attention's, counted as the runtime
     counts them (a full step that caches a residual pays for the window too), without sampling."""
     backend = backends.choose_backend("auto", torch.device("cpu"))
     computed = full = 0
-    for step in range(steps):
+    for step in range(timeline.steps):
         for record in layers:
             whole = 4 * record.heads * record.q_len * record.k_len * record.head_dim
             full += whole
             if record.kind not in schema.WINDOWED_KINDS or record.layout is None:
                 computed += whole
                 continue
-            choice = schedule.choose(step, steps, record.layer)
+            choice = schedule.choose(step, timeline, record.layer)
             if choice.compute == "window":
                 computed += _window_flops(record, choice.window, backend)
             elif choice.compute == "full":
-                size = schedule.residual_window(step, steps, record.layer)
+                size = schedule.residual_window(step, timeline, record.layer)
                 computed += whole + (_window_flops(record, size, backend) if size is not None else 0)
     return computed / full
 
@@ -127,9 +128,11 @@ def _window_flops(record, size, backend: str) -> int:
 def matching_uniform(model, layers: list, steps: int, target: float) -> tuple[object, str]:
     """The uniform window + residual model keeping `target` attention FLOPs (bisection over the
     window fraction, at the first refresh of REFRESH that can go that low), and its settings."""
+    timeline = Timeline.ksampler(model.get_model_object("model_sampling"), "simple", steps)
+
     def kept(fraction: float, refresh: int) -> float:
         return schedule_flops_kept(patching.patch_of(_uniform(model, fraction, refresh)).method.schedule,
-                                   layers, steps)
+                                   layers, timeline)
 
     refresh = next((r for r in REFRESH if kept(0.01, r) <= target), REFRESH[-1])
     low, high = 0.01, 1.0

@@ -27,6 +27,7 @@ from harness.models import sample
 from safetensors.torch import save_file
 
 demo = pack_import("demo")
+evaluate = pack_import("demo.evaluate")
 workflows = pack_import("demo.workflows")
 metrics = pack_import("metrics")
 demo_nodes = pack_import("nodes.demo")
@@ -51,13 +52,13 @@ def main(argv: list[str]) -> None:
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.DIT_FILE))
     encode = demo_nodes.FastAttnDemoTextEncode.execute
     positive, negative = encode(workflows.CAPTION).result[0], encode("").result[0]
-    latent = {"samples": torch.zeros(1, 16, SIZE, SIZE)}
+    latent = evaluate.empty_latent(model, SIZE // 2)
     configs = {"baseline": model}
     configs[f"CLEAR r{args.radius} zero-shot"] = clear_nodes.ClearAttention.execute(
         model, args.radius, 0.25, POOLING[args.pool], 1, 0.0, 1.0, "").result[0]
     training = ""
     if args.iterations:
-        batch = {"samples": torch.zeros(args.samples, 16, SIZE, SIZE)}
+        batch = evaluate.empty_latent(model, SIZE // 2, args.samples)
         start = time.perf_counter()
         teacher = clear_nodes.teacher_samples(model, positive, negative, batch, SEED + 1, STEPS, CFG)
         sampled = time.perf_counter() - start

@@ -22,6 +22,7 @@ from harness import pack_import
 from harness.models import sample
 
 demo = pack_import("demo")
+evaluate = pack_import("demo.evaluate")
 workflows = pack_import("demo.workflows")
 metrics = pack_import("metrics")
 demo_nodes = pack_import("nodes.demo")
@@ -53,7 +54,7 @@ def main() -> None:
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.DIT_FILE))
     encode = demo_nodes.FastAttnDemoTextEncode.execute
     positive, negative = encode(workflows.CAPTION).result[0], encode("").result[0]
-    latent = {"samples": torch.zeros(1, 16, SIZE, SIZE)}
+    latent = evaluate.empty_latent(model, SIZE // 2)
     configs = _configs(model)
 
     def run(patched) -> tuple[float, torch.Tensor, object]:

@@ -14,7 +14,7 @@ import time
 
 import torch
 from harness import pack_import
-from harness.models import build_model, conditioning, empty_latent, sample
+from harness.models import build_model, conditioning, empty_latent, linear_timeline, sample
 
 patching = pack_import("patching")
 runtime = pack_import("patching.runtime")
@@ -34,7 +34,7 @@ def _timed(model, positive, negative, latent) -> float:
 def _hook_seconds_per_call(model, calls: int = 20000) -> float:
     """Median time the override adds to one attention call (the attention itself returns at once)."""
     patch = patching.patch_of(patching.install(model))
-    run = runtime.SamplingRun(patch, torch.linspace(1.0, 0.0, STEPS + 1))
+    run = runtime.SamplingRun(patch, linear_timeline(STEPS))
     q = torch.zeros(2, 1040, 256)
     instant = lambda *args, **kwargs: q  # noqa: E731
     samples = []

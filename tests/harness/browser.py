@@ -186,14 +186,19 @@ class Frontend:
         box.wait_for(state="hidden")
         return found
 
-    def tooltip(self, node_id: int, widget: str) -> str:
-        """Hover over a node's widget on the canvas and read the tooltip the frontend shows."""
+    def tooltip(self, node_id: int, name: str | None) -> str:
+        """Hover, as a user would, over a node's widget `name` (one litegraph draws), else its input
+        socket `name`, or its title (`name` None), and read the tooltip the frontend shows."""
         x, y = self.page.evaluate("""([id, name]) => {
             const canvas = window.app.canvas, node = window.app.graph.getNodeById(id);
-            const widget = node.widgets.find((w) => w.name === name), box = canvas.canvas.getBoundingClientRect();
-            return [box.left + (node.pos[0] + 40 + canvas.ds.offset[0]) * canvas.ds.scale,
-                    box.top + (node.pos[1] + widget.y + 10 + canvas.ds.offset[1]) * canvas.ds.scale]; }""",
-                                  [node_id, widget])
+            const box = canvas.canvas.getBoundingClientRect();
+            const widget = name === null ? null : node.widgets?.find((w) => w.name === name && !w.element);
+            let at;
+            if (name === null) at = [node.pos[0] + 20, node.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT / 2];
+            else if (widget) at = [node.pos[0] + 40, node.pos[1] + widget.y + 10];
+            else at = node.getConnectionPos(true, node.inputs.findIndex((input) => input.name === name));
+            return [box.left + (at[0] + canvas.ds.offset[0]) * canvas.ds.scale,
+                    box.top + (at[1] + canvas.ds.offset[1]) * canvas.ds.scale]; }""", [node_id, name])
         self.page.mouse.move(x, y)
         self.page.mouse.move(x + 2, y)
         tooltip = self.page.locator(".node-tooltip")

@@ -67,6 +67,12 @@ def node_io(class_type: str) -> tuple[list[tuple[str, str]], list[str]]:
     return inputs, list(node.RETURN_TYPES)
 
 
+def pack_nodes() -> dict:
+    """Every node the pack registers, node id -> its class, from the pack's own extension."""
+    extension = asyncio.run(pack_import("nodes").comfy_entrypoint())
+    return {node.define_schema().node_id: node for node in asyncio.run(extension.get_node_list())}
+
+
 def pack_import(name: str) -> ModuleType:
     """Import a submodule of the loaded pack, e.g. pack_import("kernels.window")."""
     return importlib.import_module(f"{PACK.__name__}.{name}")

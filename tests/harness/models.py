@@ -9,15 +9,19 @@ fraction of a second on CPU. Tests and benchmarks share these builders.
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.sample
 import comfy.supported_models
 import comfy.supported_models_base
 import torch
+
+from .host import pack_import
 
 # The seven architectures served first: the randomized and host-path tests run on all of them.
 CORE_ARCHITECTURES: tuple[str, ...] = ("flux", "sd3", "wan", "hunyuan_video", "qwen_image", "lumina2", "pixart")
@@ -25,6 +29,7 @@ CORE_ARCHITECTURES: tuple[str, ...] = ("flux", "sd3", "wan", "hunyuan_video", "q
 ARCHITECTURES: tuple[str, ...] = CORE_ARCHITECTURES + (
     "flux2", "chroma", "chroma_radiance", "hidream", "auraflow", "omnigen2", "zimage", "hunyuan_image21",
     "hunyuan_video15", "hunyuan_dit", "cosmos", "cosmos_predict2", "ltxv", "mochi")
+UNET_ARCHITECTURES: tuple[str, ...] = ("sd15", "sdxl")  # U-Nets (DeepCache), kept out of the attention tests
 
 CPU = torch.device("cpu")
 
@@ -265,12 +270,36 @@ SPECS: dict[str, ModelSpec] = {
         joint_text=lambda c: min(c["c_crossattn"].shape[1], c["num_tokens"]),
         attention={"joint": 2},
     ),
+    # U-Nets in the released layouts with fewer channels and levels (GroupNorm needs multiples of 32).
+    # SD 1.5: 2 res blocks per level, a transformer (8 heads) after each but at the deepest level.
+    "sd15": ModelSpec(
+        comfy.supported_models.SD15,
+        dict(use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
+             in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 2],
+             transformer_depth=[1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0, 0],
+             transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=64,
+             use_temporal_resblock=False, use_temporal_attention=False),
+        context_dim=64,
+        attention={"image": 11, "cross": 11},  # transformers of depth 1: 4 input, 1 middle, 6 output
+    ),
+    # SDXL: no transformers at the first level, deeper ones further down, pooled text + size as `y`.
+    "sdxl": ModelSpec(
+        comfy.supported_models.SDXL,
+        dict(use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False,
+             num_classes="sequential", adm_in_channels=32 + 6 * 256, in_channels=4, out_channels=4,
+             model_channels=64, num_res_blocks=[2, 2, 2], channel_mult=[1, 1, 2],
+             transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2],
+             transformer_depth_middle=2, use_linear_in_transformer=True, context_dim=64,
+             use_temporal_resblock=False, use_temporal_attention=False),
+        context_dim=64, pooled_dim=32,
+        attention={"image": 15, "cross": 15},  # transformer blocks: 2 + 4 input, 2 middle, 3 + 6 output
+    ),
 }
 
 
 def _spec(arch: str) -> ModelSpec:
     if arch not in SPECS:
-        raise ValueError(f"Unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+        raise ValueError(f"Unknown architecture {arch!r}; expected one of {ARCHITECTURES + UNET_ARCHITECTURES}")
     return SPECS[arch]
 
 
@@ -312,16 +341,25 @@ def build_model(arch: str, seed: int = 0, **unet_overrides) -> comfy.model_patch
     return comfy.model_patcher.ModelPatcher(model, load_device=CPU, offload_device=CPU)
 
 
-def build_unet() -> comfy.model_patcher.ModelPatcher:
-    """A tiny SD 1.5 U-Net (one level, one transformer), built as the host builds the checkpoint's model:
-    the pack refuses U-Nets, and this is what it refuses."""
-    config = comfy.supported_models.SD15(dict(
-        image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1], channel_mult=[1],
-        transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=32,
-        num_head_channels=32, use_linear_in_transformer=False, adm_in_channels=None, use_temporal_attention=False,
-        use_spatial_transformer=True))
-    config.set_inference_dtype(torch.float32, None)
-    return comfy.model_patcher.ModelPatcher(config.get_model({}, device=CPU), load_device=CPU, offload_device=CPU)
+def build_controlnet(arch: str, seed: int = 1):
+    """A ControlNet (the host's cldm ControlNet, 3-channel image hint) for the U-Net `arch`, random
+    weights (zero convolutions included, so its residuals are not zero), as ControlNetLoader wraps one."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    config = spec_config(arch)
+    config.pop("out_channels")
+    network = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                         dtype=torch.float32, device=CPU)
+    _init_weights(network, seed)
+    return comfy.controlnet.ControlNet(network, load_device=CPU)
+
+
+def spec_config(arch: str) -> dict:
+    """The unet_config the host builds `arch` from (the config class's fixed entries included)."""
+    spec = _spec(arch)
+    return dict(spec.config_class(spec.unet_config).unet_config)
 
 
 def conditioning(arch: str, text_len: int, seed: int = 0) -> list:
@@ -387,3 +425,16 @@ def sample(model: comfy.model_patcher.ModelPatcher, positive: list, negative: li
     noise = comfy.sample.prepare_noise(latent_image, seed)
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent_image,
                                disable_pbar=True, seed=seed)
+
+
+@functools.cache
+def _flow_sampling() -> comfy.model_sampling.ModelSamplingDiscreteFlow:
+    return comfy.model_sampling.ModelSamplingDiscreteFlow()  # shift 1: percent p is sigma 1 - p
+
+
+def linear_timeline(steps: int, sigmas: list[float] | None = None):
+    """A run's timeline on the host's flow noise schedule with shift 1, where percent p is sigma 1 - p:
+    by default `steps` evenly spaced steps, so step i starts at noise level i / steps."""
+    timeline = pack_import("patching.timeline")
+    schedule = torch.linspace(1.0, 0.0, steps + 1) if sigmas is None else torch.tensor(sigmas)
+    return timeline.Timeline.of(schedule, _flow_sampling())

@@ -1,15 +1,20 @@
 """An independent, slow float64 implementation of what a chain of DiTFastAttn nodes computes.
 
-Written apart from the pack's runtime (it shares none of its code): a chain is a list of plain
-dicts, the pack builds it with its own nodes (`patched_with_nodes`) and this module carries it
-out through a different host hook (the model function wrapper) with dense float64 attention
-(`reference_model`). Tests sample both and compare. The semantics, as the README states them:
+Written apart from the pack (it imports none of it): a chain is a list of plain dicts, the pack
+builds it with its own nodes (`harness.chains.patched_with_nodes`) and this module carries it out
+through a different host hook (the model function wrapper) with dense float64 attention
+(`reference_model`). Tests sample both and compare, and compare which techniques acted
+(`techniques_acted`). The semantics, as the README states them:
 
 - a model evaluation belongs to the schedule step whose sigma interval holds it; the n-th
   evaluation of a conditioning in a step (a second-order sampler's second call, an extension's
   extra forward, a context window) only shares caches with the n-th evaluations of other steps;
 - techniques act on self-attention over image tokens (joint or image-only calls) of forwards
   whose block replacements are the model's own; everything else is the host's attention;
+- a node covers the steps whose starting sigma s lies in its start / end percent read as noise
+  levels: s <= percent_to_sigma(start) and s > percent_to_sigma(end) of the model's sampling
+  (equal within float rounding counts as equal), as core ComfyUI's EasyCache reads a range;
+  `refresh_every` and `compute_every` count the covered steps of this sampler's run from its first;
 - per (step, layer): the last step-sharing node covering it reuses the layer's last computed
   output between its computed steps; else the last window node covering it computes its full
   steps in full and the steps between as window + (full - window) of the last full step (made
@@ -17,7 +22,9 @@ out through a different host hook (the model function wrapper) with dense float6
   the conditional chunks and copies the first one with the same model input to each
   unconditional chunk, under ComfyUI's CFG guider only;
 - a cache that is missing or made for another window or shape means a full computation;
-  text padding masks hide their keys from every query, windows included.
+  text padding masks (hard, hiding only text keys, the same ones from every query and head) hide
+  their keys from every query, windows included; a call with any other mask computes in full
+  (and caches no residual), as the host computes it.
 """
 
 from __future__ import annotations
@@ -29,40 +36,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .host import pack_import
 from .models import SPECS, joint_text_tokens
 
 # models whose attention ignores the override: their attention function, given the options per forward
 UNROUTED = {"pixart": "comfy.ldm.pixart.blocks", "hunyuan_dit": "comfy.ldm.hydit.attn_layers"}
 
 
-def patched_with_nodes(model, chain: list[dict]):
-    """The model patched by the pack's own nodes, one per dict of `chain`, in order."""
-    nodes = pack_import("nodes.ditfastattn")
-    shapes = {value: key for key, value in nodes.WINDOW_SHAPES.items()}
-    for spec in chain:
-        scope = (spec.get("start", 0.0), spec.get("end", 1.0), spec.get("layers", ""))
-        if spec["technique"] == "window":
-            model = nodes.WindowResidualAttention.execute(
-                model, shapes[spec.get("shape", "band")], spec.get("fraction", 0.125), spec.get("tokens", 0),
-                spec.get("refresh_every", 2), spec.get("residual", True), *scope).result[0]
-        elif spec["technique"] == "step":
-            model = nodes.StepSharingAttention.execute(model, spec.get("compute_every", 2), *scope).result[0]
-        else:
-            model = nodes.CFGSharingAttention.execute(model, *scope).result[0]
-    return model
-
-
 def reference_model(model, chain: list[dict], arch: str, cfg_guider: bool = True):
     """A clone of `model` whose attention follows `chain` as specified above, in float64."""
     clone = model.clone()
-    reference = _Reference(chain, arch, cfg_guider, _replacements(clone.model_options.get("transformer_options", {})))
+    reference = _Reference(chain, arch, cfg_guider, _replacements(clone.model_options.get("transformer_options", {})),
+                           clone.get_model_object("model_sampling").percent_to_sigma)
     clone.set_model_unet_function_wrapper(reference.forward)
     return clone
 
 
-def _ceil(x: float) -> int:
-    return math.ceil(round(x, 9))
+def techniques_acted(reference) -> set[str]:
+    """What changed some attention call in the runs of a `reference_model` clone so far: "window"
+    (a window, with its residual if it has one), "step" (a reused output), "cfg" (a copied one)."""
+    return set(reference.model_options["model_function_wrapper"].__self__.acted)
 
 
 def _layers(text: str) -> set[int] | None:
@@ -75,10 +67,29 @@ def _layers(text: str) -> set[int] | None:
     return found
 
 
-def _covers(spec: dict, step: int, total: int, layer: int) -> bool:
+@dataclass(frozen=True)
+class _Levels:
+    """One sampler's run: the sigma each step starts from, and the model's percent -> sigma."""
+
+    sigmas: tuple[float, ...]
+    percent_to_sigma: object
+
+    @property
+    def total(self) -> int:
+        return len(self.sigmas) - 1
+
+    def covered(self, spec: dict) -> list[int]:
+        """The run's steps inside the node's noise range, in order."""
+        high = float(self.percent_to_sigma(spec.get("start", 0.0)))
+        low = float(self.percent_to_sigma(spec.get("end", 1.0)))
+        return [step for step, s in enumerate(self.sigmas[:-1])
+                if (s < high or math.isclose(s, high, rel_tol=1e-5, abs_tol=1e-8))
+                and s > low and not math.isclose(s, low, rel_tol=1e-5, abs_tol=1e-8)]
+
+
+def _covers(spec: dict, step: int, levels: _Levels, layer: int) -> bool:
     layers = _layers(spec.get("layers", ""))
-    first, end = _ceil(spec.get("start", 0.0) * total), _ceil(spec.get("end", 1.0) * total)
-    return first <= step < end and (layers is None or layer in layers)
+    return step in levels.covered(spec) and (layers is None or layer in layers)
 
 
 @dataclass(frozen=True)
@@ -88,27 +99,27 @@ class _Choice:
     window: dict | None = None
 
 
-def _choose(chain: list[dict], step: int, total: int, layer: int) -> _Choice:
-    covering = [spec for spec in chain if _covers(spec, step, total, layer)]
+def _choose(chain: list[dict], step: int, levels: _Levels, layer: int) -> _Choice:
+    covering = [spec for spec in chain if _covers(spec, step, levels, layer)]
     cfg = any(spec["technique"] == "cfg" for spec in covering)
     sharing = [spec for spec in covering if spec["technique"] == "step"]
     if sharing:
         spec = sharing[-1]
-        if (step - _ceil(spec.get("start", 0.0) * total)) % spec.get("compute_every", 2):
+        if levels.covered(spec).index(step) % spec.get("compute_every", 2):
             return _Choice("reuse", cfg)
     windows = [spec for spec in covering if spec["technique"] == "window"]
     if not windows:
         return _Choice("full", cfg)
     spec = windows[-1]
-    if (step - _ceil(spec.get("start", 0.0) * total)) % spec.get("refresh_every", 2) == 0:
+    if levels.covered(spec).index(step) % spec.get("refresh_every", 2) == 0:
         return _Choice("full", cfg)
     return _Choice("window", cfg, spec)
 
 
-def _next_window(chain: list[dict], step: int, total: int, layer: int) -> dict | None:
+def _next_window(chain: list[dict], step: int, levels: _Levels, layer: int) -> dict | None:
     """The window (with residual) of the layer's next step that computes, if it uses one."""
-    for later in range(step + 1, total):
-        choice = _choose(chain, later, total, layer)
+    for later in range(step + 1, levels.total):
+        choice = _choose(chain, later, levels, layer)
         if choice.compute != "reuse":
             return choice.window if choice.window is not None and choice.window.get("residual", True) else None
     return None
@@ -140,9 +151,40 @@ def _allowed(spec: dict, text_len: int, grid: tuple[int, ...], text_first: bool,
     return window & mask_keep
 
 
-def _attend(q, k, v, allowed, scale):
+def _attend(q, k, v, scale, allowed=None, bias=None):
+    """Dense attention over the keys `allowed` sees, the host's additive mask `bias` added."""
     scores = (q @ k.transpose(-1, -2)) * scale
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+    if bias is not None:
+        scores = scores + bias
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+HIDDEN = -1.0e4  # an additive mask entry at or below this hides its key
+
+
+def _mask_bias(mask, batch: int, n: int) -> torch.Tensor | None:
+    """The host's mask as an additive float64 [B, 1 or H, N, N] bias (a bool mask: 0 kept, -inf hidden)."""
+    if mask is None:
+        return None
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0 if mask.ndim == 2 else 1)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask.cpu(), float("-inf"))
+    return mask.double().expand(batch, mask.shape[1], n, n)
+
+
+def _padding_keep(bias: torch.Tensor | None, batch: int, n: int, image: slice) -> torch.Tensor | None:
+    """[B, 1, 1, N] keys kept when `bias` is a text padding mask (every entry 0 or hidden, the same
+    for every query and head, no image key hidden); None for any other mask."""
+    if bias is None:
+        return torch.ones(batch, 1, 1, n, dtype=torch.bool)
+    kept, hidden = bias == 0, bias <= HIDDEN
+    first = kept[:, :1, :1, :]
+    if not bool((kept | hidden).all()) or not bool((kept == first).all()) or not bool(first[..., image].all()):
+        return None
+    return first
 
 
 def _replacements(transformer_options: dict) -> frozenset:
@@ -156,6 +198,8 @@ class _Reference:
     arch: str
     cfg_guider: bool
     own_replacements: frozenset
+    percent_to_sigma: object
+    acted: set = field(default_factory=set)  # the techniques that changed some call: "window", "step", "cfg"
     outputs: dict = field(default_factory=dict)  # (layer, chunk) -> (step, output)
     residuals: dict = field(default_factory=dict)  # (layer, chunk) -> (step, window's mask, residual)
     conditional: dict = field(default_factory=dict)  # (layer, step, evaluation, frames) -> (input, output)
@@ -166,6 +210,7 @@ class _Reference:
         options = c["transformer_options"]
         sigmas = [float(s) for s in options["sample_sigmas"]]
         total = len(sigmas) - 1
+        levels = _Levels(tuple(sigmas), self.percent_to_sigma)
         sigma = float(options["sigmas"].flatten()[0])
         reached = sum(1 for s in sigmas[:-1] if s >= sigma or math.isclose(s, sigma, rel_tol=1e-5))
         step = min(max(reached - 1, 0), total - 1)
@@ -178,7 +223,7 @@ class _Reference:
             chunks.append((uuid, frames, self.evaluations[(step, uuid, frames)], place))
         patch = SPECS[self.arch].patch
         grid = tuple(-(-size // p) for size, p in zip(x.shape[-len(patch):], patch, strict=False))
-        forward = _Forward(self, step, total, roles, chunks, x.chunk(len(roles)), grid, joint_text_tokens(self.arch, c),
+        forward = _Forward(self, step, levels, roles, chunks, x.chunk(len(roles)), grid, joint_text_tokens(self.arch, c),
                            _replacements(options) != self.own_replacements)
         c["transformer_options"] = {**options, "optimized_attention_override": forward}
         if self.arch not in UNROUTED:
@@ -196,7 +241,7 @@ class _Reference:
 class _Forward:
     ref: _Reference
     step: int
-    total: int
+    levels: _Levels
     roles: list[int]
     chunks: list[tuple]
     inputs: tuple
@@ -217,27 +262,32 @@ class _Forward:
             return func(q, k, v, heads, mask=mask, **kwargs)
         text_len = self.text_len if joint else 0
         qh, kh, vh = (self._heads_first(t, heads, kwargs) for t in (q, k, v))
-        keep = self._mask_keep(mask, q.shape[0], n)
-        choice = _choose(self.ref.chain, self.step, self.total, layer)
+        bias = _mask_bias(mask, q.shape[0], n)
+        image_start = text_len if SPECS[self.ref.arch].text_first else 0
+        keep = _padding_keep(bias, q.shape[0], n, slice(image_start, image_start + image_len))  # None: not a padding mask
+        choice = _choose(self.ref.chain, self.step, self.levels, layer)
         size = q.shape[0] // len(self.chunks)
         rows = [slice(i * size, (i + 1) * size) for i in range(len(self.chunks))]
         stored = [self.ref.outputs.get((layer, chunk[:3])) for chunk in self.chunks]
         if choice.compute == "reuse" and all(s is not None and s[0] < self.step and s[1].shape == qh[r].shape
                                              for s, r in zip(stored, rows, strict=True)):
+            self.ref.acted.add("step")
             return self._format(torch.cat([s[1] for s in stored]), q.dtype, kwargs)
         sources = {i: self._cfg_source(choice, layer, i, qh[rows[i]].shape) for i in range(len(self.chunks))}
         outs: list = [None] * len(self.chunks)
         for i, source in sources.items():
             if source is None:
                 r = rows[i]
-                outs[i] = self._compute(choice, layer, i, qh[r], kh[r], vh[r], keep[r], text_len)
+                outs[i] = self._compute(choice, layer, i, qh[r], kh[r], vh[r], text_len,
+                                        None if bias is None else bias[r], None if keep is None else keep[r])
                 key = (layer, self.step, self.chunks[i][2], self.chunks[i][1])
                 if choice.cfg and self.roles[i] == 0 and self.ref.cfg_guider and key not in self.ref.conditional:
                     self.ref.conditional[key] = (self.inputs[i], outs[i])
         for i, source in sources.items():
             if source is not None:
                 outs[i] = outs[source] if isinstance(source, int) else source
-        if _choose(self.ref.chain, self.step + 1, self.total, layer).compute == "reuse":
+                self.ref.acted.add("cfg")
+        if _choose(self.ref.chain, self.step + 1, self.levels, layer).compute == "reuse":
             for chunk, out in zip(self.chunks, outs, strict=True):
                 self.ref.outputs[(layer, chunk[:3])] = (self.step, out)
         return self._format(torch.cat(outs), q.dtype, kwargs)
@@ -256,24 +306,28 @@ class _Forward:
             return earlier[1]
         return None
 
-    def _compute(self, choice, layer, i, q, k, v, keep, text_len) -> torch.Tensor:
+    def _compute(self, choice, layer, i, q, k, v, text_len, bias, keep) -> torch.Tensor:
+        """One chunk's output: the window (+ residual) where the choice and the mask allow it
+        (`keep`: the keys a text padding mask keeps, None for another mask), else in full."""
         scale = q.shape[-1] ** -0.5
         chunk = self.chunks[i][:3]
         text_first = SPECS[self.ref.arch].text_first
-        if choice.compute == "window":
+        if choice.compute == "window" and keep is not None:
             spec = choice.window
             allowed = _allowed(spec, text_len, self.grid, text_first, keep)
-            windowed = _attend(q, k, v, allowed, scale)
+            windowed = _attend(q, k, v, scale, allowed)
             if not spec.get("residual", True):
+                self.ref.acted.add("window")
                 return windowed
             residual = self.ref.residuals.get((layer, chunk))
             if residual is not None and residual[0] < self.step and torch.equal(residual[1], allowed):
+                self.ref.acted.add("window")
                 return windowed + residual[2]
-        full = _attend(q, k, v, keep, scale)
-        later = _next_window(self.ref.chain, self.step, self.total, layer)
-        if later is not None:
+        full = _attend(q, k, v, scale, bias=bias)
+        later = _next_window(self.ref.chain, self.step, self.levels, layer)
+        if later is not None and keep is not None:
             allowed = _allowed(later, text_len, self.grid, text_first, keep)
-            self.ref.residuals[(layer, chunk)] = (self.step, allowed, full - _attend(q, k, v, allowed, scale))
+            self.ref.residuals[(layer, chunk)] = (self.step, allowed, full - _attend(q, k, v, scale, allowed))
         return full
 
     def _heads_first(self, t, heads, kwargs) -> torch.Tensor:
@@ -287,13 +341,3 @@ class _Forward:
         if kwargs.get("skip_output_reshape"):
             return out
         return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
-
-    @staticmethod
-    def _mask_keep(mask, batch: int, n: int) -> torch.Tensor:
-        """[B, 1, N, N] keys kept by the host's mask (bool, or additive with 0 and very negative)."""
-        if mask is None:
-            return torch.ones(batch, 1, n, n, dtype=torch.bool)
-        while mask.ndim < 4:
-            mask = mask.unsqueeze(0 if mask.ndim == 2 else 1)
-        keep = mask if mask.dtype == torch.bool else mask > -1.0e4
-        return keep.expand(batch, 1, n, n)
