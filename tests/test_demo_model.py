@@ -45,7 +45,7 @@ def generate(model, caption: str, tokens_per_side: int, steps: int = 12, seed: i
 
 
 def test_the_demo_nodes_are_registered_in_the_demo_category_only():
-    demo_types = {"FastAttnDemoLoader", "FastAttnDemoTextEncode", "FastAttnDemoDecode"}
+    demo_types = {"FastAttnDemoLoader", "FastAttnDemoTextEncode", "FastAttnDemoUNetTextEncode", "FastAttnDemoDecode"}
     in_category = {name for name, node in nodes.NODE_CLASS_MAPPINGS.items()
                    if getattr(node, "CATEGORY", "").startswith("FastAttn/demo")}
     assert in_category == demo_types

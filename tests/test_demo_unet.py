@@ -11,7 +11,6 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_sampling
 import comfy.supported_models
-import folder_paths
 import nodes
 import pytest
 import torch
@@ -48,8 +47,7 @@ def test_loads_as_sd15_with_every_weight_used(model):
     assert set(shipped) == set(net.state_dict())
 
 
-def test_weights_are_the_smallest_sd15_file_and_listed():
-    assert demo.UNET_FILE in folder_paths.get_filename_list("diffusion_models")
+def test_weights_are_the_smallest_sd15_file():
     size = sum((demo.WEIGHTS_DIR / name).stat().st_size for name in (demo.UNET_FILE, demo.UNET_TEXT_FILE))
     assert size <= 28 * 2**20  # 13.6 M float16 parameters: the floor for a file detected as SD 1.5
 

@@ -79,7 +79,7 @@ def test_the_architectures_said_to_share_only_attention_calls_are_the_adapters_w
 def test_no_file_cites_a_markdown_file_the_repository_does_not_have():
     """The project's method reference and design notes live outside the repository: a docstring
     must not send a reader to them."""
-    present = {path.name for path in REPO.rglob("*.md")}
+    present = {path.name for path in REPO.rglob("*.md")} | {"e2e_gpu.md"}  # the last: bench_e2e_gpu.py's output
     cited = {(path.relative_to(REPO).as_posix(), name) for path in SOURCES
              for name in re.findall(r"\b([A-Za-z][\w-]*\.md)\b", path.read_text(errors="replace"))}
     assert sorted((where, name) for where, name in cited if name not in present) == []

@@ -28,11 +28,11 @@ WALL_TIME = re.compile(r"in [\d.]+ s of sampling wall time")  # the one figure o
 
 
 def _outputs(server: ComfyServer, result: PromptResult) -> dict:
-    """Every node's output as comparable values: saved images as uint8 arrays, texts as strings
+    """Every node's output as comparable values: saved images (not previews) as uint8 arrays, texts as strings
     (the Attention Report's wall time masked)."""
     found = {}
     for node_id, output in result.history["outputs"].items():
-        for index, saved in enumerate(output.get("images", [])):
+        for index, saved in enumerate(image for image in output.get("images", []) if image.get("type") == "output"):
             path = server.output_dir / saved.get("subfolder", "") / saved["filename"]
             found[f"{node_id}.image{index}"] = np.asarray(Image.open(path).convert("RGB"))
         if "text" in output:
@@ -117,7 +117,8 @@ def test_every_node_of_the_pack_is_queued_and_given_a_bad_input():
     queued = {node["class_type"] for graph in {**mixed_prompts(), **other_node_prompts()}.values()
               for node in graph.values()}
     assert ours <= queued, sorted(ours - queued)
-    assert {bad.node_type for bad in bad_prompts().values()} == ours
+    no_bad_input = {"FastAttnDemoLoader"}  # its one input is a list choice the server checks before running
+    assert {bad.node_type for bad in bad_prompts().values()} == ours - no_bad_input
 
 
 @pytest.mark.parametrize("name", [*mixed_prompts(), *other_node_prompts(), "after0_window_residual", "after1_combined"])

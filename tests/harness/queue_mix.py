@@ -41,8 +41,10 @@ def mixed_prompts(count: int = 2 * len(workflows.TECHNIQUES), prefix: str = "que
 def other_node_prompts(prefix: str = "queue") -> dict[str, dict]:
     """The nodes the demo workflows leave out: calibration (with its plan applied), CLEAR
     distillation, CLEAR weights loaded from `CLEAR_FILE` (see clear_file), and DeepCache on the
-    demo U-Net; name -> API graph."""
+    demo U-Net, and Compare Images beside an unpatched branch; name -> API graph."""
     return {
+        f"{prefix}_compare": workflows.demo_graph("window_residual", size=SIZES[1], steps=STEPS,
+                                                  prefix=f"{prefix}_compare", compare=True),
         f"{prefix}_deepcache": workflows.unet_graph(size=64, steps=STEPS, prefix=f"{prefix}_deepcache"),
         f"{prefix}_calibrate": workflows.calibrate_graph(size=SIZES[0], steps=STEPS, prefix=f"{prefix}_calibrate"),
         f"{prefix}_distill": distill_graph(f"{prefix}_distilled", f"{prefix}_distill"),
@@ -130,6 +132,15 @@ def _with(graph: dict, node: str, **inputs) -> dict:
     return graph
 
 
+def _compared_at_two_sizes(prefix: str) -> dict:
+    """A demo graph whose Compare Images gets references of twice the images' size."""
+    graph = workflows.demo_graph("window_residual", size=SIZES[0], steps=STEPS, prefix=prefix, compare=True)
+    graph["latent_reference"] = {"class_type": "EmptySD3LatentImage",
+                                 "inputs": {"width": 2 * SIZES[0], "height": 2 * SIZES[0], "batch_size": 1}}
+    graph["sampler_unpatched"]["inputs"]["latent_image"] = ["latent_reference", 0]
+    return graph
+
+
 def bad_prompts(prefix: str = "bad") -> dict[str, BadPrompt]:
     """One prompt per node of the pack with an input that passes validation but cannot run."""
     size, steps = SIZES[0], STEPS
@@ -163,6 +174,8 @@ def bad_prompts(prefix: str = "bad") -> dict[str, BadPrompt]:
                                    "FastAttnDeepCache", "DeepCache works on U-Net models"),
         "unet_caption": BadPrompt(workflows.unet_graph(size=64, steps=steps, caption="a red zeppelin",
                                                        prefix=f"{prefix}_unet"), "FastAttnDemoUNetTextEncode", "zeppelin"),
+        "compare_sizes": BadPrompt(_compared_at_two_sizes(f"{prefix}_compare"), "FastAttnCompare",
+                                   "px and the references"),
         "decode_latent": BadPrompt(video_latent_decoded, "FastAttnDemoDecode", "16, height, width"),
         "calibrate_plan_name": BadPrompt(calibrate, "FastAttnCalibrate", "'../escape' is not a usable plan name"),
         "apply_plan_json": BadPrompt(_with(demo("plan", "apply"), "fastattn0", plan_json="{\"format\": "),
