@@ -5,7 +5,8 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..patching import adapter_for, install
+from ..patching import adapter_for, install, patch_of
+from ..patching.ditfastattn import DiTFastAttn
 from ..patching.schedule import WindowSize
 from ..plans import (
     MODES,
@@ -24,6 +25,24 @@ from .ditfastattn import WINDOW_SHAPES
 
 CATEGORY = "FastAttn/DiTFastAttn"
 PlanType = io.Custom("FASTATTN_PLAN")
+
+
+def refuse_other_techniques(model, node: str) -> None:
+    """A plan sets the technique of every step and layer itself: a model that already carries FastAttn
+    techniques or a plan would have them silently replaced, so it is refused, saying what to do."""
+    existing = patch_of(model)
+    if existing is None or not isinstance(existing.method, DiTFastAttn):
+        return
+    schedule = existing.method.schedule
+    if isinstance(schedule, Plan):
+        raise PlanError(f"FastAttn {node}: this model already carries a plan (from Apply Plan or Calibrate); a "
+                        "second plan would replace it. Connect this node to the model without the first plan.")
+    if schedule.techniques:
+        names = ", ".join(sorted({type(technique).__name__ for technique in schedule.techniques}))
+        raise PlanError(f"FastAttn {node}: this model already has FastAttn technique nodes ({names}); a plan sets "
+                        "the technique of every step and attention layer itself, so they would be dropped. Connect "
+                        "this node to the model without them (straight from the loader or LoRA), and choose the "
+                        "techniques a plan may use with Calibrate's candidate switches.")
 
 
 class Calibrate(io.ComfyNode):
@@ -104,6 +123,7 @@ class Calibrate(io.ComfyNode):
         if plan_name and plan_path(plan_name).exists() and not overwrite:  # fail before the long run, not after
             raise PlanError(f"FastAttn Calibrate: a plan named {plan_name!r} already exists; switch `overwrite` on "
                             "to replace it, or choose another plan name.")
+        refuse_other_techniques(model, "Calibrate")
         enabled = {"ast": step_sharing, "wars+asc": window_residual and cfg_sharing, "wars": window_residual,
                    "full+asc": cfg_sharing}
         settings = Settings(delta, tuple(name for name, on in enabled.items() if on),
@@ -142,6 +162,7 @@ class ApplyPlan(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, plan_name: str, plan_json: str, plan: Plan | None = None) -> io.NodeOutput:
+        refuse_other_techniques(model, "Apply Plan")
         if plan is None and plan_json.strip():
             plan = Plan.from_json(plan_json)
         elif plan is None and plan_name != NO_PLAN:

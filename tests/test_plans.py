@@ -21,6 +21,8 @@ kernels = pack_import("kernels")
 schema = pack_import("plans.schema")
 Timeline = pack_import("patching.timeline").Timeline
 nodes = pack_import("nodes.plans")
+technique_nodes = pack_import("nodes.ditfastattn")
+clear_nodes = pack_import("nodes.clear")
 
 STEPS = 4
 DELTA = {"greedy": 0.1, "fast": 0.3}  # accepts some techniques on the random tiny model, refuses others
@@ -359,6 +361,44 @@ def test_calibrate_node_outputs_and_refuses_to_overwrite_before_running(model, u
     assert torch.equal(sample(applied, positive, negative, latent, steps=STEPS, seed=3), out["samples"])
     with pytest.raises(plans.PlanError, match="no plan given"):
         nodes.ApplyPlan.execute(model, nodes.NO_PLAN, "  ")
+
+
+TECHNIQUE_NODES = {  # each technique node with inputs that act on every step and layer
+    "window + residual": lambda model: technique_nodes.WindowResidualAttention.execute(
+        model, next(iter(technique_nodes.WINDOW_SHAPES)), 0.125, 0, 2, True, 0.0, 1.0, ""),
+    "step sharing": lambda model: technique_nodes.StepSharingAttention.execute(model, 2, 0.0, 1.0, ""),
+    "CFG sharing": lambda model: technique_nodes.CFGSharingAttention.execute(model, 0.0, 1.0, ""),
+    "CLEAR": lambda model: clear_nodes.ClearAttention.execute(model, 2, 0.25, "off", 0, 0.0, 1.0, ""),
+}
+
+
+@pytest.mark.parametrize("technique", list(TECHNIQUE_NODES))
+def test_a_technique_node_after_a_plan_is_refused_saying_what_to_do(model, calibrated, technique):
+    _, plan, _ = calibrated
+    (applied,) = nodes.ApplyPlan.execute(model, nodes.NO_PLAN, "", plan).result
+    with pytest.raises(plans.PlanError, match="carries a calibrated plan.*Use either the plan or technique nodes"):
+        TECHNIQUE_NODES[technique](applied)
+
+
+@pytest.mark.parametrize("technique", list(TECHNIQUE_NODES))
+def test_a_plan_node_after_a_technique_node_is_refused_not_dropped(model, calibrated, technique, user_directory):
+    _, plan, _ = calibrated
+    (patched,) = TECHNIQUE_NODES[technique](model).result
+    with pytest.raises(plans.PlanError, match="Apply Plan: this model already has FastAttn technique nodes"):
+        nodes.ApplyPlan.execute(patched, nodes.NO_PLAN, "", plan)
+    positive, negative, latent = _inputs()
+    args = dict(seed=3, steps=STEPS, cfg=3.0, sampler_name="euler", scheduler="simple", delta=0.1,
+                search_mode="fast", step_sharing=True, window_residual=True, cfg_sharing=True,
+                window_shape=next(iter(nodes.WINDOW_SHAPES)), window_fraction=0.125, plan_name="", overwrite=False)
+    with pytest.raises(plans.PlanError, match="Calibrate: this model already has FastAttn technique nodes"):
+        nodes.Calibrate.execute(patched, positive, negative, latent, **args)  # refused before sampling
+
+
+def test_a_second_plan_on_a_planned_model_is_refused(model, calibrated):
+    _, plan, _ = calibrated
+    (applied,) = nodes.ApplyPlan.execute(model, nodes.NO_PLAN, "", plan).result
+    with pytest.raises(plans.PlanError, match="already carries a plan"):
+        nodes.ApplyPlan.execute(applied, nodes.NO_PLAN, plan.to_json())
 
 
 def test_heatmap_shows_every_cell_in_its_technique_colour(calibrated):
