@@ -65,7 +65,7 @@ class Calibrate(io.ComfyNode):
                              tooltip="Noise seed of the calibration run."),
                 io.Int.Input("steps", default=20, min=1, max=10000,
                              tooltip="Sampling steps; another step count, a split sampler or denoise below 1 uses "
-                                     "the plan step calibrated at the same noise level."),
+                                     "the plan step calibrated at the nearest noise level."),
                 io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale, as for the sampler."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,

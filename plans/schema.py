@@ -6,7 +6,7 @@ lists, per (step, layer), the heads that use the window; the others compute full
 Plans without per-head cells are still written as version 1, so older FastAttn reads them.
 
 A plan answers DiTFastAttn's two questions (`choose`, `residual_window`) like a hand-set
-Schedule does, mapping a sampling step to the plan step calibrated at the same NOISE LEVEL (the
+Schedule does, mapping a sampling step to the plan step calibrated at the nearest NOISE LEVEL (the
 calibration's schedule remade from the plan's scheduler and step count on the model at hand), so a
 plan calibrated at 20 steps serves 30, and each sampler of a split run, or a run at denoise below 1,
 uses the plan steps of its own noise levels. The plan's cells stay indexed by calibration step.
@@ -132,15 +132,16 @@ class Plan:
         return any(name.endswith("+asc") for row in self.methods for name in row)
 
     def step_map(self, timeline: Timeline) -> tuple[tuple[int, ...], bool]:
-        """The plan step each step of the run uses, and whether each is the very step (same noise level)
-        of the calibration run: a whole run at the calibrated step count, or a part of one (a sampler of
-        a split run). Where this host does not know the plan's scheduler: by position in the run."""
+        """The plan step each step of the run uses (the one calibrated at the nearest noise level), and
+        whether each is the very step (same noise level) of the calibration run: a whole run at the
+        calibrated step count, or a part of one (a sampler of a split run). Where this host does not
+        know the plan's scheduler: by position in the run."""
         calibrated = Timeline.ksampler(timeline.model_sampling, self.calibration.scheduler, self.steps,
                                        self.calibration.sampler)
         if calibrated is None:
             mapped = tuple(min(self.steps - 1, step * self.steps // timeline.steps) for step in range(timeline.steps))
             return mapped, timeline.steps == self.steps
-        mapped = tuple(calibrated.step_of(sigma) for sigma in timeline.sigmas[:timeline.steps])
+        mapped = tuple(calibrated.nearest_step(sigma) for sigma in timeline.sigmas[:timeline.steps])
         same = all(math.isclose(sigma, calibrated.sigmas[step], rel_tol=1e-5, abs_tol=1e-8)
                    for sigma, step in zip(timeline.sigmas, mapped, strict=False))
         return mapped, same

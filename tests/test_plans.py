@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import comfy.samplers
@@ -217,7 +218,7 @@ def test_a_split_run_and_denoise_use_the_plan_steps_of_their_noise_levels(model,
     whole = _timeline(model, STEPS)
     assert plan.step_map(Timeline.of(whole.sigmas[2:], whole.model_sampling)) == ((2, 3), True)  # a split's 2nd half
     denoised = comfy.samplers.calculate_sigmas(whole.model_sampling, "simple", int(STEPS / 0.6))[-STEPS - 1:]
-    assert plan.step_map(Timeline.of(denoised, whole.model_sampling)) == ((1, 2, 2, 3), False)  # denoise 0.6
+    assert plan.step_map(Timeline.of(denoised, whole.model_sampling)) == ((1, 2, 3, 3), False)  # denoise 0.6
 
     applied = patching.install(model, plans.PlannedAttention(plan))
     positive, negative, latent = _inputs()
@@ -230,6 +231,23 @@ def test_a_split_run_and_denoise_use_the_plan_steps_of_their_noise_levels(model,
     assert report.total_steps == 2 and not report.warnings  # plan steps 2 and 3: the run's own
     host_nodes.KSampler().sample(applied, 3, STEPS, 3.0, "euler", "simple", positive, negative, latent, denoise=0.6)
     assert "at other noise levels" in patching.patch_of(applied).last_report.warnings[0]
+
+
+def test_a_20_step_plan_at_30_steps_and_denoise_0_6_uses_the_nearest_noise_levels(model, calibrated):
+    _, plan, _ = calibrated
+    rotation = ("full", "ast", "wars", "wars+asc", "full+asc")  # layer 1's technique tells its plan step apart
+    methods = [["full"] * 3] + [["full", rotation[step % 5], "full"] for step in range(1, 20)]
+    twenty = plans.Plan(plan.fingerprint, dataclasses.replace(plan.calibration, steps=20), plan.window, methods)
+    levels = [math.log(sigma) for sigma in _timeline(model, 20).sigmas[:20]]
+    model_sampling = model.get_model_object("model_sampling")
+    thirty = _timeline(model, 30)
+    denoised = Timeline.of(comfy.samplers.calculate_sigmas(model_sampling, "simple", int(20 / 0.6))[-21:], model_sampling)
+    for run, first, last in ((thirty, 0, 19), (denoised, 8, 19)):
+        nearest = tuple(min(range(20), key=lambda i: abs(levels[i] - math.log(sigma))) for sigma in run.sigmas[:-1])
+        assert twenty.step_map(run) == (nearest, False) and (nearest[0], nearest[-1]) == (first, last)
+        assert [twenty.choose(step, run, 1) for step in range(run.steps)] == [
+            schema.choice_of(methods[plan_step][1], plan.window) for plan_step in nearest]
+    assert twenty.step_map(thirty)[0] != tuple(_timeline(model, 20).step_of(s) for s in thirty.sigmas[:-1])
 
 
 def test_interrupt_stops_calibration_cleanly(model, monkeypatch):
