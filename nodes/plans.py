@@ -9,6 +9,7 @@ from ..patching import adapter_for, install, patch_of
 from ..patching.ditfastattn import DiTFastAttn
 from ..patching.schedule import WindowSize
 from ..plans import (
+    COST_MEASURES,
     MODES,
     Plan,
     PlanError,
@@ -76,10 +77,15 @@ class Calibrate(io.ComfyNode):
                                tooltip="Error threshold. Greedy: layer i of L may add up to (i+1)/L x delta of "
                                        "model-output error (the paper swept 0.025-0.15). Fast: each layer's "
                                        "relative attention error and each step's output error stay within delta. "
-                                       "0 keeps full attention everywhere."),
+                                       "Budget: the root mean square of the relative attention errors over all "
+                                       "steps and layers stays within delta. 0 keeps full attention everywhere."),
                 io.Combo.Input("search_mode", options=list(MODES), default="fast",
                                tooltip="greedy: the paper's search, one model forward per candidate per layer per "
-                                       "step (slow, faithful). fast: one scoring forward and one check per step."),
+                                       "step (slow, faithful). fast: one scoring forward and one check per step, "
+                                       "each step's cheapest choices. budget: one run measures every candidate "
+                                       "(window sizes window_fraction x 0.5 / 1 / 2, residuals and shared outputs "
+                                       "up to 4 steps old), then the error budget is spread over all steps and "
+                                       "layers at the least cost; a second run samples with the plan."),
                 io.Boolean.Input("step_sharing", default=True,
                                  tooltip="Candidate: reuse the layer's attention output of the previous step."),
                 io.Boolean.Input("window_residual", default=True,
@@ -91,7 +97,8 @@ class Calibrate(io.ComfyNode):
                                tooltip="Window of the window + residual technique (as in its own node)."),
                 io.Float.Input("window_fraction", default=0.125, min=0.01, max=1.0, step=0.005,
                                tooltip="Window radius as a fraction of the image tokens (band) or of the larger grid "
-                                       "side; a fraction, so the plan carries to other resolutions."),
+                                       "side; a fraction, so the plan carries to other resolutions. Budget mode "
+                                       "also tries half and twice this."),
                 io.String.Input("plan_name", default="",
                                 tooltip="Save the plan under this name in your user folder (fastattn_plans), listed "
                                         "by Apply Plan. Empty: do not save."),
@@ -102,6 +109,10 @@ class Calibrate(io.ComfyNode):
                                          "just the heads whose own relative error is within delta; the others "
                                          "compute full attention. Greedy mode refuses it (one model forward per "
                                          "head per layer per step would cost hundreds of baseline runs)."),
+                io.Combo.Input("cost", options=list(COST_MEASURES), default=COST_MEASURES[0],
+                               tooltip="Budget mode: what a candidate costs. time: its attention call timed on this "
+                                       "device (a few runs per shape, remembered for the session). flops: attention "
+                                       "FLOPs (reproducible, blind to kernel overheads). Other modes use FLOPs."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A clone carrying out the plan; the input is unchanged."),
@@ -118,7 +129,7 @@ class Calibrate(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
                 scheduler: str, delta: float, search_mode: str, step_sharing: bool, window_residual: bool,
                 cfg_sharing: bool, window_shape: str, window_fraction: float, plan_name: str,
-                overwrite: bool, per_head: bool = False) -> io.NodeOutput:
+                overwrite: bool, per_head: bool = False, cost: str = COST_MEASURES[0]) -> io.NodeOutput:
         plan_name = plan_name.strip()
         if plan_name and plan_path(plan_name).exists() and not overwrite:  # fail before the long run, not after
             raise PlanError(f"FastAttn Calibrate: a plan named {plan_name!r} already exists; switch `overwrite` on "
@@ -127,7 +138,7 @@ class Calibrate(io.ComfyNode):
         enabled = {"ast": step_sharing, "wars+asc": window_residual and cfg_sharing, "wars": window_residual,
                    "full+asc": cfg_sharing}
         settings = Settings(delta, tuple(name for name, on in enabled.items() if on),
-                            WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode, per_head)
+                            WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode, per_head, cost)
         plan, samples = calibrate(model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
                                   sampler=sampler_name, scheduler=scheduler, settings=settings)
         if plan_name:
