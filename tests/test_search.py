@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 
+import folder_paths
 import pytest
 import torch
 from harness import pack_import
@@ -139,6 +140,12 @@ def _narrow_image_layer(model):
     return clone
 
 
+@pytest.fixture
+def user_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    return tmp_path
+
+
 @pytest.fixture(scope="module")
 def narrow():
     """(model, budget plan at a tiny delta, the calibration run's latent)."""
@@ -222,3 +229,18 @@ def test_measured_prices_rank_a_narrow_window_below_full_attention(monkeypatch):
     assert slot.price("wars", NARROW.fraction) < slot.price("full") and slot.price("ast") == 0
     assert slot.price("wars+asc", NARROW.fraction) < slot.price("wars", NARROW.fraction)
     assert len(costs._seconds) == 4  # full and window, whole batch and half
+
+
+def test_the_calibrate_node_runs_a_budget_search_priced_by_measured_time(narrow, user_directory, monkeypatch):
+    model, _, _ = narrow
+    monkeypatch.setattr(costs, "_seconds", {})
+    nodes = pack_import("nodes.plans")
+    args = dict(seed=3, steps=STEPS, cfg=3.0, sampler_name="euler", scheduler="simple", delta=1e-3,
+                search_mode="budget", step_sharing=False, window_residual=True, cfg_sharing=False,
+                window_shape=next(iter(nodes.WINDOW_SHAPES)), window_fraction=0.125, plan_name="timed",
+                overwrite=False, per_head=False, cost="time")
+    patched, plan, text, out, _ = nodes.Calibrate.execute(model, *_inputs(), **args).result
+    assert plans.load_plan("timed").to_json() == text == plan.to_json() and plan.calibration.mode == "budget"
+    assert [row[1] for row in plan.methods] == ["full"] + ["wars"] * (STEPS - 1)  # exact and cheaper by time too
+    assert torch.equal(sample(patched, *_inputs(), steps=STEPS, seed=3), out["samples"])
+    assert len(costs._seconds) == 2 * (2 + 3 * 2)  # 2 shapes (layers 0 and 2 share one): full, 3 windows, x 2 batches
