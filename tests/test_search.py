@@ -244,3 +244,12 @@ def test_the_calibrate_node_runs_a_budget_search_priced_by_measured_time(narrow,
     assert [row[1] for row in plan.methods] == ["full"] + ["wars"] * (STEPS - 1)  # exact and cheaper by time too
     assert torch.equal(sample(patched, *_inputs(), steps=STEPS, seed=3), out["samples"])
     assert len(costs._seconds) == 2 * (2 + 3 * 2)  # 2 shapes (layers 0 and 2 share one): full, 3 windows, x 2 batches
+
+
+def test_settings_refuse_an_unknown_cost_and_per_head_budget_search():
+    with pytest.raises(ValueError, match="cost must be one of time, flops"):
+        plans.Settings(0.1, mode="budget", cost="seconds")
+    with pytest.raises(ValueError, match="budget search chooses for whole layers"):
+        plans.Settings(0.1, mode="budget", per_head=True)
+    assert [size.fraction for size in plans.Settings(0.1, window=WindowSize("band", 0.6), mode="budget").windows] == [
+        0.3, 0.6, 1.0]  # half, once and twice, at most the whole image
