@@ -121,7 +121,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed runs per contestant and caption")
     parser.add_argument("--uniform-fractions", nargs="+", type=float, default=list(UNIFORM_FRACTIONS))
     parser.add_argument("--uniform-refresh", nargs="+", type=int, default=list(UNIFORM_REFRESH))
-    parser.add_argument("--lazy-thresholds", nargs="+", type=float, default=list(LAZY_THRESHOLDS),
+    parser.add_argument("--lazy-thresholds", nargs="*", type=float, default=list(LAZY_THRESHOLDS),
                         help="core LazyCache reuse thresholds (none: leave LazyCache out)")
     parser.add_argument("--save-plans", type=Path, default=None, help="write each plan's JSON into this folder")
     args = parser.parse_args(argv)
