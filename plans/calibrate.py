@@ -22,7 +22,7 @@ assignment, so the next step starts where applying the plan would.
             old, step sharing of outputs 1..AGES steps old, CFG sharing; then search.py allocates
             the error budget (delta squared per cell, summed) across all steps and layers at once,
             at the least cost (measured time, or FLOPs). A second run samples with the plan (the
-            latent Calibrate returns), so this mode costs about two baseline runs and the probes.
+            latent Calibrate returns): 2.5-4 baseline runs in BENCHMARKS.md, the probes included.
 """
 
 from __future__ import annotations
