@@ -103,7 +103,7 @@ class Plan:
     window: WindowSize
     methods: list[list[str]]  # [plan step][layer] -> technique name
     losses: list[list[float | None]] = field(default_factory=list)  # loss recorded for each accepted choice
-    step_losses: list[float] = field(default_factory=list)  # model-output loss of each step's choices
+    step_losses: list[float] = field(default_factory=list)  # model-output loss of each step's choices (budget: local)
     flops_kept: float = 1.0  # attention FLOPs computed / full, over the calibration run
     heads: list[list[list[int] | None]] = field(default_factory=list)  # [plan step][layer] -> windowed heads
     windows: list[list[float | None]] = field(default_factory=list)  # [plan step][layer] -> window fraction
