@@ -138,17 +138,6 @@ class TrialSchedule:
         return self.window if self.caches_residual else None
 
 
-def guided(tensor: torch.Tensor, halves: tuple[int, ...], scale: float | None) -> torch.Tensor:
-    """What CFG makes of a batch of one conditional and one unconditional chunk: scale x conditional +
-    (1 - scale) x unconditional (the tensor itself without CFG or a scale). Errors measured on it
-    weigh as the guided output weighs them: CFG sharing's error, all in the unconditional half, is
-    multiplied by scale - 1, where an error alike in both halves passes unchanged."""
-    if scale is None or sorted(halves) != [0, 1] or tensor.shape[0] % 2:
-        return tensor
-    chunks = tensor.chunk(2)
-    return scale * chunks[halves.index(0)] + (1 - scale) * chunks[halves.index(1)]
-
-
 @dataclass(frozen=True)
 class Computed:
     """What a layer computed at a step, as a later candidate reads it."""
@@ -165,15 +154,12 @@ class Scorer:
     Fast mode (`ages` None) scores what applying its choices so far would read: step sharing the
     output the layer last computed (older than the last step where that step shared too), window +
     residual the residual of the layer's last full step. The budget search (`ages` n, on a run with
-    full attention) scores every age from 1 to n steps of both, at every window size, on the guided
-    combination of the batch halves (`guidance`: the CFG scale)."""
+    full attention) scores every age from 1 to n steps of both, at every window size."""
 
-    def __init__(self, windows: tuple[WindowSize, ...], candidates: tuple[str, ...], ages: int | None = None,
-                 guidance: float | None = None) -> None:
+    def __init__(self, windows: tuple[WindowSize, ...], candidates: tuple[str, ...], ages: int | None = None) -> None:
         self.windows = windows
         self.candidates = candidates
         self.ages = ages
-        self.guidance = guidance
         self.history: dict[int, list[Computed]] = {}  # layer -> what it computed, oldest first
         self.pending: dict[int, tuple[Computed, tuple[int, ...]]] = {}  # this step's full output, residuals, halves
         self.squared_errors: dict[int, dict[Candidate, torch.Tensor]] = {}  # layer -> candidate -> [heads]
@@ -213,10 +199,8 @@ class Scorer:
             approx.update({("wars+asc", *key[1:]): share_cfg(out, halves) for key, out in approx.items()
                            if key[0] == "wars"})
         self.pending[site.layer] = Computed(site.step, full_heads, residuals), halves
-        reference = guided(full_heads, halves, self.guidance)
-        self.squared_norms[site.layer] = reference.double().square().sum(dim=(0, 2, 3))
-        self.squared_errors[site.layer] = {key: squared_error_per_head(guided(out, halves, self.guidance), reference)
-                                           for key, out in approx.items()
+        self.squared_norms[site.layer] = full_heads.double().square().sum(dim=(0, 2, 3))
+        self.squared_errors[site.layer] = {key: squared_error_per_head(out, full_heads) for key, out in approx.items()
                                            if key[0] in self.candidates or key[0] == "full+asc"}
 
     def relative_errors(self, layer: int) -> dict[Candidate, float]:
@@ -310,15 +294,14 @@ class CalibrationMethod:
 class Calibration:
     """The state of one calibration run: decided steps, losses, layer costs, progress."""
 
-    def __init__(self, settings: Settings, steps: int, cfg: float | None = None) -> None:
+    def __init__(self, settings: Settings, steps: int) -> None:
         self.settings = settings
         self.steps = steps
         caches_residual = any(name.startswith("wars") for name in settings.candidates)
         shares_cfg = any(name.endswith("+asc") for name in settings.candidates)
         self.schedule = TrialSchedule(settings.window, caches_residual, shares_cfg)
-        budget = settings.mode == "budget"
-        self.scorer = None if settings.mode == "greedy" else Scorer(
-            settings.windows, settings.candidates, AGES if budget else None, cfg if budget else None)
+        ages = AGES if settings.mode == "budget" else None
+        self.scorer = Scorer(settings.windows, settings.candidates, ages) if settings.mode != "greedy" else None
         self.local_errors: list[dict[int, dict[Candidate, float]]] = []  # budget: [step][layer] -> candidate's error
         self.scoring = False
         self.architecture = ""
@@ -531,7 +514,7 @@ def _listed(heads: HeadSet) -> list[int] | None:
 def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int, steps: int, cfg: float,
               sampler: str, scheduler: str, settings: Settings) -> tuple[Plan, torch.Tensor]:
     """Sample once while calibrating; returns the plan and the run's final latent."""
-    calibration = Calibration(settings, steps, cfg)
+    calibration = Calibration(settings, steps)
     patched = install(model, CalibrationMethod(calibration))
     # Outside the runtime's APPLY_MODEL wrapper, so that every trial is a forward of its own.
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL

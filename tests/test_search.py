@@ -254,19 +254,3 @@ def test_settings_refuse_an_unknown_cost_and_per_head_budget_search():
     assert [size.fraction for size in plans.Settings(0.1, window=WindowSize("band", 0.6), mode="budget").windows] == [
         0.3, 0.6, 1.0]  # half, once and twice, at most the whole image
 
-
-def test_budget_errors_weigh_cfg_sharing_as_the_guided_output_does():
-    """Copying the conditional half over the unconditional one errs (scale - 1) x (c - u) in the
-    guided output; an error alike in both halves passes unchanged."""
-    calibrate = pack_import("plans.calibrate")
-    generator = torch.Generator().manual_seed(0)
-    cond, uncond, noise = (torch.randn(1, 2, 8, 4, generator=generator) for _ in range(3))
-    full = torch.cat([cond, uncond])
-    for halves in ((0, 1), (1, 0)):
-        batch = full if halves == (0, 1) else torch.cat([uncond, cond])
-        shared = calibrate.share_cfg(batch, halves)
-        error = calibrate.guided(shared, halves, 4.0) - calibrate.guided(batch, halves, 4.0)
-        assert torch.allclose(error, -3.0 * (cond - uncond), atol=1e-5)
-        both = calibrate.guided(batch + noise.repeat(2, 1, 1, 1), halves, 4.0) - calibrate.guided(batch, halves, 4.0)
-        assert torch.allclose(both, noise, atol=1e-5)
-    assert calibrate.guided(full, (0,), 4.0) is full and calibrate.guided(full, (0, 1), None) is full
