@@ -18,6 +18,7 @@ from ..patching.schedule import (
     WindowSize,
     parse_layers,
 )
+from ..plans import Plan, PlanError
 
 CATEGORY = "FastAttn/DiTFastAttn"
 WINDOW_SHAPES = {
@@ -65,9 +66,16 @@ def _technique_schema(node_id: str, display_name: str, description: str, inputs:
 
 
 def with_technique(model, technique: Technique):
-    """A clone of `model` with `technique` added after the DiTFastAttn techniques it already has."""
+    """A clone of `model` with `technique` added after the DiTFastAttn techniques it already has.
+    A plan (Apply Plan, Calibrate) already sets every step and layer: adding to it is refused."""
     existing = patch_of(model)
     schedule = existing.method.schedule if existing and isinstance(existing.method, DiTFastAttn) else Schedule()
+    if isinstance(schedule, Plan):
+        raise PlanError("FastAttn: this model carries a calibrated plan (from Apply Plan or Calibrate), which sets the "
+                        "technique of every step and attention layer; a technique node cannot be added after it. "
+                        "Use either the plan or technique nodes on one model: connect this node to the model "
+                        "before Apply Plan / Calibrate and remove the plan, or leave this node out (Calibrate's "
+                        "candidate switches choose which techniques a plan may use).")
     return install(model, DiTFastAttn(schedule.then(technique)))
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..patching import adapter_for, install
+from ..patching import adapter_for, install, patch_of
+from ..patching.ditfastattn import DiTFastAttn
 from ..patching.schedule import WindowSize
 from ..plans import (
+    COST_MEASURES,
     MODES,
     Plan,
     PlanError,
@@ -24,6 +26,24 @@ from .ditfastattn import WINDOW_SHAPES
 
 CATEGORY = "FastAttn/DiTFastAttn"
 PlanType = io.Custom("FASTATTN_PLAN")
+
+
+def refuse_other_techniques(model, node: str) -> None:
+    """A plan sets the technique of every step and layer itself: a model that already carries FastAttn
+    techniques or a plan would have them silently replaced, so it is refused, saying what to do."""
+    existing = patch_of(model)
+    if existing is None or not isinstance(existing.method, DiTFastAttn):
+        return
+    schedule = existing.method.schedule
+    if isinstance(schedule, Plan):
+        raise PlanError(f"FastAttn {node}: this model already carries a plan (from Apply Plan or Calibrate); a "
+                        "second plan would replace it. Connect this node to the model without the first plan.")
+    if schedule.techniques:
+        names = ", ".join(sorted({type(technique).__name__ for technique in schedule.techniques}))
+        raise PlanError(f"FastAttn {node}: this model already has FastAttn technique nodes ({names}); a plan sets "
+                        "the technique of every step and attention layer itself, so they would be dropped. Connect "
+                        "this node to the model without them (straight from the loader or LoRA), and choose the "
+                        "techniques a plan may use with Calibrate's candidate switches.")
 
 
 class Calibrate(io.ComfyNode):
@@ -48,7 +68,7 @@ class Calibrate(io.ComfyNode):
                                      "not recalibrate."),
                 io.Int.Input("steps", default=20, min=1, max=10000,
                              tooltip="Sampling steps; another step count, a split sampler or denoise below 1 uses "
-                                     "the plan step calibrated at the same noise level."),
+                                     "the plan step calibrated at the nearest noise level."),
                 io.Float.Input("cfg", default=4.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale, as for the sampler."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS,
@@ -59,10 +79,15 @@ class Calibrate(io.ComfyNode):
                                tooltip="Error threshold. Greedy: layer i of L may add up to (i+1)/L x delta of "
                                        "model-output error (the paper swept 0.025-0.15). Fast: each layer's "
                                        "relative attention error and each step's output error stay within delta. "
-                                       "0 keeps full attention everywhere."),
+                                       "Budget: the root mean square of the relative attention errors over all "
+                                       "steps and layers stays within delta. 0 keeps full attention everywhere."),
                 io.Combo.Input("search_mode", options=list(MODES), default="fast",
                                tooltip="greedy: the paper's search, one model forward per candidate per layer per "
-                                       "step (slow, faithful). fast: one scoring forward and one check per step."),
+                                       "step (slow, faithful). fast: one scoring forward and one check per step, "
+                                       "each step's cheapest choices. budget: one run measures every candidate "
+                                       "(window sizes window_fraction x 0.5 / 1 / 2, residuals and shared outputs "
+                                       "up to 4 steps old), then the error budget is spread over all steps and "
+                                       "layers at the least cost; a second run samples with the plan."),
                 io.Boolean.Input("step_sharing", default=True,
                                  tooltip="Candidate: reuse the layer's attention output of the previous step."),
                 io.Boolean.Input("window_residual", default=True,
@@ -74,7 +99,8 @@ class Calibrate(io.ComfyNode):
                                tooltip="Window of the window + residual technique (as in its own node)."),
                 io.Float.Input("window_fraction", default=0.125, min=0.01, max=1.0, step=0.005,
                                tooltip="Window radius as a fraction of the image tokens (band) or of the larger grid "
-                                       "side; a fraction, so the plan carries to other resolutions."),
+                                       "side; a fraction, so the plan carries to other resolutions. Budget mode "
+                                       "also tries half and twice this."),
                 io.String.Input("plan_name", default="",
                                 tooltip="Save the plan under this name in your user folder (fastattn_plans), listed "
                                         "by Apply Plan. Empty: do not save."),
@@ -85,6 +111,10 @@ class Calibrate(io.ComfyNode):
                                          "just the heads whose own relative error is within delta; the others "
                                          "compute full attention. Greedy mode refuses it (one model forward per "
                                          "head per layer per step would cost hundreds of baseline runs)."),
+                io.Combo.Input("cost", options=list(COST_MEASURES), default=COST_MEASURES[0],
+                               tooltip="Budget mode: what a candidate costs. time: its attention call timed on this "
+                                       "device (a few runs per shape, remembered for the session). flops: attention "
+                                       "FLOPs (reproducible, blind to kernel overheads). Other modes use FLOPs."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A clone carrying out the plan; the input is unchanged."),
@@ -101,15 +131,16 @@ class Calibrate(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
                 scheduler: str, delta: float, search_mode: str, step_sharing: bool, window_residual: bool,
                 cfg_sharing: bool, window_shape: str, window_fraction: float, plan_name: str,
-                overwrite: bool, per_head: bool = False) -> io.NodeOutput:
+                overwrite: bool, per_head: bool = False, cost: str = COST_MEASURES[0]) -> io.NodeOutput:
         plan_name = plan_name.strip()
         if plan_name and plan_path(plan_name).exists() and not overwrite:  # fail before the long run, not after
             raise PlanError(f"FastAttn Calibrate: a plan named {plan_name!r} already exists; switch `overwrite` on "
                             "to replace it, or choose another plan name.")
+        refuse_other_techniques(model, "Calibrate")
         enabled = {"ast": step_sharing, "wars+asc": window_residual and cfg_sharing, "wars": window_residual,
                    "full+asc": cfg_sharing}
         settings = Settings(delta, tuple(name for name, on in enabled.items() if on),
-                            WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode, per_head)
+                            WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode, per_head, cost)
         plan, samples = calibrate(model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
                                   sampler=sampler_name, scheduler=scheduler, settings=settings)
         if plan_name:
@@ -145,6 +176,7 @@ class ApplyPlan(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, plan_name: str, plan_json: str, plan: Plan | None = None) -> io.NodeOutput:
+        refuse_other_techniques(model, "Apply Plan")
         if plan is None and plan_json.strip():
             plan = Plan.from_json(plan_json)
         elif plan is None and plan_name != NO_PLAN:

@@ -57,6 +57,12 @@ class Timeline:
         reached = sum(1 for s in self.sigmas[:-1] if s >= sigma or math.isclose(s, sigma, rel_tol=1e-5, abs_tol=1e-8))
         return min(max(reached - 1, 0), self.steps - 1)
 
+    def nearest_step(self, sigma: float) -> int:
+        """Index of the step whose starting noise level is nearest `sigma` (in log sigma, so that
+        low-noise steps, close together in sigma, are told apart as well as high-noise ones)."""
+        level = math.log(max(sigma, 1e-12))
+        return min(range(self.steps), key=lambda step: abs(math.log(max(self.sigmas[step], 1e-12)) - level))
+
     def sigma_at(self, percent: float) -> float:
         """The model's noise level at `percent` of its schedule (0: the noisiest, 1: none)."""
         return float(self.model_sampling.percent_to_sigma(percent))

@@ -3,12 +3,14 @@ calibration, stored as versioned JSON beside the user's workflows, applied by Di
 
 from .apply import PlannedAttention
 from .calibrate import MODES, Settings, calibrate
+from .costs import COST_MEASURES
 from .heatmap import render_heatmap
 from .schema import CANDIDATES, TECHNIQUES, Plan, PlanError
 from .storage import list_plans, load_plan, plans_directory, save_plan
 
 __all__ = [
     "CANDIDATES",
+    "COST_MEASURES",
     "MODES",
     "TECHNIQUES",
     "Plan",

@@ -45,7 +45,7 @@ class PlannedAttention(DiTFastAttn):
             scheduler = calibrated.scheduler or "its scheduler not recorded"
             run.warn(f"the plan was calibrated at {calibrated.steps} steps ({scheduler}) and this run samples "
                      f"{site.timeline.steps} steps at other noise levels; each step uses the plan step calibrated at "
-                     "the same noise level (at the same position in the run if this ComfyUI does not know that "
+                     "the nearest noise level (at the same position in the run if this ComfyUI does not know that "
                      "scheduler); calibrate with this run's steps and scheduler for a plan made for it", nodes)
         grid = self.plan.calibration.grid
         if site.layout is not None and grid and tuple(site.layout.grid) != tuple(grid):

@@ -17,10 +17,18 @@ assignment, so the next step starts where applying the plan would.
             Per head (optional): where windowing the whole layer errs too much, the window may
             still apply to the heads whose own error is within delta, the others computing
             full attention (the layer's error as a whole staying within delta too).
+    budget  one sampling run with full attention measures every candidate's local error at every
+            (step, layer): window + residual at several window sizes with residuals 1..AGES steps
+            old, step sharing of outputs 1..AGES steps old, CFG sharing; then search.py allocates
+            the error budget (delta squared per cell, summed) across all steps and layers at once,
+            at the least cost (measured time, or FLOPs). A second run samples with the plan (the
+            latent Calibrate returns): 2.5-4 baseline runs in BENCHMARKS.md, the probes included.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,27 +38,30 @@ import comfy.sample
 import comfy.utils
 import torch
 
-from ..kernels import attention_flops, window_attention
-from ..kernels.backends import choose_backend
+from ..kernels import window_attention
 from ..patching import AttentionCall, CallSite, SamplingRun, install
 from ..patching.ditfastattn import DiTFastAttn, in_batch_copies
 from ..patching.runtime import PATCH_KEY, RUN_KEY, apply_model_wrapper
 from ..patching.schedule import Choice, WindowSize
 from ..patching.timeline import Timeline
+from .apply import PlannedAttention
+from .costs import COST_MEASURES, LayerSlot, layer_slot
 from .schema import (
     CANDIDATES,
     WINDOWED_KINDS,
     CalibrationInfo,
     Fingerprint,
     HeadSet,
-    LayerInfo,
     Plan,
     choice_of,
 )
+from .search import Candidate, allocate
 
 CALIBRATION_KEY = "fastattn_calibration"
-MODES = ("greedy", "fast")
+MODES = ("greedy", "fast", "budget")
 FAST_RETRIES = 2  # fast mode: checks after the first, each with the riskier half of the choices back to full
+AGES = 4  # budget mode: the oldest residual / shared output a candidate reads, in steps
+WINDOW_SCALES = (0.5, 1.0, 2.0)  # budget mode: the window sizes tried, as multiples of the window fraction
 
 
 @dataclass(frozen=True)
@@ -60,19 +71,31 @@ class Settings:
     window: WindowSize = WindowSize()
     mode: str = "greedy"
     per_head: bool = False  # fast mode: window techniques may apply to some heads of a layer only
+    cost: str = "flops"  # budget mode: what a candidate costs, "time" (measured here) or "flops"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"search mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.cost not in COST_MEASURES:
+            raise ValueError(f"cost must be one of {', '.join(COST_MEASURES)}, got {self.cost!r}")
         if self.per_head and self.mode != "fast":
             raise ValueError("per-head choices need search_mode fast: greedy search would run one model forward "
-                             "per head, per layer, per step (hundreds of times a baseline run); switch per_head off "
+                             "per head, per layer, per step (hundreds of times a baseline run), and budget search "
+                             "chooses for whole layers; switch per_head off "
                              "or use fast")
         if self.delta < 0:
             raise ValueError(f"delta must be >= 0, got {self.delta}")
         unknown = set(self.candidates) - set(CANDIDATES)
         if unknown:
             raise ValueError(f"unknown candidate techniques {sorted(unknown)}; known: {', '.join(CANDIDATES)}")
+
+    @property
+    def windows(self) -> tuple[WindowSize, ...]:
+        """The window sizes searched: the window alone, or in budget mode around it."""
+        if self.mode != "budget":
+            return (self.window,)
+        fractions = sorted({min(1.0, self.window.fraction * scale) for scale in WINDOW_SCALES})
+        return tuple(dataclasses.replace(self.window, fraction=fraction) for fraction in fractions)
 
 
 def output_loss(compressed: torch.Tensor, reference: torch.Tensor) -> float:
@@ -91,24 +114,6 @@ def share_cfg(tensor: torch.Tensor, copies: dict[int, int], chunks: int) -> torc
     replaced by the conditional chunk it copies (`in_batch_copies`, as the runtime copies)."""
     parts = tensor.chunk(chunks)
     return torch.cat([parts[copies.get(chunk, chunk)] for chunk in range(chunks)])
-
-
-@dataclass(frozen=True)
-class LayerSlot:
-    """One attention layer as the first forward saw it, with its costs over the whole batch."""
-
-    info: LayerInfo
-    compressible: bool  # joint / image self-attention with an image grid
-    full_flops: int
-    window_flops: int
-
-    def cost(self, technique: str, heads: HeadSet = None) -> float:
-        """Attention FLOPs of `technique` (a window on `heads` only: full attention on the others)."""
-        base = {"ast": 0, "full": self.full_flops, "full+asc": self.full_flops}.get(technique, self.window_flops)
-        if heads is not None and technique.startswith("wars"):
-            share = len(heads) / self.info.heads
-            base = share * self.window_flops + (1 - share) * self.full_flops
-        return base / 2 if technique.endswith("+asc") else base
 
 
 class TrialSchedule:
@@ -133,51 +138,85 @@ class TrialSchedule:
         return self.window if self.caches_residual else None
 
 
-class Scorer:
-    """Fast mode's local scores: each candidate's attention output against the layer's full one
-    (AST: the output the layer last computed, as the runtime stores it for reuse, which is older
-    than the last step where that step shared too; WA-RS: window now + residual of the layer's
-    last full step), kept as squared errors per head, from which whole-layer and per-head
-    relative errors follow."""
+@dataclass(frozen=True)
+class Computed:
+    """What a layer computed at a step, as a later candidate reads it."""
 
-    def __init__(self, window: WindowSize, candidates: tuple[str, ...]) -> None:
-        self.window = window
+    step: int
+    output: torch.Tensor  # heads first: what step sharing after it reuses
+    residuals: dict[float, torch.Tensor] | None  # window fraction -> full - window (a full step's), else None
+
+
+class Scorer:
+    """Local scores: each candidate's attention output against the layer's full one, as squared
+    errors per head, from which whole-layer and per-head relative errors follow.
+
+    Fast mode (`ages` None) scores what applying its choices so far would read: step sharing the
+    output the layer last computed (older than the last step where that step shared too), window +
+    residual the residual of the layer's last full step. The budget search (`ages` n, on a run with
+    full attention) scores every age from 1 to n steps of both, at every window size."""
+
+    def __init__(self, windows: tuple[WindowSize, ...], candidates: tuple[str, ...], ages: int | None = None) -> None:
+        self.windows = windows
         self.candidates = candidates
-        self.previous: dict[int, torch.Tensor] = {}  # what an AST at this step reuses
-        self.residual: dict[int, torch.Tensor] = {}
-        self.pending_full: dict[int, tuple[torch.Tensor, dict[int, int], int]] = {}  # (output, CFG copies, chunks)
-        self.pending_residual: dict[int, torch.Tensor] = {}
-        self.squared_errors: dict[int, dict[str, torch.Tensor]] = {}  # layer -> technique -> [heads]
+        self.ages = ages
+        self.history: dict[int, list[Computed]] = {}  # layer -> what it computed, oldest first
+        # this step's full output and residuals, what CFG sharing copies (in_batch_copies) and the chunk count
+        self.pending: dict[int, tuple[Computed, dict[int, int], int]] = {}
+        self.squared_errors: dict[int, dict[Candidate, torch.Tensor]] = {}  # layer -> candidate -> [heads]
         self.squared_norms: dict[int, torch.Tensor] = {}  # layer -> ||full output||^2 per head
+
+    def _sources(self, layer: int, step: int) -> tuple[list[Computed], list[Computed]]:
+        """What step sharing and window + residual may read at `step`: the latest (fast mode) or
+        every one within the ages (budget)."""
+        history = self.history.get(layer, [])
+        full_steps = [entry for entry in history if entry.residuals is not None]
+        if self.ages is None:
+            return history[-1:], full_steps[-1:]
+        return ([entry for entry in history if step - entry.step <= self.ages],
+                [entry for entry in full_steps if step - entry.step <= self.ages])
 
     def score(self, call: AttentionCall, site: CallSite, full: torch.Tensor) -> None:
         full_heads = call.output_heads_first(full)
-        approx: dict[str, torch.Tensor] = {}
-        previous = self.previous.get(site.layer)
-        if "ast" in self.candidates and previous is not None and previous.shape == full_heads.shape:
-            approx["ast"] = previous
-        copies, chunks = in_batch_copies(site), len(site.chunk_ids)
-        self.pending_full[site.layer] = full_heads, copies, chunks
+        copies, chunks = in_batch_copies(site), len(site.chunk_ids)  # what CFG sharing copies, as the runtime
+        shared, full_steps = self._sources(site.layer, site.step)
+        approx: dict[Candidate, torch.Tensor] = {}
+        if "ast" in self.candidates:
+            approx.update({("ast", 0.0, site.step - entry.step): entry.output for entry in shared
+                           if entry.output.shape == full_heads.shape})
         if copies:  # also what the unwindowed heads of a per-head wars+asc cell compute
-            approx["full+asc"] = share_cfg(full_heads, copies, chunks)
+            approx[("full+asc", 0.0, 0)] = share_cfg(full_heads, copies, chunks)
+        residuals = None
         if any(name.startswith("wars") for name in self.candidates):
             q, k, v = call.heads_first()
-            window = window_attention(q, k, v, site.layout, self.window.window_for(site.layout), scale=call.scale)
-            self.pending_residual[site.layer] = full_heads - window
-            residual = self.residual.get(site.layer)
-            if residual is not None and residual.shape == window.shape:
-                approx["wars"] = window + residual
-                if copies:
-                    approx["wars+asc"] = share_cfg(approx["wars"], copies, chunks)
+            residuals = {size.fraction: full_heads - window_attention(q, k, v, site.layout, size.window_for(site.layout),
+                                                                      scale=call.scale)
+                         for size in self.windows}
+            for entry in full_steps:
+                for fraction, residual in entry.residuals.items():
+                    if residual.shape == full_heads.shape:  # window + older residual = full - residual now + older
+                        approx[("wars", fraction, site.step - entry.step)] = full_heads - residuals[fraction] + residual
+        if copies:
+            approx.update({("wars+asc", *key[1:]): share_cfg(out, copies, chunks) for key, out in approx.items()
+                           if key[0] == "wars"})
+        self.pending[site.layer] = Computed(site.step, full_heads, residuals), copies, chunks
         self.squared_norms[site.layer] = full_heads.double().square().sum(dim=(0, 2, 3))
-        self.squared_errors[site.layer] = {name: squared_error_per_head(out, full_heads) for name, out in approx.items()}
+        self.squared_errors[site.layer] = {key: squared_error_per_head(out, full_heads) for key, out in approx.items()
+                                           if key[0] in self.candidates or key[0] == "full+asc"}
+
+    def relative_errors(self, layer: int) -> dict[Candidate, float]:
+        """Each candidate's relative squared error over the whole layer (the budget search's error)."""
+        total = self.squared_norms[layer].sum().clamp_min(1e-24)
+        return {key: (errors.sum() / total).item() for key, errors in self.squared_errors[layer].items()
+                if key[0] in self.candidates}
 
     def options(self, layer: int, candidates: list[str], delta: float,
                 per_head: bool) -> list[tuple[str, HeadSet, float]]:
         """Each of `candidates` whose relative error is within delta, as (technique, heads,
         error). With `per_head`, a window technique too large an error for the whole layer
         may still apply to the heads whose own error is within delta (the others full)."""
-        errors, norms = self.squared_errors.get(layer, {}), self.squared_norms.get(layer)
+        errors = {key[0]: value for key, value in self.squared_errors.get(layer, {}).items()}  # one per technique
+        norms = self.squared_norms.get(layer)
         found: list[tuple[str, HeadSet, float]] = []
         if norms is None:
             return found
@@ -199,31 +238,39 @@ class Scorer:
         return found
 
     def _output(self, layer: int, technique: str, heads: HeadSet) -> torch.Tensor:
-        """The attention output `technique` gave this layer at this step (heads first)."""
-        full, copies, chunks = self.pending_full[layer]
-        out = full
+        """The attention output `technique` (fast mode: its one window) gave this layer at this step."""
+        now, copies, chunks = self.pending[layer]
+        out = now.output
         if technique.startswith("wars"):
-            out = full - self.pending_residual[layer] + self.residual[layer]  # window + the older residual
+            (fraction, older), = self._sources(layer, now.step)[1][-1].residuals.items()
+            out = now.output - now.residuals[fraction] + older  # window + the older residual
             if heads is not None:
-                windowed = torch.zeros(full.shape[1], dtype=torch.bool, device=full.device)
+                windowed = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
                 windowed[list(heads)] = True
-                out = torch.where(windowed[:, None, None], out, full)
+                out = torch.where(windowed[:, None, None], out, now.output)
         return share_cfg(out, copies, chunks) if technique.endswith("+asc") else out
 
     def commit(self, assignment: dict[int, str], heads: dict[int, HeadSet]) -> None:
         """The step is decided: layers that computed keep their output for a later AST (a shared
         layer keeps the older one, as the runtime does), full ones refresh their residual."""
-        for layer in self.pending_full:
+        for layer, (now, *_) in self.pending.items():
             name = assignment.get(layer, "full")
-            if name != "ast":
-                self.previous[layer] = self._output(layer, name, heads.get(layer))
-        for layer, residual in self.pending_residual.items():
-            if assignment.get(layer, "full").startswith("full"):
-                self.residual[layer] = residual
-        self.pending_full.clear()
-        self.pending_residual.clear()
+            if name == "ast":
+                continue
+            residuals = now.residuals if name.startswith("full") else None
+            history = [*self.history.get(layer, []), Computed(now.step, self._output(layer, name, heads.get(layer)),
+                                                               residuals)]
+            self.history[layer] = self._kept(history, now.step)
+        self.pending.clear()
         self.squared_errors.clear()
         self.squared_norms.clear()
+
+    def _kept(self, history: list[Computed], step: int) -> list[Computed]:
+        """The entries a later step may still read (fast mode: the last, and the last full one)."""
+        if self.ages is not None:
+            return [entry for entry in history if step + 1 - entry.step <= self.ages]
+        last_full = [entry for entry in history if entry.residuals is not None][-1:]
+        return [entry for entry in history if entry is history[-1] or any(entry is full for full in last_full)]
 
 
 class CalibrationMethod:
@@ -254,7 +301,9 @@ class Calibration:
         caches_residual = any(name.startswith("wars") for name in settings.candidates)
         shares_cfg = any(name.endswith("+asc") for name in settings.candidates)
         self.schedule = TrialSchedule(settings.window, caches_residual, shares_cfg)
-        self.scorer = Scorer(settings.window, settings.candidates) if settings.mode == "fast" else None
+        ages = AGES if settings.mode == "budget" else None
+        self.scorer = Scorer(settings.windows, settings.candidates, ages) if settings.mode != "greedy" else None
+        self.local_errors: list[dict[int, dict[Candidate, float]]] = []  # budget: [step][layer] -> candidate's error
         self.scoring = False
         self.architecture = ""
         self.timeline: Timeline | None = None  # the calibration run's steps as noise levels
@@ -278,14 +327,8 @@ class Calibration:
     def _slot(self, call: AttentionCall, site: CallSite) -> LayerSlot:
         compressible = (site.kind in WINDOWED_KINDS and site.layout is not None and site.layout_unproven is None
                         and call.mask is None)
-        full = call.flops()
-        window = full
-        if compressible:
-            size = self.settings.window.window_for(site.layout)
-            backend = choose_backend("auto", call.q.device)  # as the runtime prices it
-            window = attention_flops(site.layout, size, batch=call.batch, heads=call.heads,
-                                     head_dim=call.head_dim, backend=backend).computed
-        return LayerSlot(LayerInfo(site.kind, call.heads, call.head_dim), compressible, full, window)
+        measure = self.settings.cost if self.settings.mode == "budget" else "flops"
+        return layer_slot(call, site, compressible, self.settings.windows, measure)
 
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
                             transformer_options=None, **kwargs):
@@ -308,7 +351,7 @@ class Calibration:
             return forward(dict(enumerate(self.methods[step])), None, dict(enumerate(self.heads[step])))
         halves = tuple(transformer_options.get("cond_or_uncond", ()))
         has_cfg = 0 in halves and 1 in halves
-        decide = self._greedy if self.settings.mode == "greedy" else self._fast
+        decide = {"greedy": self._greedy, "fast": self._fast, "budget": self._measure}[self.settings.mode]
         out = decide(step, has_cfg, run, forward)
         self.progress.update_absolute(step + 1)
         return out
@@ -376,6 +419,22 @@ class Calibration:
                      [_listed(heads.get(layer)) for layer in range(count)])
         return out
 
+    def _measure(self, step: int, has_cfg: bool, run: SamplingRun, forward: Callable) -> torch.Tensor:
+        """Budget mode: full attention, every candidate scored; the plan is searched after the run."""
+        self.scoring = True
+        try:
+            out = forward({}, None)
+        finally:
+            self.scoring = False
+        while len(self.local_errors) < step:  # steps the sampler never evaluated: nothing measured there
+            self.local_errors.append({})
+        self.local_errors.append({layer: {key: error for key, error in self.scorer.relative_errors(layer).items()
+                                          if has_cfg or not key[0].endswith("+asc")}
+                                  for layer in self.scorer.squared_errors if step > 0})
+        self.scorer.commit({}, {})
+        self._record_full()
+        return out
+
     def _record(self, methods: list[str], losses: list[float | None], step_loss: float,
                 heads: list[list[int] | None] | None = None) -> None:
         self.methods.append(methods)
@@ -393,9 +452,28 @@ class Calibration:
             self._record_full()
         fingerprint = Fingerprint(self.architecture, tuple(slot.info for slot in self.layers))
         heads = self.heads if any(cell is not None for row in self.heads for cell in row) else []
-        plan = Plan(fingerprint, info, self.settings.window, self.methods, self.losses, self.step_losses, heads=heads)
+        windows = []
+        if self.settings.mode == "budget":
+            windows = self._search()
+        plan = Plan(fingerprint, info, self.settings.window, self.methods, self.losses, self.step_losses, heads=heads,
+                    windows=windows)
         plan.flops_kept = flops_kept(plan, self.layers, self.timeline)
         return plan
+
+
+    def _search(self) -> list[list[float | None]]:
+        """Budget mode: the cells of the whole run at once (search.py); fills methods and losses,
+        returns the window fraction of each cell (None where it is the plan's window or no window)."""
+        while len(self.local_errors) < self.steps:  # steps the sampler never evaluated: nothing to compress
+            self.local_errors.append({})
+        measured = sum(len(step) for step in self.local_errors)
+        cells = allocate(self.local_errors, self.layers, self.settings.delta ** 2 * measured, AGES)
+        self.methods = [[cell.technique for cell in row] for row in cells]
+        self.losses = [[math.sqrt(cell.error) if cell.technique != "full" else None for cell in row] for row in cells]
+        self.step_losses = [math.sqrt(sum(cell.error for cell in row)) for row in cells]
+        windows = [[None if cell.fraction in (None, self.settings.window.fraction) else cell.fraction for cell in row]
+                   for row in cells]
+        return windows if any(fraction is not None for row in windows for fraction in row) else []
 
 
 def passing_choices(assignment: dict[int, str], errors: dict[int, float],
@@ -423,9 +501,10 @@ def flops_kept(plan: Plan, layers: list[LayerSlot], timeline: Timeline) -> float
     for step, row in enumerate(plan.methods):
         for layer, (name, slot) in enumerate(zip(row, layers, strict=True)):
             full += slot.full_flops
-            computed += slot.cost(name, plan.heads_of(step, layer))
-            if name.startswith("full") and plan.residual_window(step, timeline, layer) is not None:
-                computed += slot.window_flops / (2 if name.endswith("+asc") else 1)
+            computed += slot.cost(name, plan.heads_of(step, layer), plan.window_of(step, layer).fraction)
+            cached = plan.residual_window(step, timeline, layer) if name.startswith("full") else None
+            if cached is not None:
+                computed += slot.cost("wars+asc" if name.endswith("+asc") else "wars", None, cached.fraction)
     return computed / full if full else 1.0
 
 
@@ -449,4 +528,9 @@ def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int,
                                   noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
     info = CalibrationInfo(steps, sampler, scheduler, cfg, calibration.grid, latent_image.shape[0], seed, settings.delta,
                            settings.mode)
-    return calibration.plan(info), samples
+    plan = calibration.plan(info)
+    if settings.mode == "budget":  # the run measured with full attention: sample again, with the plan
+        samples = comfy.sample.sample(install(model, PlannedAttention(plan)), noise, steps, cfg, sampler, scheduler,
+                                      positive, negative, latent_image, noise_mask=latent.get("noise_mask"),
+                                      disable_pbar=True, seed=seed)
+    return plan, samples

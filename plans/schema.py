@@ -3,10 +3,12 @@ calibrated on. Versioned JSON; loading validates everything and names what is wr
 
 A cell may window only some of the layer's heads (a per-head plan, schema version 2): `heads`
 lists, per (step, layer), the heads that use the window; the others compute full attention.
-Plans without per-head cells are still written as version 1, so older FastAttn reads them.
+A cell may also use its own window size (schema version 3, from the budget search, which tries
+several): `windows` lists, per (step, layer), the window fraction of a window cell, or null for the
+plan's window. Plans use the lowest version their content needs, so older FastAttn reads them.
 
 A plan answers DiTFastAttn's two questions (`choose`, `residual_window`) like a hand-set
-Schedule does, mapping a sampling step to the plan step calibrated at the same NOISE LEVEL (the
+Schedule does, mapping a sampling step to the plan step calibrated at the nearest NOISE LEVEL (the
 calibration's schedule remade from the plan's scheduler and step count on the model at hand), so a
 plan calibrated at 20 steps serves 30, and each sampler of a split run, or a run at denoise below 1,
 uses the plan steps of its own noise levels. The plan's cells stay indexed by calibration step.
@@ -14,6 +16,7 @@ uses the plan steps of its own noise levels. The plan's cells stay indexed by ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -25,7 +28,7 @@ from ..patching.schedule import Choice, WindowSize
 from ..patching.timeline import Timeline
 
 FORMAT = "fastattn-plan"
-VERSION = 2  # 2 added per-head cells ("heads"); version 1 plans load unchanged
+VERSION = 3  # 2 added per-head cells ("heads"), 3 per-cell window sizes ("windows"); older plans load unchanged
 
 # The candidates of the DiTFastAttn paper (Yuan et al., NeurIPS 2024; docs/plans.md), in the order greedy search tries them.
 # ast: attention sharing across timesteps; wars: window attention + residual sharing;
@@ -90,9 +93,10 @@ class Plan:
     window: WindowSize
     methods: list[list[str]]  # [plan step][layer] -> technique name
     losses: list[list[float | None]] = field(default_factory=list)  # loss recorded for each accepted choice
-    step_losses: list[float] = field(default_factory=list)  # model-output loss of each step's choices
+    step_losses: list[float] = field(default_factory=list)  # model-output loss of each step's choices (budget: local)
     flops_kept: float = 1.0  # attention FLOPs computed / full, over the calibration run
     heads: list[list[list[int] | None]] = field(default_factory=list)  # [plan step][layer] -> windowed heads
+    windows: list[list[float | None]] = field(default_factory=list)  # [plan step][layer] -> window fraction
 
     def __post_init__(self) -> None:
         self._tables: dict[Timeline, list[list[Choice]]] = {}
@@ -101,6 +105,11 @@ class Plan:
         """The heads the window technique of this cell applies to (None: all; always None off window cells)."""
         cell = self.heads[step][layer] if step < len(self.heads) else None
         return None if cell is None else tuple(cell)
+
+    def window_of(self, step: int, layer: int) -> WindowSize:
+        """The window of this cell: its own fraction where the plan lists one, else the plan's window."""
+        fraction = self.windows[step][layer] if step < len(self.windows) else None
+        return self.window if fraction is None else dataclasses.replace(self.window, fraction=fraction)
 
     @property
     def per_head(self) -> bool:
@@ -122,15 +131,16 @@ class Plan:
         return any(name.endswith("+asc") for row in self.methods for name in row)
 
     def step_map(self, timeline: Timeline) -> tuple[tuple[int, ...], bool]:
-        """The plan step each step of the run uses, and whether each is the very step (same noise level)
-        of the calibration run: a whole run at the calibrated step count, or a part of one (a sampler of
-        a split run). Where this host does not know the plan's scheduler: by position in the run."""
+        """The plan step each step of the run uses (the one calibrated at the nearest noise level), and
+        whether each is the very step (same noise level) of the calibration run: a whole run at the
+        calibrated step count, or a part of one (a sampler of a split run). Where this host does not
+        know the plan's scheduler: by position in the run."""
         calibrated = Timeline.ksampler(timeline.model_sampling, self.calibration.scheduler, self.steps,
                                        self.calibration.sampler)
         if calibrated is None:
             mapped = tuple(min(self.steps - 1, step * self.steps // timeline.steps) for step in range(timeline.steps))
             return mapped, timeline.steps == self.steps
-        mapped = tuple(calibrated.step_of(sigma) for sigma in timeline.sigmas[:timeline.steps])
+        mapped = tuple(calibrated.nearest_step(sigma) for sigma in timeline.sigmas[:timeline.steps])
         same = all(math.isclose(sigma, calibrated.sigmas[step], rel_tol=1e-5, abs_tol=1e-8)
                    for sigma, step in zip(timeline.sigmas, mapped, strict=False))
         return mapped, same
@@ -152,7 +162,7 @@ class Plan:
         for later in range(step + 1, timeline.steps):
             choice = table[later][layer]
             if choice.compute == "window":
-                return self.window
+                return choice.window
             if choice.compute == "full" and not choice.share_cfg:
                 return None
         return None
@@ -161,7 +171,7 @@ class Plan:
         if timeline not in self._tables:
             plan_steps, _ = self.step_map(timeline)
             self._tables[timeline] = [
-                [choice_of(name, self.window, self.heads_of(plan_step, layer))
+                [choice_of(name, self.window_of(plan_step, layer), self.heads_of(plan_step, layer))
                  for layer, name in enumerate(self.methods[plan_step])]
                 for plan_step in plan_steps
             ]
@@ -178,7 +188,7 @@ class Plan:
     def to_json(self) -> str:
         data = {
             "format": FORMAT,
-            "version": VERSION if self.per_head else 1,
+            "version": 3 if self.windows else 2 if self.per_head else 1,
             "model": {"architecture": self.fingerprint.architecture,
                       "layers": [asdict(layer) for layer in self.fingerprint.layers]},
             "calibration": asdict(self.calibration),
@@ -190,6 +200,8 @@ class Plan:
         }
         if self.per_head:
             data["heads"] = self.heads
+        if self.windows:
+            data["windows"] = self.windows
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -232,8 +244,9 @@ class Plan:
         flops_kept = data.get("flops_kept", 1.0)
         _require(isinstance(flops_kept, (int, float)), "flops_kept must be a number")
         heads = _heads(data.get("heads", []), methods, fingerprint)
+        windows = _windows(data.get("windows", []), methods)
         return cls(fingerprint, info, size, methods, data.get("losses", []), data.get("step_losses", []),
-                   float(flops_kept), heads)
+                   float(flops_kept), heads, windows)
 
 
 def _heads(heads, methods: list[list[str]], fingerprint: Fingerprint) -> list[list[list[int] | None]]:
@@ -257,6 +270,26 @@ def _heads(heads, methods: list[list[str]], fingerprint: Fingerprint) -> list[li
                      f"step {step}, layer {layer}: heads must be increasing head numbers in 0..{count - 1}, "
                      f"got {cell!r}")
     return heads
+
+
+def _windows(windows, methods: list[list[str]]) -> list[list[float | None]]:
+    """The per-cell window fractions, checked: absent (a version 1 or 2 plan) or one entry per (step,
+    layer), each null or a fraction in (0, 1] on a window cell."""
+    if windows == []:
+        return []
+    _require(isinstance(windows, list) and len(windows) == len(methods) and all(
+        isinstance(row, list) and len(row) == len(methods[0]) for row in windows),
+        "windows must list, for every step, one entry per layer (null or a window fraction)")
+    for step, row in enumerate(windows):
+        for layer, fraction in enumerate(row):
+            if fraction is None:
+                continue
+            _require(methods[step][layer].startswith("wars"),
+                     f"step {step}, layer {layer}: a window size is listed for {methods[step][layer]}, only window "
+                     "cells (wars, wars+asc) have one")
+            _require(type(fraction) in (int, float) and 0 < fraction <= 1,
+                     f"step {step}, layer {layer}: a window fraction must be a number in (0, 1], got {fraction!r}")
+    return windows
 
 
 def _section(data: dict, name: str) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import comfy.samplers
@@ -21,9 +22,11 @@ kernels = pack_import("kernels")
 schema = pack_import("plans.schema")
 Timeline = pack_import("patching.timeline").Timeline
 nodes = pack_import("nodes.plans")
+technique_nodes = pack_import("nodes.ditfastattn")
+clear_nodes = pack_import("nodes.clear")
 
 STEPS = 4
-DELTA = {"greedy": 0.1, "fast": 0.3}  # accepts some techniques on the random tiny model, refuses others
+DELTA = {"greedy": 0.1, "fast": 0.3, "budget": 0.3}  # accepts some techniques on the random tiny model, refuses others
 ARCH = "sd3"  # 3 attention layers per forward: joint, image (layer 1, 8 x 8 tokens), joint
 WINDOW = pack_import("patching.schedule").WindowSize("band", 0.125)  # 8 tokens per side on the 64 image tokens
 
@@ -110,7 +113,7 @@ def drifting_attention(model, drift: float):
 # --- calibration ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", plans.MODES)
+@pytest.mark.parametrize("mode", ["greedy", "fast"])  # budget: tests/test_search.py (these windows cost no less)
 def test_a_layer_made_local_gets_the_window(model, mode):
     plan, _ = _calibrate(with_image_layer(model, local_attention), mode, 1e-3, candidates=("wars",))
     assert [row[1] for row in plan.methods] == ["full"] + ["wars"] * (STEPS - 1)
@@ -152,6 +155,10 @@ def test_every_accepted_choice_is_within_its_budget(calibrated):
     mode, plan, _ = calibrated
     layers = len(plan.fingerprint.layers)
     checked = 0
+    if mode == "budget":  # summed over every cell compressible after step 0: within delta squared per cell
+        squared = [loss ** 2 for row in plan.losses for loss in row if loss is not None]
+        assert squared and sum(squared) <= plan.calibration.delta ** 2 * (STEPS - 1) * 3
+        return
     for step, (row, losses) in enumerate(zip(plan.methods, plan.losses, strict=True)):
         assert plan.step_losses[step] <= plan.calibration.delta
         for layer, (name, loss) in enumerate(zip(row, losses, strict=True)):
@@ -224,7 +231,7 @@ def test_a_split_run_and_denoise_use_the_plan_steps_of_their_noise_levels(model,
     whole = _timeline(model, STEPS)
     assert plan.step_map(Timeline.of(whole.sigmas[2:], whole.model_sampling)) == ((2, 3), True)  # a split's 2nd half
     denoised = comfy.samplers.calculate_sigmas(whole.model_sampling, "simple", int(STEPS / 0.6))[-STEPS - 1:]
-    assert plan.step_map(Timeline.of(denoised, whole.model_sampling)) == ((1, 2, 2, 3), False)  # denoise 0.6
+    assert plan.step_map(Timeline.of(denoised, whole.model_sampling)) == ((1, 2, 3, 3), False)  # denoise 0.6
 
     applied = patching.install(model, plans.PlannedAttention(plan))
     positive, negative, latent = _inputs()
@@ -237,6 +244,23 @@ def test_a_split_run_and_denoise_use_the_plan_steps_of_their_noise_levels(model,
     assert report.total_steps == 2 and not report.warnings  # plan steps 2 and 3: the run's own
     host_nodes.KSampler().sample(applied, 3, STEPS, 3.0, "euler", "simple", positive, negative, latent, denoise=0.6)
     assert "at other noise levels" in patching.patch_of(applied).last_report.warnings[0]
+
+
+def test_a_20_step_plan_at_30_steps_and_denoise_0_6_uses_the_nearest_noise_levels(model, calibrated):
+    _, plan, _ = calibrated
+    rotation = ("full", "ast", "wars", "wars+asc", "full+asc")  # layer 1's technique tells its plan step apart
+    methods = [["full"] * 3] + [["full", rotation[step % 5], "full"] for step in range(1, 20)]
+    twenty = plans.Plan(plan.fingerprint, dataclasses.replace(plan.calibration, steps=20), plan.window, methods)
+    levels = [math.log(sigma) for sigma in _timeline(model, 20).sigmas[:20]]
+    model_sampling = model.get_model_object("model_sampling")
+    thirty = _timeline(model, 30)
+    denoised = Timeline.of(comfy.samplers.calculate_sigmas(model_sampling, "simple", int(20 / 0.6))[-21:], model_sampling)
+    for run, first, last in ((thirty, 0, 19), (denoised, 8, 19)):
+        nearest = tuple(min(range(20), key=lambda i: abs(levels[i] - math.log(sigma))) for sigma in run.sigmas[:-1])
+        assert twenty.step_map(run) == (nearest, False) and (nearest[0], nearest[-1]) == (first, last)
+        assert [twenty.choose(step, run, 1) for step in range(run.steps)] == [
+            schema.choice_of(methods[plan_step][1], plan.window) for plan_step in nearest]
+    assert twenty.step_map(thirty)[0] != tuple(_timeline(model, 20).step_of(s) for s in thirty.sigmas[:-1])
 
 
 def test_interrupt_stops_calibration_cleanly(model, monkeypatch):
@@ -368,6 +392,44 @@ def test_calibrate_node_outputs_and_refuses_to_overwrite_before_running(model, u
     assert torch.equal(sample(applied, positive, negative, latent, steps=STEPS, seed=3), out["samples"])
     with pytest.raises(plans.PlanError, match="no plan given"):
         nodes.ApplyPlan.execute(model, nodes.NO_PLAN, "  ")
+
+
+TECHNIQUE_NODES = {  # each technique node with inputs that act on every step and layer
+    "window + residual": lambda model: technique_nodes.WindowResidualAttention.execute(
+        model, next(iter(technique_nodes.WINDOW_SHAPES)), 0.125, 0, 2, True, 0.0, 1.0, ""),
+    "step sharing": lambda model: technique_nodes.StepSharingAttention.execute(model, 2, 0.0, 1.0, ""),
+    "CFG sharing": lambda model: technique_nodes.CFGSharingAttention.execute(model, 0.0, 1.0, ""),
+    "CLEAR": lambda model: clear_nodes.ClearAttention.execute(model, 2, 0.25, "off", 0, 0.0, 1.0, ""),
+}
+
+
+@pytest.mark.parametrize("technique", list(TECHNIQUE_NODES))
+def test_a_technique_node_after_a_plan_is_refused_saying_what_to_do(model, calibrated, technique):
+    _, plan, _ = calibrated
+    (applied,) = nodes.ApplyPlan.execute(model, nodes.NO_PLAN, "", plan).result
+    with pytest.raises(plans.PlanError, match="carries a calibrated plan.*Use either the plan or technique nodes"):
+        TECHNIQUE_NODES[technique](applied)
+
+
+@pytest.mark.parametrize("technique", list(TECHNIQUE_NODES))
+def test_a_plan_node_after_a_technique_node_is_refused_not_dropped(model, calibrated, technique, user_directory):
+    _, plan, _ = calibrated
+    (patched,) = TECHNIQUE_NODES[technique](model).result
+    with pytest.raises(plans.PlanError, match="Apply Plan: this model already has FastAttn technique nodes"):
+        nodes.ApplyPlan.execute(patched, nodes.NO_PLAN, "", plan)
+    positive, negative, latent = _inputs()
+    args = dict(seed=3, steps=STEPS, cfg=3.0, sampler_name="euler", scheduler="simple", delta=0.1,
+                search_mode="fast", step_sharing=True, window_residual=True, cfg_sharing=True,
+                window_shape=next(iter(nodes.WINDOW_SHAPES)), window_fraction=0.125, plan_name="", overwrite=False)
+    with pytest.raises(plans.PlanError, match="Calibrate: this model already has FastAttn technique nodes"):
+        nodes.Calibrate.execute(patched, positive, negative, latent, **args)  # refused before sampling
+
+
+def test_a_second_plan_on_a_planned_model_is_refused(model, calibrated):
+    _, plan, _ = calibrated
+    (applied,) = nodes.ApplyPlan.execute(model, nodes.NO_PLAN, "", plan).result
+    with pytest.raises(plans.PlanError, match="already carries a plan"):
+        nodes.ApplyPlan.execute(applied, nodes.NO_PLAN, plan.to_json())
 
 
 def test_heatmap_shows_every_cell_in_its_technique_colour(calibrated):
@@ -689,10 +751,11 @@ def test_a_plan_on_another_token_grid_warns(model, calibrated):
 def test_per_head_options_window_the_heads_within_delta_if_the_layer_stays_within_it():
     """Relative errors per head (norms 1): window+residual 0.05 / 0.5, full+asc 0.02 / 0.2."""
     calibrate = pack_import("plans.calibrate")
-    scorer = calibrate.Scorer(WINDOW, plans.CANDIDATES)
+    scorer = calibrate.Scorer((WINDOW,), plans.CANDIDATES)
     scorer.squared_norms[1] = torch.tensor([1.0, 1.0], dtype=torch.float64)
-    scorer.squared_errors[1] = {name: torch.tensor(errors, dtype=torch.float64) ** 2 for name, errors in
-                                {"wars": [0.05, 0.5], "wars+asc": [0.05, 0.5], "full+asc": [0.02, 0.2]}.items()}
+    scorer.squared_errors[1] = {key: torch.tensor(errors, dtype=torch.float64) ** 2 for key, errors in
+                                {("wars", WINDOW.fraction, 1): [0.05, 0.5], ("wars+asc", WINDOW.fraction, 1): [0.05, 0.5],
+                                 ("full+asc", 0.0, 0): [0.02, 0.2]}.items()}
     candidates = ["wars+asc", "wars", "full+asc"]
     assert scorer.options(1, candidates, 0.1, per_head=False) == []  # each whole-layer error is above 0.1
     (found,) = scorer.options(1, candidates, 0.1, per_head=True)  # wars+asc on head 0 errs 0.146 with head 1's asc

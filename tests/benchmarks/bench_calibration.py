@@ -1,23 +1,22 @@
-"""Calibrated plans on the demo model: FLOPs kept, speed and faithfulness on held-out prompts,
-and calibration time, per search mode and delta, each beside its two comparisons:
+"""Calibrated plans on the demo model against a uniform window + residual at equal measured time:
+speed and faithfulness on held-out prompts, and calibration time, per search mode and delta.
 
-  at equal FLOPs  a uniform window + residual plan (the example node, full attention every
-                  `refresh_every` steps) whose window fraction is bisected to keep the plan's
-                  attention FLOPs (refresh 4 as the example, longer only if 4 cannot go that low);
-  at equal speed  core LazyCache at the reuse threshold, of a small sweep, whose measured
-                  speedup is closest to the plan's.
+Every contestant (full attention, each plan, a grid of uniform window + residual settings, core
+LazyCache at a few thresholds) samples each held-out caption `--rounds` times, the contestants'
+order rotated every round (interleaved, so load on the machine falls on all alike); speed is the
+median time of full attention / the median time of the contestant, per caption, then the median
+over captions. Each plan is then set beside the uniform settings: the best PSNR any uniform setting
+reaches at least as fast as the plan (measured), and the uniform setting nearest the plan's speed.
 
-The demo model loads through ComfyUI's own loader and samples through ComfyUI's sampler
-(euler, simple, CFG 4, float32). Each plan is calibrated on CALIBRATION_CAPTIONS (a batch of
-seeds), then applied to HELD_OUT captions, which calibration never saw; PSNR / SSIM are against
-full attention on the same caption and seed. Calibration time is in units of one baseline
-sampling run of the calibration batch, printed first so the length of the whole run can be
-estimated (about: 2 + 2 x held-out runs per row, one row per plan, per uniform match and per
-LazyCache threshold, plus calibration: fast ~3, greedy ~L x candidates baseline runs per plan).
+The demo model loads through ComfyUI's own loader and samples through ComfyUI's sampler (euler,
+simple, CFG 4, float32). Each plan is calibrated on CALIBRATION_CAPTIONS (a batch of seeds), then
+applied to HELD_OUT captions, which calibration never saw; PSNR / SSIM are against full attention
+on the same caption and seed. Calibration time is in units of one baseline sampling run of the
+calibration batch. Budget plans price candidates by measured time (`--cost`).
 
-Run: `python tests/benchmarks/run_all.py calibration` (defaults: 4096 image tokens, 20 steps, both
-modes, the paper's six deltas: hours on 2 CPU cores), or reduced, e.g.
-`python tests/benchmarks/bench_calibration.py --size 32 --steps 10 --modes fast --deltas 0.05 0.1 --per-head`.
+Run: `python tests/benchmarks/run_all.py calibration` (defaults: 1024 image tokens, 10 steps,
+budget and fast, deltas 0.05 0.1 0.15: about 20 minutes on 2 CPU cores), or e.g.
+`python tests/benchmarks/bench_calibration.py --size 64 --steps 20 --modes budget --deltas 0.1`.
 """
 
 from __future__ import annotations
@@ -42,18 +41,14 @@ demo = pack_import("demo")
 workflows = pack_import("demo.workflows")
 metrics = pack_import("metrics")
 demo_nodes = pack_import("nodes.demo")
-kernels = pack_import("kernels")
-backends = pack_import("kernels.backends")
 native = pack_import("kernels.native")
 patching = pack_import("patching")
 plans = pack_import("plans")
-schema = pack_import("plans.schema")
-Timeline = pack_import("patching.timeline").Timeline
 
 CFG = workflows.SAMPLER["cfg"]
-DELTAS = (0.025, 0.05, 0.075, 0.1, 0.125, 0.15)  # the paper's sweep
-LAZY_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)  # core LazyCache's reuse threshold (its default: 0.2)
-REFRESH = (4, 8, 16)  # uniform window + residual: the example's refresh first, longer to reach fewer FLOPs
+LAZY_THRESHOLDS = (0.2, 0.5)  # core LazyCache's reuse threshold (its default: 0.2)
+UNIFORM_FRACTIONS = (0.03, 0.06, 0.125, 0.25)  # uniform window + residual settings, the example's 0.125 among them
+UNIFORM_REFRESH = (2, 4)
 CALIBRATION_CAPTIONS = ("a red circle and a blue square on a striped green background",)
 CALIBRATION_SEEDS = 2  # latent batch: one noise per seed
 HELD_OUT = (("a yellow triangle on a dotted purple background", 11),
@@ -77,83 +72,57 @@ def _latent(batch: int, tokens_per_side: int) -> dict:
     return {"samples": torch.zeros(batch, 16, 2 * tokens_per_side, 2 * tokens_per_side)}
 
 
-def _held_out(model, baseline: dict, steps: int, size: int) -> tuple[float, float, float, str]:
-    """Median speedup, mean PSNR, mean SSIM on the held-out prompts; attention FLOPs kept."""
-    speedups, psnrs, ssims, kept = [], [], [], "n/a"
-    for caption, seed in HELD_OUT:
-        seconds, out, report = _timed(model, _encode(caption), _latent(1, size), steps, seed)
-        base_seconds, base_image = baseline[caption]
-        image = demo_nodes.FastAttnDemoDecode.execute({"samples": out}).result[0][0]
-        speedups.append(base_seconds / seconds)
-        psnrs.append(metrics.psnr(image, base_image))
-        ssims.append(metrics.ssim(image, base_image))
-        if report is not None:
-            kept = f"{100 * report.computed_flops / report.full_flops:.1f}%"
-    return statistics.median(speedups), statistics.fmean(psnrs), statistics.fmean(ssims), kept
-
-
 def _uniform(model, fraction: float, refresh: int):
     """The example window + residual node at another window fraction and refresh."""
     inputs = {**workflows.WINDOW_BAND, "window_fraction": fraction, "refresh_every": refresh}
     return host_nodes.NODE_CLASS_MAPPINGS["FastAttnWindowResidual"].execute(model, **inputs).result[0]
 
 
-def schedule_flops_kept(schedule, layers: list, timeline) -> float:
-    """Attention FLOPs a DiTFastAttn schedule computes / full attention's, counted as the runtime
-    counts them (a full step that caches a residual pays for the window too), without sampling."""
-    backend = backends.choose_backend("auto", torch.device("cpu"))
-    computed = full = 0
-    for step in range(timeline.steps):
-        for record in layers:
-            whole = 4 * record.heads * record.q_len * record.k_len * record.head_dim
-            full += whole
-            if record.kind not in schema.WINDOWED_KINDS or record.layout is None:
-                computed += whole
-                continue
-            choice = schedule.choose(step, timeline, record.layer)
-            if choice.compute == "window":
-                computed += _window_flops(record, choice.window, backend)
-            elif choice.compute == "full":
-                size = schedule.residual_window(step, timeline, record.layer)
-                computed += whole + (_window_flops(record, size, backend) if size is not None else 0)
-    return computed / full
+Row = tuple[float, float, float, str]  # speedup (median), PSNR dB (mean), SSIM (mean), attention FLOPs kept
 
 
-def _window_flops(record, size, backend: str) -> int:
-    """FLOPs of one window attention call of this layer (batch 1)."""
-    return kernels.attention_flops(record.layout, size.window_for(record.layout), batch=1, heads=record.heads,
-                                   head_dim=record.head_dim, backend=backend).computed
-
-
-def matching_uniform(model, layers: list, steps: int, target: float) -> tuple[object, str]:
-    """The uniform window + residual model keeping `target` attention FLOPs (bisection over the
-    window fraction, at the first refresh of REFRESH that can go that low), and its settings."""
-    timeline = Timeline.ksampler(model.get_model_object("model_sampling"), "simple", steps)
-
-    def kept(fraction: float, refresh: int) -> float:
-        return schedule_flops_kept(patching.patch_of(_uniform(model, fraction, refresh)).method.schedule,
-                                   layers, timeline)
-
-    refresh = next((r for r in REFRESH if kept(0.01, r) <= target), REFRESH[-1])
-    low, high = 0.01, 1.0
-    for _ in range(20):
-        middle = (low + high) / 2
-        low, high = (middle, high) if kept(middle, refresh) < target else (low, middle)
-    fraction = low if abs(kept(low, refresh) - target) <= abs(kept(high, refresh) - target) else high
-    settings = f"window {fraction:.3f}, refresh {refresh} (estimated {kept(fraction, refresh):.1%})"
-    return _uniform(model, fraction, refresh), settings
+def interleaved(contestants: dict[str, object], rounds: int, steps: int, size: int) -> dict[str, Row]:
+    """Each contestant on each held-out caption, `rounds` times in rotated order; the first of
+    `contestants` is full attention, the reference of speed and of the images."""
+    names = list(contestants)
+    seconds = {name: {caption: [] for caption, _ in HELD_OUT} for name in names}
+    images: dict[tuple[str, str], torch.Tensor] = {}
+    kept: dict[str, str] = dict.fromkeys(names, "100%")
+    for caption, seed in HELD_OUT:
+        positive = _encode(caption)
+        for turn in range(rounds):
+            shift = turn * max(1, len(names) // rounds)
+            for name in names[shift % len(names):] + names[:shift % len(names)]:
+                took, out, report = _timed(contestants[name], positive, _latent(1, size), steps, seed)
+                seconds[name][caption].append(took)
+                images[(name, caption)] = demo_nodes.FastAttnDemoDecode.execute({"samples": out}).result[0][0]
+                if report is not None and report.full_flops:
+                    kept[name] = f"{100 * report.computed_flops / report.full_flops:.1f}%"
+        print(f"  {caption}: done", flush=True)
+    full = names[0]
+    rows = {}
+    for name in names:
+        speedups = [statistics.median(seconds[full][caption]) / statistics.median(seconds[name][caption])
+                    for caption, _ in HELD_OUT]
+        pairs = [(images[(name, caption)], images[(full, caption)]) for caption, _ in HELD_OUT]
+        rows[name] = (statistics.median(speedups), statistics.fmean(metrics.psnr(*pair) for pair in pairs),
+                      statistics.fmean(metrics.ssim(*pair) for pair in pairs), kept[name])
+    return rows
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="+", default=list(plans.MODES), choices=plans.MODES)
-    parser.add_argument("--per-head", action="store_true", help="also calibrate fast mode per head at each delta")
-    parser.add_argument("--deltas", nargs="+", type=float, default=list(DELTAS))
-    parser.add_argument("--size", type=int, default=64,
-                        help="image tokens per side (64: 4096 tokens, 1024 px; 32: 1024 tokens, 512 px)")
-    parser.add_argument("--steps", type=int, default=workflows.SAMPLER["steps"])
-    parser.add_argument("--lazy-thresholds", nargs="+", type=float, default=list(LAZY_THRESHOLDS),
-                        help="LazyCache reuse thresholds swept for the equal-speed comparison")
+    parser.add_argument("--modes", nargs="+", default=["budget", "fast"], choices=plans.MODES)
+    parser.add_argument("--deltas", nargs="+", type=float, default=[0.05, 0.1, 0.15])
+    parser.add_argument("--cost", default="time", choices=plans.COST_MEASURES, help="budget mode's prices")
+    parser.add_argument("--size", type=int, default=32,
+                        help="image tokens per side (32: 1024 tokens, 512 px; 64: 4096 tokens, 1024 px)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs per contestant and caption")
+    parser.add_argument("--uniform-fractions", nargs="+", type=float, default=list(UNIFORM_FRACTIONS))
+    parser.add_argument("--uniform-refresh", nargs="+", type=int, default=list(UNIFORM_REFRESH))
+    parser.add_argument("--lazy-thresholds", nargs="*", type=float, default=list(LAZY_THRESHOLDS),
+                        help="core LazyCache reuse thresholds (none: leave LazyCache out)")
     parser.add_argument("--save-plans", type=Path, default=None, help="write each plan's JSON into this folder")
     args = parser.parse_args(argv)
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.DIT_FILE))
@@ -167,69 +136,57 @@ def main(argv: list[str]) -> None:
     baseline_run = _timed(model, calibration_positive, calibration_latent, args.steps, 0)[0]
     print(f"one baseline run (calibration batch of {CALIBRATION_SEEDS}, {args.size ** 2} image tokens, "
           f"{args.steps} steps): {baseline_run:.1f} s", flush=True)
-    baseline = {}
-    for caption, seed in HELD_OUT:
-        seconds, out, _ = _timed(model, _encode(caption), _latent(1, args.size), args.steps, seed)
-        baseline[caption] = (seconds, demo_nodes.FastAttnDemoDecode.execute({"samples": out}).result[0][0])
-    probe = patching.install(model)  # the attention layers as the runtime sees them, for FLOPs counts
-    sample(probe, calibration_positive, _encode(""), _latent(1, args.size), steps=1, cfg=CFG)
-    layers = patching.patch_of(probe).last_report.layers
 
-    lazy = []  # (threshold, held-out row), the equal-speed candidates
-    for threshold in args.lazy_thresholds:
-        cached = LazyCacheNode.execute(model, threshold, 0.15, 0.95, False).result[0]
-        lazy.append((threshold, _held_out(cached, baseline, args.steps, args.size)))
-        print(f"LazyCache {threshold:g}: {lazy[-1][1]}", flush=True)
-
-    searches = [(mode, False) for mode in args.modes]
-    searches += [("fast", True)] if args.per_head else []
-    rows, pairs = [], []
-    for mode, per_head in searches:
+    contestants: dict[str, object] = {"full attention": model}
+    calibration_units: dict[str, str] = {}
+    for mode in args.modes:
         for delta in args.deltas:
-            settings = plans.Settings(delta, plans.CANDIDATES, mode=mode, per_head=per_head)
-            name = f"{mode}{' per-head' if per_head else ''} plan, delta {delta:g}"
+            settings = plans.Settings(delta, plans.CANDIDATES, mode=mode, cost=args.cost)
+            name = f"{mode} plan, delta {delta:g}"
             start = time.perf_counter()
             plan, _ = plans.calibrate(model, calibration_positive, _encode(""), calibration_latent, seed=0,
                                       steps=args.steps, cfg=CFG, sampler="euler", scheduler="simple",
                                       settings=settings)
-            calibration_units = (time.perf_counter() - start) / baseline_run
+            calibration_units[name] = f"{(time.perf_counter() - start) / baseline_run:.1f}"
+            print(f"{name}: calibrated in {calibration_units[name]} baseline runs, {plan.counts()}", flush=True)
             if args.save_plans is not None:
                 args.save_plans.mkdir(parents=True, exist_ok=True)
-                label = f"{mode}{'_per_head' if per_head else ''}"
-                (args.save_plans / f"demo_{label}_{delta:g}.json").write_text(plan.to_json())
-            planned = _held_out(patching.install(model, plans.PlannedAttention(plan)), baseline, args.steps, args.size)
-            uniform, uniform_settings = matching_uniform(model, layers, args.steps, plan.flops_kept)
-            matched = _held_out(uniform, baseline, args.steps, args.size)  # measured right after the plan
-            threshold, fastest = min(lazy, key=lambda entry: abs(entry[1][0] - planned[0]))
-            rows.append((name, *planned, f"{calibration_units:.1f}"))
-            pairs.append((name, planned, uniform_settings, matched,
-                          f"{threshold:g}", fastest))
-            print(rows[-1], pairs[-1][2:4], flush=True)
-    for name in ("window_residual", "combined"):
-        chain = workflows.TECHNIQUES[name][1]
-        uniform = model
-        for class_type, inputs in chain:
-            uniform = host_nodes.NODE_CLASS_MAPPINGS[class_type].execute(uniform, **inputs).result[0]
-        rows.append((f"uniform: {name} (example settings)", *_held_out(uniform, baseline, args.steps, args.size), "-"))
-    rows += [(f"core LazyCache {threshold:g}", *row, "-") for threshold, row in lazy]
+                (args.save_plans / f"demo_{mode}_{delta:g}.json").write_text(plan.to_json())
+            contestants[name] = patching.install(model, plans.PlannedAttention(plan))
+    uniform_names = []
+    for refresh in args.uniform_refresh:
+        for fraction in args.uniform_fractions:
+            uniform_names.append(f"uniform W+R window {fraction:g}, refresh {refresh}")
+            contestants[uniform_names[-1]] = _uniform(model, fraction, refresh)
+    for threshold in args.lazy_thresholds:
+        contestants[f"core LazyCache {threshold:g}"] = LazyCacheNode.execute(model, threshold, 0.15, 0.95,
+                                                                             False).result[0]
+    print(f"{len(contestants)} contestants x {len(HELD_OUT)} captions x {args.rounds} rounds", flush=True)
+    rows = interleaved(contestants, args.rounds, args.steps, args.size)
 
     print(f"\nDemo model, {args.size * 16}x{args.size * 16} px = {args.size ** 2} image tokens, {args.steps} steps "
           f"euler, CFG {CFG}, float32, {torch.get_num_threads()} CPU threads; calibrated on "
           f"{len(CALIBRATION_CAPTIONS)} caption x {CALIBRATION_SEEDS} seeds, measured on {len(HELD_OUT)} held-out "
-          f"captions (one run each); baseline run of the calibration batch {baseline_run:.1f} s\n")
-    print("| plan | speedup vs full (held-out, median) | PSNR dB | SSIM | attention FLOPs kept | "
+          f"captions, {args.rounds} interleaved runs each; baseline run of the calibration batch {baseline_run:.1f} s\n")
+    print("| contestant | speedup vs full (median) | PSNR dB | SSIM | attention FLOPs kept | "
           "calibration time (baseline runs) |")
     print("|---|---|---|---|---|---|")
-    for name, speedup, psnr, ssim, kept, units in rows:
-        print(f"| {name} | {speedup:.2f}x | {psnr:.1f} | {ssim:.4f} | {kept} | {units} |")
-    print("\nSide by side (speedup, PSNR dB, SSIM, FLOPs kept):\n")
-    print("| plan | plan | uniform W+R at equal FLOPs | its settings | LazyCache at equal speed | its threshold |")
-    print("|---|---|---|---|---|---|")
-    for name, planned, settings, matched, threshold, fastest in pairs:
-        print(f"| {name} | {_cell(planned)} | {_cell(matched)} | {settings} | {_cell(fastest)} | {threshold} |")
+    for name, (speedup, psnr, ssim, kept) in rows.items():
+        print(f"| {name} | {speedup:.2f}x | {psnr:.1f} | {ssim:.4f} | {kept} | {calibration_units.get(name, '-')} |")
+    print("\nEach plan beside uniform window + residual at equal measured time (speedup, PSNR dB, SSIM, FLOPs kept):\n")
+    print("| plan | plan | best uniform at least as fast | nearest-speed uniform | PSNR gain over best |")
+    print("|---|---|---|---|---|")
+    for name in calibration_units:
+        planned = rows[name]
+        faster = [uniform for uniform in uniform_names if rows[uniform][0] >= planned[0]]
+        best = max(faster, key=lambda uniform: rows[uniform][1], default=None)
+        nearest = min(uniform_names, key=lambda uniform: abs(rows[uniform][0] - planned[0]))
+        gain = f"{planned[1] - rows[best][1]:+.1f} dB" if best else "no uniform setting as fast"
+        best_cell = f"{best}: {_cell(rows[best])}" if best else "-"
+        print(f"| {name} | {_cell(planned)} | {best_cell} | {nearest}: {_cell(rows[nearest])} | {gain} |")
 
 
-def _cell(row: tuple[float, float, float, str]) -> str:
+def _cell(row: Row) -> str:
     speedup, psnr, ssim, kept = row
     return f"{speedup:.2f}x, {psnr:.1f}, {ssim:.3f}, {kept}"
 
