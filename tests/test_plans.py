@@ -707,7 +707,7 @@ def _scored(scale: float | None, same_inputs: bool):
     x = torch.randn(1, 16, 8, 12, generator=gen)
     inputs = (x, x if same_inputs else x + 1)
     site = report.CallSite(1, 2, 0, "image", kernels.TokenLayout(0, (4, 6)), (1, 0), ("u", "c"), (1, 0), inputs)
-    scorer = calibrate.Scorer(schema.WindowSize("band", tokens=2), plans.CANDIDATES)
+    scorer = calibrate.Scorer((schema.WindowSize("band", tokens=2),), plans.CANDIDATES)
     scorer.score(call, site, call.run_default())
     return scorer, call
 
@@ -718,7 +718,8 @@ def test_fast_scoring_uses_the_calls_scale():
     q, k, v = (t.double() for t in call.heads_first())
     window = kernels.reference_attention(q, k, v, kernels.TokenLayout(0, (4, 6)), kernels.Window("band", 2), scale=0.3)
     full = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
-    assert torch.allclose(scorer.pending_residual[0].double(), full - window, atol=1e-5)
+    (residual,) = scorer.pending[0][0].residuals.values()
+    assert torch.allclose(residual.double(), full - window, atol=1e-5)
 
 
 def test_fast_scoring_copies_cfg_only_between_equal_inputs():
@@ -727,9 +728,9 @@ def test_fast_scoring_copies_cfg_only_between_equal_inputs():
     scorer, call = _scored(None, same_inputs=True)
     unconditional, conditional = call.run_default().double().chunk(2)
     expected = (unconditional - conditional).square().sum(dim=(0, 2, 3))
-    assert torch.allclose(scorer.squared_errors[0]["full+asc"], expected)
+    assert torch.allclose(scorer.squared_errors[0][("full+asc", 0.0, 0)], expected)
     scorer, _ = _scored(None, same_inputs=False)
-    assert "full+asc" not in scorer.squared_errors[0]
+    assert ("full+asc", 0.0, 0) not in scorer.squared_errors[0]
 
 
 def test_a_plan_on_another_token_grid_warns(model, calibrated):
