@@ -4,7 +4,9 @@ Each test samples with the pack's nodes and with `harness.reference_schedule` (a
 implementation of the same chain written apart from the pack) through the host's real guiders,
 samplers and extensions, and checks that the techniques acted where the reference says they do
 (the output moved away from the unpatched model's, and the Attention Report counts them). The
-section "where a technique stands aside" has one test per case of docs/host-paths.md's list: the call runs
+section "where a technique stands aside" has one test per case of docs/host-paths.md's list (but the
+unproven token order, in test_generic_layout.py, and an override above the pack's or a CUDA graph
+capture, in test_other_overrides.py): the call runs
 as without the technique (output equal to the unpatched model's or the reference's) and the
 report names the reason.
 """
