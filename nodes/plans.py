@@ -115,6 +115,12 @@ class Calibrate(io.ComfyNode):
                                tooltip="Budget mode: what a candidate costs. time: its attention call timed on this "
                                        "device (a few runs per shape, remembered for the session). flops: attention "
                                        "FLOPs (reproducible, blind to kernel overheads). Other modes use FLOPs."),
+                io.Boolean.Input("step_reuse", default=False,
+                                 tooltip="Budget mode only: a candidate for whole steps. A skipped step runs no "
+                                         "model at all and takes its prediction from the last computed step (reuse) "
+                                         "or extrapolates it from the last two (forecast), where that errs less "
+                                         "than the step's attention choices would save. Costs one more forward per "
+                                         "step while calibrating."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A clone carrying out the plan; the input is unchanged."),
@@ -131,7 +137,8 @@ class Calibrate(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed: int, steps: int, cfg: float, sampler_name: str,
                 scheduler: str, delta: float, search_mode: str, step_sharing: bool, window_residual: bool,
                 cfg_sharing: bool, window_shape: str, window_fraction: float, plan_name: str,
-                overwrite: bool, per_head: bool = False, cost: str = COST_MEASURES[0]) -> io.NodeOutput:
+                overwrite: bool, per_head: bool = False, cost: str = COST_MEASURES[0],
+                step_reuse: bool = False) -> io.NodeOutput:
         plan_name = plan_name.strip()
         if plan_name and plan_path(plan_name).exists() and not overwrite:  # fail before the long run, not after
             raise PlanError(f"FastAttn Calibrate: a plan named {plan_name!r} already exists; switch `overwrite` on "
@@ -140,7 +147,8 @@ class Calibrate(io.ComfyNode):
         enabled = {"ast": step_sharing, "wars+asc": window_residual and cfg_sharing, "wars": window_residual,
                    "full+asc": cfg_sharing}
         settings = Settings(delta, tuple(name for name, on in enabled.items() if on),
-                            WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode, per_head, cost)
+                            WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode, per_head, cost,
+                            step_reuse)
         plan, samples = calibrate(model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
                                   sampler=sampler_name, scheduler=scheduler, settings=settings)
         if plan_name:

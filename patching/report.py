@@ -61,11 +61,18 @@ class RunReport:
     projection_flops_saved: int = 0  # FLOPs of QKV / output projections not run on shared layers
     warnings: list[str] = field(default_factory=list)  # what the user should know about this run (shown on nodes)
     wall_seconds: float | None = None  # sampling start to end (the OUTER_SAMPLE wrapper), device work included
+    forwards_reused: int = 0  # model calls answered by step reuse (step_reuse.py), not counted in `forwards`
 
     def count(self, technique: str, computed: int, full: int) -> None:
         tally = self.flops_by_technique.setdefault(technique, [0, 0])
         tally[0] += computed
         tally[1] += full
+
+    def count_reused(self, how: str, step: int, full: int) -> None:
+        """A model call answered by step reuse `how`: none of its `full` attention FLOPs computed."""
+        self.forwards_reused += 1
+        self.steps_seen.add(step)
+        self.count("step reuse" if how == "reuse" else f"step reuse ({how})", 0, full)
 
     @property
     def computed_flops(self) -> int:
@@ -87,9 +94,10 @@ class RunReport:
             branch += f", {self.projection_flops_saved / 1e9:.3g} GFLOPs of projections saved"
         fallbacks = "".join(f"; stood aside on {count} calls: {reason}" for reason, count in sorted(self.stood_aside.items()))
         fallbacks += "".join(f"; warning: {warning}" for warning in self.warnings)
+        reused = f" (and {self.forwards_reused} answered by step reuse)" if self.forwards_reused else ""
         timed = "" if self.wall_seconds is None else f" in {self.wall_seconds:.2f} s of sampling wall time"
         return (
-            f"{self.architecture}: {self.forwards} forwards over {len(self.steps_seen)}/{self.total_steps} steps{timed}, "
+            f"{self.architecture}: {self.forwards} forwards{reused} over {len(self.steps_seen)}/{self.total_steps} steps{timed}, "
             f"{len(self.layers)} attention layers; attention FLOPs computed {kept:.1f}% of full, "
             f"{self.computed_flops / 1e9:.6g} of {self.full_flops / 1e9:.6g} GFLOPs ({parts}){branch}{fallbacks}"
         )

@@ -7,6 +7,8 @@
                            the batch halves from `cond_or_uncond`, the layout from the latent and
                            the conditioning, and installs a ForwardPass as the attention override
                            of this call only (chaining any override already present).
+                           A method with `step_reuse` (a plan that skips whole steps) may answer
+                           the call from the predictions of earlier steps instead (step_reuse.py).
     ForwardPass            each attention call: numbers the layer, classifies it, and hands it
                            to the patch's method (full attention, a window, a cached output...);
                            for the mapped projection layers of a self-attention branch, says what
@@ -38,6 +40,7 @@ import torch
 from comfy_execution.utils import get_executing_context
 
 from ..kernels import TokenLayout
+from . import step_reuse
 from .adapters import Adapter, Projection, adapter_for
 from .branch import ACTIVE, BranchPlan, projection_forward
 from .cache import block_replacements, chunk_ids
@@ -95,6 +98,7 @@ class SamplingRun:
         self.block_replacements = block_replacements  # the model's own patches_replace keys
         self.evaluations: dict[tuple, int] = {}  # (step, chunk) -> model evaluations seen so far
         self.layout_proofs: dict[tuple, LayoutProof] = {}  # (grid, text tokens) -> a generic model's proven order
+        self.forward_flops: dict[int, int] = {}  # batch size -> full attention FLOPs of one forward (step reuse's saving)
         self.cache: dict = {}
         self.displaced: str | None = None  # why the techniques stand aside for the rest of the run, if they must
         self.report = RunReport(patch.adapter.name, timeline.steps, branch_note=patch.branch_note,
@@ -207,6 +211,7 @@ class ForwardPass:
         self.previous_override = previous_override
         self.options: dict = {}  # the transformer options this pass was installed in
         self.layers = 0
+        self.full_flops = 0  # attention FLOPs of this forward's calls, in full
         self.plans: dict[int, BranchPlan | None] = {}  # mapped layer -> what its projections do in this call
         self._planned_kinds: dict[int, str] = {}
 
@@ -243,6 +248,7 @@ class ForwardPass:
             report.layers.append(LayerRecord(site.layer, kind, call.heads, call.head_dim, call.q_len, call.k_len, layout))
         out, computed, technique = self.run.patch.method(call, site, self.run)
         report.count(technique, computed, call.flops())
+        self.full_flops += call.flops()
         return out
 
     def plan(self, projection: Projection, tokens: int) -> BranchPlan | None:
@@ -352,12 +358,19 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     step = run.timeline.step_of(float(sigmas.flatten()[0]))
     cond_or_uncond = tuple(transformer_options.get("cond_or_uncond", ()))
     stand_aside = _stand_aside(run, transformer_options, x.shape[0], cond_or_uncond)
+    ids = chunk_ids(run.evaluation_of, step, cond_or_uncond, transformer_options, x.device)
+    reuses = getattr(run.patch.method, "step_reuse", None) if stand_aside is None and bool((t > 0).all()) else None
+    # A plan's step reuse (step_reuse.py): this call answered from earlier steps' predictions, if they are kept
+    how = reuses(step, run.timeline) if reuses is not None else None
+    if how is not None and (out := step_reuse.reused(run, ids, step, x, t, how, run.timeline)) is not None:
+        run.report.count_reused(how, step, run.forward_flops.get(x.shape[0], 0))
+        return out
     grid, text_len = adapter.image_grid(x.shape), adapter.text_len(c_crossattn, kwargs)
     forward = ForwardPass(
         run,
         step=step,
         cond_or_uncond=cond_or_uncond,
-        chunk_ids=chunk_ids(run.evaluation_of, step, cond_or_uncond, transformer_options, x.device),
+        chunk_ids=ids,
         grid=grid,
         text_len=text_len,
         previous_override=transformer_options.get(OVERRIDE_KEY),
@@ -378,6 +391,9 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     finally:
         ACTIVE.reset(token)
     forward.finish()
+    run.forward_flops[x.shape[0]] = forward.full_flops
+    if reuses is not None:
+        step_reuse.store(run, ids, step, x, out, t)
     return out
 
 

@@ -1,5 +1,5 @@
-"""Carrying out a plan: DiTFastAttn with the plan as its schedule, checked against the model
-it runs on when sampling starts (the plan node itself sees no conditioning or latent)."""
+"""Carrying out a plan: DiTFastAttn with the plan as its schedule, and its step reuse, checked
+against the model it runs on when sampling starts (the plan node itself sees no conditioning or latent)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ class PlannedAttention(DiTFastAttn):
         super().__init__(plan, backend)
         self.plan = plan
         self.node_id = executing_node()  # the node that made this (Apply Plan, Calibrate): warnings show there too
+        # the runtime asks it which steps skip the model (None: the plan reuses no step, nothing is kept for it)
+        self.step_reuse = plan.step_reuse_of if plan.reuses_steps else None
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
         if run.report.forwards <= 1:

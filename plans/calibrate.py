@@ -23,12 +23,17 @@ assignment, so the next step starts where applying the plan would.
             the error budget (delta squared per cell, summed) across all steps and layers at once,
             at the least cost (measured time, or FLOPs). A second run samples with the plan (the
             latent Calibrate returns): 2.5-4 baseline runs in BENCHMARKS.md, the probes included.
+            With step reuse, each step also keeps the model's prediction (what skipping a later step
+            reuses or forecasts from) and runs one more forward with every layer step-shared: how much
+            the model output errs for the layers' summed local error (the rate that puts a skipped
+            step's error into the cells' units) and, timed, what the rest of a forward costs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +48,7 @@ from ..patching import AttentionCall, CallSite, SamplingRun, install
 from ..patching.ditfastattn import DiTFastAttn, in_batch_copies
 from ..patching.runtime import PATCH_KEY, RUN_KEY, apply_model_wrapper
 from ..patching.schedule import Choice, WindowSize
+from ..patching.step_reuse import forecast, noise_estimate
 from ..patching.timeline import Timeline
 from .apply import PlannedAttention
 from .costs import COST_MEASURES, LayerSlot, layer_slot
@@ -55,7 +61,7 @@ from .schema import (
     Plan,
     choice_of,
 )
-from .search import Candidate, allocate
+from .search import Candidate, StepReuse, allocate
 
 CALIBRATION_KEY = "fastattn_calibration"
 MODES = ("greedy", "fast", "budget")
@@ -72,6 +78,7 @@ class Settings:
     mode: str = "greedy"
     per_head: bool = False  # fast mode: window techniques may apply to some heads of a layer only
     cost: str = "flops"  # budget mode: what a candidate costs, "time" (measured here) or "flops"
+    step_reuse: bool = False  # budget mode: whole steps may be skipped, their prediction reused or forecast
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,6 +90,9 @@ class Settings:
                              "per head, per layer, per step (hundreds of times a baseline run), and budget search "
                              "chooses for whole layers; switch per_head off "
                              "or use fast")
+        if self.step_reuse and self.mode != "budget":
+            raise ValueError("step reuse is planned by the budget search only (it weighs a skipped step against "
+                             "every layer's choices); set search_mode to budget or switch step reuse off")
         if self.delta < 0:
             raise ValueError(f"delta must be >= 0, got {self.delta}")
         unknown = set(self.candidates) - set(CANDIDATES)
@@ -107,6 +117,17 @@ def output_loss(compressed: torch.Tensor, reference: torch.Tensor) -> float:
 def squared_error_per_head(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """||approx_h - exact_h||^2 per head h of [B, H, N, D] tensors, in float64."""
     return (approx.double() - exact.double()).square().sum(dim=(0, 2, 3))
+
+
+def relative_squared_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """||approx - exact||^2 / ||exact||^2, in float64."""
+    exact = exact.double()
+    return ((approx.double() - exact).square().sum() / exact.square().sum().clamp_min(1e-24)).item()
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timed forward counts it."""
+    getattr(getattr(torch, device.type, None), "synchronize", lambda: None)()
 
 
 def share_cfg(tensor: torch.Tensor, copies: dict[int, int], chunks: int) -> torch.Tensor:
@@ -295,15 +316,23 @@ class CalibrationMethod:
 class Calibration:
     """The state of one calibration run: decided steps, losses, layer costs, progress."""
 
-    def __init__(self, settings: Settings, steps: int) -> None:
+    def __init__(self, settings: Settings, steps: int, parameters: int = 0) -> None:
         self.settings = settings
         self.steps = steps
+        self.parameters = parameters  # the model's (step reuse priced in FLOPs: 2 per parameter and token)
         caches_residual = any(name.startswith("wars") for name in settings.candidates)
         shares_cfg = any(name.endswith("+asc") for name in settings.candidates)
         self.schedule = TrialSchedule(settings.window, caches_residual, shares_cfg)
         ages = AGES if settings.mode == "budget" else None
         self.scorer = Scorer(settings.windows, settings.candidates, ages) if settings.mode != "greedy" else None
         self.local_errors: list[dict[int, dict[Candidate, float]]] = []  # budget: [step][layer] -> candidate's error
+        # budget with step reuse: each step's prediction (noise estimate, sigma), the output error per summed
+        # local error (all layers step-shared), and the seconds of such forwards (the rest of a forward)
+        self.predictions: dict[int, tuple[torch.Tensor, float]] = {}
+        self.gains: dict[int, float] = {}
+        self.rest_seconds: list[float] = []
+        self.tokens = 0  # batch x tokens of the first compressible attention call
+        self.step_reuse: list[str | None] = []
         self.scoring = False
         self.architecture = ""
         self.timeline: Timeline | None = None  # the calibration run's steps as noise levels
@@ -321,6 +350,8 @@ class Calibration:
             self.timeline = run.timeline
             self.grid = self.grid or (tuple(site.layout.grid) if site.layout is not None else ())
             self.layers.append(self._slot(call, site))
+            if self.layers[-1].compressible and not self.tokens:
+                self.tokens = call.batch * call.q_len
         if self.scoring and site.layer < len(self.layers) and self.layers[site.layer].compressible:
             self.scorer.score(call, site, out)
 
@@ -351,8 +382,10 @@ class Calibration:
             return forward(dict(enumerate(self.methods[step])), None, dict(enumerate(self.heads[step])))
         halves = tuple(transformer_options.get("cond_or_uncond", ()))
         has_cfg = 0 in halves and 1 in halves
-        decide = {"greedy": self._greedy, "fast": self._fast, "budget": self._measure}[self.settings.mode]
-        out = decide(step, has_cfg, run, forward)
+        if self.settings.mode == "budget":
+            out = self._measure(step, has_cfg, run, forward, x, t)
+        else:
+            out = {"greedy": self._greedy, "fast": self._fast}[self.settings.mode](step, has_cfg, run, forward)
         self.progress.update_absolute(step + 1)
         return out
 
@@ -419,8 +452,18 @@ class Calibration:
                      [_listed(heads.get(layer)) for layer in range(count)])
         return out
 
-    def _measure(self, step: int, has_cfg: bool, run: SamplingRun, forward: Callable) -> torch.Tensor:
+    def _measure(self, step: int, has_cfg: bool, run: SamplingRun, forward: Callable, x: torch.Tensor,
+                 sigma: torch.Tensor) -> torch.Tensor:
         """Budget mode: full attention, every candidate scored; the plan is searched after the run."""
+        reusable = self.settings.step_reuse and bool((sigma > 0).all())
+        shared = None
+        if reusable and step > 0:  # every layer step-shared: the output error it makes, and its time
+            before = run.snapshot()
+            start = time.perf_counter()
+            shared = forward({layer: "ast" for layer, slot in enumerate(self.layers) if slot.compressible}, before)
+            _synchronize(x.device)
+            self.rest_seconds.append(time.perf_counter() - start)
+            run.restore(before)
         self.scoring = True
         try:
             out = forward({}, None)
@@ -433,7 +476,36 @@ class Calibration:
                                   for layer in self.scorer.squared_errors if step > 0})
         self.scorer.commit({}, {})
         self._record_full()
+        if reusable:
+            estimate = noise_estimate(x, out, sigma)
+            self.predictions[step] = estimate, float(sigma.flatten()[0])
+            summed = sum(errors.get(("ast", 0.0, 1), 0.0) for errors in self.local_errors[step].values())
+            if shared is not None and summed > 0:
+                self.gains[step] = relative_squared_error(noise_estimate(x, shared, sigma), estimate) / summed
         return out
+
+    def _step_reuse(self) -> StepReuse:
+        """Each skipped step's error (reusing or forecasting from the steps the walk may compute), in the
+        cells' units (divided by the step's gain), and what skipping saves besides attention."""
+        errors: dict[tuple[int, int, int], float] = {}
+        for step, gain in self.gains.items():
+            exact, sigma = self.predictions[step]
+            for last in range(max(0, step - AGES), step):
+                if last not in self.predictions or self.predictions[last][0].shape != exact.shape:
+                    continue
+                errors[(step, last, -1)] = relative_squared_error(self.predictions[last][0], exact) / gain
+                for before in range(max(0, last - AGES), last):
+                    if before in self.predictions and self.predictions[before][0].shape == exact.shape:
+                        (newer, at_last), (older, at_before) = self.predictions[last], self.predictions[before]
+                        guess = forecast(newer, older, (at_last, at_before), sigma)
+                        errors[(step, last, before)] = relative_squared_error(guess, exact) / gain
+        compressible = [slot for slot in self.layers if slot.compressible]
+        full = sum(slot.price("full") for slot in compressible) / max(1, len(compressible))
+        if self.settings.cost == "time":
+            rest = sorted(self.rest_seconds)[len(self.rest_seconds) // 2] if self.rest_seconds else 0.0
+        else:
+            rest = 2.0 * self.parameters * self.tokens
+        return StepReuse(errors, rest / full if full else 0.0)
 
     def _record(self, methods: list[str], losses: list[float | None], step_loss: float,
                 heads: list[list[int] | None] | None = None) -> None:
@@ -456,7 +528,7 @@ class Calibration:
         if self.settings.mode == "budget":
             windows = self._search()
         plan = Plan(fingerprint, info, self.settings.window, self.methods, self.losses, self.step_losses, heads=heads,
-                    windows=windows)
+                    windows=windows, step_reuse=self.step_reuse)
         plan.flops_kept = flops_kept(plan, self.layers, self.timeline)
         return plan
 
@@ -467,10 +539,14 @@ class Calibration:
         while len(self.local_errors) < self.steps:  # steps the sampler never evaluated: nothing to compress
             self.local_errors.append({})
         measured = sum(len(step) for step in self.local_errors)
-        cells = allocate(self.local_errors, self.layers, self.settings.delta ** 2 * measured, AGES)
+        reuse = self._step_reuse() if self.settings.step_reuse else None
+        allocation = allocate(self.local_errors, self.layers, self.settings.delta ** 2 * measured, AGES, reuse)
+        cells = allocation.cells
         self.methods = [[cell.technique for cell in row] for row in cells]
         self.losses = [[math.sqrt(cell.error) if cell.technique != "full" else None for cell in row] for row in cells]
-        self.step_losses = [math.sqrt(sum(cell.error for cell in row)) for row in cells]
+        self.step_losses = [math.sqrt(sum(cell.error for cell in row) + reused)
+                            for row, reused in zip(cells, allocation.reuse_errors, strict=True)]
+        self.step_reuse = allocation.step_reuse if any(allocation.step_reuse) else []
         windows = [[None if cell.fraction in (None, self.settings.window.fraction) else cell.fraction for cell in row]
                    for row in cells]
         return windows if any(fraction is not None for row in windows for fraction in row) else []
@@ -499,6 +575,9 @@ def flops_kept(plan: Plan, layers: list[LayerSlot], timeline: Timeline) -> float
     (a full step that caches a residual also pays for the window)."""
     computed = full = 0.0
     for step, row in enumerate(plan.methods):
+        if plan.step_reuse and plan.step_reuse[step] is not None:  # a skipped step computes no attention
+            full += sum(slot.full_flops for slot in layers)
+            continue
         for layer, (name, slot) in enumerate(zip(row, layers, strict=True)):
             full += slot.full_flops
             computed += slot.cost(name, plan.heads_of(step, layer), plan.window_of(step, layer).fraction)
@@ -515,7 +594,7 @@ def _listed(heads: HeadSet) -> list[int] | None:
 def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int, steps: int, cfg: float,
               sampler: str, scheduler: str, settings: Settings) -> tuple[Plan, torch.Tensor]:
     """Sample once while calibrating; returns the plan and the run's final latent."""
-    calibration = Calibration(settings, steps)
+    calibration = Calibration(settings, steps, sum(p.numel() for p in model.model.diffusion_model.parameters()))
     patched = install(model, CalibrationMethod(calibration))
     # Outside the runtime's APPLY_MODEL wrapper, so that every trial is a forward of its own.
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL

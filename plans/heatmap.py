@@ -1,6 +1,7 @@
 """A plan as a picture: technique per layer (rows) x step (columns), a legend with each
 technique's share of the cells, and the attention FLOPs the plan keeps. A per-head cell is
-filled in its window colour up to the share of the layer's heads it windows, grey above."""
+filled in its window colour up to the share of the layer's heads it windows, grey above. Steps
+skipped by step reuse are marked in a strip above their column (the whole model skipped)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ LABELS = {
     "wars+asc": "window + residual + CFG sharing",
     "ast": "step sharing (reuse)",
 }
+STEP_REUSE_COLOURS = {"reuse": (150, 60, 200), "forecast": (220, 80, 160)}
 BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
 MARGIN, LABEL_WIDTH, FONT_SIZE = 16, 70, 14
 
@@ -35,9 +37,10 @@ def render_heatmap(plan: Plan) -> Image.Image:
     line = FONT_SIZE + 6
     grid_width, grid_height = cell * steps, cell * layers
     width = max(MARGIN * 2 + LABEL_WIDTH + grid_width, 520)
-    title_height = 2 * line + MARGIN
+    strip = cell // 2 + 2 if plan.reuses_steps else 0  # the step reuse strip above the grid
+    title_height = 2 * line + MARGIN + strip
     legend_top = title_height + grid_height + line + MARGIN
-    legend_lines = len(TECHNIQUES) + (1 if plan.per_head else 0)
+    legend_lines = len(TECHNIQUES) + (1 if plan.per_head else 0) + (len(STEP_REUSE_COLOURS) if strip else 0)
     height = legend_top + line * legend_lines + MARGIN
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -53,6 +56,10 @@ def render_heatmap(plan: Plan) -> Image.Image:
             unwindowed = round((cell - 2) * (1 - plan.windowed_share(step, layer)))
             if plan.heads_of(step, layer) is not None and unwindowed > 0:  # some heads windowed: grey above
                 draw.rectangle((x + 1, y + 1, x + cell - 2, y + unwindowed), fill=COLOURS["full"])
+    for step, how in enumerate(plan.step_reuse):
+        if how is not None:
+            x = left + step * cell
+            draw.rectangle((x, top - strip, x + cell - 1, top - 3), fill=STEP_REUSE_COLOURS[how])
     label_every = max(1, round(FONT_SIZE / cell))
     for layer in range(0, layers, label_every):
         kind = plan.fingerprint.layers[layer].kind
@@ -64,10 +71,17 @@ def render_heatmap(plan: Plan) -> Image.Image:
         y = legend_top + index * line
         draw.rectangle((MARGIN, y + 2, MARGIN + FONT_SIZE, y + 2 + FONT_SIZE), fill=COLOURS[name])
         draw.text((MARGIN + FONT_SIZE + 8, y), f"{LABELS[name]}: {counts[name] / total:.0%} of cells", fill=INK, font=font)
+    y = legend_top + len(TECHNIQUES) * line
     if plan.per_head:
-        y = legend_top + len(TECHNIQUES) * line
         draw.text((MARGIN, y), "part-filled cell: window on that share of heads, full on the rest", fill=INK,
                   font=font)
+        y += line
+    for how, colour in STEP_REUSE_COLOURS.items() if strip else ():
+        draw.rectangle((MARGIN, y + 2, MARGIN + FONT_SIZE, y + 2 + FONT_SIZE // 2), fill=colour)
+        shown = "prediction reused" if how == "reuse" else "prediction forecast"
+        draw.text((MARGIN + FONT_SIZE + 8, y), f"step skipped, {shown} (strip above the column): "
+                  f"{plan.step_reuse.count(how)} of {steps} steps", fill=INK, font=font)
+        y += line
     return image
 
 

@@ -5,7 +5,11 @@ A cell may window only some of the layer's heads (a per-head plan, schema versio
 lists, per (step, layer), the heads that use the window; the others compute full attention.
 A cell may also use its own window size (schema version 3, from the budget search, which tries
 several): `windows` lists, per (step, layer), the window fraction of a window cell, or null for the
-plan's window. Plans use the lowest version their content needs, so older FastAttn reads them.
+plan's window. A step may skip the model altogether (schema version 4, budget search with step reuse):
+`step_reuse` lists, per step, null or how the step takes its prediction from earlier steps ("reuse" or
+"forecast", patching/step_reuse.py); its compressible layers are marked step sharing ("ast"), which is
+what they do should the call have no prediction to reuse. Plans use the lowest version their content
+needs, so older FastAttn reads them.
 
 A plan answers DiTFastAttn's two questions (`choose`, `residual_window`) like a hand-set
 Schedule does, mapping a sampling step to the plan step calibrated at the nearest NOISE LEVEL (the
@@ -25,10 +29,11 @@ from ..patching.ditfastattn import (
     SELF_ATTENTION_KINDS as WINDOWED_KINDS,  # layers any technique may act on; cross / text stay full
 )
 from ..patching.schedule import Choice, WindowSize
+from ..patching.step_reuse import STEP_REUSE
 from ..patching.timeline import Timeline
 
 FORMAT = "fastattn-plan"
-VERSION = 3  # 2 added per-head cells ("heads"), 3 per-cell window sizes ("windows"); older plans load unchanged
+VERSION = 4  # 2 added per-head cells ("heads"), 3 per-cell window sizes ("windows"), 4 step reuse ("step_reuse")
 
 # The candidates of the DiTFastAttn paper (Yuan et al., NeurIPS 2024; docs/plans.md), in the order greedy search tries them.
 # ast: attention sharing across timesteps; wars: window attention + residual sharing;
@@ -97,6 +102,7 @@ class Plan:
     flops_kept: float = 1.0  # attention FLOPs computed / full, over the calibration run
     heads: list[list[list[int] | None]] = field(default_factory=list)  # [plan step][layer] -> windowed heads
     windows: list[list[float | None]] = field(default_factory=list)  # [plan step][layer] -> window fraction
+    step_reuse: list[str | None] = field(default_factory=list)  # [plan step] -> "reuse", "forecast" or None
 
     def __post_init__(self) -> None:
         self._tables: dict[Timeline, list[list[Choice]]] = {}
@@ -125,6 +131,18 @@ class Plan:
     @property
     def steps(self) -> int:
         return len(self.methods)
+
+    @property
+    def reuses_steps(self) -> bool:
+        return any(how is not None for how in self.step_reuse)
+
+    def step_reuse_of(self, step: int, timeline: Timeline) -> str | None:
+        """How the run's `step` reuses earlier predictions (None: it runs the model), from the plan step
+        calibrated at the nearest noise level."""
+        if not self.step_reuse or not 0 <= step < timeline.steps:
+            return None
+        plan_steps, _ = self.step_map(timeline)
+        return self.step_reuse[plan_steps[step]]
 
     @property
     def shares_cfg(self) -> bool:
@@ -188,7 +206,7 @@ class Plan:
     def to_json(self) -> str:
         data = {
             "format": FORMAT,
-            "version": 3 if self.windows else 2 if self.per_head else 1,
+            "version": 4 if self.reuses_steps else 3 if self.windows else 2 if self.per_head else 1,
             "model": {"architecture": self.fingerprint.architecture,
                       "layers": [asdict(layer) for layer in self.fingerprint.layers]},
             "calibration": asdict(self.calibration),
@@ -202,6 +220,8 @@ class Plan:
             data["heads"] = self.heads
         if self.windows:
             data["windows"] = self.windows
+        if self.reuses_steps:
+            data["step_reuse"] = self.step_reuse
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -245,8 +265,13 @@ class Plan:
         _require(isinstance(flops_kept, (int, float)), "flops_kept must be a number")
         heads = _heads(data.get("heads", []), methods, fingerprint)
         windows = _windows(data.get("windows", []), methods)
+        step_reuse = data.get("step_reuse", [])
+        _require(step_reuse == [] or (isinstance(step_reuse, list) and len(step_reuse) == len(methods)
+                                      and all(how is None or how in STEP_REUSE for how in step_reuse)),
+                 f"step_reuse must list, for every step, null or one of {', '.join(STEP_REUSE)}")
+        _require(not step_reuse or step_reuse[0] is None, "step 0 cannot reuse a step: nothing was computed before it")
         return cls(fingerprint, info, size, methods, data.get("losses", []), data.get("step_losses", []),
-                   float(flops_kept), heads, windows)
+                   float(flops_kept), heads, windows, step_reuse)
 
 
 def _heads(heads, methods: list[list[str]], fingerprint: Fingerprint) -> list[list[list[int] | None]]:

@@ -14,12 +14,18 @@ cached for: one window per residual, paid for once at the full step). Lambda is 
 cheapest plan whose summed error stays within the budget. Layers are independent for a given
 lambda (their errors add), so the allocation is a Lagrangian relaxation of the knapsack over all
 (step, layer) cells: error goes where it buys the most time, early or late, in whichever layer.
+
+Step reuse (optional) skips a whole step: no layer computes, and the model's prediction comes from
+earlier steps (patching/step_reuse.py). It couples the layers, so for each lambda the search first
+solves the layers alone, then walks the steps and skips a step where its own error (in the same
+units as the cells', StepReuse) weighs less than what the step would cost and err with the layers'
+choices, and solves the layers again with those steps skipped (their ages growing over them).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .costs import LayerSlot
 
@@ -33,6 +39,36 @@ class Cell:
     technique: str
     fraction: float | None = None  # the window of a window cell
     error: float = 0.0  # relative squared error measured for this choice
+    price: float = 0.0  # its price / the layer's full price (a full step's cached residual included)
+
+
+FULL = Cell("full", price=1.0)
+
+
+@dataclass(frozen=True)
+class StepReuse:
+    """What skipping whole steps errs and saves. `errors[(step, last, before)]`: the error of answering
+    `step` from the prediction of step `last` (before = -1: reuse) or extrapolated from steps `last` and
+    `before` (forecast), converted into the cells' units (the summed local error that errs the model
+    output as much); `saving`: the rest of a forward (all but the compressible layers' attention), in
+    units of one layer's full attention price."""
+
+    errors: dict[tuple[int, int, int], float] = field(default_factory=dict)
+    saving: float = 0.0
+
+    def best(self, step: int, last: int, before: int | None) -> tuple[str, float] | None:
+        """The step reuse of least error at `step` after computing `last` (and `before`), if measured."""
+        found = [("reuse", self.errors.get((step, last, -1))),
+                 ("forecast", None if before is None else self.errors.get((step, last, before)))]
+        found = [(how, error) for how, error in found if error is not None]
+        return min(found, key=lambda option: option[1], default=None)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    cells: list[list[Cell]]  # [step][layer]
+    step_reuse: list[str | None]  # [step] -> how a skipped step takes its prediction; None where it computes
+    reuse_errors: list[float]  # [step] -> a skipped step's error (cells' units); 0 where it computes
 
 
 @dataclass(frozen=True)
@@ -51,18 +87,24 @@ class _Path:
 
 
 def layer_choices(errors: list[dict[Candidate, float]], slot: LayerSlot, weight: float,
-                  ages: int) -> tuple[list[Cell], float, float]:
+                  ages: int, skipped: frozenset[int] = frozenset()) -> tuple[list[Cell], float, float]:
     """The choices of one layer over the steps (step 0 full: nothing is cached before it)
-    minimising price / full price + weight x error; with their summed price and error."""
+    minimising price / full price + weight x error; with their summed price and error. At `skipped`
+    steps (step reuse) the layer does not run: a free step-sharing cell, its caches aging."""
     cap = ages + 1
     full = slot.price("full") or 1.0
     # state (since full, since computed, residual window) -> (objective, price, error, path)
-    frontier: dict[tuple, tuple[float, float, float, _Path]] = {(1, 1, None): (1.0, 1.0, 0.0, _Path(Cell("full"), None))}
-    for options in errors[1:]:
+    frontier: dict[tuple, tuple[float, float, float, _Path]] = {(1, 1, None): (1.0, 1.0, 0.0, _Path(FULL, None))}
+    for step, options in enumerate(errors[1:], start=1):
         reached: dict[tuple, tuple[float, float, float, _Path]] = {}
         for (since_full, since_computed, residual), (objective, price, error, path) in frontier.items():
             later = min(since_full + 1, cap)
-            moves = [(Cell("full"), 1.0, (1, 1, None))]
+            if step in skipped:
+                state = (later, min(since_computed + 1, cap), residual)
+                if state not in reached or objective < reached[state][0]:
+                    reached[state] = (objective, price, error, _Path(Cell("ast"), path))
+                continue
+            moves = [(FULL, 1.0, (1, 1, None))]
             for (name, fraction, age), cell_error in options.items():
                 if name == "full+asc":
                     state = (later, 1, residual)
@@ -75,7 +117,7 @@ def layer_choices(errors: list[dict[Candidate, float]], slot: LayerSlot, weight:
                 cost = slot.price(name, fraction or None) / full
                 if name.startswith("wars") and residual is None:  # the full step cached this window's residual
                     cost += slot.price("wars", fraction) / full
-                moves.append((Cell(name, fraction or None, cell_error), cost, state))
+                moves.append((Cell(name, fraction or None, cell_error, cost), cost, state))
             for cell, cost, state in moves:
                 value = objective + cost + weight * cell.error
                 if state not in reached or value < reached[state][0]:
@@ -86,15 +128,23 @@ def layer_choices(errors: list[dict[Candidate, float]], slot: LayerSlot, weight:
 
 
 def allocate(errors: list[dict[int, dict[Candidate, float]]], slots: list[LayerSlot], budget: float,
-             ages: int) -> list[list[Cell]]:
-    """Cells [step][layer] of the cheapest plan (by bisection on lambda) whose summed error across
-    all measured (step, layer) cells is within `budget`; layers never measured stay full."""
+             ages: int, reuse: StepReuse | None = None) -> Allocation:
+    """The cheapest plan (by bisection on lambda) whose summed error across all measured (step, layer)
+    cells, and skipped steps, is within `budget`; layers never measured stay full."""
     measured = sorted({layer for step in errors for layer in step})
 
-    def solve(weight: float) -> tuple[dict[int, list[Cell]], float]:
-        chosen = {layer: layer_choices([step.get(layer, {}) for step in errors], slots[layer], weight, ages)
-                  for layer in measured}
-        return {layer: cells for layer, (cells, _, _) in chosen.items()}, sum(error for _, _, error in chosen.values())
+    def layers(weight: float, skipped: dict[int, tuple[str, float]]) -> tuple[dict[int, list[Cell]], float]:
+        chosen = {layer: layer_choices([step.get(layer, {}) for step in errors], slots[layer], weight, ages,
+                                       frozenset(skipped)) for layer in measured}
+        error = sum(error for _, _, error in chosen.values()) + sum(error for _, error in skipped.values())
+        return {layer: cells for layer, (cells, _, _) in chosen.items()}, error
+
+    def solve(weight: float) -> tuple[tuple[dict[int, list[Cell]], dict[int, tuple[str, float]]], float]:
+        chosen, error = layers(weight, {})
+        skipped = _skipped_steps(chosen, reuse, weight, len(errors), ages) if reuse is not None else {}
+        if skipped:
+            chosen, error = layers(weight, skipped)
+        return (chosen, skipped), error
 
     low, high = (math.log(weight) for weight in WEIGHTS)
     best, error = solve(math.exp(low))
@@ -107,5 +157,25 @@ def allocate(errors: list[dict[int, dict[Candidate, float]]], slots: list[LayerS
                 best, high = found, middle
             else:
                 low = middle
-    return [[best[layer][step] if layer in best else Cell("full") for layer in range(len(slots))]
-            for step in range(len(errors))]
+    chosen, skipped = best
+    steps = range(len(errors))
+    return Allocation([[chosen[layer][step] if layer in chosen else FULL for layer in range(len(slots))]
+                       for step in steps], [skipped[step][0] if step in skipped else None for step in steps],
+                      [skipped[step][1] if step in skipped else 0.0 for step in steps])
+
+
+def _skipped_steps(chosen: dict[int, list[Cell]], reuse: StepReuse, weight: float, steps: int,
+                   ages: int) -> dict[int, tuple[str, float]]:
+    """Steps to skip, walked in order: a step is skipped where its step reuse's weighted error is
+    below what running it costs with the layers' own choices (the rest of the forward, plus each
+    layer's price and weighted error there); reuse reads at most `ages` steps back."""
+    skipped: dict[int, tuple[str, float]] = {}
+    last, before = 0, None
+    for step in range(1, steps):
+        running = reuse.saving + sum(cells[step].price + weight * cells[step].error for cells in chosen.values())
+        option = reuse.best(step, last, before) if step - last <= ages else None
+        if option is not None and weight * option[1] < running:
+            skipped[step] = option
+        else:
+            last, before = step, last
+    return skipped

@@ -87,7 +87,7 @@ def test_the_dynamic_program_finds_the_brute_force_optimum(seed, weight):
     errors = random_errors(seed, steps=5, ages=3)
     cells, price, error = search.layer_choices(errors, SLOT, weight, ages=3)
     assert price + weight * error == pytest.approx(brute_force(errors, weight, ages=3), rel=1e-12)
-    assert cells[0] == search.Cell("full") and len(cells) == 5
+    assert cells[0] == search.FULL and len(cells) == 5
 
 
 def test_a_residual_serves_the_one_window_it_was_cached_for():
@@ -96,7 +96,7 @@ def test_a_residual_serves_the_one_window_it_was_cached_for():
     errors = [{}, {("wars", 0.125, 1): 0.0, ("wars", 0.0625, 1): 10.0},
               {("wars", 0.125, 2): 10.0, ("wars", 0.0625, 2): 0.0}]
     cells, price, error = search.layer_choices(errors, SLOT, 1.0, ages=3)
-    assert cells == [search.Cell("full"), search.Cell("wars", 0.125, 0.0), search.Cell("full")]
+    assert cells == [search.FULL, search.Cell("wars", 0.125, 0.0, 0.35 * 2), search.FULL]
     assert price + error == pytest.approx(brute_force(errors, 1.0, ages=3)) == pytest.approx(1 + 0.35 * 2 + 1)
 
 
@@ -105,12 +105,44 @@ def test_the_budget_is_met_and_a_larger_one_never_costs_more():
     by_layer = [{0: step, 1: {key: 2 * value for key, value in step.items()}} for step in errors]
     prices = []
     for budget in (0.0, 0.3, 1.0, 3.0, 100.0):
-        cells = search.allocate(by_layer, [SLOT, SLOT], budget, ages=4)
+        cells = search.allocate(by_layer, [SLOT, SLOT], budget, ages=4).cells
         spent = sum(cell.error for row in cells for cell in row)
         assert spent <= budget
         prices.append(sum(SLOT.price(cell.technique, cell.fraction) for row in cells for cell in row))
     assert prices == sorted(prices, reverse=True) and prices[0] > prices[-1]
-    assert all(cell.technique == "full" for row in search.allocate(by_layer, [SLOT, SLOT], 0.0, 4) for cell in row)
+    assert all(cell.technique == "full" for row in search.allocate(by_layer, [SLOT, SLOT], 0.0, 4).cells
+               for cell in row)
+
+
+def _two_layers(steps: int) -> list[dict]:
+    errors = random_errors(3, steps=steps, ages=4)
+    return [{0: step, 1: step} for step in errors]
+
+
+def test_a_step_reused_without_error_is_skipped_and_its_layers_wait():
+    """Step 2's prediction equals step 1's: skipping it errs nothing, so even a zero budget skips it; its
+    layers run nothing there, and step sharing at step 3 reads outputs two steps old."""
+    reuse = search.StepReuse({(2, 1, -1): 0.0, (3, 1, -1): 50.0}, saving=3.0)
+    found = search.allocate(_two_layers(5), [SLOT, SLOT], 0.0, ages=4, reuse=reuse)
+    assert found.step_reuse == [None, None, "reuse", None, None] and found.reuse_errors[2] == 0.0
+    assert found.cells[2] == [search.Cell("ast"), search.Cell("ast")]
+    assert all(cell == search.FULL for step in (0, 1, 3, 4) for cell in found.cells[step])
+
+
+def test_a_step_reuse_is_weighed_against_the_layers_choices_within_the_budget():
+    errors = _two_layers(6)
+    reuse = search.StepReuse({(step, last, before): 0.3 * (step - last) + 0.1 * (before < 0)
+                              for step in range(1, 6) for last in range(step) for before in range(-1, last)}, 2.0)
+    prices = []
+    for budget in (0.0, 0.5, 2.0, 8.0):
+        found = search.allocate(errors, [SLOT, SLOT], budget, ages=4, reuse=reuse)
+        assert sum(cell.error for row in found.cells for cell in row) + sum(found.reuse_errors) <= budget + 1e-12
+        assert found.step_reuse[0] is None
+        prices.append(sum(cell.price for row in found.cells for cell in row)
+                      + reuse.saving * sum(how is None for how in found.step_reuse))
+    assert prices == sorted(prices, reverse=True) and prices[0] > prices[-1]
+    assert search.allocate(errors, [SLOT, SLOT], 8.0, ages=4, reuse=reuse).step_reuse.count(None) < 6  # it skips
+    assert search.allocate(errors, [SLOT, SLOT], 8.0, ages=4).step_reuse == [None] * 6  # not offered: never
 
 
 # --- on a controlled model --------------------------------------------------------------------
