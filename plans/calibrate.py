@@ -592,7 +592,7 @@ def _listed(heads: HeadSet) -> list[int] | None:
 
 
 def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int, steps: int, cfg: float,
-              sampler: str, scheduler: str, settings: Settings) -> tuple[Plan, torch.Tensor]:
+              sampler: str, scheduler: str, settings: Settings, denoise: float = 1.0) -> tuple[Plan, torch.Tensor]:
     """Sample once while calibrating; returns the plan and the run's final latent."""
     calibration = Calibration(settings, steps, sum(p.numel() for p in model.model.diffusion_model.parameters()))
     patched = install(model, CalibrationMethod(calibration))
@@ -604,12 +604,12 @@ def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int,
     latent_image = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     samples = comfy.sample.sample(patched, noise, steps, cfg, sampler, scheduler, positive, negative, latent_image,
-                                  noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed)
+                                  noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed, denoise=denoise)
     info = CalibrationInfo(steps, sampler, scheduler, cfg, calibration.grid, latent_image.shape[0], seed, settings.delta,
                            settings.mode)
     plan = calibration.plan(info)
     if settings.mode == "budget":  # the run measured with full attention: sample again, with the plan
         samples = comfy.sample.sample(install(model, PlannedAttention(plan)), noise, steps, cfg, sampler, scheduler,
                                       positive, negative, latent_image, noise_mask=latent.get("noise_mask"),
-                                      disable_pbar=True, seed=seed)
+                                      disable_pbar=True, seed=seed, denoise=denoise)
     return plan, samples

@@ -1,12 +1,18 @@
 """Calibrated plans on the demo model against a uniform window + residual at equal measured time:
 speed and faithfulness on held-out prompts, and calibration time, per search mode and delta.
 
-Every contestant (full attention, each plan, a grid of uniform window + residual settings, core
-LazyCache at a few thresholds) samples each held-out caption `--rounds` times, the contestants'
+Every contestant (full attention, each plan, a grid of uniform window + residual settings, and the
+caching baselines: core LazyCache, core EasyCache where it can hook the model, and a first-block
+cache (TeaCache / WaveSpeed style, tests/benchmarks/first_block_cache.py), each at a few thresholds)
+samples each held-out caption `--rounds` times, the contestants'
 order rotated every round (interleaved, so load on the machine falls on all alike); speed is the
 median time of full attention / the median time of the contestant, per caption, then the median
 over captions. Each plan is then set beside the uniform settings: the best PSNR any uniform setting
-reaches at least as fast as the plan (measured), and the uniform setting nearest the plan's speed.
+reaches at least as fast as the plan (measured), and the uniform setting nearest the plan's speed;
+and beside the caching baselines: the best PSNR of each baseline at least as fast as the plan.
+Core EasyCache hooks the model's forward through DIFFUSION_MODEL wrappers, which not every model
+calls (the host's MMDiT, the demo model's class, does not): the script checks, and leaves EasyCache
+out with a message where its hook never runs.
 
 The demo model loads through ComfyUI's own loader and samples through ComfyUI's sampler (euler,
 simple, CFG 4, float32). Each plan is calibrated on CALIBRATION_CAPTIONS (a batch of seeds), then
@@ -15,13 +21,14 @@ on the same caption and seed. Calibration time is in units of one baseline sampl
 calibration batch. Budget plans price candidates by measured time (`--cost`).
 
 Run: `python tests/benchmarks/run_all.py calibration` (defaults: 1024 image tokens, 10 steps,
-budget and fast, deltas 0.05 0.1 0.15: about 20 minutes on 2 CPU cores), or e.g.
+budget and fast, deltas 0.05 0.1 0.15: about 25 minutes on 2 CPU cores), or e.g.
 `python tests/benchmarks/bench_calibration.py --size 64 --steps 20 --modes budget --deltas 0.1`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -32,10 +39,12 @@ if __name__ == "__main__" and "harness" not in sys.modules:  # run directly: fin
 
 from harness import pack_import  # noqa: E402, I001  (loads ComfyUI and the pack first)
 from harness.models import sample  # noqa: E402
+import comfy.patcher_extension  # noqa: E402
 import comfy.sd  # noqa: E402
 import nodes as host_nodes  # noqa: E402
 import torch  # noqa: E402
-from comfy_extras.nodes_easycache import LazyCacheNode  # noqa: E402
+from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode  # noqa: E402
+from first_block_cache import first_block_cache  # noqa: E402  (tests/benchmarks, beside this script)
 
 demo = pack_import("demo")
 workflows = pack_import("demo.workflows")
@@ -47,6 +56,10 @@ plans = pack_import("plans")
 
 CFG = workflows.SAMPLER["cfg"]
 LAZY_THRESHOLDS = (0.2, 0.5)  # core LazyCache's reuse threshold (its default: 0.2)
+EASY_THRESHOLDS = (0.2,)  # core EasyCache's reuse threshold (its default: 0.2)
+# First-block cache: summed relative change of the first block's residual allowed before a full call;
+# at 1024 tokens and 10 steps these ran 6, 5, 3 and 2 of 10 calls in full (about 1.4x - 2.5x).
+FBC_THRESHOLDS = (0.2, 0.4, 1.0, 2.0)
 UNIFORM_FRACTIONS = (0.03, 0.06, 0.125, 0.25)  # uniform window + residual settings, the example's 0.125 among them
 UNIFORM_REFRESH = (2, 4)
 CALIBRATION_CAPTIONS = ("a red circle and a blue square on a striped green background",)
@@ -78,6 +91,28 @@ def _uniform(model, fraction: float, refresh: int):
     return host_nodes.NODE_CLASS_MAPPINGS["FastAttnWindowResidual"].execute(model, **inputs).result[0]
 
 
+def _core_cache(node, model, threshold: float):
+    """Core LazyCache or EasyCache at `threshold`, between their default start and end percent."""
+    return node.execute(model, threshold, 0.15, 0.95, False).result[0]
+
+
+def easycache_hooks(model, positive, size: int) -> bool:
+    """Whether core EasyCache's hook runs on this model: EasyCache acts in a DIFFUSION_MODEL wrapper,
+    which only some model classes call; a counting wrapper of that kind beside it on the EasyCache
+    clone says whether wrappers there run at all (where they never do, EasyCache is full attention
+    under another name)."""
+    probe = _core_cache(EasyCacheNode, model, EASY_THRESHOLDS[0])
+    calls = []
+
+    def count(executor, *args, **kwargs):
+        calls.append(1)
+        return executor(*args, **kwargs)
+
+    probe.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench_probe", count)
+    _timed(probe, positive, _latent(1, size), 1, 0)
+    return bool(calls)
+
+
 Row = tuple[float, float, float, str]  # speedup (median), PSNR dB (mean), SSIM (mean), attention FLOPs kept
 
 
@@ -87,7 +122,8 @@ def interleaved(contestants: dict[str, object], rounds: int, steps: int, size: i
     names = list(contestants)
     seconds = {name: {caption: [] for caption, _ in HELD_OUT} for name in names}
     images: dict[tuple[str, str], torch.Tensor] = {}
-    kept: dict[str, str] = dict.fromkeys(names, "100%")
+    kept: dict[str, str] = dict.fromkeys(names, "-")  # "-": not the pack's (caches skip whole calls)
+    kept[names[0]] = "100%"
     for caption, seed in HELD_OUT:
         positive = _encode(caption)
         for turn in range(rounds):
@@ -123,6 +159,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--uniform-refresh", nargs="+", type=int, default=list(UNIFORM_REFRESH))
     parser.add_argument("--lazy-thresholds", nargs="*", type=float, default=list(LAZY_THRESHOLDS),
                         help="core LazyCache reuse thresholds (none: leave LazyCache out)")
+    parser.add_argument("--easy-thresholds", nargs="*", type=float, default=list(EASY_THRESHOLDS),
+                        help="core EasyCache reuse thresholds (none: leave EasyCache out; left out anyway "
+                             "where its hook never runs on the model)")
+    parser.add_argument("--fbc-thresholds", nargs="*", type=float, default=list(FBC_THRESHOLDS),
+                        help="first-block cache thresholds (none: leave it out)")
     parser.add_argument("--save-plans", type=Path, default=None, help="write each plan's JSON into this folder")
     args = parser.parse_args(argv)
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.DIT_FILE))
@@ -158,9 +199,21 @@ def main(argv: list[str]) -> None:
         for fraction in args.uniform_fractions:
             uniform_names.append(f"uniform W+R window {fraction:g}, refresh {refresh}")
             contestants[uniform_names[-1]] = _uniform(model, fraction, refresh)
-    for threshold in args.lazy_thresholds:
-        contestants[f"core LazyCache {threshold:g}"] = LazyCacheNode.execute(model, threshold, 0.15, 0.95,
-                                                                             False).result[0]
+    easy_thresholds = args.easy_thresholds
+    if easy_thresholds and not easycache_hooks(model, calibration_positive, args.size):
+        print("core EasyCache left out: its DIFFUSION_MODEL wrapper never runs on this model "
+              f"({type(model.get_model_object('diffusion_model')).__name__} does not call those wrappers), "
+              "so it would sample exactly as full attention", flush=True)
+        easy_thresholds = []
+    makers = {"core LazyCache": (args.lazy_thresholds, functools.partial(_core_cache, LazyCacheNode, model)),
+              "core EasyCache": (easy_thresholds, functools.partial(_core_cache, EasyCacheNode, model)),
+              "first-block cache": (args.fbc_thresholds, functools.partial(first_block_cache, model))}
+    baselines: dict[str, list[str]] = {}  # the caching baselines' contestants per group
+    for group, (thresholds, make) in makers.items():
+        baselines[group] = []
+        for threshold in thresholds:
+            baselines[group].append(f"{group} {threshold:g}")
+            contestants[baselines[group][-1]] = make(threshold)
     print(f"{len(contestants)} contestants x {len(HELD_OUT)} captions x {args.rounds} rounds", flush=True)
     rows = interleaved(contestants, args.rounds, args.steps, args.size)
 
@@ -178,12 +231,37 @@ def main(argv: list[str]) -> None:
     print("|---|---|---|---|---|")
     for name in calibration_units:
         planned = rows[name]
-        faster = [uniform for uniform in uniform_names if rows[uniform][0] >= planned[0]]
-        best = max(faster, key=lambda uniform: rows[uniform][1], default=None)
+        best = best_as_fast(rows, uniform_names, planned[0])
         nearest = min(uniform_names, key=lambda uniform: abs(rows[uniform][0] - planned[0]))
-        gain = f"{planned[1] - rows[best][1]:+.1f} dB" if best else "no uniform setting as fast"
         best_cell = f"{best}: {_cell(rows[best])}" if best else "-"
-        print(f"| {name} | {_cell(planned)} | {best_cell} | {nearest}: {_cell(rows[nearest])} | {gain} |")
+        print(f"| {name} | {_cell(planned)} | {best_cell} | {nearest}: {_cell(rows[nearest])} | "
+              f"{_gain(rows, name, best, 'uniform setting')} |")
+    groups = [group for group, names in baselines.items() if names]
+    if not groups:
+        return
+    print(f"\nEach plan beside the caching baselines ({', '.join(groups)}) at equal measured time: the best "
+          "PSNR of each at least as fast as the plan (speedup, PSNR dB, SSIM, FLOPs kept), and the plan's PSNR gain:\n")
+    print("| plan | plan | " + " | ".join(f"best {group} at least as fast | gain" for group in groups)
+          + " | gain over the best baseline at least as fast |")
+    print("|---|---|" + "---|---|" * len(groups) + "---|")
+    for name in calibration_units:
+        planned = rows[name]
+        cells = []
+        for group in groups:
+            best = best_as_fast(rows, baselines[group], planned[0])
+            cells += [f"{best}: {_cell(rows[best])}" if best else "-",
+                      _gain(rows, name, best, "setting")]
+        overall = best_as_fast(rows, [baseline for group in groups for baseline in baselines[group]], planned[0])
+        print(f"| {name} | {_cell(planned)} | {' | '.join(cells)} | {_gain(rows, name, overall, 'baseline')} |")
+
+
+def best_as_fast(rows: dict[str, Row], names: list[str], speedup: float) -> str | None:
+    """The contestant among `names` with the best PSNR of those at least as fast as `speedup` (None: none is)."""
+    return max((name for name in names if rows[name][0] >= speedup), key=lambda name: rows[name][1], default=None)
+
+
+def _gain(rows: dict[str, Row], plan: str, rival: str | None, kind: str) -> str:
+    return f"{rows[plan][1] - rows[rival][1]:+.1f} dB" if rival else f"no {kind} as fast"
 
 
 def _cell(row: Row) -> str:
