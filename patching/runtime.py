@@ -362,7 +362,7 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     reuses = getattr(run.patch.method, "step_reuse", None) if stand_aside is None and bool((t > 0).all()) else None
     # A plan's step reuse (step_reuse.py): this call answered from earlier steps' predictions, if they are kept
     how = reuses(step, run.timeline) if reuses is not None else None
-    if how is not None and (out := step_reuse.reused(run, ids, step, x, t, how, run.timeline)) is not None:
+    if how is not None and (out := step_reuse.reused(run, ids, step, x, t, how)) is not None:
         run.report.count_reused(how, step, run.forward_flops.get(x.shape[0], 0))
         return out
     grid, text_len = adapter.image_grid(x.shape), adapter.text_len(c_crossattn, kwargs)

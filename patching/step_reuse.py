@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from .cache import CacheOwner, Entry, store_chunks
-from .timeline import Timeline
 
 STEP_REUSE = ("reuse", "forecast")  # how a plan step may take its prediction from earlier steps
 LAST, BEFORE = ("prediction", "last"), ("prediction", "before")  # cache keys: the last two computed
@@ -38,28 +37,29 @@ def store(run: CacheOwner, ids: tuple, step: int, x: torch.Tensor, denoised: tor
     for chunk_id in ids:
         if (*LAST, chunk_id) in run.cache:
             run.cache[(*BEFORE, chunk_id)] = run.cache[(*LAST, chunk_id)]
-    store_chunks(run, LAST, ids, step, noise_estimate(x, denoised, sigma), (tuple(x.shape[1:]),))
+    made_for = (tuple(x.shape[1:]), float(sigma.flatten()[0]))  # the shape it serves, the sigma it was made at
+    store_chunks(run, LAST, ids, step, noise_estimate(x, denoised, sigma), made_for)
 
 
-def reused(run: CacheOwner, ids: tuple, step: int, x: torch.Tensor, sigma: torch.Tensor, how: str,
-           timeline: Timeline) -> torch.Tensor | None:
+def reused(run: CacheOwner, ids: tuple, step: int, x: torch.Tensor, sigma: torch.Tensor,
+           how: str) -> torch.Tensor | None:
     """The denoised output this call gets by step reuse `how`, or None if the chunks lack what it reads
-    (predictions of earlier steps for this very shape; two of them to forecast)."""
-    made_for = (tuple(x.shape[1:]),)
+    (predictions of earlier steps for this very shape; two of them, made at one sigma each, to forecast)."""
     keys = (LAST, BEFORE) if how == "forecast" else (LAST,)
     found: list[list[Entry]] = []
     for key in keys:
         entries = [run.cache.get((*key, chunk_id)) for chunk_id in ids]
-        if any(entry is None or entry.step >= step or entry.made_for != made_for for entry in entries):
+        if any(entry is None or entry.step >= step or entry.made_for[0] != tuple(x.shape[1:]) for entry in entries):
             return None
         found.append(entries)
     estimate = torch.cat([entry.tensor for entry in found[0]])
     if how == "forecast":
-        last, before = found[0][0].step, found[1][0].step
-        if any(entry.step != last for entry in found[0]) or any(entry.step != before for entry in found[1]):
-            return None  # chunks computed at different steps: no one line through them
-        estimate = forecast(estimate, torch.cat([entry.tensor for entry in found[1]]),
-                            (timeline.sigmas[last], timeline.sigmas[before]), float(sigma.flatten()[0]))
+        made_at = [{entry.made_for[1] for entry in entries} for entries in found]
+        if any(len(sigmas) > 1 for sigmas in made_at) or made_at[0] == made_at[1]:
+            return None  # chunks computed at different noise levels: no one line through them
+        (at_last,), (at_before,) = made_at
+        estimate = forecast(estimate, torch.cat([entry.tensor for entry in found[1]]), (at_last, at_before),
+                            float(sigma.flatten()[0]))
     return x - _rows(sigma, x) * estimate.to(x.dtype)
 
 

@@ -591,6 +591,17 @@ def _listed(heads: HeadSet) -> list[int] | None:
     return None if heads is None else list(heads)
 
 
+def _own_sigmas(run: Timeline | None, scheduler: str, steps: int, sampler: str) -> tuple[float, ...]:
+    """The calibration run's noise levels where KSampler's schedule of `steps` would not rebuild them (denoise
+    below 1, custom sigmas), for the plan to map other runs onto; () where it would."""
+    if run is None:
+        return ()
+    rebuilt = Timeline.ksampler(run.model_sampling, scheduler, steps, sampler)
+    same = rebuilt is not None and len(rebuilt.sigmas) == len(run.sigmas) and all(
+        math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-8) for a, b in zip(rebuilt.sigmas, run.sigmas, strict=True))
+    return () if same else run.sigmas
+
+
 def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int, steps: int, cfg: float,
               sampler: str, scheduler: str, settings: Settings, denoise: float = 1.0) -> tuple[Plan, torch.Tensor]:
     """Sample once while calibrating; returns the plan and the run's final latent."""
@@ -606,7 +617,7 @@ def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int,
     samples = comfy.sample.sample(patched, noise, steps, cfg, sampler, scheduler, positive, negative, latent_image,
                                   noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed, denoise=denoise)
     info = CalibrationInfo(steps, sampler, scheduler, cfg, calibration.grid, latent_image.shape[0], seed, settings.delta,
-                           settings.mode)
+                           settings.mode, _own_sigmas(calibration.timeline, scheduler, steps, sampler))
     plan = calibration.plan(info)
     if settings.mode == "budget":  # the run measured with full attention: sample again, with the plan
         samples = comfy.sample.sample(install(model, PlannedAttention(plan)), noise, steps, cfg, sampler, scheduler,

@@ -33,7 +33,9 @@ from ..patching.step_reuse import STEP_REUSE
 from ..patching.timeline import Timeline
 
 FORMAT = "fastattn-plan"
-VERSION = 4  # 2 added per-head cells ("heads"), 3 per-cell window sizes ("windows"), 4 step reuse ("step_reuse")
+# 2 added per-head cells ("heads"), 3 per-cell window sizes ("windows"), 4 step reuse ("step_reuse") and the
+# calibration run's own noise levels ("calibration": {"sigmas"}, where KSampler's schedule would not give them)
+VERSION = 4
 
 # The candidates of the DiTFastAttn paper (Yuan et al., NeurIPS 2024; docs/plans.md), in the order greedy search tries them.
 # ast: attention sharing across timesteps; wars: window attention + residual sharing;
@@ -89,6 +91,9 @@ class CalibrationInfo:
     seed: int = 0
     delta: float = 0.0
     mode: str = ""
+    # the run's noise levels, where KSampler's schedule of `steps` and `scheduler` is not them (denoise below 1,
+    # custom sigmas); empty otherwise, so that plans of whole runs stay readable by older FastAttn
+    sigmas: tuple[float, ...] = ()
 
 
 @dataclass
@@ -153,8 +158,9 @@ class Plan:
         whether each is the very step (same noise level) of the calibration run: a whole run at the
         calibrated step count, or a part of one (a sampler of a split run). Where this host does not
         know the plan's scheduler: by position in the run."""
-        calibrated = Timeline.ksampler(timeline.model_sampling, self.calibration.scheduler, self.steps,
-                                       self.calibration.sampler)
+        calibrated = (Timeline.of(self.calibration.sigmas, timeline.model_sampling) if self.calibration.sigmas else
+                      Timeline.ksampler(timeline.model_sampling, self.calibration.scheduler, self.steps,
+                                        self.calibration.sampler))
         if calibrated is None:
             mapped = tuple(min(self.steps - 1, step * self.steps // timeline.steps) for step in range(timeline.steps))
             return mapped, timeline.steps == self.steps
@@ -206,10 +212,12 @@ class Plan:
     def to_json(self) -> str:
         data = {
             "format": FORMAT,
-            "version": 4 if self.reuses_steps else 3 if self.windows else 2 if self.per_head else 1,
+            "version": 4 if self.reuses_steps or self.calibration.sigmas else 3 if self.windows else 2 if self.per_head
+            else 1,
             "model": {"architecture": self.fingerprint.architecture,
                       "layers": [asdict(layer) for layer in self.fingerprint.layers]},
-            "calibration": asdict(self.calibration),
+            "calibration": {key: value for key, value in asdict(self.calibration).items()
+                            if key != "sigmas" or value},
             "window": {"shape": self.window.shape, "fraction": self.window.fraction},
             "methods": self.methods,
             "losses": self.losses,
@@ -243,7 +251,8 @@ class Plan:
         try:
             fingerprint = Fingerprint(str(model["architecture"]), tuple(
                 LayerInfo(str(layer["kind"]), int(layer["heads"]), int(layer["head_dim"])) for layer in layers))
-            info = CalibrationInfo(**{**calibration, "grid": tuple(calibration.get("grid", ()))})
+            info = CalibrationInfo(**{**calibration, "grid": tuple(calibration.get("grid", ())),
+                                      "sigmas": tuple(float(sigma) for sigma in calibration.get("sigmas", ()))})
             size = WindowSize(window["shape"], float(window["fraction"]))
         except (KeyError, TypeError, ValueError) as error:
             raise PlanError(f"the plan's model, calibration or window section is incomplete or wrong: {error}") from None

@@ -246,6 +246,26 @@ def test_a_split_run_and_denoise_use_the_plan_steps_of_their_noise_levels(model,
     assert "at other noise levels" in patching.patch_of(applied).last_report.warnings[0]
 
 
+def test_a_plan_calibrated_at_denoise_0_6_keeps_its_own_noise_levels(model):
+    """KSampler's schedule of 4 steps is not a denoise run's: the plan records the run's noise levels, so
+    the same run maps onto its own plan steps (no warning) and reproduces the calibration run; a whole run
+    at 4 steps maps onto the nearest of them."""
+    positive, negative, latent = _inputs()
+    plan, samples = plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
+                                    scheduler="simple", settings=plans.Settings(0.3, plans.CANDIDATES, WINDOW, "budget",
+                                                                                cost="flops"), denoise=0.6)
+    loaded = plans.Plan.from_json(plan.to_json())
+    assert len(loaded.calibration.sigmas) == STEPS + 1 and json.loads(plan.to_json())["version"] == 4
+    applied = patching.install(model, plans.PlannedAttention(loaded))
+    (out,) = host_nodes.KSampler().sample(applied, 3, STEPS, 3.0, "euler", "simple", positive, negative, latent,
+                                          denoise=0.6)
+    assert torch.equal(out["samples"], samples) and not patching.patch_of(applied).last_report.warnings
+    mapped, same = loaded.step_map(_timeline(model, STEPS))  # a whole run starts noisier than any plan step
+    assert not same and mapped[:2] == (0, 0) and list(mapped) == sorted(mapped)
+    whole, _ = _calibrate(model, "budget", 0.3)
+    assert "sigmas" not in json.loads(whole.to_json())["calibration"]  # a whole run's are KSampler's: not written
+
+
 def test_a_20_step_plan_at_30_steps_and_denoise_0_6_uses_the_nearest_noise_levels(model, calibrated):
     _, plan, _ = calibrated
     rotation = ("full", "ast", "wars", "wars+asc", "full+asc")  # layer 1's technique tells its plan step apart
