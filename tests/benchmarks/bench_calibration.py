@@ -113,7 +113,9 @@ def easycache_hooks(model, positive, size: int) -> bool:
     return bool(calls)
 
 
-Row = tuple[float, float, float, str]  # speedup (median), PSNR dB (mean), SSIM (mean), attention FLOPs kept
+# speedup (median), PSNR dB (of the captions' pooled squared error: one caption identical to full attention
+# does not make it infinite), SSIM (mean), attention FLOPs kept
+Row = tuple[float, float, float, str]
 
 
 def interleaved(contestants: dict[str, object], rounds: int, steps: int, size: int) -> dict[str, Row]:
@@ -141,7 +143,7 @@ def interleaved(contestants: dict[str, object], rounds: int, steps: int, size: i
         speedups = [statistics.median(seconds[full][caption]) / statistics.median(seconds[name][caption])
                     for caption, _ in HELD_OUT]
         pairs = [(images[(name, caption)], images[(full, caption)]) for caption, _ in HELD_OUT]
-        rows[name] = (statistics.median(speedups), statistics.fmean(metrics.psnr(*pair) for pair in pairs),
+        rows[name] = (statistics.median(speedups), metrics.psnr(*(torch.stack(side) for side in zip(*pairs, strict=True))),
                       statistics.fmean(metrics.ssim(*pair) for pair in pairs), kept[name])
     return rows
 
@@ -164,6 +166,8 @@ def main(argv: list[str]) -> None:
                              "where its hook never runs on the model)")
     parser.add_argument("--fbc-thresholds", nargs="*", type=float, default=list(FBC_THRESHOLDS),
                         help="first-block cache thresholds (none: leave it out)")
+    parser.add_argument("--step-reuse", action="store_true",
+                        help="also budget plans with step reuse (whole steps skipped) at each delta")
     parser.add_argument("--save-plans", type=Path, default=None, help="write each plan's JSON into this folder")
     args = parser.parse_args(argv)
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.DIT_FILE))
@@ -180,19 +184,22 @@ def main(argv: list[str]) -> None:
 
     contestants: dict[str, object] = {"full attention": model}
     calibration_units: dict[str, str] = {}
-    for mode in args.modes:
+    searches = [(mode, False) for mode in args.modes] + [("budget", True)] * args.step_reuse
+    for mode, reuse in searches:
         for delta in args.deltas:
-            settings = plans.Settings(delta, plans.CANDIDATES, mode=mode, cost=args.cost)
-            name = f"{mode} plan, delta {delta:g}"
+            settings = plans.Settings(delta, plans.CANDIDATES, mode=mode, cost=args.cost, step_reuse=reuse)
+            name = f"{mode}{' + step reuse' if reuse else ''} plan, delta {delta:g}"
             start = time.perf_counter()
             plan, _ = plans.calibrate(model, calibration_positive, _encode(""), calibration_latent, seed=0,
                                       steps=args.steps, cfg=CFG, sampler="euler", scheduler="simple",
                                       settings=settings)
             calibration_units[name] = f"{(time.perf_counter() - start) / baseline_run:.1f}"
-            print(f"{name}: calibrated in {calibration_units[name]} baseline runs, {plan.counts()}", flush=True)
+            skipped = f", steps skipped {[how for how in plan.step_reuse]}" if plan.reuses_steps else ""
+            print(f"{name}: calibrated in {calibration_units[name]} baseline runs, {plan.counts()}{skipped}",
+                  flush=True)
             if args.save_plans is not None:
                 args.save_plans.mkdir(parents=True, exist_ok=True)
-                (args.save_plans / f"demo_{mode}_{delta:g}.json").write_text(plan.to_json())
+                (args.save_plans / f"demo_{mode}{'_reuse' * reuse}_{delta:g}.json").write_text(plan.to_json())
             contestants[name] = patching.install(model, plans.PlannedAttention(plan))
     uniform_names = []
     for refresh in args.uniform_refresh:

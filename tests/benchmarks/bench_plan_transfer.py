@@ -9,9 +9,9 @@ seeds). A run at denoise below 1 is a second pass: it starts from the full-atten
 run at the same step count, caption and another seed, as an image-to-image pass would. Every plan is
 applied to held-out captions (`--captions`, never seen in calibration); PSNR is against full attention
 of the same run (same caption, seed, steps, denoise, start); attention FLOPs kept are the runtime's
-own count over those runs. A plan calibrated at denoise below 1 records its step count and scheduler,
-not its noise levels, so it is applied as if calibrated at denoise 1 (the runtime warns; the table
-marks every warned cell and prints the warning).
+own count over those runs. A plan calibrated at denoise below 1 records its own noise levels, so it is
+applied to its own run step for step; the table marks every cell where the runtime warned and prints
+the warning.
 
 Run: `python tests/benchmarks/run_all.py plan_transfer` (defaults: 1024 image tokens, 20 -> 30 steps
 and denoise 0.6, deltas 0.05 0.1), or e.g. `python tests/benchmarks/bench_plan_transfer.py --size 16
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,7 @@ class Setting:
 class Score:
     """A plan applied to the held-out captions of one setting."""
 
-    psnr: float  # dB, mean over captions
+    psnr: float  # dB, of the captions' pooled squared error
     flops_kept: float  # computed / full attention FLOPs, over all the runs
     warnings: frozenset[str]  # what the runtime warned about on these runs (e.g. steps at other noise levels)
 
@@ -117,14 +116,14 @@ def references(model, setting: Setting, captions: list[tuple[str, int]], size: i
 def score(model, plan, setting: Setting, runs: list[Reference]) -> Score:
     """`plan` on each held-out run of `setting`, against full attention on that run."""
     patched = patching.install(model, plans.PlannedAttention(plan))
-    psnrs, computed, full, warnings = [], 0, 0, set()
+    images, computed, full, warnings = [], 0, 0, set()
     for run in runs:
-        out = _sample(patched, run.positive, run.start, setting.steps, run.seed, setting.denoise)
-        psnrs.append(metrics.psnr(_decode(out), run.image))
+        images.append(_decode(_sample(patched, run.positive, run.start, setting.steps, run.seed, setting.denoise)))
         report = patching.patch_of(patched).last_report
         computed, full = computed + report.computed_flops, full + report.full_flops
         warnings.update(report.warnings)
-    return Score(statistics.fmean(psnrs), computed / full, frozenset(warnings))
+    psnr = metrics.psnr(torch.stack(images), torch.stack([run.image for run in runs]))
+    return Score(psnr, computed / full, frozenset(warnings))
 
 
 def main(argv: list[str]) -> None:
@@ -157,7 +156,7 @@ def main(argv: list[str]) -> None:
     print(f"\n`{shlex.join(command)}`\n\nDemo model, {args.size ** 2} image tokens, {SAMPLER} {SCHEDULER}, CFG {CFG}, "
           f"float32, {torch.get_num_threads()} CPU threads; budget plans priced by FLOPs, calibrated on "
           f"{len(CALIBRATION_CAPTIONS)} caption x {CALIBRATION_SEEDS} seeds; PSNR against full attention of the same "
-          f"run, mean over {len(captions)} held-out captions; the transferred plan was calibrated at {source.name}\n")
+          f"run, pooled over {len(captions)} held-out captions; the transferred plan was calibrated at {source.name}\n")
     print("| setting | delta | PSNR dB, transferred plan | PSNR dB, plan made for the run | difference | "
           "attention FLOPs kept, transferred | attention FLOPs kept, made for the run |")
     print("|---|---|---|---|---|---|---|")
