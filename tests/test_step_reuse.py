@@ -173,3 +173,19 @@ def test_the_heatmap_marks_each_skipped_step_above_its_column(full_plan):
     colours = [{colour for _, colour in image.getcolors(1 << 20)} for image in (marked, plain)]
     assert strip <= colours[0] and not strip & colours[1]
     assert marked.height > plain.height  # the strip and its legend lines
+
+
+def test_a_second_order_sampler_reuses_each_evaluation_from_its_own_kind(model, full_plan):
+    """Heun evaluates twice per step (the last step once): a skipped step answers both evaluations,
+    each from the predictions its own kind of evaluation kept (cache.chunk_ids' evaluation count)."""
+    applied = patching.install(model, plans.PlannedAttention(_with_reuse(full_plan, {3: "reuse"})))
+    positive, negative, latent = _inputs()
+
+    def heun(patched) -> torch.Tensor:
+        return host_nodes.KSampler().sample(patched, 3, STEPS, 3.0, "heun", "simple", positive, negative,
+                                            latent)[0]["samples"]
+
+    out, plain = heun(applied), heun(model)
+    report = patching.patch_of(applied).last_report
+    assert report.forwards_reused == 2 and report.forwards == 2 * STEPS - 1 - 2
+    assert 0 < (out - plain).norm() < 0.2 * plain.norm()  # it acted, and stayed near the unpatched run
