@@ -113,7 +113,7 @@ class Calibrate(io.ComfyNode):
                                          "head per layer per step would cost hundreds of baseline runs)."),
                 io.Combo.Input("cost", options=list(COST_MEASURES), default=COST_MEASURES[0],
                                tooltip="Budget mode: what a candidate costs. time: its attention call timed on this "
-                                       "device (a few runs per shape, remembered for the session). flops: attention "
+                                       "device (a few runs per shape, remembered on this machine). flops: attention "
                                        "FLOPs (reproducible, blind to kernel overheads). Other modes use FLOPs."),
             ],
             outputs=[

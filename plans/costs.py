@@ -1,6 +1,7 @@
 """What each calibration candidate costs a layer: attention FLOPs, or the measured time of its
 attention call on the running device (a short probe: the median of a few runs, remembered per
-device and shape for the session, so a second calibration of the same model probes nothing).
+device and shape for the session and on disk (timings.py), so a second calibration of the same
+model probes nothing, after a restart too).
 
 FLOPs miss what the issue that asked for time measured: a narrow window still pays the kernel's
 fixed costs, and skipping a call saves its launch. Time misses nothing but is noisy, so plans
@@ -19,6 +20,7 @@ from ..kernels import attention_flops, window_attention
 from ..kernels.backends import choose_backend
 from ..patching import AttentionCall, CallSite
 from ..patching.schedule import WindowSize
+from . import timings
 from .schema import HeadSet, LayerInfo
 
 COST_MEASURES = ("time", "flops")
@@ -27,19 +29,29 @@ _seconds: dict[tuple, float] = {}  # probe key (device, shape, kind) -> median s
 
 
 def probe_seconds(key: tuple, run: Callable[[], object], device: torch.device) -> float:
-    """Median wall time of `run()` over PROBE_RUNS runs after a warm-up, remembered under `key`."""
+    """Median wall time of `run()` over PROBE_RUNS runs after a warm-up, remembered under `key`
+    for the session and, for this device, on disk."""
     if key not in _seconds:
-        synchronize = getattr(getattr(torch, device.type, None), "synchronize", lambda: None)
-        run()
-        samples = []
-        for _ in range(PROBE_RUNS):
-            synchronize()
-            start = time.perf_counter()
-            run()
-            synchronize()
-            samples.append(time.perf_counter() - start)
-        _seconds[key] = statistics.median(samples)
+        identity = timings.device_identity(device)
+        seconds = timings.stored_seconds(identity, repr(key))
+        if seconds is None:
+            seconds = _median_seconds(run, device)
+            timings.store_seconds(identity, repr(key), seconds)
+        _seconds[key] = seconds
     return _seconds[key]
+
+
+def _median_seconds(run: Callable[[], object], device: torch.device) -> float:
+    synchronize = getattr(getattr(torch, device.type, None), "synchronize", lambda: None)
+    run()
+    samples = []
+    for _ in range(PROBE_RUNS):
+        synchronize()
+        start = time.perf_counter()
+        run()
+        synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 @dataclass(frozen=True)
@@ -110,3 +122,4 @@ def layer_slot(call: AttentionCall, site: CallSite, compressible: bool, windows:
                     probe_seconds(("full", half.batch, *shape), half.run_default, call.q.device),
                     {size.fraction: (window_seconds(call, size), window_seconds(half, size)) for size in windows})
     return LayerSlot(info, compressible, full, window_flops, prices)
+

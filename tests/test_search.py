@@ -202,7 +202,7 @@ def test_a_newer_schema_is_refused_and_the_older_ones_load(narrow):
     assert plans.Plan.from_json(version_2).window_of(1, 1) == plan.window  # no windows: the plan's own
 
 
-def test_the_time_probe_measures_once_per_device_and_shape(monkeypatch):
+def test_the_time_probe_measures_once_per_device_and_shape(monkeypatch, user_directory):
     runs = []
     monkeypatch.setattr(costs, "_seconds", {})
     first = costs.probe_seconds(("probe", 1), lambda: runs.append(1), torch.device("cpu"))
@@ -212,7 +212,7 @@ def test_the_time_probe_measures_once_per_device_and_shape(monkeypatch):
     assert len(runs) == 2 * (1 + costs.PROBE_RUNS)
 
 
-def test_measured_prices_rank_a_narrow_window_below_full_attention(monkeypatch):
+def test_measured_prices_rank_a_narrow_window_below_full_attention(monkeypatch, user_directory):
     """On 16 x 16 tokens the probe times what the runtime runs; a band of 1/16 of the image beats full
     attention by far, and CFG sharing's half batch costs less than the whole one."""
     monkeypatch.setattr(costs, "_seconds", {})
