@@ -236,7 +236,7 @@ def model_graph(name: str) -> dict:
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 InputTypes = Callable[[str], tuple[list[tuple[str, str]], list[str]]]
 TITLES = {"positive": "Positive caption", "negative": "Negative caption (empty)"}
-SIZES = {"FastAttnDeepCache": [340, 250], "FastAttnDemoUNetTextEncode": [360, 130], "FastAttnCalibrate": [380, 560], "FastAttnApplyPlan": [420, 220], "FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
+SIZES = {"FastAttnDeepCache": [340, 250], "FastAttnDemoUNetTextEncode": [360, 130], "FastAttnCalibrate": [380, 720], "FastAttnApplyPlan": [420, 220], "FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
          "KSampler": [320, 270], "FastAttnDemoTextEncode": [360, 130], "FastAttnCompare": [540, 420],
          "FastAttnDemoLoader": [320, 80]}
 GAP = 80  # px between columns and between the nodes of a column (the title bar is not in a node's size)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import comfy.samplers
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..patching import adapter_for, install, patch_of
 from ..patching.ditfastattn import DiTFastAttn
@@ -20,6 +20,7 @@ from ..plans import (
     load_plan,
     save_plan,
 )
+from ..plans.costs import cost_table
 from ..plans.heatmap import image_tensor, render_heatmap
 from ..plans.storage import NO_PLAN, plan_path
 from .ditfastattn import WINDOW_SHAPES
@@ -55,7 +56,8 @@ class Calibrate(io.ComfyNode):
             category=CATEGORY,
             description="Samples once while choosing, for every step and attention layer, the cheapest DiTFastAttn "
                         "technique whose error stays within delta. Outputs the patched model, the plan (to save, "
-                        "apply and share), this run's latent and a picture of the plan.",
+                        "apply and share), this run's latent, a picture of the plan and the table of what each "
+                        "candidate costs each layer (also shown on the node).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion transformer to calibrate (from the model loader)."),
                 io.Conditioning.Input("positive", tooltip="Prompt(s) to calibrate on, as for the sampler."),
@@ -124,6 +126,9 @@ class Calibrate(io.ComfyNode):
                                                                 "the plan)."),
                 io.Image.Output(display_name="heatmap", tooltip="Technique per layer (rows) x step (columns), with "
                                                                 "a legend and the attention FLOPs kept."),
+                io.String.Output(display_name="cost_table", tooltip="Each candidate's price per attention call on "
+                                 "each layer shape, in measured ms (cost time, budget mode) or GFLOPs, and as a "
+                                 "share of full attention: what the search weighed (also shown on the node)."),
             ],
         )
 
@@ -141,13 +146,15 @@ class Calibrate(io.ComfyNode):
                    "full+asc": cfg_sharing}
         settings = Settings(delta, tuple(name for name, on in enabled.items() if on),
                             WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode, per_head, cost)
-        plan, samples = calibrate(model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
-                                  sampler=sampler_name, scheduler=scheduler, settings=settings)
+        plan, samples, layers = calibrate(model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
+                                          sampler=sampler_name, scheduler=scheduler, settings=settings)
         if plan_name:
             save_plan(plan, plan_name, overwrite)
         latent = {**latent_image, "samples": samples}
         heatmap = image_tensor(render_heatmap(plan))
-        return io.NodeOutput(install(model, PlannedAttention(plan)), plan, plan.to_json(), latent, heatmap)
+        table = cost_table(layers)
+        return io.NodeOutput(install(model, PlannedAttention(plan)), plan, plan.to_json(), latent, heatmap, table,
+                             ui=ui.PreviewText(table))
 
 
 class ApplyPlan(io.ComfyNode):

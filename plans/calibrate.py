@@ -513,8 +513,9 @@ def _listed(heads: HeadSet) -> list[int] | None:
 
 
 def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int, steps: int, cfg: float,
-              sampler: str, scheduler: str, settings: Settings) -> tuple[Plan, torch.Tensor]:
-    """Sample once while calibrating; returns the plan and the run's final latent."""
+              sampler: str, scheduler: str, settings: Settings) -> tuple[Plan, torch.Tensor, list[LayerSlot]]:
+    """Sample once while calibrating; returns the plan, the run's final latent and each layer's
+    slot (its prices, for costs.cost_table)."""
     calibration = Calibration(settings, steps)
     patched = install(model, CalibrationMethod(calibration))
     # Outside the runtime's APPLY_MODEL wrapper, so that every trial is a forward of its own.
@@ -533,4 +534,4 @@ def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int,
         samples = comfy.sample.sample(install(model, PlannedAttention(plan)), noise, steps, cfg, sampler, scheduler,
                                       positive, negative, latent_image, noise_mask=latent.get("noise_mask"),
                                       disable_pbar=True, seed=seed)
-    return plan, samples
+    return plan, samples, calibration.layers

@@ -152,8 +152,8 @@ def narrow():
     model = _narrow_image_layer(build_model(ARCH))
     positive, negative, latent = _inputs()
     settings = plans.Settings(1e-3, ("wars",), WindowSize("band", 0.125), "budget")
-    plan, samples = plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0,
-                                    sampler="euler", scheduler="simple", settings=settings)
+    plan, samples, _ = plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0,
+                                       sampler="euler", scheduler="simple", settings=settings)
     return model, plan, samples
 
 
@@ -239,11 +239,12 @@ def test_the_calibrate_node_runs_a_budget_search_priced_by_measured_time(narrow,
                 search_mode="budget", step_sharing=False, window_residual=True, cfg_sharing=False,
                 window_shape=next(iter(nodes.WINDOW_SHAPES)), window_fraction=0.125, plan_name="timed",
                 overwrite=False, per_head=False, cost="time")
-    patched, plan, text, out, _ = nodes.Calibrate.execute(model, *_inputs(), **args).result
+    patched, plan, text, out, _, table = nodes.Calibrate.execute(model, *_inputs(), **args).result
     assert plans.load_plan("timed").to_json() == text == plan.to_json() and plan.calibration.mode == "budget"
     assert [row[1] for row in plan.methods] == ["full"] + ["wars"] * (STEPS - 1)  # exact and cheaper by time too
     assert torch.equal(sample(patched, *_inputs(), steps=STEPS, seed=3), out["samples"])
     assert len(costs._seconds) == 2 * (2 + 3 * 2)  # 2 shapes (layers 0 and 2 share one): full, 3 windows, x 2 batches
+    assert "ms of attention time measured on this device" in table and "| 0, 2 " in table
 
 
 def test_settings_refuse_an_unknown_cost_and_per_head_budget_search():

@@ -144,9 +144,9 @@ def main(argv: list[str]) -> None:
             settings = plans.Settings(delta, plans.CANDIDATES, mode=mode, cost=args.cost)
             name = f"{mode} plan, delta {delta:g}"
             start = time.perf_counter()
-            plan, _ = plans.calibrate(model, calibration_positive, _encode(""), calibration_latent, seed=0,
-                                      steps=args.steps, cfg=CFG, sampler="euler", scheduler="simple",
-                                      settings=settings)
+            plan, _, _ = plans.calibrate(model, calibration_positive, _encode(""), calibration_latent, seed=0,
+                                         steps=args.steps, cfg=CFG, sampler="euler", scheduler="simple",
+                                         settings=settings)
             calibration_units[name] = f"{(time.perf_counter() - start) / baseline_run:.1f}"
             print(f"{name}: calibrated in {calibration_units[name]} baseline runs, {plan.counts()}", flush=True)
             if args.save_plans is not None:
