@@ -51,7 +51,7 @@ TECHNIQUES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
 COMPARE = {"view": "side by side", "difference_gain": 4.0}
 CALIBRATE = {"delta": 0.1, "search_mode": "fast", "step_sharing": True, "window_residual": True, "cfg_sharing": True,
              "window_shape": WINDOW_BAND["window_shape"], "window_fraction": 0.125, "plan_name": "", "overwrite": False,
-             "per_head": False, "cost": "time"}
+             "per_head": False, "cost": "time", "step_reuse": False, "denoise": 1.0}
 
 
 def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], caption: str = CAPTION,
@@ -236,7 +236,7 @@ def model_graph(name: str) -> dict:
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 InputTypes = Callable[[str], tuple[list[tuple[str, str]], list[str]]]
 TITLES = {"positive": "Positive caption", "negative": "Negative caption (empty)"}
-SIZES = {"FastAttnDeepCache": [340, 250], "FastAttnDemoUNetTextEncode": [360, 130], "FastAttnCalibrate": [380, 560], "FastAttnApplyPlan": [420, 220], "FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
+SIZES = {"FastAttnDeepCache": [340, 250], "FastAttnDemoUNetTextEncode": [360, 130], "FastAttnCalibrate": [380, 780], "FastAttnApplyPlan": [420, 220], "FastAttnInspector": [640, 420], "FastAttnReport": [520, 160], "FastAttnWindowResidual": [360, 290],
          "KSampler": [320, 270], "FastAttnDemoTextEncode": [360, 130], "FastAttnCompare": [540, 420],
          "FastAttnDemoLoader": [320, 80]}
 GAP = 80  # px between columns and between the nodes of a column (the title bar is not in a node's size)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import comfy.samplers
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..patching import adapter_for, install, patch_of
 from ..patching.ditfastattn import DiTFastAttn
@@ -20,6 +20,7 @@ from ..plans import (
     load_plan,
     save_plan,
 )
+from ..plans.costs import cost_table
 from ..plans.heatmap import image_tensor, render_heatmap
 from ..plans.storage import NO_PLAN, plan_path
 from .ditfastattn import WINDOW_SHAPES
@@ -55,7 +56,8 @@ class Calibrate(io.ComfyNode):
             category=CATEGORY,
             description="Samples once while choosing, for every step and attention layer, the cheapest DiTFastAttn "
                         "technique whose error stays within delta. Outputs the patched model, the plan (to save, "
-                        "apply and share), this run's latent and a picture of the plan.",
+                        "apply and share), this run's latent, a picture of the plan and the table of what each "
+                        "candidate costs each layer (also shown on the node).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion transformer to calibrate (from the model loader)."),
                 io.Conditioning.Input("positive", tooltip="Prompt(s) to calibrate on, as for the sampler."),
@@ -113,7 +115,7 @@ class Calibrate(io.ComfyNode):
                                          "head per layer per step would cost hundreds of baseline runs)."),
                 io.Combo.Input("cost", options=list(COST_MEASURES), default=COST_MEASURES[0],
                                tooltip="Budget mode: what a candidate costs. time: its attention call timed on this "
-                                       "device (a few runs per shape, remembered for the session). flops: attention "
+                                       "device (a few runs per shape, remembered on this machine). flops: attention "
                                        "FLOPs (reproducible, blind to kernel overheads). Other modes use FLOPs."),
                 io.Boolean.Input("step_reuse", default=False,
                                  tooltip="Budget mode only: a candidate for whole steps. A skipped step runs no "
@@ -121,6 +123,10 @@ class Calibrate(io.ComfyNode):
                                          "or extrapolates it from the last two (forecast), where that errs less "
                                          "than the step's attention choices would save. Costs one more forward per "
                                          "step while calibrating."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="As the sampler's denoise: below 1 the calibration run starts from "
+                                       "latent_image (image to image) at that share of the schedule; the plan keeps "
+                                       "those noise levels, so the same run later applies it step for step."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A clone carrying out the plan; the input is unchanged."),
@@ -130,6 +136,9 @@ class Calibrate(io.ComfyNode):
                                                                 "the plan)."),
                 io.Image.Output(display_name="heatmap", tooltip="Technique per layer (rows) x step (columns), with "
                                                                 "a legend and the attention FLOPs kept."),
+                io.String.Output(display_name="cost_table", tooltip="Each candidate's price per attention call on "
+                                 "each layer shape, in measured ms (cost time, budget mode) or GFLOPs, and as a "
+                                 "share of full attention: what the search weighed (also shown on the node)."),
             ],
         )
 
@@ -138,7 +147,7 @@ class Calibrate(io.ComfyNode):
                 scheduler: str, delta: float, search_mode: str, step_sharing: bool, window_residual: bool,
                 cfg_sharing: bool, window_shape: str, window_fraction: float, plan_name: str,
                 overwrite: bool, per_head: bool = False, cost: str = COST_MEASURES[0],
-                step_reuse: bool = False) -> io.NodeOutput:
+                step_reuse: bool = False, denoise: float = 1.0) -> io.NodeOutput:
         plan_name = plan_name.strip()
         if plan_name and plan_path(plan_name).exists() and not overwrite:  # fail before the long run, not after
             raise PlanError(f"FastAttn Calibrate: a plan named {plan_name!r} already exists; switch `overwrite` on "
@@ -149,13 +158,16 @@ class Calibrate(io.ComfyNode):
         settings = Settings(delta, tuple(name for name, on in enabled.items() if on),
                             WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode, per_head, cost,
                             step_reuse)
-        plan, samples = calibrate(model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
-                                  sampler=sampler_name, scheduler=scheduler, settings=settings)
+        plan, samples, layers = calibrate(model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
+                                          sampler=sampler_name, scheduler=scheduler, settings=settings,
+                                          denoise=denoise)
         if plan_name:
             save_plan(plan, plan_name, overwrite)
         latent = {**latent_image, "samples": samples}
         heatmap = image_tensor(render_heatmap(plan))
-        return io.NodeOutput(install(model, PlannedAttention(plan)), plan, plan.to_json(), latent, heatmap)
+        table = cost_table(layers)
+        return io.NodeOutput(install(model, PlannedAttention(plan)), plan, plan.to_json(), latent, heatmap, table,
+                             ui=ui.PreviewText(table))
 
 
 class ApplyPlan(io.ComfyNode):

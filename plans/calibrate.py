@@ -603,8 +603,10 @@ def _own_sigmas(run: Timeline | None, scheduler: str, steps: int, sampler: str) 
 
 
 def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int, steps: int, cfg: float,
-              sampler: str, scheduler: str, settings: Settings, denoise: float = 1.0) -> tuple[Plan, torch.Tensor]:
-    """Sample once while calibrating; returns the plan and the run's final latent."""
+              sampler: str, scheduler: str, settings: Settings,
+              denoise: float = 1.0) -> tuple[Plan, torch.Tensor, list[LayerSlot]]:
+    """Sample once while calibrating; returns the plan, the run's final latent and each layer's
+    slot (its prices, for costs.cost_table)."""
     calibration = Calibration(settings, steps, sum(p.numel() for p in model.model.diffusion_model.parameters()))
     patched = install(model, CalibrationMethod(calibration))
     # Outside the runtime's APPLY_MODEL wrapper, so that every trial is a forward of its own.
@@ -623,4 +625,4 @@ def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int,
         samples = comfy.sample.sample(install(model, PlannedAttention(plan)), noise, steps, cfg, sampler, scheduler,
                                       positive, negative, latent_image, noise_mask=latent.get("noise_mask"),
                                       disable_pbar=True, seed=seed, denoise=denoise)
-    return plan, samples
+    return plan, samples, calibration.layers

@@ -1,6 +1,7 @@
 """What each calibration candidate costs a layer: attention FLOPs, or the measured time of its
 attention call on the running device (a short probe: the median of a few runs, remembered per
-device and shape for the session, so a second calibration of the same model probes nothing).
+device and shape for the session and on disk (timings.py), so a second calibration of the same
+model probes nothing, after a restart too), and the table of those prices shown to the user.
 
 FLOPs miss what the issue that asked for time measured: a narrow window still pays the kernel's
 fixed costs, and skipping a call saves its launch. Time misses nothing but is noisy, so plans
@@ -19,6 +20,8 @@ from ..kernels import attention_flops, window_attention
 from ..kernels.backends import choose_backend
 from ..patching import AttentionCall, CallSite
 from ..patching.schedule import WindowSize
+from . import timings
+from .heatmap import LABELS
 from .schema import HeadSet, LayerInfo
 
 COST_MEASURES = ("time", "flops")
@@ -27,19 +30,29 @@ _seconds: dict[tuple, float] = {}  # probe key (device, shape, kind) -> median s
 
 
 def probe_seconds(key: tuple, run: Callable[[], object], device: torch.device) -> float:
-    """Median wall time of `run()` over PROBE_RUNS runs after a warm-up, remembered under `key`."""
+    """Median wall time of `run()` over PROBE_RUNS runs after a warm-up, remembered under `key`
+    for the session and, for this device, on disk."""
     if key not in _seconds:
-        synchronize = getattr(getattr(torch, device.type, None), "synchronize", lambda: None)
-        run()
-        samples = []
-        for _ in range(PROBE_RUNS):
-            synchronize()
-            start = time.perf_counter()
-            run()
-            synchronize()
-            samples.append(time.perf_counter() - start)
-        _seconds[key] = statistics.median(samples)
+        identity = timings.device_identity(device)
+        seconds = timings.stored_seconds(identity, repr(key))
+        if seconds is None:
+            seconds = _median_seconds(run, device)
+            timings.store_seconds(identity, repr(key), seconds)
+        _seconds[key] = seconds
     return _seconds[key]
+
+
+def _median_seconds(run: Callable[[], object], device: torch.device) -> float:
+    synchronize = getattr(getattr(torch, device.type, None), "synchronize", lambda: None)
+    run()
+    samples = []
+    for _ in range(PROBE_RUNS):
+        synchronize()
+        start = time.perf_counter()
+        run()
+        synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,7 @@ class Prices:
     full: float
     full_half: float
     windows: dict[float, tuple[float, float]]  # window fraction -> (whole batch, half)
+    measure: str = "flops"  # of the prices: "time" (seconds) or "flops"
 
 
 @dataclass(frozen=True)
@@ -108,5 +122,61 @@ def layer_slot(call: AttentionCall, site: CallSite, compressible: bool, windows:
 
     prices = Prices(probe_seconds(("full", call.batch, *shape), call.run_default, call.q.device),
                     probe_seconds(("full", half.batch, *shape), half.run_default, call.q.device),
-                    {size.fraction: (window_seconds(call, size), window_seconds(half, size)) for size in windows})
+                    {size.fraction: (window_seconds(call, size), window_seconds(half, size)) for size in windows}, "time")
     return LayerSlot(info, compressible, full, window_flops, prices)
+
+
+def cost_table(layers: list[LayerSlot]) -> str:
+    """The price per call of each candidate on each compressible layer (layers of one shape share a
+    row), in ms of measured time or in attention GFLOPs, and as a share of full attention: what the
+    search weighed, shown by Calibrate. A markdown table, padded so that it reads as plain text too."""
+    groups: list[tuple[LayerSlot, list[int]]] = []
+    for index, slot in enumerate(layers):
+        if slot.compressible:
+            members = next((members for first, members in groups if first == slot), None)
+            if members is None:
+                groups.append((slot, [index]))
+            else:
+                members.append(index)
+    full_only = [index for index, slot in enumerate(layers) if not slot.compressible]
+    kinds = ", ".join(sorted({layers[index].info.kind for index in full_only}))
+    tail = [f"Layers {_spans(full_only)} ({kinds}): always full attention, not priced."] if full_only else []
+    if not groups:
+        return "\n".join(["No compressible attention layer: nothing to price.", *tail])
+    measure = groups[0][0].prices.measure
+    fractions = sorted({fraction for slot, _ in groups for fraction in slot.prices.windows})
+    columns = [("full", None), ("full+asc", None),
+               *[(name, fraction) for fraction in fractions for name in ("wars", "wars+asc")], ("ast", None)]
+    header = ["layers", "kind", "heads x dim", *[name if fraction is None else f"{name} {fraction:g}"
+                                                 for name, fraction in columns]]
+    rows = [header]
+    for slot, members in groups:
+        cells = [_price_cell(slot.price(name, fraction), slot.price("full"), measure)
+                 if fraction is None or fraction in slot.prices.windows else "-" for name, fraction in columns]
+        rows.append([_spans(members), slot.info.kind, f"{slot.info.heads} x {slot.info.head_dim}", *cells])
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |"
+             for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    unit = "ms of attention time measured on this device" if measure == "time" else "attention GFLOPs"
+    legend = "; ".join(f"{name}: {LABELS[name]}" for name in ("full", "full+asc", "wars", "wars+asc", "ast"))
+    return "\n".join([f"Price per attention call of each candidate, in {unit} (x: share of full attention)", "",
+                      *lines, "", f"{legend}; the number after wars is the window fraction.", *tail])
+
+
+def _price_cell(price: float, full: float, measure: str) -> str:
+    if price == 0:
+        return "0"
+    amount = f"{price * 1e3:.3g} ms" if measure == "time" else f"{price / 1e9:.3g} GFLOPs"
+    return f"{amount} ({price / full:.2f}x)" if full else amount
+
+
+def _spans(indices: list[int]) -> str:
+    """Sorted layer indices as runs: [0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)

@@ -2,7 +2,7 @@
 example workflow loads with all its nodes and widget values and no console error, every node of
 the pack is found by its display name in the node search and shows, on hover, the description
 and tooltips its definition gives, a demo workflow queued from the Run button shows its image,
-and the reports appear on their nodes."""
+and the reports (Calibrate's cost table too) appear on their nodes."""
 
 from __future__ import annotations
 
@@ -112,6 +112,17 @@ def test_a_demo_workflow_queued_from_the_page_shows_its_image_and_report(page):
     assert "/view?filename=fastattn_demo_combined" in shown[0][0]
     assert "attention FLOPs computed" in page.shown_text(page.node_id("FastAttnReport"))
     assert "image 1: PSNR " in page.shown_text(page.node_id("FastAttnCompare"))
+
+
+def test_the_calibrate_cost_table_appears_on_its_node(page):
+    page.load(json.loads((workflows.EXAMPLES_DIR / "fastattn_demo_calibrate.json").read_text()), "calibrate")
+    page.set_widgets("EmptySD3LatentImage", width=128, height=128)
+    page.set_widgets("FastAttnCalibrate", steps=2)
+    page.set_widgets("KSampler", steps=2)
+    entry = page.run()
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    shown = page.shown_text(page.node_id("FastAttnCalibrate"))
+    assert "Price per attention call of each candidate" in shown and "| layers " in shown, shown
 
 
 def test_the_inspector_report_appears_on_its_node(page, frontend):

@@ -38,8 +38,9 @@ def _inputs(arch: str = ARCH) -> tuple:
 def _calibrate(model, mode: str, delta: float, candidates=plans.CANDIDATES, arch: str = ARCH):
     positive, negative, latent = _inputs(arch)
     settings = plans.Settings(delta, tuple(candidates), WINDOW, mode)
-    return plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
-                           scheduler="simple", settings=settings)
+    plan, samples, _ = plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0,
+                                       sampler="euler", scheduler="simple", settings=settings)
+    return plan, samples
 
 
 def _timeline(model, steps: int):
@@ -251,7 +252,7 @@ def test_a_plan_calibrated_at_denoise_0_6_keeps_its_own_noise_levels(model):
     the same run maps onto its own plan steps (no warning) and reproduces the calibration run; a whole run
     at 4 steps maps onto the nearest of them."""
     positive, negative, latent = _inputs()
-    plan, samples = plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
+    plan, samples, _ = plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
                                     scheduler="simple", settings=plans.Settings(0.3, plans.CANDIDATES, WINDOW, "budget",
                                                                                 cost="flops"), denoise=0.6)
     loaded = plans.Plan.from_json(plan.to_json())
@@ -402,8 +403,10 @@ def test_calibrate_node_outputs_and_refuses_to_overwrite_before_running(model, u
                 search_mode="fast", step_sharing=True, window_residual=True, cfg_sharing=True,
                 window_shape=next(iter(nodes.WINDOW_SHAPES)), window_fraction=0.125, plan_name="node plan",
                 overwrite=False)
-    patched, plan, text, out, heatmap = nodes.Calibrate.execute(model, positive, negative, latent, **args).result
+    output = nodes.Calibrate.execute(model, positive, negative, latent, **args)
+    patched, plan, text, out, heatmap, table = output.result
     assert plans.Plan.from_json(text).to_json() == plan.to_json() == plans.load_plan("node plan").to_json()
+    assert output.ui.as_dict() == {"text": (table,)} and "attention GFLOPs" in table  # fast mode prices by FLOPs
     assert out["samples"].shape == latent["samples"].shape and heatmap.ndim == 4 and heatmap.shape[-1] == 3
     assert patching.patch_of(model) is None and patching.patch_of(patched) is not None
     with pytest.raises(plans.PlanError, match="already exists"):
@@ -484,8 +487,8 @@ def per_head(model):
     controlled = with_image_layer(model, half_local_attention)
     positive, negative, latent = _inputs()
     settings = plans.Settings(1e-3, ("wars",), WINDOW, "fast", per_head=True)
-    plan, out = plans.calibrate(controlled, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0,
-                                sampler="euler", scheduler="simple", settings=settings)
+    plan, out, _ = plans.calibrate(controlled, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0,
+                                   sampler="euler", scheduler="simple", settings=settings)
     return controlled, plan, out
 
 

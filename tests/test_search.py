@@ -184,8 +184,8 @@ def narrow():
     model = _narrow_image_layer(build_model(ARCH))
     positive, negative, latent = _inputs()
     settings = plans.Settings(1e-3, ("wars",), WindowSize("band", 0.125), "budget")
-    plan, samples = plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0,
-                                    sampler="euler", scheduler="simple", settings=settings)
+    plan, samples, _ = plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0,
+                                       sampler="euler", scheduler="simple", settings=settings)
     return model, plan, samples
 
 
@@ -234,7 +234,7 @@ def test_a_newer_schema_is_refused_and_the_older_ones_load(narrow):
     assert plans.Plan.from_json(version_2).window_of(1, 1) == plan.window  # no windows: the plan's own
 
 
-def test_the_time_probe_measures_once_per_device_and_shape(monkeypatch):
+def test_the_time_probe_measures_once_per_device_and_shape(monkeypatch, user_directory):
     runs = []
     monkeypatch.setattr(costs, "_seconds", {})
     first = costs.probe_seconds(("probe", 1), lambda: runs.append(1), torch.device("cpu"))
@@ -244,7 +244,7 @@ def test_the_time_probe_measures_once_per_device_and_shape(monkeypatch):
     assert len(runs) == 2 * (1 + costs.PROBE_RUNS)
 
 
-def test_measured_prices_rank_a_narrow_window_below_full_attention(monkeypatch):
+def test_measured_prices_rank_a_narrow_window_below_full_attention(monkeypatch, user_directory):
     """On 16 x 16 tokens the probe times what the runtime runs; a band of 1/16 of the image beats full
     attention by far, and CFG sharing's half batch costs less than the whole one."""
     monkeypatch.setattr(costs, "_seconds", {})
@@ -271,11 +271,12 @@ def test_the_calibrate_node_runs_a_budget_search_priced_by_measured_time(narrow,
                 search_mode="budget", step_sharing=False, window_residual=True, cfg_sharing=False,
                 window_shape=next(iter(nodes.WINDOW_SHAPES)), window_fraction=0.125, plan_name="timed",
                 overwrite=False, per_head=False, cost="time")
-    patched, plan, text, out, _ = nodes.Calibrate.execute(model, *_inputs(), **args).result
+    patched, plan, text, out, _, table = nodes.Calibrate.execute(model, *_inputs(), **args).result
     assert plans.load_plan("timed").to_json() == text == plan.to_json() and plan.calibration.mode == "budget"
     assert [row[1] for row in plan.methods] == ["full"] + ["wars"] * (STEPS - 1)  # exact and cheaper by time too
     assert torch.equal(sample(patched, *_inputs(), steps=STEPS, seed=3), out["samples"])
     assert len(costs._seconds) == 2 * (2 + 3 * 2)  # 2 shapes (layers 0 and 2 share one): full, 3 windows, x 2 batches
+    assert "ms of attention time measured on this device" in table and "| 0, 2 " in table
 
 
 def test_settings_refuse_an_unknown_cost_and_per_head_budget_search():

@@ -35,7 +35,7 @@ def model():
 def full_plan(model):
     """A budget plan at delta 0: every cell full, the model's fingerprint, no step reused."""
     settings = plans.Settings(0.0, plans.CANDIDATES, WINDOW, "budget", step_reuse=True)
-    plan, _ = plans.calibrate(model, *_inputs(), seed=3, steps=STEPS, cfg=3.0, sampler="euler", scheduler="simple",
+    plan, _, _ = plans.calibrate(model, *_inputs(), seed=3, steps=STEPS, cfg=3.0, sampler="euler", scheduler="simple",
                               settings=settings)
     assert not plan.reuses_steps and {name for row in plan.methods for name in row} == {"full"}
     return plan
@@ -123,8 +123,9 @@ def test_a_forecast_with_one_prediction_kept_computes_the_step(model, full_plan)
 def reusing(model):
     """(plan, calibration latent): a budget plan with step reuse at a delta that skips steps."""
     settings = plans.Settings(1.0, plans.CANDIDATES, WINDOW, "budget", step_reuse=True)
-    return plans.calibrate(model, *_inputs(), seed=3, steps=STEPS, cfg=3.0, sampler="euler", scheduler="simple",
-                           settings=settings)
+    plan, samples, _ = plans.calibrate(model, *_inputs(), seed=3, steps=STEPS, cfg=3.0, sampler="euler",
+                                       scheduler="simple", settings=settings)
+    return plan, samples
 
 
 def test_the_budget_search_skips_steps_and_the_plan_reproduces_its_calibration_run(model, reusing):
@@ -143,7 +144,7 @@ def test_the_budget_search_skips_steps_and_the_plan_reproduces_its_calibration_r
 
 def test_without_step_reuse_no_step_is_skipped(model):
     settings = plans.Settings(1.0, plans.CANDIDATES, WINDOW, "budget")
-    plan, _ = plans.calibrate(model, *_inputs(), seed=3, steps=STEPS, cfg=3.0, sampler="euler", scheduler="simple",
+    plan, _, _ = plans.calibrate(model, *_inputs(), seed=3, steps=STEPS, cfg=3.0, sampler="euler", scheduler="simple",
                               settings=settings)
     assert not plan.reuses_steps and json.loads(plan.to_json())["version"] < 4
 

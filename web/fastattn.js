@@ -1,10 +1,11 @@
 // The pack's frontend extension: shows the text report of the Attention Inspector, Attention
-// Report and Compare Images nodes on the node, and starts a new Calibrate node with a fixed seed.
+// Report and Compare Images nodes, and Calibrate's cost table, on the node, and starts a new
+// Calibrate node with a fixed seed.
 // The report is display only: it is neither saved in the workflow nor sent with the prompt.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const REPORT_NODES = ["FastAttnInspector", "FastAttnReport", "FastAttnCompare"];
+const REPORT_NODES = ["FastAttnInspector", "FastAttnReport", "FastAttnCompare", "FastAttnCalibrate"];
 const REPORT_WIDGET = "report_text"; // the read-only text box of frontends without a text preview
 
 // Newer frontends (1.58 does, 1.32 does not) export the text preview of their own "Preview as

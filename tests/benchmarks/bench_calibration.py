@@ -190,9 +190,9 @@ def main(argv: list[str]) -> None:
             settings = plans.Settings(delta, plans.CANDIDATES, mode=mode, cost=args.cost, step_reuse=reuse)
             name = f"{mode}{' + step reuse' if reuse else ''} plan, delta {delta:g}"
             start = time.perf_counter()
-            plan, _ = plans.calibrate(model, calibration_positive, _encode(""), calibration_latent, seed=0,
-                                      steps=args.steps, cfg=CFG, sampler="euler", scheduler="simple",
-                                      settings=settings)
+            plan, _, _ = plans.calibrate(model, calibration_positive, _encode(""), calibration_latent, seed=0,
+                                         steps=args.steps, cfg=CFG, sampler="euler", scheduler="simple",
+                                         settings=settings)
             calibration_units[name] = f"{(time.perf_counter() - start) / baseline_run:.1f}"
             skipped = f", steps skipped {[how for how in plan.step_reuse]}" if plan.reuses_steps else ""
             print(f"{name}: calibrated in {calibration_units[name]} baseline runs, {plan.counts()}{skipped}",

@@ -82,7 +82,7 @@ def _start(model, positive: list, setting: Setting, seed: int, batch: int, size:
 def calibrate(model, setting: Setting, delta: float, size: int):
     positive = _encode(CALIBRATION_CAPTIONS[0])
     start = _start(model, positive, setting, 0, CALIBRATION_SEEDS, size)
-    plan, _ = plans.calibrate(model, positive, _encode(""), {"samples": start}, seed=0, steps=setting.steps,
+    plan, _, _ = plans.calibrate(model, positive, _encode(""), {"samples": start}, seed=0, steps=setting.steps,
                               cfg=CFG, sampler=SAMPLER, scheduler=SCHEDULER, denoise=setting.denoise,
                               settings=plans.Settings(delta, plans.CANDIDATES, mode="budget", cost="flops"))
     print(f"delta {delta:g}, calibrated for {setting.name}: {plan.counts()}", flush=True)

@@ -1,0 +1,143 @@
+"""What the time probe keeps on disk (per device, across sessions, surviving a broken file) and
+the cost table Calibrate shows, on hand-made layer slots."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import folder_paths
+import pytest
+import torch
+from harness import pack_import
+
+costs = pack_import("plans.costs")
+timings = pack_import("plans.timings")
+LayerInfo = pack_import("plans.schema").LayerInfo
+
+CPU = torch.device("cpu")
+KEY = ("full", 2, "cpu", torch.float32, 2, 2, 64, 64, 8)
+
+
+@pytest.fixture
+def user_directory(tmp_path, monkeypatch):
+    """A user folder of the test's own, an empty session memo and no problem logged yet."""
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(costs, "_seconds", {})
+    monkeypatch.setattr(timings, "_logged", set())
+    return tmp_path
+
+
+def _probe(runs: list) -> float:
+    return costs.probe_seconds(KEY, lambda: runs.append(1), CPU)
+
+
+def _warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == timings.__name__]
+
+
+def test_a_new_session_reads_the_probe_times_from_disk(user_directory, monkeypatch):
+    runs: list[int] = []
+    first = _probe(runs)
+    assert len(runs) == 1 + costs.PROBE_RUNS
+    path = user_directory / "__fastattn" / "timings.json"
+    assert timings.timings_path() == path and not list(path.parent.glob(".timings-*"))  # no temporary file left
+    stored = json.loads(path.read_text())["devices"]
+    assert stored == {timings.device_identity(CPU): {repr(KEY): first}}
+    monkeypatch.setattr(costs, "_seconds", {})  # a restart: the session's memo is gone
+    assert _probe(runs) == first and len(runs) == 1 + costs.PROBE_RUNS  # read, not probed
+
+
+def test_another_device_identity_probes_anew(user_directory, monkeypatch):
+    runs: list[int] = []
+    _probe(runs)
+    identity = timings.device_identity(CPU)
+    assert torch.__version__ in identity and f"{torch.get_num_threads()} threads" in identity
+    monkeypatch.setattr(costs, "_seconds", {})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 977)  # CPU times depend on the threads
+    assert timings.device_identity(CPU) != identity
+    _probe(runs)
+    assert len(runs) == 2 * (1 + costs.PROBE_RUNS)
+    stored = json.loads(timings.timings_path().read_text())["devices"]
+    assert set(stored) == {identity, timings.device_identity(CPU)}  # both kept
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{ not json", b'{"version": 1, "devices": {"cpu x"', b"[1, 2]",
+                                     b'{"version": 1, "devices": ["cpu"]}', b'{"version": 99, "devices": {}}'])
+def test_a_broken_file_is_logged_once_and_rewritten(user_directory, caplog, content):
+    path = timings.timings_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    runs: list[int] = []
+    with caplog.at_level(logging.WARNING):
+        seconds = _probe(runs)
+    assert len(runs) == 1 + costs.PROBE_RUNS
+    (warning,) = _warnings(caplog)
+    assert "ignoring the probe times" in warning and str(path) in warning
+    assert json.loads(path.read_text()) == {"version": timings.VERSION,
+                                            "devices": {timings.device_identity(CPU): {repr(KEY): seconds}}}
+
+
+def test_a_stored_time_that_is_not_a_time_is_measured_again(user_directory):
+    path = timings.timings_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"version": timings.VERSION,
+                                "devices": {timings.device_identity(CPU): {repr(KEY): "fast"}}}))
+    runs: list[int] = []
+    assert isinstance(_probe(runs), float) and len(runs) == 1 + costs.PROBE_RUNS
+
+
+def test_an_unwritable_folder_keeps_the_times_for_the_session(user_directory, caplog):
+    (user_directory / "__fastattn").write_text("a file where the folder should be")
+    runs: list[int] = []
+    with caplog.at_level(logging.WARNING):
+        first = _probe(runs)
+        again = _probe(runs)
+        costs.probe_seconds(("another",), lambda: runs.append(2), CPU)
+    assert first == again and len(runs) == 2 * (1 + costs.PROBE_RUNS)
+    cannot_read, cannot_write = _warnings(caplog)  # each problem logged once, not at every probe
+    assert "ignoring the probe times" in cannot_read and "cannot write the probe times" in cannot_write
+
+
+# --- the cost table ---------------------------------------------------------------------------
+
+TIMED = costs.Prices(1e-3, 5e-4, {0.0625: (2e-4, 1e-4), 0.125: (4e-4, 2e-4)}, "time")
+IMAGE = costs.LayerSlot(LayerInfo("image", 2, 8), True, 10**9, {0.0625: 10**8, 0.125: 2 * 10**8}, TIMED)
+JOINT = costs.LayerSlot(LayerInfo("joint", 4, 16), True, 3 * 10**9, {0.0625: 10**8, 0.125: 2 * 10**8},
+                        costs.Prices(3e-3, 1.5e-3, {0.0625: (3e-4, 1.5e-4), 0.125: (6e-4, 3e-4)}, "time"))
+CROSS = costs.LayerSlot(LayerInfo("cross", 2, 8), False, 10**8, {0.0625: 10**8}, costs.Prices(1e8, 5e7, {}))
+
+
+def _rows(table: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("|") and not line.startswith("|-")]
+
+
+def test_the_cost_table_prices_each_layer_shape_relative_to_full_attention():
+    table = costs.cost_table([IMAGE, CROSS, IMAGE, JOINT, IMAGE, IMAGE])
+    header, *rows = _rows(table)
+    assert header == ["layers", "kind", "heads x dim", "full", "full+asc", "wars 0.0625", "wars+asc 0.0625",
+                      "wars 0.125", "wars+asc 0.125", "ast"]
+    assert rows == [
+        ["0, 2, 4-5", "image", "2 x 8", "1 ms (1.00x)", "0.5 ms (0.50x)", "0.2 ms (0.20x)", "0.1 ms (0.10x)",
+         "0.4 ms (0.40x)", "0.2 ms (0.20x)", "0"],
+        ["3", "joint", "4 x 16", "3 ms (1.00x)", "1.5 ms (0.50x)", "0.3 ms (0.10x)", "0.15 ms (0.05x)",
+         "0.6 ms (0.20x)", "0.3 ms (0.10x)", "0"],
+    ]
+    assert "ms of attention time measured on this device" in table
+    assert "Layers 1 (cross): always full attention" in table
+    assert len({len(line) for line in table.splitlines() if line.startswith("|")}) == 1  # padded: columns line up
+
+
+def test_the_cost_table_says_flops_where_the_prices_are_flops():
+    flops = costs.LayerSlot(IMAGE.info, True, 2 * 10**9, {0.0625: 5 * 10**8},
+                            costs.Prices(2e9, 1e9, {0.0625: (5e8, 2.5e8)}))
+    header, row = _rows(costs.cost_table([flops]))
+    assert header[3:] == ["full", "full+asc", "wars 0.0625", "wars+asc 0.0625", "ast"]
+    assert row[3:] == ["2 GFLOPs (1.00x)", "1 GFLOPs (0.50x)", "0.5 GFLOPs (0.25x)", "0.25 GFLOPs (0.12x)", "0"]
+    assert "in attention GFLOPs" in costs.cost_table([flops])
+
+
+def test_a_model_with_nothing_to_compress_says_so():
+    assert costs.cost_table([CROSS, CROSS]).splitlines() == [
+        "No compressible attention layer: nothing to price.", "Layers 0-1 (cross): always full attention, not priced."]
