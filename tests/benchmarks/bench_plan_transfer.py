@@ -79,13 +79,15 @@ def _start(model, positive: list, setting: Setting, seed: int, batch: int, size:
     return empty if setting.denoise == 1 else _sample(model, positive, empty, setting.steps, seed + 1, 1.0)
 
 
-def calibrate(model, setting: Setting, delta: float, size: int):
+def calibrate(model, setting: Setting, delta: float, size: int, step_reuse: bool):
     positive = _encode(CALIBRATION_CAPTIONS[0])
     start = _start(model, positive, setting, 0, CALIBRATION_SEEDS, size)
     plan, _, _ = plans.calibrate(model, positive, _encode(""), {"samples": start}, seed=0, steps=setting.steps,
                               cfg=CFG, sampler=SAMPLER, scheduler=SCHEDULER, denoise=setting.denoise,
-                              settings=plans.Settings(delta, plans.CANDIDATES, mode="budget", cost="flops"))
-    print(f"delta {delta:g}, calibrated for {setting.name}: {plan.counts()}", flush=True)
+                              settings=plans.Settings(delta, plans.CANDIDATES, mode="budget", cost="flops",
+                                                      step_reuse=step_reuse))
+    skipped = f", steps skipped {plan.step_reuse}" if plan.reuses_steps else ""
+    print(f"delta {delta:g}, calibrated for {setting.name}: {plan.counts()}{skipped}", flush=True)
     return plan
 
 
@@ -135,6 +137,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--deltas", nargs="+", type=float, default=[0.05, 0.1])
     parser.add_argument("--captions", nargs="+", default=[caption for caption, _ in HELD_OUT],
                         help="held-out captions (seeds 11, 12, ...)")
+    parser.add_argument("--step-reuse", action="store_true", help="budget plans with step reuse")
     args = parser.parse_args(argv)
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.DIT_FILE))
     source = Setting(f"{args.steps} steps", args.steps)
@@ -144,17 +147,19 @@ def main(argv: list[str]) -> None:
     runs = {target: references(model, target, captions, args.size) for target in targets}
     rows = []
     for delta in args.deltas:
-        transferred = calibrate(model, source, delta, args.size)
+        transferred = calibrate(model, source, delta, args.size, args.step_reuse)
         for target in targets:
-            own = calibrate(model, target, delta, args.size)
+            own = calibrate(model, target, delta, args.size, args.step_reuse)
             rows.append((target.name, delta, score(model, transferred, target, runs[target]),
                          score(model, own, target, runs[target])))
 
     command = ["python", "tests/benchmarks/bench_plan_transfer.py", "--size", str(args.size), "--steps",
                str(args.steps), "--more-steps", str(args.more_steps), "--denoise", f"{args.denoise:g}",
-               "--deltas", *(f"{delta:g}" for delta in args.deltas), "--captions", *args.captions]
+               "--deltas", *(f"{delta:g}" for delta in args.deltas), "--captions", *args.captions,
+               *(["--step-reuse"] if args.step_reuse else [])]
     print(f"\n`{shlex.join(command)}`\n\nDemo model, {args.size ** 2} image tokens, {SAMPLER} {SCHEDULER}, CFG {CFG}, "
-          f"float32, {torch.get_num_threads()} CPU threads; budget plans priced by FLOPs, calibrated on "
+          f"float32, {torch.get_num_threads()} CPU threads; budget plans{' with step reuse' * args.step_reuse} priced "
+          f"by FLOPs, calibrated on "
           f"{len(CALIBRATION_CAPTIONS)} caption x {CALIBRATION_SEEDS} seeds; PSNR against full attention of the same "
           f"run, pooled over {len(captions)} held-out captions; the transferred plan was calibrated at {source.name}\n")
     print("| setting | delta | PSNR dB, transferred plan | PSNR dB, plan made for the run | difference | "
