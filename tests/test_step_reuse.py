@@ -190,3 +190,17 @@ def test_a_second_order_sampler_reuses_each_evaluation_from_its_own_kind(model, 
     report = patching.patch_of(applied).last_report
     assert report.forwards_reused == 2 and report.forwards == 2 * STEPS - 1 - 2
     assert 0 < (out - plain).norm() < 0.2 * plain.norm()  # it acted, and stayed near the unpatched run
+
+
+def test_the_calibrate_node_plans_step_reuse_and_its_model_carries_it_out(model):
+    nodes = pack_import("nodes.plans")
+    args = dict(seed=3, steps=STEPS, cfg=3.0, sampler_name="euler", scheduler="simple", delta=1.0,
+                search_mode="budget", step_sharing=True, window_residual=True, cfg_sharing=True,
+                window_shape=next(iter(nodes.WINDOW_SHAPES)), window_fraction=0.125, plan_name="", overwrite=False,
+                per_head=False, cost="flops", step_reuse=True)
+    patched, plan, text, out, heatmap, _ = nodes.Calibrate.execute(model, *_inputs(), **args).result
+    assert plan.reuses_steps and json.loads(text)["step_reuse"] == plan.step_reuse and heatmap.ndim == 4
+    assert torch.equal(sample(patched, *_inputs(), steps=STEPS, seed=3), out["samples"])
+    assert patching.patch_of(patched).last_report.forwards_reused == sum(how is not None for how in plan.step_reuse)
+    with pytest.raises(ValueError, match="budget search only"):
+        nodes.Calibrate.execute(model, *_inputs(), **{**args, "search_mode": "fast"})
