@@ -354,12 +354,12 @@ def apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control
     if run is None:  # called outside sampling: leave the model as it is
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     adapter = run.patch.adapter
-    sigmas = transformer_options.get("sigmas", t)
-    step = run.timeline.step_of(float(sigmas.flatten()[0]))
+    sigma = float(transformer_options.get("sigmas", t).flatten()[0])
+    step = run.timeline.step_of(sigma)
     cond_or_uncond = tuple(transformer_options.get("cond_or_uncond", ()))
     stand_aside = _stand_aside(run, transformer_options, x.shape[0], cond_or_uncond)
     ids = chunk_ids(run.evaluation_of, step, cond_or_uncond, transformer_options, x.device)
-    reuses = getattr(run.patch.method, "step_reuse", None) if stand_aside is None and bool((t > 0).all()) else None
+    reuses = getattr(run.patch.method, "step_reuse", None) if stand_aside is None and sigma > 0 else None
     # A plan's step reuse (step_reuse.py): this call answered from earlier steps' predictions, if they are kept
     how = reuses(step, run.timeline) if reuses is not None else None
     if how is not None and (out := step_reuse.reused(run, ids, step, x, t, how)) is not None:

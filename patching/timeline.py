@@ -17,10 +17,15 @@ from typing import Any
 import comfy.samplers
 
 
+def same_level(a: float, b: float) -> bool:
+    """Two noise levels equal within float rounding (the host's schedules are float32 tables,
+    percent_to_sigma computes in float64)."""
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-8)
+
+
 def _at_or_below(sigma: float, bound: float) -> bool:
-    """sigma <= bound, equal within float rounding counting as equal (the host's schedules are
-    float32 tables, percent_to_sigma computes in float64)."""
-    return sigma <= bound or math.isclose(sigma, bound, rel_tol=1e-5, abs_tol=1e-8)
+    """sigma <= bound, equal within float rounding counting as equal."""
+    return sigma <= bound or same_level(sigma, bound)
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,12 @@ class Timeline:
     def step_of(self, sigma: float) -> int:
         """Index of the step whose interval holds `sigma` (intermediate sigmas of multi-evaluation
         samplers belong to the step they started from)."""
-        reached = sum(1 for s in self.sigmas[:-1] if s >= sigma or math.isclose(s, sigma, rel_tol=1e-5, abs_tol=1e-8))
+        reached = sum(1 for s in self.sigmas[:-1] if s >= sigma or same_level(s, sigma))
         return min(max(reached - 1, 0), self.steps - 1)
+
+    def same_levels(self, other: Timeline) -> bool:
+        """Whether both runs step through the same noise levels."""
+        return len(self.sigmas) == len(other.sigmas) and all(map(same_level, self.sigmas, other.sigmas))
 
     def nearest_step(self, sigma: float) -> int:
         """Index of the step whose starting noise level is nearest `sigma` (in log sigma, so that

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from ..patching.schedule import Choice, WindowSize
 from ..patching.step_reuse import forecast, noise_estimate
 from ..patching.timeline import Timeline
 from .apply import PlannedAttention
-from .costs import COST_MEASURES, LayerSlot, layer_slot
+from .costs import COST_MEASURES, LayerSlot, layer_slot, synchronize
 from .schema import (
     CANDIDATES,
     WINDOWED_KINDS,
@@ -123,11 +124,6 @@ def relative_squared_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """||approx - exact||^2 / ||exact||^2, in float64."""
     exact = exact.double()
     return ((approx.double() - exact).square().sum() / exact.square().sum().clamp_min(1e-24)).item()
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a timed forward counts it."""
-    getattr(getattr(torch, device.type, None), "synchronize", lambda: None)()
 
 
 def share_cfg(tensor: torch.Tensor, copies: dict[int, int], chunks: int) -> torch.Tensor:
@@ -461,7 +457,7 @@ class Calibration:
             before = run.snapshot()
             start = time.perf_counter()
             shared = forward({layer: "ast" for layer, slot in enumerate(self.layers) if slot.compressible}, before)
-            _synchronize(x.device)
+            synchronize(x.device)
             self.rest_seconds.append(time.perf_counter() - start)
             run.restore(before)
         self.scoring = True
@@ -502,7 +498,7 @@ class Calibration:
         compressible = [slot for slot in self.layers if slot.compressible]
         full = sum(slot.price("full") for slot in compressible) / max(1, len(compressible))
         if self.settings.cost == "time":
-            rest = sorted(self.rest_seconds)[len(self.rest_seconds) // 2] if self.rest_seconds else 0.0
+            rest = statistics.median(self.rest_seconds) if self.rest_seconds else 0.0
         else:
             rest = 2.0 * self.parameters * self.tokens
         return StepReuse(errors, rest / full if full else 0.0)
@@ -597,9 +593,7 @@ def _own_sigmas(run: Timeline | None, scheduler: str, steps: int, sampler: str) 
     if run is None:
         return ()
     rebuilt = Timeline.ksampler(run.model_sampling, scheduler, steps, sampler)
-    same = rebuilt is not None and len(rebuilt.sigmas) == len(run.sigmas) and all(
-        math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-8) for a, b in zip(rebuilt.sigmas, run.sigmas, strict=True))
-    return () if same else run.sigmas
+    return () if rebuilt is not None and rebuilt.same_levels(run) else run.sigmas
 
 
 def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int, steps: int, cfg: float,

@@ -21,8 +21,7 @@ from ..kernels.backends import choose_backend
 from ..patching import AttentionCall, CallSite
 from ..patching.schedule import WindowSize
 from . import timings
-from .heatmap import LABELS
-from .schema import HeadSet, LayerInfo
+from .schema import TECHNIQUE_LABELS, HeadSet, LayerInfo
 
 COST_MEASURES = ("time", "flops")
 PROBE_RUNS = 5  # timed runs per probe (after one warm-up); their median is the cost
@@ -42,15 +41,19 @@ def probe_seconds(key: tuple, run: Callable[[], object], device: torch.device) -
     return _seconds[key]
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timed run counts it."""
+    getattr(getattr(torch, device.type, None), "synchronize", lambda: None)()
+
+
 def _median_seconds(run: Callable[[], object], device: torch.device) -> float:
-    synchronize = getattr(getattr(torch, device.type, None), "synchronize", lambda: None)
     run()
     samples = []
     for _ in range(PROBE_RUNS):
-        synchronize()
+        synchronize(device)
         start = time.perf_counter()
         run()
-        synchronize()
+        synchronize(device)
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -159,7 +162,7 @@ def cost_table(layers: list[LayerSlot]) -> str:
              for row in rows]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
     unit = "ms of attention time measured on this device" if measure == "time" else "attention GFLOPs"
-    legend = "; ".join(f"{name}: {LABELS[name]}" for name in ("full", "full+asc", "wars", "wars+asc", "ast"))
+    legend = "; ".join(f"{name}: {TECHNIQUE_LABELS[name]}" for name in ("full", "full+asc", "wars", "wars+asc", "ast"))
     return "\n".join([f"Price per attention call of each candidate, in {unit} (x: share of full attention)", "",
                       *lines, "", f"{legend}; the number after wars is the window fraction.", *tail])
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .schema import TECHNIQUES, Plan
+from .schema import TECHNIQUE_LABELS, TECHNIQUES, Plan
 
 COLOURS = {
     "full": (90, 90, 90),
@@ -17,13 +17,6 @@ COLOURS = {
     "wars": (60, 170, 90),
     "wars+asc": (30, 200, 200),
     "ast": (240, 150, 40),
-}
-LABELS = {
-    "full": "full attention",
-    "full+asc": "full + CFG sharing",
-    "wars": "window + residual",
-    "wars+asc": "window + residual + CFG sharing",
-    "ast": "step sharing (reuse)",
 }
 STEP_REUSE_COLOURS = {"reuse": (150, 60, 200), "forecast": (220, 80, 160)}
 BACKGROUND, INK = (255, 255, 255), (20, 20, 20)
@@ -70,7 +63,7 @@ def render_heatmap(plan: Plan) -> Image.Image:
     for index, name in enumerate(TECHNIQUES):
         y = legend_top + index * line
         draw.rectangle((MARGIN, y + 2, MARGIN + FONT_SIZE, y + 2 + FONT_SIZE), fill=COLOURS[name])
-        draw.text((MARGIN + FONT_SIZE + 8, y), f"{LABELS[name]}: {counts[name] / total:.0%} of cells", fill=INK, font=font)
+        draw.text((MARGIN + FONT_SIZE + 8, y), f"{TECHNIQUE_LABELS[name]}: {counts[name] / total:.0%} of cells", fill=INK, font=font)
     y = legend_top + len(TECHNIQUES) * line
     if plan.per_head:
         draw.text((MARGIN, y), "part-filled cell: window on that share of heads, full on the rest", fill=INK,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
 from ..patching.ditfastattn import (
@@ -30,7 +29,7 @@ from ..patching.ditfastattn import (
 )
 from ..patching.schedule import Choice, WindowSize
 from ..patching.step_reuse import STEP_REUSE
-from ..patching.timeline import Timeline
+from ..patching.timeline import Timeline, same_level
 
 FORMAT = "fastattn-plan"
 # 2 added per-head cells ("heads"), 3 per-cell window sizes ("windows"), 4 step reuse ("step_reuse") and the
@@ -42,6 +41,13 @@ VERSION = 4
 # asc: attention sharing across CFG.
 CANDIDATES = ("ast", "wars+asc", "wars", "full+asc")
 TECHNIQUES = ("full", *CANDIDATES)
+TECHNIQUE_LABELS = {  # each technique as the user reads it (heatmap legend, cost table)
+    "full": "full attention",
+    "full+asc": "full + CFG sharing",
+    "wars": "window + residual",
+    "wars+asc": "window + residual + CFG sharing",
+    "ast": "step sharing (reuse)",
+}
 WINDOW_SHAPES = ("band", "square", "circle")
 
 
@@ -165,7 +171,7 @@ class Plan:
             mapped = tuple(min(self.steps - 1, step * self.steps // timeline.steps) for step in range(timeline.steps))
             return mapped, timeline.steps == self.steps
         mapped = tuple(calibrated.nearest_step(sigma) for sigma in timeline.sigmas[:timeline.steps])
-        same = all(math.isclose(sigma, calibrated.sigmas[step], rel_tol=1e-5, abs_tol=1e-8)
+        same = all(same_level(sigma, calibrated.sigmas[step])
                    for sigma, step in zip(timeline.sigmas, mapped, strict=False))
         return mapped, same
 

@@ -194,7 +194,7 @@ def main(argv: list[str]) -> None:
                                          steps=args.steps, cfg=CFG, sampler="euler", scheduler="simple",
                                          settings=settings)
             calibration_units[name] = f"{(time.perf_counter() - start) / baseline_run:.1f}"
-            skipped = f", steps skipped {[how for how in plan.step_reuse]}" if plan.reuses_steps else ""
+            skipped = f", steps skipped {plan.step_reuse}" if plan.reuses_steps else ""
             print(f"{name}: calibrated in {calibration_units[name]} baseline runs, {plan.counts()}{skipped}",
                   flush=True)
             if args.save_plans is not None:
