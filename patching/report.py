@@ -94,7 +94,9 @@ class RunReport:
             branch += f", {self.projection_flops_saved / 1e9:.3g} GFLOPs of projections saved"
         fallbacks = "".join(f"; stood aside on {count} calls: {reason}" for reason, count in sorted(self.stood_aside.items()))
         fallbacks += "".join(f"; warning: {warning}" for warning in self.warnings)
-        reused = f" (and {self.forwards_reused} answered by step reuse)" if self.forwards_reused else ""
+        reused_flops = sum(full for name, (_, full) in self.flops_by_technique.items() if name.startswith("step reuse"))
+        reused = (f" (and {self.forwards_reused} answered by step reuse, {reused_flops / 1e9:.6g} GFLOPs of attention "
+                  "not run)") if self.forwards_reused else ""
         timed = "" if self.wall_seconds is None else f" in {self.wall_seconds:.2f} s of sampling wall time"
         return (
             f"{self.architecture}: {self.forwards} forwards{reused} over {len(self.steps_seen)}/{self.total_steps} steps{timed}, "
