@@ -17,6 +17,7 @@ INSPECTOR_SHARE = re.compile(r"= ([\d.]+)% attention")
 REPORT_FLOPS = re.compile(r"attention FLOPs computed [\d.]+% of full, ([\d.e+]+) of ([\d.e+]+) GFLOPs")
 REPORT_PROJECTIONS = re.compile(r"([\d.e+]+) GFLOPs of projections saved")
 REPORT_REUSED = re.compile(r"answered by step reuse, ([\d.e+]+) GFLOPs of attention not run")
+REPORT_BLOCKS = re.compile(r"block caching skipped blocks holding ([\d.e+]+) GFLOPs of attention")
 
 
 def round_orders(names: Sequence[str], rounds: int) -> list[list[str]]:
@@ -34,14 +35,15 @@ def flop_bound(share: float, report_text: str) -> float:
     """The largest speed-up the FLOPs allow: the unpatched run's FLOPs over the patched run's, from
     attention's share of the model's FLOPs and the Attention Report of the patched run (attention
     FLOPs computed of full, the projections' FLOPs branch sharing did not run, and the rest of each
-    forward that step reuse skipped, in attention's proportion to it)."""
+    forward that step reuse skipped and of the blocks block caching skipped, in attention's proportion to it)."""
     match = REPORT_FLOPS.search(report_text)
     if match is None:
         return 1.0  # no report: nothing was skipped
     computed, full = float(match.group(1)), float(match.group(2))
     projections, reused = REPORT_PROJECTIONS.search(report_text), REPORT_REUSED.search(report_text)
     saved = (full - computed) + (float(projections.group(1)) if projections else 0.0)
-    saved += float(reused.group(1)) * (1 - share) / share if reused else 0.0
+    skipped = sum(float(found.group(1)) for found in (reused, REPORT_BLOCKS.search(report_text)) if found)
+    saved += skipped * (1 - share) / share
     total = full / share
     return total / (total - saved)
 

@@ -127,6 +127,11 @@ class Calibrate(io.ComfyNode):
                                tooltip="As the sampler's denoise: below 1 the calibration run starts from "
                                        "latent_image (image to image) at that share of the schedule; the plan keeps "
                                        "those noise levels, so the same run later applies it step for step."),
+                io.Boolean.Input("block_cache", default=False,
+                                 tooltip="Budget mode only: a candidate for whole transformer blocks (SD3, Flux, "
+                                         "Wan). A skipped block runs nothing (attention, projections, MLP) and adds "
+                                         "the change it made when it last ran, where that errs less than its "
+                                         "layer's other choices would save."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A clone carrying out the plan; the input is unchanged."),
@@ -147,7 +152,7 @@ class Calibrate(io.ComfyNode):
                 scheduler: str, delta: float, search_mode: str, step_sharing: bool, window_residual: bool,
                 cfg_sharing: bool, window_shape: str, window_fraction: float, plan_name: str,
                 overwrite: bool, per_head: bool = False, cost: str = COST_MEASURES[0],
-                step_reuse: bool = False, denoise: float = 1.0) -> io.NodeOutput:
+                step_reuse: bool = False, denoise: float = 1.0, block_cache: bool = False) -> io.NodeOutput:
         plan_name = plan_name.strip()
         if plan_name and plan_path(plan_name).exists() and not overwrite:  # fail before the long run, not after
             raise PlanError(f"FastAttn Calibrate: a plan named {plan_name!r} already exists; switch `overwrite` on "
@@ -157,7 +162,7 @@ class Calibrate(io.ComfyNode):
                    "full+asc": cfg_sharing}
         settings = Settings(delta, tuple(name for name, on in enabled.items() if on),
                             WindowSize(WINDOW_SHAPES[window_shape], window_fraction), search_mode, per_head, cost,
-                            step_reuse)
+                            step_reuse, block_cache)
         plan, samples, layers = calibrate(model, positive, negative, latent_image, seed=seed, steps=steps, cfg=cfg,
                                           sampler=sampler_name, scheduler=scheduler, settings=settings,
                                           denoise=denoise)

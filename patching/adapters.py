@@ -5,7 +5,8 @@ joint sequence holds, on which side of the image tokens they sit, and the image 
 (frames, height, width) of the rest. It also says whether the architecture routes its
 attention through ComfyUI's attention override (PixArt and Hunyuan-DiT do not: they are hooked
 by routing their module-level attention function for the duration of one forward), and which
-linear layers form each self-attention branch (for branch-level sharing, see branch.py).
+linear layers form each self-attention branch (for branch-level sharing, see branch.py) and,
+where block caching knows them, its transformer blocks (block_cache.py).
 
 A diffusion transformer no adapter knows gets a generic one built from its own description (its
 patch size; the grid and the text length then come from each call's latent and conditioning): step
@@ -47,6 +48,16 @@ class Projection:
     branch_features: int | None = None  # fused layer: its leading outputs (qkv) / inputs (out) are the branch's
 
 
+@dataclass(frozen=True)
+class Block:
+    """A transformer block whose outputs are its input streams plus what the block adds to them
+    (block caching reuses that change, block_cache.py), by module path under the diffusion model."""
+
+    path: str
+    # the inputs it changes, in the order it returns them: (keyword, position) of each in its call
+    streams: tuple[tuple[str, int], ...]
+
+
 def _stream(path: str, layer: int, kind: str, tokens: str, qkv: tuple[str, ...], out: tuple[str, ...]) -> list[Projection]:
     """The projections of one stream of a branch: its q/k/v layers and its output layers, under `path`."""
     return ([Projection(f"{path}.{name}", layer, kind, "qkv", tokens) for name in qkv]
@@ -73,6 +84,17 @@ def _flux_blocks(model: torch.nn.Module, first_layer: int) -> list[Projection]:
         found += [Projection(f"single_blocks.{j}.linear1", layer, "joint", "qkv", "joint", 3 * block.hidden_size),
                   Projection(f"single_blocks.{j}.linear2", layer, "joint", "out", "joint", block.hidden_size)]
     return found
+
+
+def _flux_block_list(model: torch.nn.Module) -> list[Block]:
+    """Flux's double blocks (img, txt in, img, txt out) and single blocks (x), where they are Flux's own
+    classes (HunyuanVideo and Chroma call them the same way)."""
+    from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
+
+    if not _all_of(model.double_blocks, DoubleStreamBlock) or not _all_of(model.single_blocks, SingleStreamBlock):
+        return []
+    return ([Block(f"double_blocks.{i}", (("img", 0), ("txt", 1))) for i, _ in enumerate(model.double_blocks)]
+            + [Block(f"single_blocks.{j}", (("x", 0),)) for j, _ in enumerate(model.single_blocks)])
 
 
 def _flux_projections(model: torch.nn.Module) -> list[Projection]:
@@ -106,6 +128,17 @@ def _mmdit_projections(model: torch.nn.Module) -> list[Projection]:
             found += _stream(f"joint_blocks.{i}.x_block.attn2", layer, "image", "image", ("qkv",), ("proj",))
             layer += 1
     return found
+
+
+def _mmdit_blocks(model: torch.nn.Module) -> list[Block]:
+    """SD3's joint blocks: (context, x) in and out (the last block's context out is None)."""
+    if getattr(model, "context_processor", None) is not None:
+        return []
+    return [Block(f"joint_blocks.{i}", (("context", 0), ("x", 1))) for i, _ in enumerate(model.joint_blocks)]
+
+
+def _wan_blocks(model: torch.nn.Module) -> list[Block]:
+    return [Block(f"blocks.{i}", (("x", 0),)) for i, _ in enumerate(model.blocks)] if _wan_projections(model) else []
 
 
 def _wan_projections(model: torch.nn.Module) -> list[Projection]:
@@ -294,6 +327,8 @@ class Adapter:
     # the model's attention-branch projections (branch-level sharing); None: sharing skips attention calls only
     projections: Callable[[torch.nn.Module], list[Projection]] | None = None
     call_level_only: str = ""  # why the projections are not mapped, when `projections` is None
+    # the model's transformer blocks (block caching); None: block caching does not know this architecture
+    blocks: Callable[[torch.nn.Module], list[Block]] | None = None
     # text tokens in the joint sequence, from one model call's prompt and other conditioning
     text_tokens: TextTokens = prompt_tokens
     # facts of one model instance that change the fields above (registers, padding, extra text streams)
@@ -359,10 +394,12 @@ def _mochi_facts(model: torch.nn.Module) -> dict[str, Any]:
 
 
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("Flux", "comfy.ldm.flux.model:Flux", (2, 2), text_first=True, projections=_flux_projections),
+    Adapter("Flux", "comfy.ldm.flux.model:Flux", (2, 2), text_first=True, projections=_flux_projections,
+            blocks=_flux_block_list),
     Adapter("SD3 (MMDiT)", "comfy.ldm.modules.diffusionmodules.mmdit:MMDiT", (2, 2), text_first=True,
-            projections=_mmdit_projections),
-    Adapter("Wan", "comfy.ldm.wan.model:WanModel", (1, 2, 2), text_first=True, projections=_wan_projections),
+            projections=_mmdit_projections, blocks=_mmdit_blocks),
+    Adapter("Wan", "comfy.ldm.wan.model:WanModel", (1, 2, 2), text_first=True, projections=_wan_projections,
+            blocks=_wan_blocks),
     Adapter("HunyuanVideo", "comfy.ldm.hunyuan_video.model:HunyuanVideo", (1, 2, 2), text_first=False,
             projections=_hunyuan_video_projections, specialise=_hunyuan_video_facts),
     Adapter("Qwen-Image", "comfy.ldm.qwen_image.model:QwenImageTransformer2DModel", (2, 2), text_first=True,

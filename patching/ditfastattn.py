@@ -20,19 +20,24 @@ import torch
 
 from ..kernels import TokenLayout, Window, attention_flops, window_attention
 from ..kernels.backends import choose_backend
+from . import block_cache
+from .block_cache import BlockCall
 from .branch import BranchPlan
 from .cache import Entry, gather_chunks, store_chunks
 from .call import AttentionCall
 from .padding import hidden_text_keys, padded_window_attention
 from .report import CallSite
-from .runtime import COND, UNCOND, SamplingRun
+from .runtime import COND, UNCOND, ForwardPass, SamplingRun
 from .schedule import Choice, LocalAttention, Schedule, WindowResidual
+from .timeline import Timeline
 
 SELF_ATTENTION_KINDS = ("joint", "image")
 FULL = Choice("full")
 
 
 class DiTFastAttn:
+    caches_blocks = False  # whether a step may skip whole blocks (a plan's "block" cells): the runtime hooks them
+
     def __init__(self, schedule: Schedule, backend: str = "auto", skip_branch: bool = True) -> None:
         self.schedule = schedule
         self.backend = backend
@@ -61,7 +66,7 @@ class DiTFastAttn:
             choice = Choice("full", choice.share_cfg)
         sources = in_batch_copies(site) if choice.share_cfg else {}
         sources = sources if len(sources) == site.halves.count(UNCOND) else {}  # else the attention call copies
-        store = self.schedule.choose(site.step + 1, site.timeline, site.layer).compute == "reuse"
+        store = self._next_reuses(site.step, site.timeline, site.layer)
         return BranchPlan(site.layer, site.step, site.chunk_ids, made_for, store=store, sources=sources)
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
@@ -77,6 +82,10 @@ class DiTFastAttn:
             if choice != FULL:
                 run.stood_aside(reason)
             return call.run_default(), call.flops(), "full"
+        if choice.compute == "block":  # its block ran after all (block_cache.py)
+            run.stood_aside("block caching computed the block: no change of it was stored for this call (the first of "
+                            "its kind in the run, or another shape), or the layer does not begin a block")
+            choice = Choice("full")
         if choice.compute == "window" and site.layout_unproven is not None:
             run.stood_aside(site.layout_unproven)
             choice = Choice("full", choice.share_cfg)
@@ -88,10 +97,32 @@ class DiTFastAttn:
                             "in the run, or another shape)")
             choice = Choice("full", choice.share_cfg)
         out, flops, technique = self._with_cfg_sharing(call, site, run, choice)
-        next_reuses = self.schedule.choose(site.step + 1, site.timeline, site.layer).compute == "reuse"
-        if next_reuses and site.branch is None:  # else the output projections store the branch's output
+        if self._next_reuses(site.step, site.timeline, site.layer) and site.branch is None:  # else the output projections store the branch's output
             store_chunks(run, ("output", site.layer), site.chunk_ids, site.step, out, (site.layout,))
         return out, flops, technique
+
+    def run_block(self, call: BlockCall, forward: ForwardPass) -> object:
+        """A block whose first layer's choice is "block" returns its stored change (block_cache.py);
+        it runs where none is stored, and keeps its change where a later step skips it."""
+        step, timeline, layer = forward.step, forward.run.timeline, forward.layers
+        if self.schedule.choose(step, timeline, layer).compute == "block":
+            result = block_cache.reused(call, forward)
+            if result is not None:
+                return result
+        keep = any(self.schedule.choose(later, timeline, layer).compute == "block"
+                   for later in range(step + 1, timeline.steps))
+        result, changes = block_cache.computed(call, forward, keep)
+        block_cache.store(forward, call.block, changes)
+        return result
+
+    def _next_reuses(self, step: int, timeline: Timeline, layer: int) -> bool:
+        """Whether the next step that runs this layer's block shares its output (steps that skip the
+        block read nothing of the layer's)."""
+        for later in range(step + 1, timeline.steps):
+            compute = self.schedule.choose(later, timeline, layer).compute
+            if compute != "block":
+                return compute == "reuse"
+        return False
 
     def _with_cfg_sharing(self, call: AttentionCall, site: CallSite, run: SamplingRun,
                           choice: Choice) -> tuple[torch.Tensor, int, str]:

@@ -97,6 +97,10 @@ class RunReport:
         reused_flops = sum(full for name, (_, full) in self.flops_by_technique.items() if name.startswith("step reuse"))
         reused = (f" (and {self.forwards_reused} answered by step reuse, {reused_flops / 1e9:.6g} GFLOPs of attention "
                   "not run)") if self.forwards_reused else ""
+        blocks = self.flops_by_technique.get("block cache", [0, 0])[1]
+        if blocks:
+            branch += (f"; block caching skipped blocks holding {blocks / 1e9:.6g} GFLOPs of attention (and their "
+                       "projections and MLPs)")
         timed = "" if self.wall_seconds is None else f" in {self.wall_seconds:.2f} s of sampling wall time"
         return (
             f"{self.architecture}: {self.forwards} forwards{reused} over {len(self.steps_seen)}/{self.total_steps} steps{timed}, "

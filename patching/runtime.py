@@ -41,7 +41,8 @@ from comfy_execution.utils import get_executing_context
 
 from ..kernels import TokenLayout
 from . import step_reuse
-from .adapters import Adapter, Projection, adapter_for
+from .adapters import Adapter, Block, Projection, UnsupportedArchitectureError, adapter_for
+from .block_cache import BlockFacts, block_forward
 from .branch import ACTIVE, BranchPlan, projection_forward
 from .cache import block_replacements, chunk_ids
 from .call import AttentionCall
@@ -100,6 +101,7 @@ class SamplingRun:
         self.layout_proofs: dict[tuple, LayoutProof] = {}  # (grid, text tokens) -> a generic model's proven order
         self.forward_flops: dict[int, int] = {}  # batch size -> full attention FLOPs of one forward (step reuse's saving)
         self.cache: dict = {}
+        self.blocks: dict[str, BlockFacts] = {}  # block path -> what it did when it last ran (block caching)
         self.displaced: str | None = None  # why the techniques stand aside for the rest of the run, if they must
         self.report = RunReport(patch.adapter.name, timeline.steps, branch_note=patch.branch_note,
                                 layout_derived=not patch.adapter.layout_proven)
@@ -436,6 +438,10 @@ def install(model, method: AttentionMethod = full_attention):
         key = f"diffusion_model.{projection.path}.forward"
         current = patched.get_model_object(key)
         patched.add_object_patch(key, projection_forward(projection, getattr(current, "fastattn_original", current)))
+    for block in _blocks(patched, adapter, method):
+        key = f"diffusion_model.{block.path}.forward"
+        current = patched.get_model_object(key)
+        patched.add_object_patch(key, block_forward(block, getattr(current, "fastattn_original", current)))
     patched.model_options["transformer_options"][PATCH_KEY] = AttentionPatch(method, adapter, tuple(projections), note)
     for wrapper_type in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
         patched.remove_wrappers_with_key(wrapper_type, PATCH_KEY)
@@ -458,6 +464,19 @@ def _branch_projections(model, adapter: Adapter, method: AttentionMethod) -> tup
         why = adapter.call_level_only or f"no branch map for this {adapter.name} model"
         return [], f"sharing skips attention calls only ({why}): projections still run"
     return projections, "sharing skips whole attention branches (QKV and output projections)"
+
+
+def _blocks(model, adapter: Adapter, method: AttentionMethod) -> list[Block]:
+    """The blocks to hook for a method that caches blocks; a model whose blocks the pack does not know
+    is refused (block caching would silently do nothing)."""
+    if not getattr(method, "caches_blocks", False):
+        return []
+    blocks = adapter.blocks(model.model.diffusion_model) if adapter.blocks is not None else []
+    if not blocks:
+        raise UnsupportedArchitectureError(
+            f"block caching knows the blocks of SD3 (MMDiT), Flux and Wan 2.1 models; this {adapter.name} model is "
+            "not one of them: calibrate without block caching (switch block_cache off)")
+    return blocks
 
 
 def patch_of(model) -> AttentionPatch | None:

@@ -179,7 +179,7 @@ Technique = Union[WindowResidual, StepSharing, CFGSharing, LocalAttention]
 
 @dataclass(frozen=True)
 class Choice:
-    compute: Literal["full", "window", "reuse"]
+    compute: Literal["full", "window", "reuse", "block"]  # block: the whole block skipped (a plan's block caching)
     share_cfg: bool = False
     window: WindowSize | None = None  # for "window"
     residual: bool = True  # for "window": add the residual cached at the last full step

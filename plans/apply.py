@@ -18,6 +18,7 @@ class PlannedAttention(DiTFastAttn):
         self.node_id = executing_node()  # the node that made this (Apply Plan, Calibrate): warnings show there too
         # the runtime asks it which steps skip the model (None: the plan reuses no step, nothing is kept for it)
         self.step_reuse = plan.step_reuse_of if plan.reuses_steps else None
+        self.caches_blocks = plan.caches_blocks  # the runtime hooks the model's blocks (block_cache.py)
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
         if run.report.forwards <= 1:

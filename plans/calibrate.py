@@ -31,6 +31,7 @@ assignment, so the next step starts where applying the plan would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -45,15 +46,18 @@ import comfy.utils
 import torch
 
 from ..kernels import window_attention
-from ..patching import AttentionCall, CallSite, SamplingRun, install
+from ..patching import AttentionCall, CallSite, SamplingRun, block_cache, install
+from ..patching.block_cache import BlockCall
 from ..patching.ditfastattn import DiTFastAttn, in_batch_copies
-from ..patching.runtime import PATCH_KEY, RUN_KEY, apply_model_wrapper
+from ..patching.runtime import PATCH_KEY, RUN_KEY, ForwardPass, apply_model_wrapper
 from ..patching.schedule import Choice, WindowSize
 from ..patching.step_reuse import forecast, noise_estimate
 from ..patching.timeline import Timeline
 from .apply import PlannedAttention
-from .costs import COST_MEASURES, LayerSlot, layer_slot, synchronize
+from .block_scorer import BlockScorer
+from .costs import COST_MEASURES, LayerSlot, LinearFlops, layer_slot, synchronize
 from .schema import (
+    BLOCK,
     CANDIDATES,
     WINDOWED_KINDS,
     CalibrationInfo,
@@ -80,6 +84,7 @@ class Settings:
     per_head: bool = False  # fast mode: window techniques may apply to some heads of a layer only
     cost: str = "flops"  # budget mode: what a candidate costs, "time" (measured here) or "flops"
     step_reuse: bool = False  # budget mode: whole steps may be skipped, their prediction reused or forecast
+    block_cache: bool = False  # budget mode: a block may be skipped, its last change reused (block_cache.py)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -94,6 +99,9 @@ class Settings:
         if self.step_reuse and self.mode != "budget":
             raise ValueError("step reuse is planned by the budget search only (it weighs a skipped step against "
                              "every layer's choices); set search_mode to budget or switch step reuse off")
+        if self.block_cache and self.mode != "budget":
+            raise ValueError("block caching is planned by the budget search only (it weighs a skipped block against "
+                             "its layer's other choices); set search_mode to budget or switch block_cache off")
         if self.delta < 0:
             raise ValueError(f"delta must be >= 0, got {self.delta}")
         unknown = set(self.candidates) - set(CANDIDATES)
@@ -299,6 +307,23 @@ class CalibrationMethod:
     def __init__(self, calibration: Calibration) -> None:
         self.calibration = calibration
         self.ditfastattn = DiTFastAttn(calibration.schedule)
+        self.caches_blocks = calibration.settings.block_cache  # the runtime hooks the blocks: they are measured
+
+    def run_block(self, call: BlockCall, forward: ForwardPass) -> object:
+        """Budget mode with block caching: in the scoring forward, each block's change is scored against
+        its changes of earlier steps (BlockScorer), and what its work besides attention costs is counted once."""
+        calibration = self.calibration
+        if not calibration.scoring:
+            return block_cache.computed(call, forward, changes=False)[0]
+        layer = forward.layers
+        counted = layer not in calibration.block_flops
+        with LinearFlops() if counted else contextlib.nullcontext() as counter:
+            result, changes = block_cache.computed(call, forward, changes=True)
+        if counted:
+            calibration.block_flops[layer] = counter.flops
+        calibration.block_layers[layer] = forward.run.blocks[call.block.path].layers if changes else 0
+        calibration.block_scorer.score(forward.step, layer, changes)
+        return result
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
         out, flops, technique = self.ditfastattn(call, site, run)
@@ -322,6 +347,11 @@ class Calibration:
         ages = AGES if settings.mode == "budget" else None
         self.scorer = Scorer(settings.windows, settings.candidates, ages) if settings.mode != "greedy" else None
         self.local_errors: list[dict[int, dict[Candidate, float]]] = []  # budget: [step][layer] -> candidate's error
+        # budget with block caching: each block's change scored per step, by its first layer; the FLOPs of its
+        # linear layers (what skipping it saves besides attention) and the attention calls it makes
+        self.block_scorer = BlockScorer(AGES)
+        self.block_flops: dict[int, int] = {}
+        self.block_layers: dict[int, int] = {}
         # budget with step reuse: each step's prediction (noise estimate, sigma), the output error per summed
         # local error (all layers step-shared), and the seconds of such forwards (the rest of a forward)
         self.predictions: dict[int, tuple[torch.Tensor, float]] = {}
@@ -470,6 +500,10 @@ class Calibration:
         self.local_errors.append({layer: {key: error for key, error in self.scorer.relative_errors(layer).items()
                                           if has_cfg or not key[0].endswith("+asc")}
                                   for layer in self.scorer.squared_errors if step > 0})
+        for layer in self._cacheable_blocks():
+            if layer in self.local_errors[step]:
+                self.local_errors[step][layer].update({(BLOCK, 0.0, age): error for age, error
+                                                       in self.block_scorer.errors.get(layer, {}).items()})
         self.scorer.commit({}, {})
         self._record_full()
         if reusable:
@@ -479,6 +513,24 @@ class Calibration:
             if shared is not None and summed > 0:
                 self.gains[step] = relative_squared_error(noise_estimate(x, shared, sigma), estimate) / summed
         return out
+
+    def _cacheable_blocks(self) -> list[int]:
+        """The first layers of the blocks block caching may skip: blocks whose only compressible attention
+        layer is their first (a cell decides for one layer; a block skipped skips all of its layers)."""
+        return [first for first, count in self.block_layers.items()
+                if count and self.layers[first].compressible
+                and not any(slot.compressible for slot in self.layers[first + 1:first + count])]
+
+    def _block_savings(self) -> list[LayerSlot]:
+        """The layer slots, each beginning a cacheable block priced with what skipping the block saves
+        besides its attention: its linear layers' FLOPs, or in time those FLOPs at the layer's attention
+        seconds per FLOP (the linear layers are not timed apart; a stated approximation)."""
+        slots = list(self.layers)
+        for first in self._cacheable_blocks():
+            slot = slots[first]
+            per_flop = slot.prices.full / slot.full_flops if slot.full_flops else 0.0
+            slots[first] = dataclasses.replace(slot, block_saving=self.block_flops.get(first, 0) * per_flop)
+        return slots
 
     def _step_reuse(self) -> StepReuse:
         """Each skipped step's error (reusing or forecasting from the steps the walk may compute), in the
@@ -536,6 +588,8 @@ class Calibration:
             self.local_errors.append({})
         measured = sum(len(step) for step in self.local_errors)
         reuse = self._step_reuse() if self.settings.step_reuse else None
+        if self.settings.block_cache:
+            self.layers = self._block_savings()
         allocation = allocate(self.local_errors, self.layers, self.settings.delta ** 2 * measured, AGES, reuse)
         cells = allocation.cells
         self.methods = [[cell.technique for cell in row] for row in cells]

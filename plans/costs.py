@@ -15,13 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..kernels import attention_flops, window_attention
 from ..kernels.backends import choose_backend
 from ..patching import AttentionCall, CallSite
 from ..patching.schedule import WindowSize
 from . import timings
-from .schema import TECHNIQUE_LABELS, HeadSet, LayerInfo
+from .schema import BLOCK, TECHNIQUE_LABELS, HeadSet, LayerInfo
 
 COST_MEASURES = ("time", "flops")
 PROBE_RUNS = 5  # timed runs per probe (after one warm-up); their median is the cost
@@ -39,6 +41,21 @@ def probe_seconds(key: tuple, run: Callable[[], object], device: torch.device) -
             timings.store_seconds(identity, repr(key), seconds)
         _seconds[key] = seconds
     return _seconds[key]
+
+
+class LinearFlops(TorchFunctionMode):
+    """Counts the FLOPs of the linear layers run inside it (2 per multiply-add of F.linear): what a
+    block costs besides its attention calls, whichever module classes and shapes it has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            self.flops += 2 * (x.numel() // x.shape[-1]) * weight.shape[0] * weight.shape[1]
+        return func(*args, **(kwargs or {}))
 
 
 def synchronize(device: torch.device) -> None:
@@ -78,12 +95,14 @@ class LayerSlot:
     full_flops: int
     window_flops: dict[float, int]  # window fraction -> FLOPs of the window call
     prices: Prices
+    # block caching: what skipping the block this layer begins saves besides its attention, in the prices' measure
+    block_saving: float = 0.0
 
     def cost(self, technique: str, heads: HeadSet = None, fraction: float | None = None) -> float:
         """Attention FLOPs of `technique` (a window of `fraction`, the first searched if None, on
         `heads` only: full attention on the others)."""
         window = self.window_flops[next(iter(self.window_flops)) if fraction is None else fraction]
-        base = {"ast": 0, "full": self.full_flops, "full+asc": self.full_flops}.get(technique, window)
+        base = {"ast": 0, BLOCK: 0, "full": self.full_flops, "full+asc": self.full_flops}.get(technique, window)
         if heads is not None and technique.startswith("wars"):
             share = len(heads) / self.info.heads
             base = share * window + (1 - share) * self.full_flops
@@ -93,6 +112,8 @@ class LayerSlot:
         """The search's cost of `technique` (with a window of `fraction`) on this layer."""
         if technique == "ast":
             return 0.0
+        if technique == BLOCK:  # its attention and the rest of its block not run: below zero
+            return -self.block_saving
         if technique.startswith("full"):
             return self.prices.full_half if technique.endswith("+asc") else self.prices.full
         whole, half = self.prices.windows[fraction]
@@ -149,7 +170,8 @@ def cost_table(layers: list[LayerSlot]) -> str:
     measure = groups[0][0].prices.measure
     fractions = sorted({fraction for slot, _ in groups for fraction in slot.prices.windows})
     columns = [("full", None), ("full+asc", None),
-               *[(name, fraction) for fraction in fractions for name in ("wars", "wars+asc")], ("ast", None)]
+               *[(name, fraction) for fraction in fractions for name in ("wars", "wars+asc")], ("ast", None),
+               *([(BLOCK, None)] if any(slot.block_saving for slot, _ in groups) else [])]
     header = ["layers", "kind", "heads x dim", *[name if fraction is None else f"{name} {fraction:g}"
                                                  for name, fraction in columns]]
     rows = [header]
@@ -162,9 +184,11 @@ def cost_table(layers: list[LayerSlot]) -> str:
              for row in rows]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
     unit = "ms of attention time measured on this device" if measure == "time" else "attention GFLOPs"
-    legend = "; ".join(f"{name}: {TECHNIQUE_LABELS[name]}" for name in ("full", "full+asc", "wars", "wars+asc", "ast"))
+    legend = "; ".join(f"{name}: {TECHNIQUE_LABELS[name]}" for name in dict.fromkeys(name for name, _ in columns))
+    block = (["A block cache's price is below zero: skipping the block also saves its projections and MLP "
+              "(their FLOPs, priced at the layer's attention cost per FLOP)."] if columns[-1][0] == BLOCK else [])
     return "\n".join([f"Price per attention call of each candidate, in {unit} (x: share of full attention)", "",
-                      *lines, "", f"{legend}; the number after wars is the window fraction.", *tail])
+                      *lines, "", f"{legend}; the number after wars is the window fraction.", *block, *tail])
 
 
 def _price_cell(price: float, full: float, measure: str) -> str:

@@ -17,6 +17,7 @@ COLOURS = {
     "wars": (60, 170, 90),
     "wars+asc": (30, 200, 200),
     "ast": (240, 150, 40),
+    "block": (200, 60, 60),
 }
 STEP_REUSE_COLOURS = {"reuse": (150, 60, 200), "forecast": (220, 80, 160)}
 BACKGROUND, INK = (255, 255, 255), (20, 20, 20)

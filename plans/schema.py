@@ -8,8 +8,10 @@ several): `windows` lists, per (step, layer), the window fraction of a window ce
 plan's window. A step may skip the model altogether (schema version 4, budget search with step reuse):
 `step_reuse` lists, per step, null or how the step takes its prediction from earlier steps ("reuse" or
 "forecast", patching/step_reuse.py); its compressible layers are marked step sharing ("ast"), which is
-what they do should the call have no prediction to reuse. Plans use the lowest version their content
-needs, so older FastAttn reads them.
+what they do should the call have no prediction to reuse. A cell may skip its whole transformer block
+(schema version 5, budget search with block caching): "block", on the block's first attention layer,
+returns the block's inputs plus the change it made when it last ran (patching/block_cache.py). Plans
+use the lowest version their content needs, so older FastAttn reads them.
 
 A plan answers DiTFastAttn's two questions (`choose`, `residual_window`) like a hand-set
 Schedule does, mapping a sampling step to the plan step calibrated at the nearest NOISE LEVEL (the
@@ -33,20 +35,23 @@ from ..patching.timeline import Timeline, same_level
 
 FORMAT = "fastattn-plan"
 # 2 added per-head cells ("heads"), 3 per-cell window sizes ("windows"), 4 step reuse ("step_reuse") and the
-# calibration run's own noise levels ("calibration": {"sigmas"}, where KSampler's schedule would not give them)
-VERSION = 4
+# calibration run's own noise levels ("calibration": {"sigmas"}, where KSampler's schedule would not give them),
+# 5 block caching ("block" cells)
+VERSION = 5
 
 # The candidates of the DiTFastAttn paper (Yuan et al., NeurIPS 2024; docs/plans.md), in the order greedy search tries them.
 # ast: attention sharing across timesteps; wars: window attention + residual sharing;
 # asc: attention sharing across CFG.
 CANDIDATES = ("ast", "wars+asc", "wars", "full+asc")
-TECHNIQUES = ("full", *CANDIDATES)
+BLOCK = "block"  # block caching: a budget-search candidate only (greedy and fast search do not try it)
+TECHNIQUES = ("full", *CANDIDATES, BLOCK)
 TECHNIQUE_LABELS = {  # each technique as the user reads it (heatmap legend, cost table)
     "full": "full attention",
     "full+asc": "full + CFG sharing",
     "wars": "window + residual",
     "wars+asc": "window + residual + CFG sharing",
     "ast": "step sharing (reuse)",
+    BLOCK: "block cache (the block's last change)",
 }
 WINDOW_SHAPES = ("band", "square", "circle")
 
@@ -63,6 +68,8 @@ def choice_of(technique: str, window: WindowSize, heads: HeadSet = None) -> Choi
     share_cfg = technique.endswith("+asc")
     if technique == "ast":
         return Choice("reuse")
+    if technique == BLOCK:
+        return Choice("block")
     if technique.startswith("wars"):
         return Choice("window", share_cfg, window, True, heads=heads)
     return Choice("full", share_cfg)
@@ -144,6 +151,10 @@ class Plan:
         return len(self.methods)
 
     @property
+    def caches_blocks(self) -> bool:
+        return any(name == BLOCK for row in self.methods for name in row)
+
+    @property
     def reuses_steps(self) -> bool:
         return any(how is not None for how in self.step_reuse)
 
@@ -218,8 +229,8 @@ class Plan:
     def to_json(self) -> str:
         data = {
             "format": FORMAT,
-            "version": 4 if self.reuses_steps or self.calibration.sigmas else 3 if self.windows else 2 if self.per_head
-            else 1,
+            "version": 5 if self.caches_blocks else 4 if self.reuses_steps or self.calibration.sigmas else 3
+            if self.windows else 2 if self.per_head else 1,
             "model": {"architecture": self.fingerprint.architecture,
                       "layers": [asdict(layer) for layer in self.fingerprint.layers]},
             "calibration": {key: value for key, value in asdict(self.calibration).items()
@@ -274,7 +285,7 @@ class Plan:
                 _require(name == "full" or layers[layer]["kind"] in WINDOWED_KINDS,
                          f"step {step}, layer {layer}: {name} on a {layers[layer]['kind']} layer (only joint / image "
                          "self-attention may be compressed)")
-        _require(all(name not in ("ast", "wars", "wars+asc") for name in methods[0]),
+        _require(all(name not in ("ast", "wars", "wars+asc", BLOCK) for name in methods[0]),
                  "step 0 must compute attention (full or full+asc): nothing is cached before it")
         flops_kept = data.get("flops_kept", 1.0)
         _require(isinstance(flops_kept, (int, float)), "flops_kept must be a number")

@@ -5,12 +5,14 @@ attention (relative squared error of the layer's attention output against its fu
 each candidate's price (plans/costs.py). A candidate is (technique, window fraction, age): step
 sharing reusing the output computed `age` steps earlier, window + residual with a window of that
 fraction and the residual cached `age` steps earlier (at the layer's last full step), either with
-CFG sharing, and full + CFG sharing.
+CFG sharing, full + CFG sharing, and (optionally) block caching: the layer's whole block skipped,
+its change reused from the block's last run `age` steps earlier (a price below zero: the block's work
+besides attention is saved too).
 
 For a weight lambda, each layer's sequence of choices minimising  price / full price + lambda x
 error, summed over the steps, is found exactly by dynamic programming over the layer's state
-(steps since its last full step, since its last computed step, and the window its residual was
-cached for: one window per residual, paid for once at the full step). Lambda is bisected to the
+(steps since its last full step, since its last computed step, since its block last ran, and the window
+its residual was cached for: one window per residual, paid for once at the full step). Lambda is bisected to the
 cheapest plan whose summed error stays within the budget. Layers are independent for a given
 lambda (their errors add), so the allocation is a Lagrangian relaxation of the knapsack over all
 (step, layer) cells: error goes where it buys the most time, early or late, in whichever layer.
@@ -28,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 from .costs import LayerSlot
+from .schema import BLOCK
 
 Candidate = tuple[str, float, int]  # (technique, window fraction (0 where none), age in steps (0 where none))
 BISECTIONS = 30
@@ -93,25 +96,27 @@ def layer_choices(errors: list[dict[Candidate, float]], slot: LayerSlot, weight:
     steps (step reuse) the layer does not run: a free step-sharing cell, its caches aging."""
     cap = ages + 1
     full = slot.price("full") or 1.0
-    # state (since full, since computed, residual window) -> (objective, price, error, path)
-    frontier: dict[tuple, tuple[float, float, float, _Path]] = {(1, 1, None): (1.0, 1.0, 0.0, _Path(FULL, None))}
+    # state (since full, since computed, since its block ran, residual window) -> (objective, price, error, path)
+    frontier: dict[tuple, tuple[float, float, float, _Path]] = {(1, 1, 1, None): (1.0, 1.0, 0.0, _Path(FULL, None))}
     for step, options in enumerate(errors[1:], start=1):
         reached: dict[tuple, tuple[float, float, float, _Path]] = {}
-        for (since_full, since_computed, residual), (objective, price, error, path) in frontier.items():
-            later = min(since_full + 1, cap)
+        for (since_full, since_computed, since_block, residual), (objective, price, error, path) in frontier.items():
+            later, aged = min(since_full + 1, cap), (min(since_computed + 1, cap), min(since_block + 1, cap), residual)
             if step in skipped:
-                state = (later, min(since_computed + 1, cap), residual)
+                state = (later, *aged)
                 if state not in reached or objective < reached[state][0]:
                     reached[state] = (objective, price, error, _Path(Cell("ast"), path))
                 continue
-            moves = [(FULL, 1.0, (1, 1, None))]
+            moves = [(FULL, 1.0, (1, 1, 1, None))]
             for (name, fraction, age), cell_error in options.items():
                 if name == "full+asc":
-                    state = (later, 1, residual)
+                    state = (later, 1, 1, residual)
                 elif name == "ast" and age == since_computed:
-                    state = (later, min(since_computed + 1, cap), residual)
+                    state = (later, min(since_computed + 1, cap), 1, residual)
+                elif name == BLOCK and age == since_block:  # nothing of the layer runs: every cache ages
+                    state = (later, *aged)
                 elif name.startswith("wars") and age == since_full and residual in (None, fraction):
-                    state = (later, 1, fraction)
+                    state = (later, 1, 1, fraction)
                 else:
                     continue
                 cost = slot.price(name, fraction or None) / full

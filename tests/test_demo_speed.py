@@ -34,6 +34,8 @@ def test_the_flop_bound_from_the_reports_text():
     assert speed.flop_bound(share, "") == 1.0  # the baseline: no report, nothing skipped
     run.count_reused("forecast", 3, 20 * 10**9)  # a skipped forward: its 20 attention GFLOPs and 20 others
     assert speed.flop_bound(share, run.summary()) == pytest.approx(240 / 125)  # 240 - 95 - 20 of the rest
+    run.count("block cache", 0, 10 * 10**9)  # skipped blocks: their 10 attention GFLOPs and 10 others
+    assert speed.flop_bound(share, run.summary()) == pytest.approx(260 / 125)  # 260 - 105 - 30 of the rest
 
 
 def test_a_baseline_slowed_by_load_in_one_round_moves_no_median():

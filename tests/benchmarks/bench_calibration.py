@@ -168,6 +168,8 @@ def main(argv: list[str]) -> None:
                         help="first-block cache thresholds (none: leave it out)")
     parser.add_argument("--step-reuse", action="store_true",
                         help="also budget plans with step reuse (whole steps skipped) at each delta")
+    parser.add_argument("--block-cache", action="store_true",
+                        help="also budget plans with block caching (with and without step reuse, as --step-reuse says)")
     parser.add_argument("--save-plans", type=Path, default=None, help="write each plan's JSON into this folder")
     args = parser.parse_args(argv)
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.DIT_FILE))
@@ -184,11 +186,13 @@ def main(argv: list[str]) -> None:
 
     contestants: dict[str, object] = {"full attention": model}
     calibration_units: dict[str, str] = {}
-    searches = [(mode, False) for mode in args.modes] + [("budget", True)] * args.step_reuse
-    for mode, reuse in searches:
+    searches = [(mode, False, False) for mode in args.modes] + [("budget", True, False)] * args.step_reuse
+    searches += [("budget", reuse, True) for reuse in (False, True)[:1 + args.step_reuse]] * args.block_cache
+    for mode, reuse, blocks in searches:
         for delta in args.deltas:
-            settings = plans.Settings(delta, plans.CANDIDATES, mode=mode, cost=args.cost, step_reuse=reuse)
-            name = f"{mode}{' + step reuse' if reuse else ''} plan, delta {delta:g}"
+            settings = plans.Settings(delta, plans.CANDIDATES, mode=mode, cost=args.cost, step_reuse=reuse,
+                                      block_cache=blocks)
+            name = f"{mode}{' + step reuse' if reuse else ''}{' + block cache' if blocks else ''} plan, delta {delta:g}"
             start = time.perf_counter()
             plan, _, _ = plans.calibrate(model, calibration_positive, _encode(""), calibration_latent, seed=0,
                                          steps=args.steps, cfg=CFG, sampler="euler", scheduler="simple",
@@ -199,7 +203,8 @@ def main(argv: list[str]) -> None:
                   flush=True)
             if args.save_plans is not None:
                 args.save_plans.mkdir(parents=True, exist_ok=True)
-                (args.save_plans / f"demo_{mode}{'_reuse' * reuse}_{delta:g}.json").write_text(plan.to_json())
+                (args.save_plans / f"demo_{mode}{'_reuse' * reuse}{'_blocks' * blocks}_{delta:g}.json").write_text(
+                    plan.to_json())
             contestants[name] = patching.install(model, plans.PlannedAttention(plan))
     uniform_names = []
     for refresh in args.uniform_refresh:

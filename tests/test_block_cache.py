@@ -1,0 +1,157 @@
+"""Block caching: a plan's skipped blocks against a reference written here (the host's own block
+replacement for SD3, reusing each block's change by hand), the layer numbering and report around a
+skipped block, the architectures it refuses, the plan file, and the budget search that chooses it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from harness import pack_import
+from harness.models import build_model, conditioning, empty_latent, sample
+
+plans = pack_import("plans")
+patching = pack_import("patching")
+WindowSize = pack_import("patching.schedule").WindowSize
+
+ARCH = "sd3"
+STEPS = 6
+WINDOW = WindowSize("band", 0.125)
+
+
+def _inputs(batch: int = 2) -> tuple:
+    return conditioning(ARCH, 7, seed=1), conditioning(ARCH, 7, seed=2), empty_latent(ARCH, 16, 16, batch=batch)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(ARCH)
+
+
+@pytest.fixture(scope="module")
+def full_plan(model):
+    """A budget plan at delta 0: every cell full, with the model's fingerprint."""
+    settings = plans.Settings(0.0, plans.CANDIDATES, WINDOW, "budget")
+    plan, _, _ = plans.calibrate(model, *_inputs(), seed=3, steps=STEPS, cfg=3.0, sampler="euler", scheduler="simple",
+                                 settings=settings)
+    return plan
+
+
+def _with_cells(plan, cells: dict[tuple[int, int], str]):
+    data = json.loads(plan.to_json())
+    for (step, layer), name in cells.items():
+        data["methods"][step][layer] = name
+    data["version"] = 5
+    return plans.Plan.from_json(json.dumps(data))
+
+
+def _reference(model, skipped: set[tuple[int, int]], batch: int = 2) -> torch.Tensor:
+    """The unpatched model with the host's own block replacement on every joint block: at a skipped
+    (step, block) the block returns its inputs plus the change it made when it last ran."""
+    sigmas: list[float] = []
+    changes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def replacement(index: int):
+        def replace(args, extra):
+            sigma = float(args["transformer_options"]["sigmas"].flatten()[0])
+            if sigma not in sigmas:
+                sigmas.append(sigma)
+            txt, img = args["txt"], args["img"]
+            if (sigmas.index(sigma), index) in skipped:
+                old_txt, old_img = changes[index]
+                return {"txt": None if old_txt is None else txt + old_txt, "img": img + old_img}
+            out = extra["original_block"]({**args, "txt": txt.clone(), "img": img.clone()})
+            changes[index] = (None if out["txt"] is None else out["txt"] - txt, out["img"] - img)
+            return out
+        return replace
+
+    clone = model.clone()
+    for index in range(len(clone.model.diffusion_model.joint_blocks)):
+        clone.set_model_patch_replace(replacement(index), "dit", "double_block", index)
+    return sample(clone, *_inputs(batch), steps=STEPS, seed=3)
+
+
+SKIPPED = {(2, 1), (3, 0), (3, 1), (5, 0), (4, 1)}  # (step, block)
+FIRST_LAYER = {0: 0, 1: 2}  # the test SD3's first block holds two attention layers (MMDiT-X), its second one
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_skipped_blocks_equal_the_host_block_replacement_reference(model, full_plan, batch):
+    plan = _with_cells(full_plan, {(step, FIRST_LAYER[block]): "block" for step, block in SKIPPED})
+    assert plan.caches_blocks and json.loads(plan.to_json())["version"] == 5
+    patched = patching.install(model, plans.PlannedAttention(plan))
+    out = sample(patched, *_inputs(batch), steps=STEPS, seed=3)
+    reference = _reference(model, SKIPPED, batch)
+    plain = sample(model, *_inputs(batch), steps=STEPS, seed=3)
+    assert torch.allclose(out, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, plain, rtol=1e-3, atol=1e-4)  # the skipped blocks changed the picture
+    report = patching.patch_of(patched).last_report
+    computed, full = report.flops_by_technique["block cache"]
+    assert computed == 0 and full > 0
+    assert report.layers_per_forward == {len(plan.fingerprint.layers)}  # numbering kept over skipped blocks
+
+
+def test_a_layer_shared_after_a_skipped_block_reads_its_last_computed_output(model, full_plan):
+    """Step sharing after a skipped block reuses the attention output of the step before the skip (the
+    block computed nothing at the skipped step): the same as sharing that older output directly."""
+    after = _with_cells(full_plan, {(2, 2): "block", (3, 2): "ast"})
+    stood = patching.install(model, plans.PlannedAttention(after))
+    sample(stood, *_inputs(), steps=STEPS, seed=3)
+    report = patching.patch_of(stood).last_report
+    assert not report.stood_aside  # the output of step 1 was kept for step 3
+    assert report.flops_by_technique["step sharing"][0] == 0
+
+
+def test_block_caching_is_refused_where_the_pack_does_not_know_the_blocks():
+    other = build_model("lumina2")
+    method = pack_import("patching.ditfastattn").DiTFastAttn(pack_import("patching.schedule").Schedule())
+    method.caches_blocks = True
+    with pytest.raises(patching.UnsupportedArchitectureError, match="block caching knows the blocks"):
+        patching.install(other, method)
+
+
+def test_plans_with_block_cells_load_and_refuse_a_block_at_step_zero(full_plan):
+    plan = _with_cells(full_plan, {(1, 0): "block"})
+    again = plans.Plan.from_json(plan.to_json())
+    assert again.methods == plan.methods and again.caches_blocks
+    data = json.loads(plan.to_json())
+    data["methods"][0][0] = "block"
+    with pytest.raises(plans.PlanError, match="step 0 must compute"):
+        plans.Plan.from_json(json.dumps(data))
+    assert json.loads(full_plan.to_json())["version"] < 5  # plans without block cells stay readable by older packs
+
+
+def _calibrated(model, delta: float, **options):
+    settings = plans.Settings(delta, plans.CANDIDATES, WINDOW, "budget", block_cache=True, **options)
+    return plans.calibrate(model, *_inputs(), seed=3, steps=STEPS, cfg=3.0, sampler="euler", scheduler="simple",
+                           settings=settings)
+
+
+def test_the_budget_search_caches_blocks_and_the_plan_reproduces_its_run(model):
+    """With a loose budget the search skips blocks (cheaper than any attention choice: their price is below
+    zero), only on the first layer of a block whose other layers are not compressible; applying the plan
+    gives the latent the calibration sampled with it."""
+    plan, samples, layers = _calibrated(model, 0.5)
+    cells = [(step, layer) for step, row in enumerate(plan.methods) for layer, name in enumerate(row) if name == "block"]
+    assert cells and {layer for _, layer in cells} == {2}  # block 0 holds two compressible layers: never skipped
+    assert layers[2].price("block") < 0 < layers[2].price("full")
+    applied = patching.install(model, plans.PlannedAttention(plans.Plan.from_json(plan.to_json())))
+    assert torch.equal(sample(applied, *_inputs(), steps=STEPS, seed=3), samples)
+    assert not patching.patch_of(applied).last_report.stood_aside
+
+
+def test_block_errors_are_measured_and_a_zero_budget_caches_nothing(model):
+    plan, _, _ = _calibrated(model, 0.0)
+    assert not plan.caches_blocks
+    with pytest.raises(ValueError, match="block caching is planned by the budget search only"):
+        plans.Settings(0.1, plans.CANDIDATES, WINDOW, "fast", block_cache=True)
+
+
+def test_linear_flops_count_what_a_block_runs_besides_attention():
+    costs = pack_import("plans.costs")
+    layer = torch.nn.Linear(8, 16)
+    with costs.LinearFlops() as counter:
+        layer(torch.randn(3, 5, 8))
+        torch.randn(4, 4) @ torch.randn(4, 4)  # not a linear layer: not counted
+    assert counter.flops == 2 * 15 * 8 * 16
