@@ -313,9 +313,13 @@ class CalibrationMethod:
         """Budget mode with block caching: in the scoring forward, each block's change is scored against
         its changes of earlier steps (BlockScorer), and what its work besides attention costs is counted once."""
         calibration = self.calibration
+        layer = forward.layers
+        if calibration.skipping_blocks and layer in calibration._cacheable_blocks():
+            result = block_cache.reused(call, forward)
+            if result is not None:
+                return result
         if not calibration.scoring:
             return block_cache.computed(call, forward, changes=False)[0]
-        layer = forward.layers
         counted = layer not in calibration.block_flops
         with LinearFlops() if counted else contextlib.nullcontext() as counter:
             result, changes = block_cache.computed(call, forward, changes=True)
@@ -323,6 +327,7 @@ class CalibrationMethod:
             calibration.block_flops[layer] = counter.flops
         calibration.block_layers[layer] = forward.run.blocks[call.block.path].layers if changes else 0
         calibration.block_scorer.score(forward.step, layer, changes)
+        block_cache.store(forward, call.block, changes)  # what the next step's forward skipping blocks adds
         return result
 
     def __call__(self, call: AttentionCall, site: CallSite, run: SamplingRun) -> tuple[torch.Tensor, int, str]:
@@ -356,6 +361,8 @@ class Calibration:
         # local error (all layers step-shared), and the seconds of such forwards (the rest of a forward)
         self.predictions: dict[int, tuple[torch.Tensor, float]] = {}
         self.gains: dict[int, float] = {}
+        self.block_gains: dict[int, float] = {}  # block caching: output error per summed block error (age 1)
+        self.skipping_blocks = False  # in the forward that skips every cacheable block
         self.rest_seconds: list[float] = []
         self.tokens = 0  # batch x tokens of the first compressible attention call
         self.step_reuse: list[str | None] = []
@@ -481,15 +488,22 @@ class Calibration:
     def _measure(self, step: int, has_cfg: bool, run: SamplingRun, forward: Callable, x: torch.Tensor,
                  sigma: torch.Tensor) -> torch.Tensor:
         """Budget mode: full attention, every candidate scored; the plan is searched after the run."""
-        reusable = self.settings.step_reuse and bool((sigma > 0).all())
-        shared = None
-        if reusable and step > 0:  # every layer step-shared: the output error it makes, and its time
+        rated = (self.settings.step_reuse or self.settings.block_cache) and bool((sigma > 0).all())
+        shared = skipped = None
+        if rated and step > 0:  # every layer step-shared: the output error it makes, and its time
             before = run.snapshot()
             start = time.perf_counter()
             shared = forward({layer: "ast" for layer, slot in enumerate(self.layers) if slot.compressible}, before)
             synchronize(x.device)
             self.rest_seconds.append(time.perf_counter() - start)
             run.restore(before)
+            if self.settings.block_cache and self._cacheable_blocks():  # every cacheable block skipped
+                self.skipping_blocks = True
+                try:
+                    skipped = forward({}, before)
+                finally:
+                    self.skipping_blocks = False
+                run.restore(before)
         self.scoring = True
         try:
             out = forward({}, None)
@@ -506,13 +520,27 @@ class Calibration:
                                                        in self.block_scorer.errors.get(layer, {}).items()})
         self.scorer.commit({}, {})
         self._record_full()
-        if reusable:
+        if rated:
             estimate = noise_estimate(x, out, sigma)
-            self.predictions[step] = estimate, float(sigma.flatten()[0])
-            summed = sum(errors.get(("ast", 0.0, 1), 0.0) for errors in self.local_errors[step].values())
-            if shared is not None and summed > 0:
-                self.gains[step] = relative_squared_error(noise_estimate(x, shared, sigma), estimate) / summed
+            if self.settings.step_reuse:
+                self.predictions[step] = estimate, float(sigma.flatten()[0])
+            for gains, made, key in ((self.gains, shared, ("ast", 0.0, 1)), (self.block_gains, skipped, (BLOCK, 0.0, 1))):
+                gain = _gain(made, x, sigma, estimate, [errors.get(key, 0.0) for errors in self.local_errors[step].values()])
+                if gain is not None:
+                    gains[step] = gain
         return out
+
+    def _block_errors_in_cell_units(self) -> None:
+        """A block cell's error scaled by how much more (or less) the model output errs per unit of summed
+        block error than per unit of summed attention error, at steps where both rates were measured (each
+        is one forward with every block skipped, or every layer step-shared)."""
+        for step, errors in enumerate(self.local_errors):
+            block_gain, gain = self.block_gains.get(step), self.gains.get(step)
+            if block_gain is None or not gain:
+                continue
+            for options in errors.values():
+                for key in [key for key in options if key[0] == BLOCK]:
+                    options[key] *= block_gain / gain
 
     def _cacheable_blocks(self) -> list[int]:
         """The first layers of the blocks block caching may skip: blocks whose only compressible attention
@@ -590,6 +618,7 @@ class Calibration:
         reuse = self._step_reuse() if self.settings.step_reuse else None
         if self.settings.block_cache:
             self.layers = self._block_savings()
+            self._block_errors_in_cell_units()
         allocation = allocate(self.local_errors, self.layers, self.settings.delta ** 2 * measured, AGES, reuse)
         cells = allocation.cells
         self.methods = [[cell.technique for cell in row] for row in cells]
@@ -600,6 +629,16 @@ class Calibration:
         windows = [[None if cell.fraction in (None, self.settings.window.fraction) else cell.fraction for cell in row]
                    for row in cells]
         return windows if any(fraction is not None for row in windows for fraction in row) else []
+
+
+def _gain(output: torch.Tensor | None, x: torch.Tensor, sigma: torch.Tensor, exact: torch.Tensor,
+          local_errors: list[float]) -> float | None:
+    """How much the model output (as a noise estimate) errs per unit of the summed local errors of the
+    cells that made `output` (None where it was not made or they sum to nothing)."""
+    summed = sum(local_errors)
+    if output is None or summed <= 0:
+        return None
+    return relative_squared_error(noise_estimate(x, output, sigma), exact) / summed
 
 
 def passing_choices(assignment: dict[int, str], errors: dict[int, float],

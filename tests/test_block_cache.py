@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from harness import pack_import
-from harness.models import build_model, conditioning, empty_latent, sample
+from harness.models import build_model, conditioning, empty_latent, sample, small_latent
 
 plans = pack_import("plans")
 patching = pack_import("patching")
@@ -20,8 +20,9 @@ STEPS = 6
 WINDOW = WindowSize("band", 0.125)
 
 
-def _inputs(batch: int = 2) -> tuple:
-    return conditioning(ARCH, 7, seed=1), conditioning(ARCH, 7, seed=2), empty_latent(ARCH, 16, 16, batch=batch)
+def _inputs(batch: int = 2, arch: str = ARCH) -> tuple:
+    latent = small_latent(arch, batch) if arch != ARCH else empty_latent(ARCH, 16, 16, batch=batch)
+    return conditioning(arch, 7, seed=1), conditioning(arch, 7, seed=2), latent
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +30,17 @@ def model():
     return build_model(ARCH)
 
 
-@pytest.fixture(scope="module")
-def full_plan(model):
+def _full_plan(model, arch: str = ARCH):
     """A budget plan at delta 0: every cell full, with the model's fingerprint."""
     settings = plans.Settings(0.0, plans.CANDIDATES, WINDOW, "budget")
-    plan, _, _ = plans.calibrate(model, *_inputs(), seed=3, steps=STEPS, cfg=3.0, sampler="euler", scheduler="simple",
-                                 settings=settings)
+    plan, _, _ = plans.calibrate(model, *_inputs(arch=arch), seed=3, steps=STEPS, cfg=3.0, sampler="euler",
+                                 scheduler="simple", settings=settings)
     return plan
+
+
+@pytest.fixture(scope="module")
+def full_plan(model):
+    return _full_plan(model)
 
 
 def _with_cells(plan, cells: dict[tuple[int, int], str]):
@@ -46,49 +51,59 @@ def _with_cells(plan, cells: dict[tuple[int, int], str]):
     return plans.Plan.from_json(json.dumps(data))
 
 
-def _reference(model, skipped: set[tuple[int, int]], batch: int = 2) -> torch.Tensor:
-    """The unpatched model with the host's own block replacement on every joint block: at a skipped
+# Per architecture, its blocks as the host's block replacements name them: (kind, index), the streams the
+# block changes, and the first attention layer of the block (the test SD3's first block holds two, MMDiT-X;
+# each Wan block a self and a cross attention)
+BLOCKS = {
+    "sd3": [("double_block", 0, ("txt", "img"), 0), ("double_block", 1, ("txt", "img"), 2)],
+    "flux": [("double_block", 0, ("img", "txt"), 0), ("single_block", 0, ("img",), 1)],
+    "wan": [("double_block", 0, ("img",), 0), ("double_block", 1, ("img",), 2)],
+}
+SKIPPED = {(2, 1), (3, 0), (3, 1), (5, 0), (4, 1)}  # (step, block)
+
+
+def _reference(model, arch: str, skipped: set[tuple[int, int]], batch: int = 2) -> torch.Tensor:
+    """The unpatched model with the host's own block replacement on every block: at a skipped
     (step, block) the block returns its inputs plus the change it made when it last ran."""
     sigmas: list[float] = []
-    changes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    changes: dict[int, dict[str, torch.Tensor | None]] = {}
 
-    def replacement(index: int):
+    def replacement(block: int, streams: tuple[str, ...]):
         def replace(args, extra):
             sigma = float(args["transformer_options"]["sigmas"].flatten()[0])
             if sigma not in sigmas:
                 sigmas.append(sigma)
-            txt, img = args["txt"], args["img"]
-            if (sigmas.index(sigma), index) in skipped:
-                old_txt, old_img = changes[index]
-                return {"txt": None if old_txt is None else txt + old_txt, "img": img + old_img}
-            out = extra["original_block"]({**args, "txt": txt.clone(), "img": img.clone()})
-            changes[index] = (None if out["txt"] is None else out["txt"] - txt, out["img"] - img)
+            if (sigmas.index(sigma), block) in skipped:
+                return {name: None if change is None else args[name] + change
+                        for name, change in changes[block].items()}
+            out = extra["original_block"]({**args, **{name: args[name].clone() for name in streams}})
+            changes[block] = {name: None if out[name] is None else out[name] - args[name] for name in streams}
             return out
         return replace
 
     clone = model.clone()
-    for index in range(len(clone.model.diffusion_model.joint_blocks)):
-        clone.set_model_patch_replace(replacement(index), "dit", "double_block", index)
-    return sample(clone, *_inputs(batch), steps=STEPS, seed=3)
+    for block, (kind, index, streams, _) in enumerate(BLOCKS[arch]):
+        clone.set_model_patch_replace(replacement(block, streams), "dit", kind, index)
+    return sample(clone, *_inputs(batch, arch), steps=STEPS, seed=3)
 
 
-SKIPPED = {(2, 1), (3, 0), (3, 1), (5, 0), (4, 1)}  # (step, block)
-FIRST_LAYER = {0: 0, 1: 2}  # the test SD3's first block holds two attention layers (MMDiT-X), its second one
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-def test_skipped_blocks_equal_the_host_block_replacement_reference(model, full_plan, batch):
-    plan = _with_cells(full_plan, {(step, FIRST_LAYER[block]): "block" for step, block in SKIPPED})
+@pytest.mark.parametrize(("arch", "batch"), [("sd3", 1), ("sd3", 2), ("flux", 1), ("wan", 1)])
+def test_skipped_blocks_equal_the_host_block_replacement_reference(model, full_plan, arch, batch):
+    """Flux's blocks add to their inputs in place: the change is taken from a copy of them."""
+    if arch != ARCH:
+        model = build_model(arch)
+        full_plan = _full_plan(model, arch)
+    plan = _with_cells(full_plan, {(step, BLOCKS[arch][block][3]): "block" for step, block in SKIPPED})
     assert plan.caches_blocks and json.loads(plan.to_json())["version"] == 5
     patched = patching.install(model, plans.PlannedAttention(plan))
-    out = sample(patched, *_inputs(batch), steps=STEPS, seed=3)
-    reference = _reference(model, SKIPPED, batch)
-    plain = sample(model, *_inputs(batch), steps=STEPS, seed=3)
+    out = sample(patched, *_inputs(batch, arch), steps=STEPS, seed=3)
+    reference = _reference(model, arch, SKIPPED, batch)
+    plain = sample(model, *_inputs(batch, arch), steps=STEPS, seed=3)
     assert torch.allclose(out, reference, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(out, plain, rtol=1e-3, atol=1e-4)  # the skipped blocks changed the picture
     report = patching.patch_of(patched).last_report
     computed, full = report.flops_by_technique["block cache"]
-    assert computed == 0 and full > 0
+    assert computed == 0 and full > 0 and not report.stood_aside
     assert report.layers_per_forward == {len(plan.fingerprint.layers)}  # numbering kept over skipped blocks
 
 
