@@ -51,7 +51,8 @@ TECHNIQUES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
 COMPARE = {"view": "side by side", "difference_gain": 4.0}
 CALIBRATE = {"delta": 0.1, "search_mode": "fast", "step_sharing": True, "window_residual": True, "cfg_sharing": True,
              "window_shape": WINDOW_BAND["window_shape"], "window_fraction": 0.125, "plan_name": "", "overwrite": False,
-             "per_head": False, "cost": "time", "step_reuse": False, "denoise": 1.0}
+             "per_head": False, "cost": "time", "step_reuse": False, "denoise": 1.0,
+             "block_cache": False}
 
 
 def demo_graph(technique: str, size: int = 1024, steps: int = SAMPLER["steps"], caption: str = CAPTION,

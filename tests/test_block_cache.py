@@ -151,6 +151,8 @@ def test_the_budget_search_caches_blocks_and_the_plan_reproduces_its_run(model):
     cells = [(step, layer) for step, row in enumerate(plan.methods) for layer, name in enumerate(row) if name == "block"]
     assert cells and {layer for _, layer in cells} == {2}  # block 0 holds two compressible layers: never skipped
     assert layers[2].price("block") < 0 < layers[2].price("full")
+    table = pack_import("plans.costs").cost_table(layers)
+    assert "| block " in table and "block cache's price is below zero" in table
     applied = patching.install(model, plans.PlannedAttention(plans.Plan.from_json(plan.to_json())))
     assert torch.equal(sample(applied, *_inputs(), steps=STEPS, seed=3), samples)
     assert not patching.patch_of(applied).last_report.stood_aside
@@ -170,3 +172,17 @@ def test_linear_flops_count_what_a_block_runs_besides_attention():
         layer(torch.randn(3, 5, 8))
         torch.randn(4, 4) @ torch.randn(4, 4)  # not a linear layer: not counted
     assert counter.flops == 2 * 15 * 8 * 16
+
+
+def test_block_errors_are_put_into_the_cells_units_by_the_measured_rates():
+    """Where skipping every block errs the output 6 per unit of summed block error and step sharing 2 per
+    unit of summed attention error, a block cell's error counts 3 times; steps without both rates as measured."""
+    calibrate_module = pack_import("plans.calibrate")
+    settings = plans.Settings(0.1, plans.CANDIDATES, WINDOW, "budget", block_cache=True)
+    calibration = calibrate_module.Calibration(settings, 3)
+    calibration.local_errors = [{}, {0: {("block", 0.0, 1): 0.01, ("ast", 0.0, 1): 0.02}},
+                                {0: {("block", 0.0, 1): 0.01}}]
+    calibration.gains, calibration.block_gains = {1: 2.0, 2: 2.0}, {1: 6.0}
+    calibration._block_errors_in_cell_units()
+    assert calibration.local_errors[1][0] == {("block", 0.0, 1): pytest.approx(0.03), ("ast", 0.0, 1): 0.02}
+    assert calibration.local_errors[2][0] == {("block", 0.0, 1): 0.01}
