@@ -1,7 +1,8 @@
 """Probe times kept across ComfyUI restarts, so that calibrating after a restart probes nothing
 already measured: one small JSON file in the host's internal user folder
 (`<user>/__fastattn/timings.json`, which the host never serves over HTTP), each time filed under
-the device that measured it and the probe's key.
+the device that measured it and the probe's key, with the Unix time it was measured (a time
+older than MAX_AGE_S counts as never measured).
 
 It is only a cache: a file that cannot be read is ignored (one log line) and replaced by the next
 write; one that cannot be written leaves the times to the session. Neither stops a calibration."""
@@ -16,12 +17,17 @@ import math
 import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import folder_paths
 import torch
 
-VERSION = 1  # of the file's layout; a file of another version is ignored and rewritten
+VERSION = 2  # of the file's layout (2: times with when they were measured); others are ignored and rewritten
+# A stored time this old is measured again: one measured under load, or before a driver or library update
+# that the device identity does not name, would otherwise price every later calibration on this device.
+MAX_AGE_S = 30 * 24 * 3600.0
+_now = time.time  # the clock measurement times are stored and aged by (tests move it)
 log = logging.getLogger(__name__)
 _logged: set[str] = set()  # problems already logged this session (a broken file is met at each probe)
 
@@ -50,16 +56,22 @@ def _cpu_name() -> str:
 
 
 def stored_seconds(identity: str, key: str) -> float | None:
-    """The time stored for probe `key` on the device `identity`, None if there is none."""
-    seconds = _read().get(identity, {}).get(key)
-    return seconds if isinstance(seconds, float) and math.isfinite(seconds) and seconds >= 0 else None
+    """The time stored for probe `key` on the device `identity`, None if there is none, it is not a
+    time, or it was measured more than MAX_AGE_S ago (or, by the clock, in the future)."""
+    entry = _read().get(identity, {}).get(key)
+    if not isinstance(entry, dict):
+        return None
+    seconds, measured_at = entry.get("seconds"), entry.get("measured_at")
+    if not all(isinstance(value, float) and math.isfinite(value) for value in (seconds, measured_at)):
+        return None
+    return seconds if seconds >= 0 and 0 <= _now() - measured_at <= MAX_AGE_S else None
 
 
 def store_seconds(identity: str, key: str, seconds: float) -> None:
-    """Adds one time to the file, written whole to a temporary file and renamed over the old one
-    (a reader never sees half a file)."""
+    """Adds one time, measured now, to the file, written whole to a temporary file and renamed over
+    the old one (a reader never sees half a file)."""
     devices = _read()
-    devices.setdefault(identity, {})[key] = seconds
+    devices.setdefault(identity, {})[key] = {"seconds": seconds, "measured_at": _now()}
     path = timings_path()
     temporary: Path | None = None
     try:
@@ -77,7 +89,8 @@ def store_seconds(identity: str, key: str, seconds: float) -> None:
 
 
 def _read() -> dict[str, dict[str, object]]:
-    """Device identity -> probe key -> seconds, as stored; {} where the file is missing or broken."""
+    """Device identity -> probe key -> {"seconds", "measured_at"}, as stored; {} where the file is
+    missing or broken."""
     path = timings_path()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

@@ -1,5 +1,5 @@
-"""What the time probe keeps on disk (per device, across sessions, surviving a broken file) and
-the cost table Calibrate shows, on hand-made layer slots."""
+"""What the time probe keeps on disk (per device, across sessions, for MAX_AGE_S, surviving a
+broken file or one of an older layout) and the cost table Calibrate shows, on hand-made layer slots."""
 
 from __future__ import annotations
 
@@ -32,20 +32,62 @@ def _probe(runs: list) -> float:
     return costs.probe_seconds(KEY, lambda: runs.append(1), CPU)
 
 
+def _stored(seconds: float, measured_at: float) -> dict:
+    """One time as the file keeps it."""
+    return {"seconds": seconds, "measured_at": measured_at}
+
+
+def _file(seconds: float, measured_at: float) -> dict:
+    """A whole file holding one time of KEY on this CPU."""
+    return _layout({repr(KEY): _stored(seconds, measured_at)})
+
+
+def _layout(times: dict, version: int = timings.VERSION) -> dict:
+    """A whole file holding `times` (probe key -> entry) on this CPU."""
+    return {"version": version, "devices": {timings.device_identity(CPU): times}}
+
+
 def _warnings(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.name == timings.__name__]
 
 
 def test_a_new_session_reads_the_probe_times_from_disk(user_directory, monkeypatch):
+    monkeypatch.setattr(timings, "_now", lambda: 1.7e9)
     runs: list[int] = []
     first = _probe(runs)
     assert len(runs) == 1 + costs.PROBE_RUNS
     path = user_directory / "__fastattn" / "timings.json"
     assert timings.timings_path() == path and not list(path.parent.glob(".timings-*"))  # no temporary file left
-    stored = json.loads(path.read_text())["devices"]
-    assert stored == {timings.device_identity(CPU): {repr(KEY): first}}
+    assert json.loads(path.read_text()) == _file(first, 1.7e9)
     monkeypatch.setattr(costs, "_seconds", {})  # a restart: the session's memo is gone
+    monkeypatch.setattr(timings, "_now", lambda: 1.7e9 + timings.MAX_AGE_S)  # the last moment it is fresh
     assert _probe(runs) == first and len(runs) == 1 + costs.PROBE_RUNS  # read, not probed
+
+
+@pytest.mark.parametrize("age", [timings.MAX_AGE_S + 1, -3600.0], ids=["expired", "from the future"])
+def test_an_expired_time_is_probed_again_and_overwritten(user_directory, monkeypatch, age):
+    monkeypatch.setattr(timings, "_now", lambda: 1.7e9)
+    runs: list[int] = []
+    _probe(runs)
+    monkeypatch.setattr(costs, "_seconds", {})
+    monkeypatch.setattr(timings, "_now", lambda: 1.7e9 + age)  # expired, or measured "in the future" (clock set back)
+    again = _probe(runs)
+    assert len(runs) == 2 * (1 + costs.PROBE_RUNS)  # not read: probed again
+    assert json.loads(timings.timings_path().read_text()) == _file(again, 1.7e9 + age)  # and stored anew
+
+
+def test_a_file_of_the_older_layout_is_ignored_and_rewritten(user_directory, caplog):
+    """Version 1 kept bare seconds, with no measurement time: they could be of any age."""
+    path = timings.timings_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(_layout({repr(KEY): 0.5}, version=1)))
+    runs: list[int] = []
+    with caplog.at_level(logging.WARNING):
+        seconds = _probe(runs)
+    assert len(runs) == 1 + costs.PROBE_RUNS and seconds != 0.5
+    (warning,) = _warnings(caplog)
+    assert f"not a version {timings.VERSION} timings file" in warning
+    assert json.loads(path.read_text()) == _file(seconds, pytest.approx(timings._now(), abs=60))
 
 
 def test_another_device_identity_probes_anew(user_directory, monkeypatch):
@@ -74,15 +116,16 @@ def test_a_broken_file_is_logged_once_and_rewritten(user_directory, caplog, cont
     assert len(runs) == 1 + costs.PROBE_RUNS
     (warning,) = _warnings(caplog)
     assert "ignoring the probe times" in warning and str(path) in warning
-    assert json.loads(path.read_text()) == {"version": timings.VERSION,
-                                            "devices": {timings.device_identity(CPU): {repr(KEY): seconds}}}
+    assert json.loads(path.read_text()) == _file(seconds, pytest.approx(timings._now(), abs=60))
 
 
-def test_a_stored_time_that_is_not_a_time_is_measured_again(user_directory):
+@pytest.mark.parametrize("entry", [0.5, _stored("fast", 1.7e9), {"seconds": 0.5}, _stored(0.5, "yesterday"),
+                                   _stored(-0.5, 1.7e9), _stored(float("nan"), 1.7e9)])
+def test_a_stored_time_that_is_not_a_time_is_measured_again(user_directory, monkeypatch, entry):
+    monkeypatch.setattr(timings, "_now", lambda: 1.7e9)
     path = timings.timings_path()
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"version": timings.VERSION,
-                                "devices": {timings.device_identity(CPU): {repr(KEY): "fast"}}}))
+    path.write_text(json.dumps(_layout({repr(KEY): entry})))
     runs: list[int] = []
     assert isinstance(_probe(runs), float) and len(runs) == 1 + costs.PROBE_RUNS
 

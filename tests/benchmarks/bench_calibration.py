@@ -18,7 +18,9 @@ The demo model loads through ComfyUI's own loader and samples through ComfyUI's 
 simple, CFG 4, float32). Each plan is calibrated on CALIBRATION_CAPTIONS (a batch of seeds), then
 applied to HELD_OUT captions, which calibration never saw; PSNR / SSIM are against full attention
 on the same caption and seed. Calibration time is in units of one baseline sampling run of the
-calibration batch. Budget plans price candidates by measured time (`--cost`).
+calibration batch. Budget plans price candidates by measured time (`--cost`). Beside each plan's
+speed-up stands its FLOP bound (demo/speed.flop_bound: the largest speed-up the FLOPs the plan skips
+allow); a speed-up more than 5% above it is flagged as measurement noise or load, not a result.
 
 Run: `python tests/benchmarks/run_all.py calibration` (defaults: 1024 image tokens, 10 steps,
 budget and fast, deltas 0.05 0.1 0.15: about 25 minutes on 2 CPU cores), or e.g.
@@ -50,9 +52,11 @@ demo = pack_import("demo")
 workflows = pack_import("demo.workflows")
 metrics = pack_import("metrics")
 demo_nodes = pack_import("nodes.demo")
+inspector = pack_import("nodes.inspector")
 native = pack_import("kernels.native")
 patching = pack_import("patching")
 plans = pack_import("plans")
+speed = pack_import("demo.speed")
 
 CFG = workflows.SAMPLER["cfg"]
 LAZY_THRESHOLDS = (0.2, 0.5)  # core LazyCache's reuse threshold (its default: 0.2)
@@ -66,6 +70,7 @@ CALIBRATION_CAPTIONS = ("a red circle and a blue square on a striped green backg
 CALIBRATION_SEEDS = 2  # latent batch: one noise per seed
 HELD_OUT = (("a yellow triangle on a dotted purple background", 11),
             ("a green cross and a white circle on a checkered blue background", 12))
+BOUND_SLACK = 1.05  # a speed-up up to 5% above its plan's FLOP bound passes as timer noise; more is flagged
 
 
 def _encode(caption: str) -> list:
@@ -83,6 +88,19 @@ def _timed(model, positive, latent, steps: int, seed: int) -> tuple[float, torch
 def _latent(batch: int, tokens_per_side: int) -> dict:
     """An empty latent whose image has tokens_per_side^2 tokens (the demo model patches 2 x 2)."""
     return {"samples": torch.zeros(batch, 16, 2 * tokens_per_side, 2 * tokens_per_side)}
+
+
+def attention_share(model, positive, size: int) -> float:
+    """Attention's share of one forward's FLOPs at `size` image tokens per side, from the Attention
+    Inspector: the fraction Amdahl's law in demo/speed.flop_bound weighs skipped attention by."""
+    return speed.attention_share(inspector.AttentionInspector.execute(model, positive, _latent(1, size)).result[0])
+
+
+def bound_cell(speedup: float, bound: float) -> str:
+    """A plan's FLOP bound beside its measured speed-up, flagged where the speed-up exceeds it by more
+    than BOUND_SLACK: no plan runs faster than its FLOPs allow."""
+    flag = " (above its FLOP bound: measurement noise or load)" if speedup > bound * BOUND_SLACK else ""
+    return f"{bound:.2f}x{flag}"
 
 
 def _uniform(model, fraction: float, refresh: int):
@@ -118,14 +136,17 @@ def easycache_hooks(model, positive, size: int) -> bool:
 Row = tuple[float, float, float, str]
 
 
-def interleaved(contestants: dict[str, object], rounds: int, steps: int, size: int) -> dict[str, Row]:
+def interleaved(contestants: dict[str, object], rounds: int, steps: int,
+                size: int) -> tuple[dict[str, Row], dict[str, str]]:
     """Each contestant on each held-out caption, `rounds` times in rotated order; the first of
-    `contestants` is full attention, the reference of speed and of the images."""
+    `contestants` is full attention, the reference of speed and of the images. Also returns the text
+    of each contestant's last Attention Report ("": none, not the pack's)."""
     names = list(contestants)
     seconds = {name: {caption: [] for caption, _ in HELD_OUT} for name in names}
     images: dict[tuple[str, str], torch.Tensor] = {}
     kept: dict[str, str] = dict.fromkeys(names, "-")  # "-": not the pack's (caches skip whole calls)
     kept[names[0]] = "100%"
+    reports: dict[str, str] = dict.fromkeys(names, "")
     for caption, seed in HELD_OUT:
         positive = _encode(caption)
         for turn in range(rounds):
@@ -134,8 +155,10 @@ def interleaved(contestants: dict[str, object], rounds: int, steps: int, size: i
                 took, out, report = _timed(contestants[name], positive, _latent(1, size), steps, seed)
                 seconds[name][caption].append(took)
                 images[(name, caption)] = demo_nodes.FastAttnDemoDecode.execute({"samples": out}).result[0][0]
-                if report is not None and report.full_flops:
-                    kept[name] = f"{100 * report.computed_flops / report.full_flops:.1f}%"
+                if report is not None:
+                    reports[name] = report.summary()
+                    if report.full_flops:
+                        kept[name] = f"{100 * report.computed_flops / report.full_flops:.1f}%"
         print(f"  {caption}: done", flush=True)
     full = names[0]
     rows = {}
@@ -145,7 +168,7 @@ def interleaved(contestants: dict[str, object], rounds: int, steps: int, size: i
         pairs = [(images[(name, caption)], images[(full, caption)]) for caption, _ in HELD_OUT]
         rows[name] = (statistics.median(speedups), metrics.psnr(*(torch.stack(side) for side in zip(*pairs, strict=True))),
                       statistics.fmean(metrics.ssim(*pair) for pair in pairs), kept[name])
-    return rows
+    return rows, reports
 
 
 def main(argv: list[str]) -> None:
@@ -226,18 +249,23 @@ def main(argv: list[str]) -> None:
         for threshold in thresholds:
             baselines[group].append(f"{group} {threshold:g}")
             contestants[baselines[group][-1]] = make(threshold)
+    share = attention_share(model, _encode(HELD_OUT[0][0]), args.size)
     print(f"{len(contestants)} contestants x {len(HELD_OUT)} captions x {args.rounds} rounds", flush=True)
-    rows = interleaved(contestants, args.rounds, args.steps, args.size)
+    rows, reports = interleaved(contestants, args.rounds, args.steps, args.size)
 
     print(f"\nDemo model, {args.size * 16}x{args.size * 16} px = {args.size ** 2} image tokens, {args.steps} steps "
           f"euler, CFG {CFG}, float32, {torch.get_num_threads()} CPU threads; calibrated on "
           f"{len(CALIBRATION_CAPTIONS)} caption x {CALIBRATION_SEEDS} seeds, measured on {len(HELD_OUT)} held-out "
           f"captions, {args.rounds} interleaved runs each; baseline run of the calibration batch {baseline_run:.1f} s\n")
-    print("| contestant | speedup vs full (median) | PSNR dB | SSIM | attention FLOPs kept | "
+    print("| contestant | speedup vs full (median) | FLOP bound | PSNR dB | SSIM | attention FLOPs kept | "
           "calibration time (baseline runs) |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name, (speedup, psnr, ssim, kept) in rows.items():
-        print(f"| {name} | {speedup:.2f}x | {psnr:.1f} | {ssim:.4f} | {kept} | {calibration_units.get(name, '-')} |")
+        bound = bound_cell(speedup, speed.flop_bound(share, reports[name])) if name in calibration_units else "-"
+        print(f"| {name} | {speedup:.2f}x | {bound} | {psnr:.1f} | {ssim:.4f} | {kept} | "
+              f"{calibration_units.get(name, '-')} |")
+    print(f"\nFLOP bound: the largest speed-up the FLOPs a plan skips allow (demo/speed.flop_bound; attention is "
+          f"{share:.1%} of a forward's FLOPs here); a speed-up more than {BOUND_SLACK - 1:.0%} above it is flagged.")
     print("\nEach plan beside uniform window + residual at equal measured time (speedup, PSNR dB, SSIM, FLOPs kept):\n")
     print("| plan | plan | best uniform at least as fast | nearest-speed uniform | PSNR gain over best |")
     print("|---|---|---|---|---|")

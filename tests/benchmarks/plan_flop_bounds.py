@@ -20,12 +20,11 @@ from harness import pack_import  # noqa: E402, I001  (loads ComfyUI and the pack
 from harness.models import sample  # noqa: E402
 import comfy.sd  # noqa: E402
 import torch  # noqa: E402
-from bench_calibration import CFG, HELD_OUT  # noqa: E402
+from bench_calibration import CFG, HELD_OUT, attention_share  # noqa: E402
 
 demo = pack_import("demo")
 speed = pack_import("demo.speed")
 demo_nodes = pack_import("nodes.demo")
-inspector = pack_import("nodes.inspector")
 patching = pack_import("patching")
 plans = pack_import("plans")
 
@@ -41,7 +40,7 @@ def main(argv: list[str]) -> None:
     positive = demo_nodes.FastAttnDemoTextEncode.execute(caption).result[0]
     negative = demo_nodes.FastAttnDemoTextEncode.execute("").result[0]
     latent = {"samples": torch.zeros(1, 16, 2 * args.size, 2 * args.size)}
-    share = speed.attention_share(inspector.AttentionInspector.execute(model, positive, latent).result[0])
+    share = attention_share(model, positive, args.size)
     print(f"{args.size ** 2} image tokens, {args.steps} steps: attention is {share:.1%} of a forward's FLOPs\n")
     print("| plan | FLOP bound |\n|---|---|")
     for path in args.plans:
