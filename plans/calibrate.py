@@ -27,6 +27,10 @@ assignment, so the next step starts where applying the plan would.
             reuses or forecasts from) and runs one more forward with every layer step-shared: how much
             the model output errs for the layers' summed local error (the rate that puts a skipped
             step's error into the cells' units) and, timed, what the rest of a forward costs.
+            With block caching, each block's change is scored against its earlier changes
+            (block_scorer.py), its linear layers' FLOPs counted once, and one more forward per step
+            skips every cacheable block: its output error per summed block error, over step sharing's
+            rate, puts the blocks' errors into the cells' units.
 """
 
 from __future__ import annotations
@@ -314,7 +318,7 @@ class CalibrationMethod:
         its changes of earlier steps (BlockScorer), and what its work besides attention costs is counted once."""
         calibration = self.calibration
         layer = forward.layers
-        if calibration.skipping_blocks and layer in calibration._cacheable_blocks():
+        if calibration.skipping_blocks and layer in calibration.cacheable_blocks():
             result = block_cache.reused(call, forward)
             if result is not None:
                 return result
@@ -497,7 +501,7 @@ class Calibration:
             synchronize(x.device)
             self.rest_seconds.append(time.perf_counter() - start)
             run.restore(before)
-            if self.settings.block_cache and self._cacheable_blocks():  # every cacheable block skipped
+            if self.settings.block_cache and self.cacheable_blocks():  # every cacheable block skipped
                 self.skipping_blocks = True
                 try:
                     skipped = forward({}, before)
@@ -514,7 +518,7 @@ class Calibration:
         self.local_errors.append({layer: {key: error for key, error in self.scorer.relative_errors(layer).items()
                                           if has_cfg or not key[0].endswith("+asc")}
                                   for layer in self.scorer.squared_errors if step > 0})
-        for layer in self._cacheable_blocks():
+        for layer in self.cacheable_blocks():
             if layer in self.local_errors[step]:
                 self.local_errors[step][layer].update({(BLOCK, 0.0, age): error for age, error
                                                        in self.block_scorer.errors.get(layer, {}).items()})
@@ -542,7 +546,7 @@ class Calibration:
                 for key in [key for key in options if key[0] == BLOCK]:
                     options[key] *= block_gain / gain
 
-    def _cacheable_blocks(self) -> list[int]:
+    def cacheable_blocks(self) -> list[int]:
         """The first layers of the blocks block caching may skip: blocks whose only compressible attention
         layer is their first (a cell decides for one layer; a block skipped skips all of its layers)."""
         return [first for first, count in self.block_layers.items()
@@ -554,7 +558,7 @@ class Calibration:
         besides its attention: its linear layers' FLOPs, or in time those FLOPs at the layer's attention
         seconds per FLOP (the linear layers are not timed apart; a stated approximation)."""
         slots = list(self.layers)
-        for first in self._cacheable_blocks():
+        for first in self.cacheable_blocks():
             slot = slots[first]
             per_flop = slot.prices.full / slot.full_flops if slot.full_flops else 0.0
             slots[first] = dataclasses.replace(slot, block_saving=self.block_flops.get(first, 0) * per_flop)
