@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import nodes as host_nodes
 import pytest
 import torch
 from harness import pack_import
@@ -107,6 +108,25 @@ def test_skipped_blocks_equal_the_host_block_replacement_reference(model, full_p
     assert report.layers_per_forward == {len(plan.fingerprint.layers)}  # numbering kept over skipped blocks
 
 
+def test_a_split_sampler_runs_a_block_it_has_no_change_stored_for(model, full_plan):
+    """KSamplerAdvanced split at step 3, the plan skipping block 1 at step 3: the second sampler is a run of
+    its own with no change kept, so the block runs (and the report says so); the result is the unpatched
+    split run's."""
+    applied = patching.install(model, plans.PlannedAttention(_with_cells(full_plan, {(3, 2): "block"})))
+    positive, negative, latent = _inputs()
+
+    def split(first, second) -> torch.Tensor:
+        half = host_nodes.KSamplerAdvanced().sample(first, "enable", 3, STEPS, 3.0, "euler", "simple", positive,
+                                                    negative, latent, 0, 3, "enable")[0]
+        return host_nodes.KSamplerAdvanced().sample(second, "disable", 3, STEPS, 3.0, "euler", "simple", positive,
+                                                    negative, half, 3, STEPS, "disable")[0]["samples"]
+
+    assert torch.equal(split(applied, applied), split(model, model))
+    report = patching.patch_of(applied).last_report
+    assert "block cache" not in report.flops_by_technique
+    assert any("block caching computed the block" in reason for reason in report.stood_aside)
+
+
 def test_a_layer_shared_after_a_skipped_block_reads_its_last_computed_output(model, full_plan):
     """Step sharing after a skipped block reuses the attention output of the step before the skip (the
     block computed nothing at the skipped step): the same as sharing that older output directly."""
@@ -186,3 +206,17 @@ def test_block_errors_are_put_into_the_cells_units_by_the_measured_rates():
     calibration._block_errors_in_cell_units()
     assert calibration.local_errors[1][0] == {("block", 0.0, 1): pytest.approx(0.03), ("ast", 0.0, 1): 0.02}
     assert calibration.local_errors[2][0] == {("block", 0.0, 1): 0.01}
+
+
+@pytest.mark.parametrize(("arch", "firsts"), [("flux", {0, 1}), ("wan", {0, 2})])
+def test_other_architectures_calibrate_block_cells_on_their_blocks_first_layers(arch, firsts):
+    """Flux: a double and a single block, one joint call each; Wan: blocks of a self and a cross attention
+    (the cross attention is never compressed, so the block is cacheable). The plan reproduces its run."""
+    other = build_model(arch)
+    settings = plans.Settings(0.5, plans.CANDIDATES, WINDOW, "budget", block_cache=True)
+    plan, samples, _ = plans.calibrate(other, *_inputs(arch=arch), seed=3, steps=STEPS, cfg=3.0, sampler="euler",
+                                       scheduler="simple", settings=settings)
+    layers = {layer for row in plan.methods for layer, name in enumerate(row) if name == "block"}
+    assert layers and layers <= firsts
+    applied = patching.install(other, plans.PlannedAttention(plan))
+    assert torch.equal(sample(applied, *_inputs(arch=arch), steps=STEPS, seed=3), samples)
