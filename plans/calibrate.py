@@ -28,7 +28,7 @@ assignment, so the next step starts where applying the plan would.
             the model output errs for the layers' summed local error (the rate that puts a skipped
             step's error into the cells' units) and, timed, what the rest of a forward costs.
             With block caching, each block's change is scored against its earlier changes
-            (block_scorer.py), its linear layers' FLOPs counted once, and one more forward per step
+            (scorer.py), its linear layers' FLOPs counted once, and one more forward per step
             skips every cacheable block: its output error per summed block error, over step sharing's
             rate, puts the blocks' errors into the cells' units.
 """
@@ -49,16 +49,14 @@ import comfy.sample
 import comfy.utils
 import torch
 
-from ..kernels import window_attention
 from ..patching import AttentionCall, CallSite, SamplingRun, block_cache, install
 from ..patching.block_cache import BlockCall
-from ..patching.ditfastattn import DiTFastAttn, in_batch_copies
+from ..patching.ditfastattn import DiTFastAttn
 from ..patching.runtime import PATCH_KEY, RUN_KEY, ForwardPass, apply_model_wrapper
 from ..patching.schedule import Choice, WindowSize
 from ..patching.step_reuse import forecast, noise_estimate
 from ..patching.timeline import Timeline
 from .apply import PlannedAttention
-from .block_scorer import BlockScorer
 from .costs import COST_MEASURES, LayerSlot, LinearFlops, layer_slot, synchronize
 from .schema import (
     BLOCK,
@@ -70,6 +68,7 @@ from .schema import (
     Plan,
     choice_of,
 )
+from .scorer import BlockScorer, Scorer, relative_squared_error
 from .search import Candidate, StepReuse, allocate
 
 CALIBRATION_KEY = "fastattn_calibration"
@@ -127,24 +126,6 @@ def output_loss(compressed: torch.Tensor, reference: torch.Tensor) -> float:
     return ((a - b).abs() / (torch.maximum(a.abs(), b.abs()) + 1e-6)).clamp(0, 10).mean().item()
 
 
-def squared_error_per_head(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
-    """||approx_h - exact_h||^2 per head h of [B, H, N, D] tensors, in float64."""
-    return (approx.double() - exact.double()).square().sum(dim=(0, 2, 3))
-
-
-def relative_squared_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    """||approx - exact||^2 / ||exact||^2, in float64."""
-    exact = exact.double()
-    return ((approx.double() - exact).square().sum() / exact.square().sum().clamp_min(1e-24)).item()
-
-
-def share_cfg(tensor: torch.Tensor, copies: dict[int, int], chunks: int) -> torch.Tensor:
-    """`tensor` (`chunks` batch chunks) as CFG sharing makes it: each unconditional chunk of `copies`
-    replaced by the conditional chunk it copies (`in_batch_copies`, as the runtime copies)."""
-    parts = tensor.chunk(chunks)
-    return torch.cat([parts[copies.get(chunk, chunk)] for chunk in range(chunks)])
-
-
 class TrialSchedule:
     """What DiTFastAttn consults while calibrating: the assignment being tried at the current
     step. Asked about the next step, it answers "reuse" so every output is kept for a possible
@@ -165,141 +146,6 @@ class TrialSchedule:
 
     def residual_window(self, step: int, timeline: Timeline, layer: int) -> WindowSize | None:
         return self.window if self.caches_residual else None
-
-
-@dataclass(frozen=True)
-class Computed:
-    """What a layer computed at a step, as a later candidate reads it."""
-
-    step: int
-    output: torch.Tensor  # heads first: what step sharing after it reuses
-    residuals: dict[float, torch.Tensor] | None  # window fraction -> full - window (a full step's), else None
-
-
-class Scorer:
-    """Local scores: each candidate's attention output against the layer's full one, as squared
-    errors per head, from which whole-layer and per-head relative errors follow.
-
-    Fast mode (`ages` None) scores what applying its choices so far would read: step sharing the
-    output the layer last computed (older than the last step where that step shared too), window +
-    residual the residual of the layer's last full step. The budget search (`ages` n, on a run with
-    full attention) scores every age from 1 to n steps of both, at every window size."""
-
-    def __init__(self, windows: tuple[WindowSize, ...], candidates: tuple[str, ...], ages: int | None = None) -> None:
-        self.windows = windows
-        self.candidates = candidates
-        self.ages = ages
-        self.history: dict[int, list[Computed]] = {}  # layer -> what it computed, oldest first
-        # this step's full output and residuals, what CFG sharing copies (in_batch_copies) and the chunk count
-        self.pending: dict[int, tuple[Computed, dict[int, int], int]] = {}
-        self.squared_errors: dict[int, dict[Candidate, torch.Tensor]] = {}  # layer -> candidate -> [heads]
-        self.squared_norms: dict[int, torch.Tensor] = {}  # layer -> ||full output||^2 per head
-
-    def _sources(self, layer: int, step: int) -> tuple[list[Computed], list[Computed]]:
-        """What step sharing and window + residual may read at `step`: the latest (fast mode) or
-        every one within the ages (budget)."""
-        history = self.history.get(layer, [])
-        full_steps = [entry for entry in history if entry.residuals is not None]
-        if self.ages is None:
-            return history[-1:], full_steps[-1:]
-        return ([entry for entry in history if step - entry.step <= self.ages],
-                [entry for entry in full_steps if step - entry.step <= self.ages])
-
-    def score(self, call: AttentionCall, site: CallSite, full: torch.Tensor) -> None:
-        full_heads = call.output_heads_first(full)
-        copies, chunks = in_batch_copies(site), len(site.chunk_ids)  # what CFG sharing copies, as the runtime
-        shared, full_steps = self._sources(site.layer, site.step)
-        approx: dict[Candidate, torch.Tensor] = {}
-        if "ast" in self.candidates:
-            approx.update({("ast", 0.0, site.step - entry.step): entry.output for entry in shared
-                           if entry.output.shape == full_heads.shape})
-        if copies:  # also what the unwindowed heads of a per-head wars+asc cell compute
-            approx[("full+asc", 0.0, 0)] = share_cfg(full_heads, copies, chunks)
-        residuals = None
-        if any(name.startswith("wars") for name in self.candidates):
-            q, k, v = call.heads_first()
-            residuals = {size.fraction: full_heads - window_attention(q, k, v, site.layout, size.window_for(site.layout),
-                                                                      scale=call.scale)
-                         for size in self.windows}
-            for entry in full_steps:
-                for fraction, residual in entry.residuals.items():
-                    if residual.shape == full_heads.shape:  # window + older residual = full - residual now + older
-                        approx[("wars", fraction, site.step - entry.step)] = full_heads - residuals[fraction] + residual
-        if copies:
-            approx.update({("wars+asc", *key[1:]): share_cfg(out, copies, chunks) for key, out in approx.items()
-                           if key[0] == "wars"})
-        self.pending[site.layer] = Computed(site.step, full_heads, residuals), copies, chunks
-        self.squared_norms[site.layer] = full_heads.double().square().sum(dim=(0, 2, 3))
-        self.squared_errors[site.layer] = {key: squared_error_per_head(out, full_heads) for key, out in approx.items()
-                                           if key[0] in self.candidates or key[0] == "full+asc"}
-
-    def relative_errors(self, layer: int) -> dict[Candidate, float]:
-        """Each candidate's relative squared error over the whole layer (the budget search's error)."""
-        total = self.squared_norms[layer].sum().clamp_min(1e-24)
-        return {key: (errors.sum() / total).item() for key, errors in self.squared_errors[layer].items()
-                if key[0] in self.candidates}
-
-    def options(self, layer: int, candidates: list[str], delta: float,
-                per_head: bool) -> list[tuple[str, HeadSet, float]]:
-        """Each of `candidates` whose relative error is within delta, as (technique, heads,
-        error). With `per_head`, a window technique too large an error for the whole layer
-        may still apply to the heads whose own error is within delta (the others full)."""
-        errors = {key[0]: value for key, value in self.squared_errors.get(layer, {}).items()}  # one per technique
-        norms = self.squared_norms.get(layer)
-        found: list[tuple[str, HeadSet, float]] = []
-        if norms is None:
-            return found
-        total = norms.sum().clamp_min(1e-24)
-        for name in candidates:
-            if name not in errors:
-                continue
-            error = (errors[name].sum() / total).sqrt().item()
-            if error <= delta:
-                found.append((name, None, error))
-                continue
-            own = (errors[name] / norms.clamp_min(1e-24)).sqrt() <= delta
-            others = errors.get("full+asc") if name.endswith("+asc") else torch.zeros_like(norms)
-            if not (per_head and name.startswith("wars") and own.any() and others is not None):
-                continue
-            mixed = (torch.where(own, errors[name], others).sum() / total).sqrt().item()
-            if mixed <= delta:
-                found.append((name, tuple(own.nonzero().flatten().tolist()), mixed))
-        return found
-
-    def _output(self, layer: int, technique: str, heads: HeadSet) -> torch.Tensor:
-        """The attention output `technique` (fast mode: its one window) gave this layer at this step."""
-        now, copies, chunks = self.pending[layer]
-        out = now.output
-        if technique.startswith("wars"):
-            (fraction, older), = self._sources(layer, now.step)[1][-1].residuals.items()
-            out = now.output - now.residuals[fraction] + older  # window + the older residual
-            if heads is not None:
-                windowed = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
-                windowed[list(heads)] = True
-                out = torch.where(windowed[:, None, None], out, now.output)
-        return share_cfg(out, copies, chunks) if technique.endswith("+asc") else out
-
-    def commit(self, assignment: dict[int, str], heads: dict[int, HeadSet]) -> None:
-        """The step is decided: layers that computed keep their output for a later AST (a shared
-        layer keeps the older one, as the runtime does), full ones refresh their residual."""
-        for layer, (now, *_) in self.pending.items():
-            name = assignment.get(layer, "full")
-            if name == "ast":
-                continue
-            residuals = now.residuals if name.startswith("full") else None
-            history = [*self.history.get(layer, []), Computed(now.step, self._output(layer, name, heads.get(layer)),
-                                                               residuals)]
-            self.history[layer] = self._kept(history, now.step)
-        self.pending.clear()
-        self.squared_errors.clear()
-        self.squared_norms.clear()
-
-    def _kept(self, history: list[Computed], step: int) -> list[Computed]:
-        """The entries a later step may still read (fast mode: the last, and the last full one)."""
-        if self.ages is not None:
-            return [entry for entry in history if step + 1 - entry.step <= self.ages]
-        last_full = [entry for entry in history if entry.residuals is not None][-1:]
-        return [entry for entry in history if entry is history[-1] or any(entry is full for full in last_full)]
 
 
 class CalibrationMethod:

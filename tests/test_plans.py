@@ -718,7 +718,7 @@ def test_a_failed_fast_check_returns_the_riskier_half_of_the_choices_to_full():
 def _scored(scale: float | None, same_inputs: bool):
     """A Scorer after one call of an image-only layer (4 x 6 grid, batch [unconditional, conditional])
     with attention `scale`, whose two chunks have the same model input or not; and that call."""
-    calibrate, report = pack_import("plans.calibrate"), pack_import("patching.report")
+    scorer_module, report = pack_import("plans.scorer"), pack_import("patching.report")
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 2, 24, 8, generator=gen) for _ in range(3))
 
@@ -730,7 +730,7 @@ def _scored(scale: float | None, same_inputs: bool):
     x = torch.randn(1, 16, 8, 12, generator=gen)
     inputs = (x, x if same_inputs else x + 1)
     site = report.CallSite(1, 2, 0, "image", kernels.TokenLayout(0, (4, 6)), (1, 0), ("u", "c"), (1, 0), inputs)
-    scorer = calibrate.Scorer((schema.WindowSize("band", tokens=2),), plans.CANDIDATES)
+    scorer = scorer_module.Scorer((schema.WindowSize("band", tokens=2),), plans.CANDIDATES)
     scorer.score(call, site, call.run_default())
     return scorer, call
 
@@ -774,8 +774,7 @@ def test_a_plan_on_another_token_grid_warns(model, calibrated):
 
 def test_per_head_options_window_the_heads_within_delta_if_the_layer_stays_within_it():
     """Relative errors per head (norms 1): window+residual 0.05 / 0.5, full+asc 0.02 / 0.2."""
-    calibrate = pack_import("plans.calibrate")
-    scorer = calibrate.Scorer((WINDOW,), plans.CANDIDATES)
+    scorer = pack_import("plans.scorer").Scorer((WINDOW,), plans.CANDIDATES)
     scorer.squared_norms[1] = torch.tensor([1.0, 1.0], dtype=torch.float64)
     scorer.squared_errors[1] = {key: torch.tensor(errors, dtype=torch.float64) ** 2 for key, errors in
                                 {("wars", WINDOW.fraction, 1): [0.05, 0.5], ("wars+asc", WINDOW.fraction, 1): [0.05, 0.5],
