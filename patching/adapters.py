@@ -401,7 +401,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("Wan", "comfy.ldm.wan.model:WanModel", (1, 2, 2), text_first=True, projections=_wan_projections,
             blocks=_wan_blocks),
     Adapter("HunyuanVideo", "comfy.ldm.hunyuan_video.model:HunyuanVideo", (1, 2, 2), text_first=False,
-            projections=_hunyuan_video_projections, specialise=_hunyuan_video_facts),
+            projections=_hunyuan_video_projections, specialise=_hunyuan_video_facts, blocks=_flux_block_list),
     Adapter("Qwen-Image", "comfy.ldm.qwen_image.model:QwenImageTransformer2DModel", (2, 2), text_first=True,
             projections=_qwen_image_projections),
     Adapter("Lumina2", "comfy.ldm.lumina.model:NextDiT", (2, 2), text_first=True, projections=_lumina_projections,
@@ -411,7 +411,8 @@ ADAPTERS: tuple[Adapter, ...] = (
     # Chroma Radiance subclasses Chroma: listed first so that it keeps its own name
     Adapter("Chroma Radiance", "comfy.ldm.chroma_radiance.model:ChromaRadiance", (16, 16), text_first=True,
             projections=_chroma_projections),
-    Adapter("Chroma", "comfy.ldm.chroma.model:Chroma", (2, 2), text_first=True, projections=_chroma_projections),
+    Adapter("Chroma", "comfy.ldm.chroma.model:Chroma", (2, 2), text_first=True, projections=_chroma_projections,
+            blocks=_flux_block_list),
     # the text of HiDream's joint calls: the T5 prompt, the last llama layer, and one llama layer per block
     Adapter("HiDream", "comfy.ldm.hidream.model:HiDreamImageTransformer2DModel", (2, 2), text_first=False,
             projections=_hidream_projections,

@@ -474,7 +474,7 @@ def _blocks(model, adapter: Adapter, method: AttentionMethod) -> list[Block]:
     blocks = adapter.blocks(model.model.diffusion_model) if adapter.blocks is not None else []
     if not blocks:
         raise UnsupportedArchitectureError(
-            f"block caching knows the blocks of SD3 (MMDiT), Flux and Wan 2.1 models; this {adapter.name} model is "
+            f"block caching knows the blocks of SD3 (MMDiT), Flux, Chroma, HunyuanVideo and Wan 2.1 models; this {adapter.name} model is "
             "not one of them: calibrate without block caching (switch block_cache off)")
     return blocks
 

@@ -59,6 +59,8 @@ BLOCKS = {
     "sd3": [("double_block", 0, ("txt", "img"), 0), ("double_block", 1, ("txt", "img"), 2)],
     "flux": [("double_block", 0, ("img", "txt"), 0), ("single_block", 0, ("img",), 1)],
     "wan": [("double_block", 0, ("img",), 0), ("double_block", 1, ("img",), 2)],
+    "hunyuan_video": [("double_block", 0, ("img", "txt"), 2), ("single_block", 0, ("img",), 3)],  # after 2 refiner calls
+    "chroma": [("double_block", 0, ("img", "txt"), 0), ("single_block", 0, ("img",), 1)],
 }
 SKIPPED = {(2, 1), (3, 0), (3, 1), (5, 0), (4, 1)}  # (step, block)
 
@@ -88,7 +90,8 @@ def _reference(model, arch: str, skipped: set[tuple[int, int]], batch: int = 2) 
     return sample(clone, *_inputs(batch, arch), steps=STEPS, seed=3)
 
 
-@pytest.mark.parametrize(("arch", "batch"), [("sd3", 1), ("sd3", 2), ("flux", 1), ("wan", 1)])
+@pytest.mark.parametrize(("arch", "batch"), [("sd3", 1), ("sd3", 2), ("flux", 1), ("wan", 1), ("hunyuan_video", 1),
+                                             ("chroma", 1)])
 def test_skipped_blocks_equal_the_host_block_replacement_reference(model, full_plan, arch, batch):
     """Flux's blocks add to their inputs in place: the change is taken from a copy of them."""
     if arch != ARCH:
