@@ -52,7 +52,7 @@ import torch
 from ..patching import AttentionCall, CallSite, SamplingRun, block_cache, install
 from ..patching.block_cache import BlockCall
 from ..patching.ditfastattn import DiTFastAttn
-from ..patching.runtime import PATCH_KEY, RUN_KEY, ForwardPass, apply_model_wrapper
+from ..patching.runtime import OTHER, PATCH_KEY, RUN_KEY, ForwardPass, apply_model_wrapper
 from ..patching.schedule import Choice, WindowSize
 from ..patching.step_reuse import forecast, noise_estimate
 from ..patching.timeline import Timeline
@@ -68,7 +68,7 @@ from .schema import (
     Plan,
     choice_of,
 )
-from .scorer import BlockScorer, Scorer, relative_squared_error
+from .scorer import BlockScorer, Scorer, guided, relative_squared_error
 from .search import Candidate, StepReuse, allocate
 
 CALIBRATION_KEY = "fastattn_calibration"
@@ -176,7 +176,7 @@ class CalibrationMethod:
         if counted:
             calibration.block_flops[layer] = counter.flops
         calibration.block_layers[layer] = forward.run.blocks[call.block.path].layers if changes else 0
-        calibration.block_scorer.score(forward.step, layer, changes)
+        calibration.block_scorer.score(forward.step, layer, changes, forward.halves)
         block_cache.store(forward, call.block, changes)  # what the next step's forward skipping blocks adds
         return result
 
@@ -192,7 +192,7 @@ class CalibrationMethod:
 class Calibration:
     """The state of one calibration run: decided steps, losses, layer costs, progress."""
 
-    def __init__(self, settings: Settings, steps: int, parameters: int = 0) -> None:
+    def __init__(self, settings: Settings, steps: int, parameters: int = 0, cfg: float | None = None) -> None:
         self.settings = settings
         self.steps = steps
         self.parameters = parameters  # the model's (step reuse priced in FLOPs: 2 per parameter and token)
@@ -200,11 +200,12 @@ class Calibration:
         shares_cfg = any(name.endswith("+asc") for name in settings.candidates)
         self.schedule = TrialSchedule(settings.window, caches_residual, shares_cfg)
         ages = AGES if settings.mode == "budget" else None
-        self.scorer = Scorer(settings.windows, settings.candidates, ages) if settings.mode != "greedy" else None
+        self.cfg = cfg  # the sampler's CFG scale: budget mode scores errors on the guided prediction
+        self.scorer = Scorer(settings.windows, settings.candidates, ages, cfg) if settings.mode != "greedy" else None
         self.local_errors: list[dict[int, dict[Candidate, float]]] = []  # budget: [step][layer] -> candidate's error
         # budget with block caching: each block's change scored per step, by its first layer; the FLOPs of its
         # linear layers (what skipping it saves besides attention) and the attention calls it makes
-        self.block_scorer = BlockScorer(AGES)
+        self.block_scorer = BlockScorer(AGES, cfg)
         self.block_flops: dict[int, int] = {}
         self.block_layers: dict[int, int] = {}
         # budget with step reuse: each step's prediction (noise estimate, sigma), the output error per summed
@@ -266,7 +267,8 @@ class Calibration:
         halves = tuple(transformer_options.get("cond_or_uncond", ()))
         has_cfg = 0 in halves and 1 in halves
         if self.settings.mode == "budget":
-            out = self._measure(step, has_cfg, run, forward, x, t)
+            roles = tuple(OTHER if run.roles is None else run.roles.get(index, OTHER) for index in halves)
+            out = self._measure(step, has_cfg, run, forward, x, t, roles)
         else:
             out = {"greedy": self._greedy, "fast": self._fast}[self.settings.mode](step, has_cfg, run, forward)
         self.progress.update_absolute(step + 1)
@@ -336,7 +338,7 @@ class Calibration:
         return out
 
     def _measure(self, step: int, has_cfg: bool, run: SamplingRun, forward: Callable, x: torch.Tensor,
-                 sigma: torch.Tensor) -> torch.Tensor:
+                 sigma: torch.Tensor, roles: tuple[int, ...]) -> torch.Tensor:
         """Budget mode: full attention, every candidate scored; the plan is searched after the run."""
         rated = (self.settings.step_reuse or self.settings.block_cache) and bool((sigma > 0).all())
         shared = skipped = None
@@ -371,11 +373,17 @@ class Calibration:
         self.scorer.commit({}, {})
         self._record_full()
         if rated:
-            estimate = noise_estimate(x, out, sigma)
+            def prediction(output: torch.Tensor) -> torch.Tensor:  # as the sampler uses it: CFG applied
+                estimate = noise_estimate(x, output, sigma)
+                combined = guided(estimate, roles, self.cfg)
+                return estimate if combined is None else combined
+
+            estimate = prediction(out)
             if self.settings.step_reuse:
                 self.predictions[step] = estimate, float(sigma.flatten()[0])
             for gains, made, key in ((self.gains, shared, ("ast", 0.0, 1)), (self.block_gains, skipped, (BLOCK, 0.0, 1))):
-                gain = _gain(made, x, sigma, estimate, [errors.get(key, 0.0) for errors in self.local_errors[step].values()])
+                gain = _gain(None if made is None else prediction(made), estimate,
+                             [errors.get(key, 0.0) for errors in self.local_errors[step].values()])
                 if gain is not None:
                     gains[step] = gain
         return out
@@ -481,14 +489,13 @@ class Calibration:
         return windows if any(fraction is not None for row in windows for fraction in row) else []
 
 
-def _gain(output: torch.Tensor | None, x: torch.Tensor, sigma: torch.Tensor, exact: torch.Tensor,
-          local_errors: list[float]) -> float | None:
-    """How much the model output (as a noise estimate) errs per unit of the summed local errors of the
-    cells that made `output` (None where it was not made or they sum to nothing)."""
+def _gain(made: torch.Tensor | None, exact: torch.Tensor, local_errors: list[float]) -> float | None:
+    """How much the prediction errs per unit of the summed local errors of the cells that `made` it
+    (None where it was not made or they sum to nothing)."""
     summed = sum(local_errors)
-    if output is None or summed <= 0:
+    if made is None or summed <= 0:
         return None
-    return relative_squared_error(noise_estimate(x, output, sigma), exact) / summed
+    return relative_squared_error(made, exact) / summed
 
 
 def passing_choices(assignment: dict[int, str], errors: dict[int, float],
@@ -544,7 +551,7 @@ def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int,
               denoise: float = 1.0) -> tuple[Plan, torch.Tensor, list[LayerSlot]]:
     """Sample once while calibrating; returns the plan, the run's final latent and each layer's
     slot (its prices, for costs.cost_table)."""
-    calibration = Calibration(settings, steps, sum(p.numel() for p in model.model.diffusion_model.parameters()))
+    calibration = Calibration(settings, steps, sum(p.numel() for p in model.model.diffusion_model.parameters()), cfg)
     patched = install(model, CalibrationMethod(calibration))
     # Outside the runtime's APPLY_MODEL wrapper, so that every trial is a forward of its own.
     apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL

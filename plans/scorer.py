@@ -13,6 +13,7 @@ import torch
 from ..kernels import window_attention
 from ..patching import AttentionCall, CallSite
 from ..patching.ditfastattn import in_batch_copies
+from ..patching.runtime import COND, UNCOND
 from ..patching.schedule import WindowSize
 from .schema import HeadSet
 from .search import Candidate
@@ -36,6 +37,29 @@ def share_cfg(tensor: torch.Tensor, copies: dict[int, int], chunks: int) -> torc
     return torch.cat([parts[copies.get(chunk, chunk)] for chunk in range(chunks)])
 
 
+def guided(tensor: torch.Tensor, halves: tuple[int, ...], cfg: float | None) -> torch.Tensor | None:
+    """What the sampler's CFG makes of a batch of one conditional and one unconditional chunk:
+    uncond + cfg x (cond - uncond); None for any other batch (or no `cfg`)."""
+    if cfg is None or sorted(halves) != [COND, UNCOND]:
+        return None
+    chunks = tensor.chunk(2)
+    cond, uncond = chunks[halves.index(COND)], chunks[halves.index(UNCOND)]
+    return uncond + cfg * (cond - uncond)
+
+
+def guided_errors(approx: dict, exact: torch.Tensor, halves: tuple[int, ...], cfg: float | None,
+                  dims: tuple[int, ...]) -> tuple[dict, torch.Tensor] | None:
+    """Squared errors (summed over `dims`) of each approximation's CFG combination against the exact one's,
+    and the norm they are relative to (the chunks' mean squared norm: an error both halves share in equal
+    measure then weighs as without CFG, an error of one half alone as the guider amplifies it); None where
+    the batch is not one conditional and one unconditional chunk."""
+    target = guided(exact.double(), halves, cfg)
+    if target is None:
+        return None
+    errors = {key: (guided(out.double(), halves, cfg) - target).square().sum(dim=dims) for key, out in approx.items()}
+    return errors, exact.double().square().sum(dim=dims) / 2
+
+
 @dataclass(frozen=True)
 class Computed:
     """What a layer computed at a step, as a later candidate reads it."""
@@ -52,12 +76,16 @@ class Scorer:
     Fast mode (`ages` None) scores what applying its choices so far would read: step sharing the
     output the layer last computed (older than the last step where that step shared too), window +
     residual the residual of the layer's last full step. The budget search (`ages` n, on a run with
-    full attention) scores every age from 1 to n steps of both, at every window size."""
+    full attention) scores every age from 1 to n steps of both, at every window size, on the CFG
+    combination (`cfg`) of a batch of one conditional and one unconditional chunk: CFG sharing errs in the
+    unconditional half alone, which the guider amplifies by (cfg - 1)."""
 
-    def __init__(self, windows: tuple[WindowSize, ...], candidates: tuple[str, ...], ages: int | None = None) -> None:
+    def __init__(self, windows: tuple[WindowSize, ...], candidates: tuple[str, ...], ages: int | None = None,
+                 cfg: float | None = None) -> None:
         self.windows = windows
         self.candidates = candidates
         self.ages = ages
+        self.cfg = cfg
         self.history: dict[int, list[Computed]] = {}  # layer -> what it computed, oldest first
         # this step's full output and residuals, what CFG sharing copies (in_batch_copies) and the chunk count
         self.pending: dict[int, tuple[Computed, dict[int, int], int]] = {}
@@ -98,9 +126,13 @@ class Scorer:
             approx.update({("wars+asc", *key[1:]): share_cfg(out, copies, chunks) for key, out in approx.items()
                            if key[0] == "wars"})
         self.pending[site.layer] = Computed(site.step, full_heads, residuals), copies, chunks
+        approx = {key: out for key, out in approx.items() if key[0] in self.candidates or key[0] == "full+asc"}
+        scored = guided_errors(approx, full_heads, site.halves, self.cfg, (0, 2, 3)) if self.ages is not None else None
+        if scored is not None:
+            self.squared_errors[site.layer], self.squared_norms[site.layer] = scored
+            return
         self.squared_norms[site.layer] = full_heads.double().square().sum(dim=(0, 2, 3))
-        self.squared_errors[site.layer] = {key: squared_error_per_head(out, full_heads) for key, out in approx.items()
-                                           if key[0] in self.candidates or key[0] == "full+asc"}
+        self.squared_errors[site.layer] = {key: squared_error_per_head(out, full_heads) for key, out in approx.items()}
 
     def relative_errors(self, layer: int) -> dict[Candidate, float]:
         """Each candidate's relative squared error over the whole layer (the budget search's error)."""
@@ -175,21 +207,28 @@ Changes = list[torch.Tensor | None]  # one per stream the block returns (None: a
 
 
 class BlockScorer:
-    def __init__(self, ages: int) -> None:
+    def __init__(self, ages: int, cfg: float | None = None) -> None:
         self.ages = ages
+        self.cfg = cfg  # changes scored on their CFG combination, as Scorer scores attention outputs
         self.history: dict[int, list[tuple[int, Changes]]] = {}  # block's first layer -> (step, changes), oldest first
         self.errors: dict[int, dict[int, float]] = {}  # block's first layer -> age -> error, at the step scored last
 
-    def score(self, step: int, layer: int, changes: Changes) -> None:
-        """Score the change of the block beginning at `layer` at `step` against its kept changes."""
+    def score(self, step: int, layer: int, changes: Changes, halves: tuple[int, ...] = ()) -> None:
+        """Score the change of the block beginning at `layer` at `step` (its batch chunks' roles `halves`)
+        against its kept changes."""
         kept = [(made, old) for made, old in self.history.get(layer, []) if step - made <= self.ages]
         self.errors[layer] = {}
-        norm = sum(change.double().square().sum() for change in changes if change is not None)
-        if changes and norm > 0:
-            for made, old in kept:
-                if made < step and _same_shapes(old, changes):
-                    error = sum((a.double() - b.double()).square().sum()
-                                for a, b in zip(old, changes, strict=True) if b is not None)
+        streams = [index for index, change in enumerate(changes) if change is not None]
+        for made, old in kept:
+            if made < step and _same_shapes(old, changes):
+                error = norm = 0.0
+                for index in streams:
+                    scored = guided_errors({0: old[index]}, changes[index], halves, self.cfg, ())
+                    if scored is None:  # not one conditional and one unconditional chunk: the batch as it is
+                        scored = {0: (old[index].double() - changes[index].double()).square().sum()}, \
+                            changes[index].double().square().sum()
+                    error, norm = error + scored[0][0], norm + scored[1]
+                if norm > 0:
                     self.errors[layer][step - made] = float(error / norm)
         self.history[layer] = [*kept, (step, changes)] if changes else kept
 

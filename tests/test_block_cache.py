@@ -216,7 +216,7 @@ def test_other_architectures_calibrate_block_cells_on_their_blocks_first_layers(
     """Flux: a double and a single block, one joint call each; Wan: blocks of a self and a cross attention
     (the cross attention is never compressed, so the block is cacheable). The plan reproduces its run."""
     other = build_model(arch)
-    settings = plans.Settings(0.5, plans.CANDIDATES, WINDOW, "budget", block_cache=True)
+    settings = plans.Settings(2.0, plans.CANDIDATES, WINDOW, "budget", block_cache=True)
     plan, samples, _ = plans.calibrate(other, *_inputs(arch=arch), seed=3, steps=STEPS, cfg=3.0, sampler="euler",
                                        scheduler="simple", settings=settings)
     layers = {layer for row in plan.methods for layer, name in enumerate(row) if name == "block"}
