@@ -68,12 +68,17 @@ def _all_of(modules, cls: type) -> bool:
     return all(type(module) is cls for module in modules)
 
 
+def _has_flux_blocks(model: torch.nn.Module) -> bool:
+    """Whether the model's double and single blocks are Flux's own classes (HunyuanVideo and Chroma use them)."""
+    from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
+
+    return _all_of(model.double_blocks, DoubleStreamBlock) and _all_of(model.single_blocks, SingleStreamBlock)
+
+
 def _flux_blocks(model: torch.nn.Module, first_layer: int) -> list[Projection]:
     """Flux's double blocks (image and text streams, one joint call) and fused single blocks, whose
     attention calls come in that order from `first_layer` on; HunyuanVideo and Chroma use the same blocks."""
-    from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
-
-    if not _all_of(model.double_blocks, DoubleStreamBlock) or not _all_of(model.single_blocks, SingleStreamBlock):
+    if not _has_flux_blocks(model):
         return []
     found = []
     for i, _ in enumerate(model.double_blocks):
@@ -89,9 +94,7 @@ def _flux_blocks(model: torch.nn.Module, first_layer: int) -> list[Projection]:
 def _flux_block_list(model: torch.nn.Module) -> list[Block]:
     """Flux's double blocks (img, txt in, img, txt out) and single blocks (x), where they are Flux's own
     classes (HunyuanVideo and Chroma call them the same way)."""
-    from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
-
-    if not _all_of(model.double_blocks, DoubleStreamBlock) or not _all_of(model.single_blocks, SingleStreamBlock):
+    if not _has_flux_blocks(model):
         return []
     return ([Block(f"double_blocks.{i}", (("img", 0), ("txt", 1))) for i, _ in enumerate(model.double_blocks)]
             + [Block(f"single_blocks.{j}", (("x", 0),)) for j, _ in enumerate(model.single_blocks)])

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from .adapters import Block
 from .branch import ACTIVE
 from .cache import gather_chunks, store_chunks
+from .report import BLOCK_CACHE
 
 if TYPE_CHECKING:
     from .runtime import ForwardPass
 
-TECHNIQUE = "block cache"  # the report's name for the attention calls a skipped block did not make
 
 
 @dataclass(frozen=True)
@@ -58,17 +58,9 @@ class BlockCall:
         return result, list(result) if isinstance(result, tuple) else [result]
 
 
-class BlockMethod(Protocol):
-    """What an attention method implements to act on whole blocks (DiTFastAttn; calibration measures);
-    the runtime hooks the blocks of a method whose `caches_blocks` is true."""
-
-    caches_blocks: bool
-
-    def run_block(self, call: BlockCall, forward: ForwardPass) -> object: ...
-
-
 def block_forward(block: Block, original: Callable) -> Callable:
-    """The replacement `forward` of one hooked block: the method decides, outside sampling it runs as is."""
+    """The replacement `forward` of one hooked block: the attention method's `run_block(call, forward pass)`
+    decides (DiTFastAttn skips or runs it; calibration measures it); outside sampling it runs as is."""
 
     def forward(*args, **kwargs):
         active = ACTIVE.get()
@@ -123,5 +115,5 @@ def reused(call: BlockCall, forward: ForwardPass) -> object | None:
         outputs.append(tensor + change.to(tensor.dtype))
     forward.layers += facts.layers
     forward.full_flops += facts.flops
-    forward.run.report.count(TECHNIQUE, 0, facts.flops)
+    forward.run.report.count(BLOCK_CACHE, 0, facts.flops)
     return outputs[0] if facts.single else tuple(outputs)

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from .timeline import Timeline
 
 
+BLOCK_CACHE = "block cache"  # the report's technique for the attention calls of blocks block caching skipped
+
+
 @dataclass(frozen=True)
 class CallSite:
     """Where an attention call sits: step of the schedule, layer of the forward, batch halves."""
@@ -97,7 +100,7 @@ class RunReport:
         reused_flops = sum(full for name, (_, full) in self.flops_by_technique.items() if name.startswith("step reuse"))
         reused = (f" (and {self.forwards_reused} answered by step reuse, {reused_flops / 1e9:.6g} GFLOPs of attention "
                   "not run)") if self.forwards_reused else ""
-        blocks = self.flops_by_technique.get("block cache", [0, 0])[1]
+        blocks = self.flops_by_technique.get(BLOCK_CACHE, [0, 0])[1]
         if blocks:
             branch += (f"; block caching skipped blocks holding {blocks / 1e9:.6g} GFLOPs of attention (and their "
                        "projections and MLPs)")

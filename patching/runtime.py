@@ -26,6 +26,7 @@ capture would freeze our per-step choices: both make the techniques stand aside,
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -435,13 +436,9 @@ def install(model, method: AttentionMethod = full_attention):
     patched = model.clone()
     projections, note = _branch_projections(patched, adapter, method)
     for projection in projections:
-        key = f"diffusion_model.{projection.path}.forward"
-        current = patched.get_model_object(key)
-        patched.add_object_patch(key, projection_forward(projection, getattr(current, "fastattn_original", current)))
+        _replace_forward(patched, projection.path, functools.partial(projection_forward, projection))
     for block in _blocks(patched, adapter, method):
-        key = f"diffusion_model.{block.path}.forward"
-        current = patched.get_model_object(key)
-        patched.add_object_patch(key, block_forward(block, getattr(current, "fastattn_original", current)))
+        _replace_forward(patched, block.path, functools.partial(block_forward, block))
     patched.model_options["transformer_options"][PATCH_KEY] = AttentionPatch(method, adapter, tuple(projections), note)
     for wrapper_type in (comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, comfy.patcher_extension.WrappersMP.APPLY_MODEL):
         patched.remove_wrappers_with_key(wrapper_type, PATCH_KEY)
@@ -464,6 +461,14 @@ def _branch_projections(model, adapter: Adapter, method: AttentionMethod) -> tup
         why = adapter.call_level_only or f"no branch map for this {adapter.name} model"
         return [], f"sharing skips attention calls only ({why}): projections still run"
     return projections, "sharing skips whole attention branches (QKV and output projections)"
+
+
+def _replace_forward(model, path: str, make: Callable[[Callable], Callable]) -> None:
+    """Patch the `forward` of the module at `path` (under the diffusion model) on the clone with `make(original)`,
+    the original being the host's even where an earlier FastAttn clone already patched it."""
+    key = f"diffusion_model.{path}.forward"
+    current = model.get_model_object(key)
+    model.add_object_patch(key, make(getattr(current, "fastattn_original", current)))
 
 
 def _blocks(model, adapter: Adapter, method: AttentionMethod) -> list[Block]:
