@@ -87,7 +87,7 @@ class Calibrate(io.ComfyNode):
                                tooltip="greedy: the paper's search, one model forward per candidate per layer per "
                                        "step (slow, faithful). fast: one scoring forward and one check per step, "
                                        "each step's cheapest choices. budget: one run measures every candidate "
-                                       "(window sizes window_fraction x 0.5 / 1 / 2, residuals and shared outputs "
+                                       "(window sizes window_fraction x 0.25 / 0.5 / 1 / 2, residuals and shared outputs "
                                        "up to 4 steps old), then the error budget is spread over all steps and "
                                        "layers at the least cost; a second run samples with the plan."),
                 io.Boolean.Input("step_sharing", default=True,
@@ -102,7 +102,7 @@ class Calibrate(io.ComfyNode):
                 io.Float.Input("window_fraction", default=0.125, min=0.01, max=1.0, step=0.005,
                                tooltip="Window radius as a fraction of the image tokens (band) or of the larger grid "
                                        "side; a fraction, so the plan carries to other resolutions. Budget mode "
-                                       "also tries half and twice this."),
+                                       "also tries a quarter, half and twice this."),
                 io.String.Input("plan_name", default="",
                                 tooltip="Save the plan under this name in your user folder (fastattn_plans), listed "
                                         "by Apply Plan. Empty: do not save."),

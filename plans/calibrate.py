@@ -75,7 +75,7 @@ CALIBRATION_KEY = "fastattn_calibration"
 MODES = ("greedy", "fast", "budget")
 FAST_RETRIES = 2  # fast mode: checks after the first, each with the riskier half of the choices back to full
 AGES = 4  # budget mode: the oldest residual / shared output a candidate reads, in steps
-WINDOW_SCALES = (0.5, 1.0, 2.0)  # budget mode: the window sizes tried, as multiples of the window fraction
+WINDOW_SCALES = (0.25, 0.5, 1.0, 2.0)  # budget mode: the window sizes tried, as multiples of the window fraction
 
 
 @dataclass(frozen=True)

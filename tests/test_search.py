@@ -291,7 +291,7 @@ def test_the_calibrate_node_runs_a_budget_search_priced_by_measured_time(narrow,
     assert plans.load_plan("timed").to_json() == text == plan.to_json() and plan.calibration.mode == "budget"
     assert [row[1] for row in plan.methods] == ["full"] + ["wars"] * (STEPS - 1)  # exact and cheaper by time too
     assert torch.equal(sample(patched, *_inputs(), steps=STEPS, seed=3), out["samples"])
-    assert len(costs._seconds) == 2 * (2 + 3 * 2)  # 2 shapes (layers 0 and 2 share one): full, 3 windows, x 2 batches
+    assert len(costs._seconds) == 2 * (2 + 4 * 2)  # 2 shapes (layers 0 and 2 share one): full, 4 windows, x 2 batches
     assert "ms of attention time measured on this device" in table and "| 0, 2 " in table
 
 
@@ -301,5 +301,5 @@ def test_settings_refuse_an_unknown_cost_and_per_head_budget_search():
     with pytest.raises(ValueError, match="budget search chooses for whole layers"):
         plans.Settings(0.1, mode="budget", per_head=True)
     assert [size.fraction for size in plans.Settings(0.1, window=WindowSize("band", 0.6), mode="budget").windows] == [
-        0.3, 0.6, 1.0]  # half, once and twice, at most the whole image
+        0.15, 0.3, 0.6, 1.0]  # a quarter, half, once and twice, at most the whole image
 
