@@ -3,8 +3,10 @@ CFG-half tracking, and the token-layout adapters (the only per-architecture code
 
 from .adapters import Adapter, UnsupportedArchitectureError, adapter_for
 from .call import AttentionCall
-from .report import CallSite, LayerRecord, RunReport
-from .runtime import AttentionMethod, AttentionPatch, SamplingRun, full_attention, install, patch_of
+from .report import LayerRecord, RunReport
+from .runtime import full_attention, install, patch_of
+from .site import CallSite
+from .state import AttentionMethod, AttentionPatch, SamplingRun
 
 __all__ = [
     "Adapter",

@@ -14,29 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from .adapters import Block
-from .branch import ACTIVE
 from .cache import gather_chunks, store_chunks
 from .report import BLOCK_CACHE
-
-if TYPE_CHECKING:
-    from .runtime import ForwardPass
-
-
-
-@dataclass(frozen=True)
-class BlockFacts:
-    """What a block did when it ran in this run: attention calls, their full FLOPs, and the form of
-    its result (a tuple or one tensor; which streams come back as None, e.g. SD3's last context)."""
-
-    layers: int
-    flops: int
-    single: bool
-    missing: tuple[bool, ...]
+from .state import ACTIVE, BlockFacts, ForwardPass
 
 
 @dataclass(frozen=True)

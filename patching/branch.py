@@ -19,9 +19,6 @@ padding) runs as the host runs it, as its attention call then does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import comfy.ops
 import torch
@@ -29,36 +26,8 @@ import torch.nn.functional as F
 
 from .adapters import Projection
 from .cache import store_chunks
-
-if TYPE_CHECKING:
-    from .runtime import ForwardPass, SamplingRun
-
-ACTIVE: ContextVar[ForwardPass | None] = ContextVar("fastattn_forward", default=None)  # the model call running now
-
-
-@dataclass
-class BranchPlan:
-    """What one layer's projections do in one forward."""
-
-    layer: int
-    step: int
-    chunk_ids: tuple
-    made_for: tuple
-    cached: dict[str, torch.Tensor] = field(default_factory=dict)  # skip: output projection path -> stored output
-    store: bool = False  # the next step reuses this layer: output projections store their outputs
-    sources: dict[int, int] = field(default_factory=dict)  # CFG sharing: unconditional chunk -> chunk it copies
-
-    @property
-    def skip(self) -> bool:
-        return bool(self.cached)
-
-    @property
-    def before_attention(self) -> bool:
-        """Whether the QKV projections change (so the attention call must share as planned)."""
-        return self.skip or bool(self.sources)
-
-    def acts_on(self, role: str) -> bool:
-        return self.before_attention or (role == "out" and self.store)
+from .site import BranchPlan
+from .state import ACTIVE, SamplingRun
 
 
 def projection_forward(projection: Projection, original: Callable) -> Callable:

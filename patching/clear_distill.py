@@ -46,9 +46,10 @@ from .clear_weights import (
     RADIUS_KEY,
 )
 from .ditfastattn import SELF_ATTENTION_KINDS
-from .report import CallSite
-from .runtime import SamplingRun, install
+from .runtime import install
 from .schedule import WindowSize
+from .site import CallSite
+from .state import SamplingRun
 
 DISTILLABLE = ("SD3 (MMDiT)", "Flux")  # adapters whose branch maps say what CLEAR trains (tested)
 DISTILLED_MODELS = "SD3-class (MMDiT) and FLUX models"  # DISTILLABLE as the node's texts name it

@@ -22,13 +22,12 @@ from ..kernels import TokenLayout, Window, attention_flops, window_attention
 from ..kernels.backends import choose_backend
 from . import block_cache
 from .block_cache import BlockCall
-from .branch import BranchPlan
 from .cache import Entry, gather_chunks, store_chunks
 from .call import AttentionCall
 from .padding import hidden_text_keys, padded_window_attention
-from .report import CallSite
-from .runtime import COND, UNCOND, ForwardPass, SamplingRun
 from .schedule import Choice, LocalAttention, Schedule, WindowResidual
+from .site import BranchPlan, CallSite
+from .state import COND, UNCOND, ForwardPass, SamplingRun
 from .timeline import Timeline
 
 SELF_ATTENTION_KINDS = ("joint", "image")

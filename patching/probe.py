@@ -18,8 +18,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .call import AttentionCall
-from .report import CallSite, RunReport
-from .runtime import SamplingRun, install, patch_of
+from .report import RunReport
+from .runtime import install, patch_of
+from .site import CallSite
+from .state import SamplingRun
 
 PROBE_KEY = "fastattn.probe"
 

@@ -3,36 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import torch
 
 from ..kernels import TokenLayout
 
-if TYPE_CHECKING:
-    from .branch import BranchPlan
-    from .timeline import Timeline
-
-
 BLOCK_CACHE = "block cache"  # the report's technique for the attention calls of blocks block caching skipped
-
-
-@dataclass(frozen=True)
-class CallSite:
-    """Where an attention call sits: step of the schedule, layer of the forward, batch halves."""
-
-    step: int  # index into the run's sampling schedule (0 = its first step)
-    timeline: Timeline  # the run's steps as noise levels
-    layer: int  # order of the call within one diffusion-model forward
-    kind: str  # "joint" (text + image), "image", "text", "cross", or "unknown"
-    layout: TokenLayout | None  # None when the call has no image grid the adapter can place
-    cond_or_uncond: tuple[int, ...]  # one entry per batch chunk: its index in the guider's conditionings
-    chunk_ids: tuple = ()  # one identity per batch chunk (conditioning, context window, device, evaluation)
-    halves: tuple[int, ...] = ()  # one entry per chunk: 0 conditional, 1 unconditional, -1 neither or unknown
-    inputs: tuple[torch.Tensor, ...] = ()  # each chunk's model input (CFG sharing copies only between equal ones)
-    stand_aside: str | None = None  # why no technique may act on this forward, if none may
-    branch: BranchPlan | None = None  # what this layer's projections did (mapped layers only)
-    layout_unproven: str | None = None  # why windows may not use `layout` (a generic model's unproven order)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch
 
 from ..patching import AttentionCall, CallSite, SamplingRun
 from ..patching.ditfastattn import DiTFastAttn
-from ..patching.runtime import executing_node
+from ..patching.state import executing_node
 from .schema import LayerInfo, Plan, PlanError
 
 

@@ -52,8 +52,9 @@ import torch
 from ..patching import AttentionCall, CallSite, SamplingRun, block_cache, install
 from ..patching.block_cache import BlockCall
 from ..patching.ditfastattn import DiTFastAttn
-from ..patching.runtime import OTHER, PATCH_KEY, RUN_KEY, ForwardPass, apply_model_wrapper
+from ..patching.runtime import PATCH_KEY, RUN_KEY, apply_model_wrapper
 from ..patching.schedule import Choice, WindowSize
+from ..patching.state import OTHER, ForwardPass
 from ..patching.step_reuse import forecast, noise_estimate
 from ..patching.timeline import Timeline
 from .apply import PlannedAttention

@@ -13,8 +13,8 @@ import torch
 from ..kernels import window_attention
 from ..patching import AttentionCall, CallSite
 from ..patching.ditfastattn import in_batch_copies
-from ..patching.runtime import COND, UNCOND
 from ..patching.schedule import WindowSize
+from ..patching.state import COND, UNCOND
 from .schema import HeadSet
 from .search import Candidate
 

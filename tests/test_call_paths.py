@@ -181,9 +181,9 @@ def test_two_positive_prompts_combined():
 
 
 def test_chunks_without_uuids_get_distinct_identities():
-    runtime, cache = pack_import("patching.runtime"), pack_import("patching.cache")
+    state, cache = pack_import("patching.state"), pack_import("patching.cache")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(2))
+    run = state.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(2))
     ids = cache.chunk_ids(run.evaluation_of, 0, (0, 0, 1), {}, torch.device("cpu"))
     assert len(set(ids)) == 3
     on_other_device = cache.chunk_ids(run.evaluation_of, 0, (0, 0, 1), {}, torch.device("meta"))
@@ -480,12 +480,12 @@ CHUNK = ("c", (), "cpu", 0)
 def _one_call(method, func, q, k, v, heads: int, cache: dict | None = None, **kwargs):
     """One attention call through `method` as the runtime makes it: an image-only call on a 4 x 6 grid
     at step 1 of 2, with the run's cache holding `cache`."""
-    call_module, report, runtime = (pack_import(f"patching.{name}") for name in ("call", "report", "runtime"))
+    call_module, site_module, state = (pack_import(f"patching.{name}") for name in ("call", "site", "state"))
     kernels = pack_import("kernels")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(method, adapter), linear_timeline(2))
+    run = state.SamplingRun(patching.AttentionPatch(method, adapter), linear_timeline(2))
     run.cache.update(cache or {})
-    site = report.CallSite(1, linear_timeline(2), 0, "image", kernels.TokenLayout(0, (4, 6)), (0,), (CHUNK,), (0,),
+    site = site_module.CallSite(1, linear_timeline(2), 0, "image", kernels.TokenLayout(0, (4, 6)), (0,), (CHUNK,), (0,),
                            (torch.zeros(1),))
     call = call_module.AttentionCall(func, (q, k, v, heads), {"skip_reshape": True, "skip_output_reshape": True,
                                                              **kwargs}, None)
@@ -532,10 +532,10 @@ def test_stands_aside_for_what_a_newer_host_passes_that_the_pack_does_not_know()
     assert technique == "full" and list(stood_aside) == ["unknown attention arguments cu_seqlens"]
     assert torch.equal(out, _sdpa(q, k, v, 4))
 
-    runtime = pack_import("patching.runtime")
+    state = pack_import("patching.state")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(1))
-    forward = runtime.ForwardPass(run, 0, (0,), ("c",), grid=(4, 6), text_len=0, previous_override=None)
+    run = state.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(1))
+    forward = state.ForwardPass(run, 0, (0,), ("c",), grid=(4, 6), text_len=0, previous_override=None)
     opaque = type("Opaque", (), {"tensor": q})()
     out = forward(lambda q, k, v, heads, **kwargs: q.tensor * 2, opaque, opaque, opaque, 2, transformer_options={})
     assert torch.equal(out, q * 2) and forward.layers == 1
@@ -543,10 +543,10 @@ def test_stands_aside_for_what_a_newer_host_passes_that_the_pack_does_not_know()
 
 
 def test_a_text_only_call_as_long_as_the_image_is_not_taken_for_image():
-    runtime = pack_import("patching.runtime")
+    state = pack_import("patching.state")
     adapter = patching.adapter_for(build_model("sd3").model.diffusion_model)
-    run = runtime.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(1))
-    forward = runtime.ForwardPass(run, 0, (0,), ("c",), grid=(4, 4), text_len=16, previous_override=None)
+    run = state.SamplingRun(patching.AttentionPatch(None, adapter), linear_timeline(1))
+    forward = state.ForwardPass(run, 0, (0,), ("c",), grid=(4, 4), text_len=16, previous_override=None)
     assert forward._classify(16, 16) == ("unknown", None)
     assert forward._classify(32, 32)[0] == "joint"
 

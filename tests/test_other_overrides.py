@@ -19,7 +19,7 @@ from harness.models import build_model, conditioning, empty_latent, sample
 from harness.reference_schedule import reference_model
 
 patching = pack_import("patching")
-runtime = pack_import("patching.runtime")
+state = pack_import("patching.state")
 KEY = "optimized_attention_override"
 ARCH, STEPS = "flux", 4
 CHAIN = [{"technique": "window", "tokens": 3, "refresh_every": 2}, {"technique": "cfg", "start": 0.5}]
@@ -182,15 +182,15 @@ def test_an_override_installed_above_ours_inside_the_forward_makes_ours_stand_as
     patched = with_intruder(patched_with_nodes(model, CHAIN))
     assert torch.equal(_run(patched), _run(with_intruder(model)))
     report = patching.patch_of(patched).last_report
-    assert handled and report.warnings == [runtime.DISPLACED] and report.stood_aside[runtime.DISPLACED] > 0
+    assert handled and report.warnings == [state.DISPLACED] and report.stood_aside[state.DISPLACED] > 0
 
 
 def test_a_cuda_graph_capture_makes_the_run_stand_aside_visibly(monkeypatch):
     """Captured, our per-step choices would be frozen into the graph and replays would skip our
     numbering: from the capture on the run uses the host's attention, with a warning."""
     model = build_model(ARCH)
-    monkeypatch.setattr(runtime, "capturing_cuda_graph", lambda: True)
+    monkeypatch.setattr(state, "capturing_cuda_graph", lambda: True)
     patched = patched_with_nodes(model, CHAIN)
     assert torch.equal(_run(patched), _run(model))
     report = patching.patch_of(patched).last_report
-    assert report.warnings == [runtime.CAPTURED] and report.stood_aside[runtime.CAPTURED] > 0
+    assert report.warnings == [state.CAPTURED] and report.stood_aside[state.CAPTURED] > 0

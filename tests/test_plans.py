@@ -718,7 +718,7 @@ def test_a_failed_fast_check_returns_the_riskier_half_of_the_choices_to_full():
 def _scored(scale: float | None, same_inputs: bool):
     """A Scorer after one call of an image-only layer (4 x 6 grid, batch [unconditional, conditional])
     with attention `scale`, whose two chunks have the same model input or not; and that call."""
-    scorer_module, report = pack_import("plans.scorer"), pack_import("patching.report")
+    scorer_module, site_module = pack_import("plans.scorer"), pack_import("patching.site")
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 2, 24, 8, generator=gen) for _ in range(3))
 
@@ -729,7 +729,7 @@ def _scored(scale: float | None, same_inputs: bool):
     call = patching.AttentionCall(sdpa, (q, k, v, 2), kwargs, None)
     x = torch.randn(1, 16, 8, 12, generator=gen)
     inputs = (x, x if same_inputs else x + 1)
-    site = report.CallSite(1, 2, 0, "image", kernels.TokenLayout(0, (4, 6)), (1, 0), ("u", "c"), (1, 0), inputs)
+    site = site_module.CallSite(1, 2, 0, "image", kernels.TokenLayout(0, (4, 6)), (1, 0), ("u", "c"), (1, 0), inputs)
     scorer = scorer_module.Scorer((schema.WindowSize("band", tokens=2),), plans.CANDIDATES)
     scorer.score(call, site, call.run_default())
     return scorer, call

@@ -27,6 +27,7 @@ from harness.models import (
 
 patching = pack_import("patching")
 runtime = pack_import("patching.runtime")
+state = pack_import("patching.state")
 
 STEPS = 3
 TEXT_LEN = 7
@@ -182,7 +183,7 @@ def test_an_exception_mid_run_leaves_no_state():
     with pytest.raises(RuntimeError, match="boom"):
         _run(patched, arch, latent)
     options = patched.model_options["transformer_options"]
-    assert runtime.RUN_KEY not in options and runtime.OVERRIDE_KEY not in options
+    assert runtime.RUN_KEY not in options and state.OVERRIDE_KEY not in options
     report = patching.patch_of(patched).last_report
     assert report.steps_seen == {0}  # the failed run's report ends where it failed
 
@@ -223,7 +224,7 @@ def test_another_override_is_chained_not_replaced():
         return func(*args, **kwargs)
 
     other = model.clone()
-    other.model_options["transformer_options"][runtime.OVERRIDE_KEY] = other_pack_override
+    other.model_options["transformer_options"][state.OVERRIDE_KEY] = other_pack_override
     patched = patching.install(other)
     out = _run(patched, arch, latent)
     assert torch.equal(out, reference)

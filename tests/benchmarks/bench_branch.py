@@ -34,7 +34,7 @@ from harness.models import linear_timeline
 patching = pack_import("patching")
 adapters = pack_import("patching.adapters")
 branch = pack_import("patching.branch")
-runtime = pack_import("patching.runtime")
+state = pack_import("patching.state")
 schedule = pack_import("patching.schedule")
 DiTFastAttn = pack_import("patching.ditfastattn").DiTFastAttn
 
@@ -146,27 +146,27 @@ class Runner:
         self.case = case
         adapter = next(a for a in adapters.ADAPTERS if a.name == case.adapter)
         projections = adapter.projections(case.container) if getattr(method, "skip_branch", False) else []
-        self.patch = runtime.AttentionPatch(method, adapter, tuple(projections))
-        self.run = runtime.SamplingRun(self.patch, linear_timeline(4))
+        self.patch = state.AttentionPatch(method, adapter, tuple(projections))
+        self.run = state.SamplingRun(self.patch, linear_timeline(4))
         self.projections = projections
         self.halves = halves
 
     def __call__(self, step: int) -> tuple[float, torch.Tensor]:
         args, kwargs = self.case.inputs(len(self.halves))
         chunks = tuple((f"chunk {i}", (), "cpu", 0) for i in range(len(self.halves)))
-        forward = runtime.ForwardPass(self.run, step, tuple(range(len(self.halves))), chunks, self.case.grid,
+        forward = state.ForwardPass(self.run, step, tuple(range(len(self.halves))), chunks, self.case.grid,
                                       self.case.text_len, None, self.halves, tuple(args[0].chunk(len(self.halves))))
         modules = [self.case.container.get_submodule(p.path) for p in self.projections]
         for projection, module in zip(self.projections, modules, strict=True):
             module.forward = branch.projection_forward(projection, module.forward)
-        token = branch.ACTIVE.set(forward)
+        token = state.ACTIVE.set(forward)
         try:
             with torch.no_grad():
                 start = time.perf_counter()
-                out = self.case.block(*args, **kwargs, transformer_options={runtime.OVERRIDE_KEY: forward})
+                out = self.case.block(*args, **kwargs, transformer_options={state.OVERRIDE_KEY: forward})
                 seconds = time.perf_counter() - start
         finally:
-            branch.ACTIVE.reset(token)
+            state.ACTIVE.reset(token)
             for module in modules:
                 del module.forward
         return seconds, out[0] if isinstance(out, tuple) else out
@@ -191,7 +191,7 @@ def _counted(run: Callable[[], tuple[float, torch.Tensor]]) -> tuple[float, torc
 
 
 def _measure(case: Case, cfg: bool) -> str:
-    halves = (runtime.COND, runtime.UNCOND) if cfg else (runtime.OTHER,)
+    halves = (state.COND, state.UNCOND) if cfg else (state.OTHER,)
     technique = schedule.CFGSharing(schedule.Scope()) if cfg else schedule.StepSharing(2, schedule.Scope())
     plan = schedule.Schedule().then(technique)
     shared_step = 0 if cfg else 1

@@ -17,7 +17,7 @@ from harness import pack_import
 from harness.models import build_model, conditioning, empty_latent, linear_timeline, sample
 
 patching = pack_import("patching")
-runtime = pack_import("patching.runtime")
+state = pack_import("patching.state")
 
 REPEATS = 7
 STEPS = 4
@@ -34,12 +34,12 @@ def _timed(model, positive, negative, latent) -> float:
 def _hook_seconds_per_call(model, calls: int = 20000) -> float:
     """Median time the override adds to one attention call (the attention itself returns at once)."""
     patch = patching.patch_of(patching.install(model))
-    run = runtime.SamplingRun(patch, linear_timeline(STEPS))
+    run = state.SamplingRun(patch, linear_timeline(STEPS))
     q = torch.zeros(2, 1040, 256)
     instant = lambda *args, **kwargs: q  # noqa: E731
     samples = []
     for _ in range(5):
-        forward = runtime.ForwardPass(run, 0, (1, 0), ("u", "c"), (32, 32), 16, None)
+        forward = state.ForwardPass(run, 0, (1, 0), ("u", "c"), (32, 32), 16, None)
         start = time.perf_counter()
         for _ in range(calls):
             forward(instant, q, q, q, 4, mask=None, transformer_options={})
