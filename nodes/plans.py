@@ -129,7 +129,8 @@ class Calibrate(io.ComfyNode):
                                        "those noise levels, so the same run later applies it step for step."),
                 io.Boolean.Input("block_cache", default=False,
                                  tooltip="Budget mode only: a candidate for whole transformer blocks (SD3, Flux, "
-                                         "Chroma, HunyuanVideo, Wan 2.1). A skipped block runs nothing (attention, projections, MLP) and adds "
+                                         "Chroma, HunyuanVideo, Wan 2.1, Qwen-Image, Lumina 2, PixArt, AuraFlow). A "
+                                         "skipped block runs nothing (attention, projections, MLP) and adds "
                                          "the change it made when it last ran, where that errs less than its "
                                          "layer's other choices would save."),
             ],

@@ -170,6 +170,14 @@ def _qwen_image_projections(model: torch.nn.Module) -> list[Projection]:
     return found
 
 
+def _qwen_image_blocks(model: torch.nn.Module) -> list[Block]:
+    """Qwen-Image's blocks: image and text in (hidden_states, encoder_hidden_states), text and image out."""
+    if not _qwen_image_projections(model):
+        return []
+    return [Block(f"transformer_blocks.{i}", (("encoder_hidden_states", 1), ("hidden_states", 0)))
+            for i, _ in enumerate(model.transformer_blocks)]
+
+
 def _refined_joint_layers(model: torch.nn.Module, attention: str, attention_class: type, qkv: tuple[str, ...],
                           out: tuple[str, ...]) -> list[Projection]:
     """Lumina 2's layout (OmniGen2's too): a text refiner (text only, not shared), an image refiner
@@ -189,6 +197,11 @@ def _lumina_projections(model: torch.nn.Module) -> list[Projection]:
     return _refined_joint_layers(model, "attention", JointAttention, ("qkv",), ("out",))
 
 
+def _lumina_blocks(model: torch.nn.Module) -> list[Block]:
+    """Lumina 2's joint layers (x in and out); the refiners before them are not cached."""
+    return [Block(f"layers.{i}", (("x", 0),)) for i, _ in enumerate(model.layers)] if _lumina_projections(model) else []
+
+
 def _omnigen2_projections(model: torch.nn.Module) -> list[Projection]:
     """With reference images, a reference-image refiner runs between the image refiner and the joint
     layers: the runtime then leaves the joint layers to the host (their projections see more tokens)."""
@@ -206,6 +219,14 @@ def _pixart_projections(model: torch.nn.Module) -> list[Projection]:
         return []
     return [projection for i, block in enumerate(model.blocks) if block.attn.sr_ratio == 1
             for projection in _stream(f"blocks.{i}.attn", 2 * i, "image", "image", ("qkv",), ("proj",))]
+
+
+def _pixart_blocks(model: torch.nn.Module) -> list[Block]:
+    """PixArt's blocks (self attention, cross attention, MLP): x in and out."""
+    from comfy.ldm.pixart.pixartms import PixArtMSBlock
+
+    return [Block(f"blocks.{i}", (("x", 0),)) for i, _ in enumerate(model.blocks)] if _all_of(
+        model.blocks, PixArtMSBlock) else []
 
 
 def _self_then_cross(blocks: torch.nn.ModuleList, prefix: str, attention: str, qkv: tuple[str, ...],
@@ -277,6 +298,14 @@ def _auraflow_projections(model: torch.nn.Module) -> list[Projection]:
         found += _stream(f"single_layers.{j}.attn", len(model.double_layers) + j, "joint", "joint",
                          ("w1q", "w1k", "w1v"), ("w1o",))
     return found
+
+
+def _auraflow_blocks(model: torch.nn.Module) -> list[Block]:
+    """AuraFlow's double layers ((c, x) in and out) and single layers (the joint cx)."""
+    if not _auraflow_projections(model):
+        return []
+    return ([Block(f"double_layers.{i}", (("c", 0), ("x", 1))) for i, _ in enumerate(model.double_layers)]
+            + [Block(f"single_layers.{j}", (("cx", 0),)) for j, _ in enumerate(model.single_layers)])
 
 
 def _mochi_projections(model: torch.nn.Module) -> list[Projection]:
@@ -406,11 +435,12 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("HunyuanVideo", "comfy.ldm.hunyuan_video.model:HunyuanVideo", (1, 2, 2), text_first=False,
             projections=_hunyuan_video_projections, specialise=_hunyuan_video_facts, blocks=_flux_block_list),
     Adapter("Qwen-Image", "comfy.ldm.qwen_image.model:QwenImageTransformer2DModel", (2, 2), text_first=True,
-            projections=_qwen_image_projections),
+            projections=_qwen_image_projections, blocks=_qwen_image_blocks),
     Adapter("Lumina2", "comfy.ldm.lumina.model:NextDiT", (2, 2), text_first=True, projections=_lumina_projections,
-            specialise=_lumina_facts),
+            specialise=_lumina_facts, blocks=_lumina_blocks),
     Adapter("PixArt", "comfy.ldm.pixart.pixartms:PixArtMS", (2, 2), text_first=True, routes_attention=False,
-            unrouted_attention_module="comfy.ldm.pixart.blocks", projections=_pixart_projections),
+            unrouted_attention_module="comfy.ldm.pixart.blocks", projections=_pixart_projections,
+            blocks=_pixart_blocks),
     # Chroma Radiance subclasses Chroma: listed first so that it keeps its own name
     Adapter("Chroma Radiance", "comfy.ldm.chroma_radiance.model:ChromaRadiance", (16, 16), text_first=True,
             projections=_chroma_projections),
@@ -421,7 +451,7 @@ ADAPTERS: tuple[Adapter, ...] = (
             projections=_hidream_projections,
             text_tokens=functools.partial(prompt_tokens, joined=(("encoder_hidden_states_llama3", 2),))),
     Adapter("AuraFlow", "comfy.ldm.aura.mmdit:MMDiT", (2, 2), text_first=True, projections=_auraflow_projections,
-            specialise=_auraflow_facts),
+            specialise=_auraflow_facts, blocks=_auraflow_blocks),
     Adapter("OmniGen2", "comfy.ldm.omnigen.omnigen2:OmniGen2Transformer2DModel", (2, 2), text_first=True,
             projections=_omnigen2_projections),
     Adapter("Hunyuan-DiT", "comfy.ldm.hydit.models:HunYuanDiT", (2, 2), text_first=True, routes_attention=False,

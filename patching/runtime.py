@@ -39,7 +39,7 @@ import comfy.samplers
 import torch
 
 from . import step_reuse
-from .adapters import Adapter, Block, Projection, UnsupportedArchitectureError, adapter_for
+from .adapters import ADAPTERS, Adapter, Block, Projection, UnsupportedArchitectureError, adapter_for
 from .block_cache import block_forward
 from .branch import projection_forward
 from .cache import block_replacements, chunk_ids
@@ -228,9 +228,10 @@ def _blocks(model, adapter: Adapter, method: AttentionMethod) -> list[Block]:
         return []
     blocks = adapter.blocks(model.model.diffusion_model) if adapter.blocks is not None else []
     if not blocks:
+        known = ", ".join(known.name for known in ADAPTERS if known.blocks is not None)
         raise UnsupportedArchitectureError(
-            f"block caching knows the blocks of SD3 (MMDiT), Flux, Chroma, HunyuanVideo and Wan 2.1 models; this {adapter.name} model is "
-            "not one of them: calibrate without block caching (switch block_cache off)")
+            f"block caching knows the blocks of these models (their standard variants): {known}; this {adapter.name} "
+            "model's blocks are not among them: calibrate without block caching (switch block_cache off)")
     return blocks
 
 
