@@ -1,4 +1,5 @@
-"""Calibrate (find a plan by sampling once) and Apply Plan (carry a saved or pasted plan out)."""
+"""Calibrate (find a plan by sampling once), Prompt Batch (calibrate on several prompts) and Apply Plan
+(carry a saved or pasted plan out)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ from ..plans import (
 )
 from ..plans.costs import cost_table
 from ..plans.heatmap import image_tensor, render_heatmap
+from ..plans.prompts import batch_prompts
 from ..plans.storage import NO_PLAN, plan_path
 from .ditfastattn import WINDOW_SHAPES
 
 CATEGORY = "FastAttn/DiTFastAttn"
 PlanType = io.Custom("FASTATTN_PLAN")
+MORE_PROMPTS = 6  # Prompt Batch: optional prompts after the first two
 
 
 def refuse_other_techniques(model, node: str) -> None:
@@ -60,7 +63,8 @@ class Calibrate(io.ComfyNode):
                         "candidate costs each layer (also shown on the node).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion transformer to calibrate (from the model loader)."),
-                io.Conditioning.Input("positive", tooltip="Prompt(s) to calibrate on, as for the sampler."),
+                io.Conditioning.Input("positive", tooltip="The prompt to calibrate on, as for the sampler; or several, "
+                                      "one per latent row, from Prompt Batch for Calibration."),
                 io.Conditioning.Input("negative", tooltip="Negative prompt, as for the sampler."),
                 io.Latent.Input("latent_image", tooltip="Latent of the size you will sample; a batch of several "
                                                         "(the paper used 6-8) makes the plan more general."),
@@ -176,6 +180,35 @@ class Calibrate(io.ComfyNode):
                              ui=ui.PreviewText(table))
 
 
+class PromptBatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        prompt = "An encoded prompt (from your text encoder node)."
+        return io.Schema(
+            node_id="FastAttnPromptBatch",
+            display_name="Prompt Batch for Calibration (DiTFastAttn)",
+            category=CATEGORY,
+            description="Stacks several encoded prompts into one batch, one prompt per latent row, for Calibrate's "
+                        "positive: the plan is then chosen on every prompt, so it holds for more than one picture. "
+                        "Give Calibrate a latent batch that is a multiple of the number of prompts (each prompt "
+                        "with as many seeds). The prompts must encode to the same length.",
+            inputs=[
+                io.Conditioning.Input("conditioning_1", tooltip=prompt),
+                io.Conditioning.Input("conditioning_2", tooltip=prompt),
+                *[io.Conditioning.Input(f"conditioning_{number}", optional=True, tooltip=f"{prompt} Optional.")
+                  for number in range(3, 3 + MORE_PROMPTS)],
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive", tooltip="The prompts as one batch: connect it "
+                                            "to Calibrate's positive.")],
+        )
+
+    @classmethod
+    def execute(cls, conditioning_1: list, conditioning_2: list, **more: list) -> io.NodeOutput:
+        numbered = sorted(more, key=lambda name: int(name.rsplit("_", 1)[1]))
+        given = [conditioning_1, conditioning_2] + [more[name] for name in numbered if more[name] is not None]
+        return io.NodeOutput(batch_prompts(given))
+
+
 class ApplyPlan(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -217,4 +250,4 @@ class ApplyPlan(io.ComfyNode):
         return io.NodeOutput(install(model, PlannedAttention(plan)))
 
 
-PLAN_NODES: list[type[io.ComfyNode]] = [Calibrate, ApplyPlan]
+PLAN_NODES: list[type[io.ComfyNode]] = [Calibrate, PromptBatch, ApplyPlan]

@@ -59,6 +59,7 @@ from ..patching.step_reuse import forecast, noise_estimate
 from ..patching.timeline import Timeline
 from .apply import PlannedAttention
 from .costs import COST_MEASURES, LayerSlot, LinearFlops, layer_slot, synchronize
+from .prompts import prompt_rows
 from .schema import (
     BLOCK,
     CANDIDATES,
@@ -552,6 +553,12 @@ def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int,
               denoise: float = 1.0) -> tuple[Plan, torch.Tensor, list[LayerSlot]]:
     """Sample once while calibrating; returns the plan, the run's final latent and each layer's
     slot (its prices, for costs.cost_table)."""
+    batch = latent["samples"].shape[0]
+    for name, conditioning in (("positive", positive), ("negative", negative)):
+        if batch % (rows := prompt_rows(conditioning)):  # the host would cycle or cut the prompts silently
+            raise ValueError(f"FastAttn Calibrate: {name} holds {rows} prompts (a prompt batch) and the latent batch "
+                             f"is {batch}; give a latent batch that is a multiple of {rows} (the empty latent's "
+                             "batch_size), so that every prompt gets its rows")
     calibration = Calibration(settings, steps, sum(p.numel() for p in model.model.diffusion_model.parameters()), cfg)
     patched = install(model, CalibrationMethod(calibration))
     # Outside the runtime's APPLY_MODEL wrapper, so that every trial is a forward of its own.

@@ -22,7 +22,7 @@ TOOLTIP_INPUT = {
     "FastAttnApplyPlan": "plan", "FastAttnClearAttention": "radius", "FastAttnClearWeightsLoader": "radius",
     "FastAttnClearDistill": "positive", "FastAttnDemoTextEncode": "caption", "FastAttnDemoDecode": "samples",
     "FastAttnDeepCache": "cache_interval", "FastAttnDemoUNetTextEncode": "caption", "FastAttnCompare": "view",
-    "FastAttnDemoLoader": "model",
+    "FastAttnDemoLoader": "model", "FastAttnPromptBatch": "conditioning_1",
 }  # node -> the input whose tooltip is checked: a widget litegraph draws, a socket, or a text box
 
 
