@@ -15,8 +15,9 @@ calls (the host's MMDiT, the demo model's class, does not): the script checks, a
 out with a message where its hook never runs.
 
 The demo model loads through ComfyUI's own loader and samples through ComfyUI's sampler (euler,
-simple, CFG 4, float32). Each plan is calibrated on CALIBRATION_CAPTIONS (a batch of seeds), then
-applied to HELD_OUT captions, which calibration never saw; PSNR / SSIM are against full attention
+simple, CFG 4, float32). Each plan is calibrated on CALIBRATION_CAPTIONS (the first, or with
+`--calibration-captions` several, one per latent row through Prompt Batch for Calibration; a batch of
+seeds each), then applied to HELD_OUT captions, which calibration never saw; PSNR / SSIM are against full attention
 on the same caption and seed. Calibration time is in units of one baseline sampling run of the
 calibration batch. Budget plans price candidates by measured time (`--cost`). Beside each plan's
 speed-up stands its FLOP bound (demo/speed.flop_bound: the largest speed-up the FLOPs the plan skips
@@ -53,6 +54,7 @@ workflows = pack_import("demo.workflows")
 metrics = pack_import("metrics")
 demo_nodes = pack_import("nodes.demo")
 inspector = pack_import("nodes.inspector")
+plan_nodes = pack_import("nodes.plans")
 native = pack_import("kernels.native")
 patching = pack_import("patching")
 plans = pack_import("plans")
@@ -66,8 +68,12 @@ EASY_THRESHOLDS = (0.2,)  # core EasyCache's reuse threshold (its default: 0.2)
 FBC_THRESHOLDS = (0.2, 0.4, 1.0, 2.0)
 UNIFORM_FRACTIONS = (0.03, 0.06, 0.125, 0.25)  # uniform window + residual settings, the example's 0.125 among them
 UNIFORM_REFRESH = (2, 4)
-CALIBRATION_CAPTIONS = ("a red circle and a blue square on a striped green background",)
-CALIBRATION_SEEDS = 2  # latent batch: one noise per seed
+# Calibration captions (never the held-out ones): the first alone by default; `--calibration-captions` takes
+# more, stacked one per latent row by Prompt Batch for Calibration, each with `--calibration-seeds` seeds
+CALIBRATION_CAPTIONS = ("a red circle and a blue square on a striped green background",
+                        "a big black cross on a dotted orange background",
+                        "a small white triangle and a purple circle on a checkered yellow background")
+CALIBRATION_SEEDS = 2  # latent rows per caption: one noise per seed
 HELD_OUT = (("a yellow triangle on a dotted purple background", 11),
             ("a green cross and a white circle on a checkered blue background", 12))
 BOUND_SLACK = 1.05  # a speed-up up to 5% above its plan's FLOP bound passes as timer noise; more is flagged
@@ -193,18 +199,23 @@ def main(argv: list[str]) -> None:
                         help="also budget plans with step reuse (whole steps skipped) at each delta")
     parser.add_argument("--block-cache", action="store_true",
                         help="also budget plans with block caching (with and without step reuse, as --step-reuse says)")
+    parser.add_argument("--calibration-captions", type=int, default=1, choices=range(1, len(CALIBRATION_CAPTIONS) + 1),
+                        help="calibrate on this many captions (a prompt batch; never the held-out ones)")
+    parser.add_argument("--calibration-seeds", type=int, default=CALIBRATION_SEEDS, help="latent rows per caption")
     parser.add_argument("--save-plans", type=Path, default=None, help="write each plan's JSON into this folder")
     args = parser.parse_args(argv)
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.DIT_FILE))
-    calibration_positive = _encode(CALIBRATION_CAPTIONS[0])
-    calibration_latent = _latent(CALIBRATION_SEEDS, args.size)
+    captions = CALIBRATION_CAPTIONS[:args.calibration_captions]
+    encoded = [_encode(caption) for caption in captions]
+    calibration_positive = plan_nodes.PromptBatch.execute(*encoded).result[0] if len(encoded) > 1 else encoded[0]
+    calibration_latent = _latent(len(captions) * args.calibration_seeds, args.size)
 
     for warm_up in (model, _uniform(model, 0.125, 4)):  # allocator, tile plans, the native kernel's build
         _timed(warm_up, calibration_positive, _latent(1, args.size), 2, 0)
     while native.building():
         time.sleep(1)
     baseline_run = _timed(model, calibration_positive, calibration_latent, args.steps, 0)[0]
-    print(f"one baseline run (calibration batch of {CALIBRATION_SEEDS}, {args.size ** 2} image tokens, "
+    print(f"one baseline run (calibration batch of {calibration_latent['samples'].shape[0]}, {args.size ** 2} image tokens, "
           f"{args.steps} steps): {baseline_run:.1f} s", flush=True)
 
     contestants: dict[str, object] = {"full attention": model}
@@ -255,7 +266,7 @@ def main(argv: list[str]) -> None:
 
     print(f"\nDemo model, {args.size * 16}x{args.size * 16} px = {args.size ** 2} image tokens, {args.steps} steps "
           f"euler, CFG {CFG}, float32, {torch.get_num_threads()} CPU threads; calibrated on "
-          f"{len(CALIBRATION_CAPTIONS)} caption x {CALIBRATION_SEEDS} seeds, measured on {len(HELD_OUT)} held-out "
+          f"{len(captions)} caption(s) x {args.calibration_seeds} seeds, measured on {len(HELD_OUT)} held-out "
           f"captions, {args.rounds} interleaved runs each; baseline run of the calibration batch {baseline_run:.1f} s\n")
     print("| contestant | speedup vs full (median) | FLOP bound | PSNR dB | SSIM | attention FLOPs kept | "
           "calibration time (baseline runs) |")
