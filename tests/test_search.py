@@ -321,3 +321,49 @@ def test_settings_refuse_an_unknown_cost_and_per_head_budget_search():
     assert [size.fraction for size in plans.Settings(0.1, window=WindowSize("band", 0.6), mode="budget").windows] == [
         0.15, 0.3, 0.6, 1.0]  # a quarter, half, once and twice, at most the whole image
 
+
+
+def test_step_weights_follow_how_much_each_step_moves_the_latent():
+    """gain x dt^2 x the prediction's mean square, normalised to a mean of 1: a step whose prediction
+    errs ten times as much per unit of local error, over a step four times as long, weighs 160 times as
+    much; a step without a measured gain weighs the median; a gain of 0 still leaves the floor."""
+    calibrate = pack_import("plans.calibrate")
+    calibration = calibrate.Calibration(plans.Settings(0.1, mode="budget"), steps=5)
+    calibration.timeline = pack_import("patching.timeline").Timeline((1.0, 0.9, 0.8, 0.4, 0.3, 0.0), None)
+    calibration.local_errors = [{}] + [{0: {("ast", 0.0, 1): 1.0}}] * 4
+    calibration.gains = {1: 0.01, 2: 0.1, 4: 0.0}
+    calibration.prediction_squares = {1: 2.0, 2: 2.0, 4: 2.0}
+    weights = calibration.step_weights()
+    raw = {1: 0.01 * 0.1 ** 2 * 2, 2: 0.1 * 0.4 ** 2 * 2, 4: 0.0}
+    raw[3] = statistics.median(raw.values())
+    mean = sum(raw.values()) / 4
+    assert set(weights) == {1, 2, 3, 4}
+    assert weights[2] / weights[1] == pytest.approx(160.0)
+    assert weights[1] == pytest.approx(raw[1] / mean) and weights[3] == pytest.approx(raw[3] / mean)
+    assert weights[4] == calibrate.WEIGHT_FLOOR
+
+
+
+def test_the_search_takes_each_steps_errors_times_its_weight(monkeypatch):
+    """The errors the allocation gets are the measured ones times their step's weight (step 1 here)."""
+    calibrate = pack_import("plans.calibrate")
+    seen: list[list[dict]] = []
+    allocate = calibrate.allocate
+
+    def spy(errors, *args):
+        seen.append([{layer: [(*key, error) for key, error in candidates.items()] for layer, candidates in step.items()}
+                     for step in errors])
+        return allocate(errors, *args)
+
+    monkeypatch.setattr(calibrate, "allocate", spy)
+    settings = plans.Settings(0.1, mode="budget", cost="flops")
+    for weights in ({}, {1: 10.0}):
+        monkeypatch.setattr(calibrate.Calibration, "step_weights", lambda self, weights=weights: weights)
+        plans.calibrate(build_model(ARCH), *_inputs(), seed=3, steps=STEPS, cfg=3.0, sampler="euler",
+                        scheduler="simple", settings=settings)
+    plain, weighted = seen
+    for step, (before, after) in enumerate(zip(plain, weighted, strict=True)):
+        for layer, candidates in before.items():
+            for (*key, error), (*same_key, scaled) in zip(candidates, after[layer], strict=True):
+                assert key == same_key and scaled == pytest.approx(error * (10.0 if step == 1 else 1.0))
+    assert any(before for before in plain[1:])
