@@ -86,8 +86,7 @@ class Calibrate(io.ComfyNode):
                                        "model-output error (the paper swept 0.025-0.15). Fast: each layer's "
                                        "relative attention error and each step's output error stay within delta. "
                                        "Budget: the root mean square of the relative attention errors over all "
-                                       "steps and layers, each step's weighted by how much it moves the sampled "
-                                       "latent, stays within delta. 0 keeps full attention everywhere."),
+                                       "steps and layers stays within delta. 0 keeps full attention everywhere."),
                 io.Combo.Input("search_mode", options=list(MODES), default="fast",
                                tooltip="greedy: the paper's search, one model forward per candidate per layer per "
                                        "step (slow, faithful). fast: one scoring forward and one check per step, "
@@ -126,7 +125,8 @@ class Calibrate(io.ComfyNode):
                                  tooltip="Budget mode only: a candidate for whole steps. A skipped step runs no "
                                          "model at all and takes its prediction from the last computed step (reuse) "
                                          "or extrapolates it from the last two (forecast), where that errs less "
-                                         "than the step's attention choices would save."),
+                                         "than the step's attention choices would save. Costs one more forward per "
+                                         "step while calibrating."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="As the sampler's denoise: below 1 the calibration run starts from "
                                        "latent_image (image to image) at that share of the schedule; the plan keeps "

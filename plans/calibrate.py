@@ -21,13 +21,12 @@ assignment, so the next step starts where applying the plan would.
             (step, layer): window + residual at several window sizes with residuals 1..AGES steps
             old, step sharing of outputs 1..AGES steps old, CFG sharing; then search.py allocates
             the error budget (delta squared per cell, summed) across all steps and layers at once,
-            at the least cost (measured time, or FLOPs). One more forward per step, with every layer
-            step-shared, says how much the model output errs for the layers' summed local error (the
-            step's gain): with the step's size it weighs the step's errors (step_weights), puts a
-            skipped step's error into the cells' units and, timed, says what the rest of a forward
-            costs. A second run samples with the plan (the latent Calibrate returns): 2.5-4 baseline
-            runs in BENCHMARKS.md, the probes included. With step reuse, each step also keeps the
-            model's prediction (what skipping a later step reuses or forecasts from).
+            at the least cost (measured time, or FLOPs). A second run samples with the plan (the
+            latent Calibrate returns): 2.5-4 baseline runs in BENCHMARKS.md, the probes included.
+            With step reuse, each step also keeps the model's prediction (what skipping a later step
+            reuses or forecasts from) and runs one more forward with every layer step-shared: how much
+            the model output errs for the layers' summed local error (the rate that puts a skipped
+            step's error into the cells' units) and, timed, what the rest of a forward costs.
             With block caching, each block's change is scored against its earlier changes
             (scorer.py), its linear layers' FLOPs counted once, and one more forward per step
             skips every cacheable block: its output error per summed block error, over step sharing's
