@@ -78,7 +78,6 @@ MODES = ("greedy", "fast", "budget")
 FAST_RETRIES = 2  # fast mode: checks after the first, each with the riskier half of the choices back to full
 AGES = 4  # budget mode: the oldest residual / shared output a candidate reads, in steps
 WINDOW_SCALES = (0.25, 0.5, 1.0, 2.0)  # budget mode: the window sizes tried, as multiples of the window fraction
-WEIGHT_FLOOR = 1e-3  # budget mode: the least weight of a step's errors, as a share of the mean (step_weights)
 
 
 @dataclass(frozen=True)
@@ -215,7 +214,6 @@ class Calibration:
         # local error (all layers step-shared), and the seconds of such forwards (the rest of a forward)
         self.predictions: dict[int, tuple[torch.Tensor, float]] = {}
         self.gains: dict[int, float] = {}
-        self.prediction_squares: dict[int, float] = {}  # [step] -> the guided prediction's mean square
         self.block_gains: dict[int, float] = {}  # block caching: output error per summed block error (age 1)
         self.skipping_blocks = False  # in the forward that skips every cacheable block
         self.rest_seconds: list[float] = []
@@ -344,7 +342,7 @@ class Calibration:
     def _measure(self, step: int, has_cfg: bool, run: SamplingRun, forward: Callable, x: torch.Tensor,
                  sigma: torch.Tensor, roles: tuple[int, ...]) -> torch.Tensor:
         """Budget mode: full attention, every candidate scored; the plan is searched after the run."""
-        rated = bool((sigma > 0).all())  # each step's gain weighs its cells (step_weights)
+        rated = (self.settings.step_reuse or self.settings.block_cache) and bool((sigma > 0).all())
         shared = skipped = None
         if rated and step > 0:  # every layer step-shared: the output error it makes, and its time
             before = run.snapshot()
@@ -383,7 +381,6 @@ class Calibration:
                 return estimate if combined is None else combined
 
             estimate = prediction(out)
-            self.prediction_squares[step] = float(estimate.double().pow(2).mean())
             if self.settings.step_reuse:
                 self.predictions[step] = estimate, float(sigma.flatten()[0])
             for gains, made, key in ((self.gains, shared, ("ast", 0.0, 1)), (self.block_gains, skipped, (BLOCK, 0.0, 1))):
@@ -423,42 +420,21 @@ class Calibration:
             slots[first] = dataclasses.replace(slot, block_saving=self.block_flops.get(first, 0) * per_flop)
         return slots
 
-    def step_weights(self) -> dict[int, float]:
-        """Each step's weight on the errors made there: how much a unit of summed local error at the step
-        moves the sampled latent, to first order. The step's gain turns it into prediction error, and an
-        Euler step moves the latent by its size times the prediction: weight = gain x dt^2 x the
-        prediction's mean square. Early steps, whose attention errs much but whose prediction barely
-        moves the latent, weigh little (on the demo DiT, 10 steps: step 1 about 1/500 of step 9).
-        Normalised to a mean of 1 over the measured steps, so that delta keeps its scale; a step without a
-        measured gain weighs the median, and none weighs less than WEIGHT_FLOOR (a forward whose output
-        did not move in the one measuring forward still errs: no error there is free)."""
-        sigmas = self.timeline.sigmas if self.timeline is not None else ()
-        raw = {step: gain * (sigmas[step] - sigmas[step + 1]) ** 2 * self.prediction_squares[step]
-               for step, gain in self.gains.items() if step + 1 < len(sigmas) and step in self.prediction_squares}
-        measured = [step for step, errors in enumerate(self.local_errors) if errors]
-        if not raw or not measured:
-            return {}
-        typical = statistics.median(raw.values())
-        weights = {step: raw.get(step, typical) for step in measured}
-        mean = sum(weights.values()) / len(weights)
-        return {step: max(weight / mean, WEIGHT_FLOOR) for step, weight in weights.items()} if mean > 0 else {}
-
-    def _step_reuse(self, weights: dict[int, float]) -> StepReuse:
+    def _step_reuse(self) -> StepReuse:
         """Each skipped step's error (reusing or forecasting from the steps the walk may compute), in the
-        cells' units (divided by the step's gain, times its weight), and what skipping saves besides attention."""
+        cells' units (divided by the step's gain), and what skipping saves besides attention."""
         errors: dict[tuple[int, int, int], float] = {}
         for step, gain in self.gains.items():
             exact, sigma = self.predictions[step]
             for last in range(max(0, step - AGES), step):
                 if last not in self.predictions or self.predictions[last][0].shape != exact.shape:
                     continue
-                weight = weights.get(step, 1.0) / gain
-                errors[(step, last, -1)] = relative_squared_error(self.predictions[last][0], exact) * weight
+                errors[(step, last, -1)] = relative_squared_error(self.predictions[last][0], exact) / gain
                 for before in range(max(0, last - AGES), last):
                     if before in self.predictions and self.predictions[before][0].shape == exact.shape:
                         (newer, at_last), (older, at_before) = self.predictions[last], self.predictions[before]
                         guess = forecast(newer, older, (at_last, at_before), sigma)
-                        errors[(step, last, before)] = relative_squared_error(guess, exact) * weight
+                        errors[(step, last, before)] = relative_squared_error(guess, exact) / gain
         compressible = [slot for slot in self.layers if slot.compressible]
         full = sum(slot.price("full") for slot in compressible) / max(1, len(compressible))
         if self.settings.cost == "time":
@@ -499,15 +475,10 @@ class Calibration:
         while len(self.local_errors) < self.steps:  # steps the sampler never evaluated: nothing to compress
             self.local_errors.append({})
         measured = sum(len(step) for step in self.local_errors)
-        weights = self.step_weights()
-        reuse = self._step_reuse(weights) if self.settings.step_reuse else None
+        reuse = self._step_reuse() if self.settings.step_reuse else None
         if self.settings.block_cache:
             self.layers = self._block_savings()
             self._block_errors_in_cell_units()
-        for step, errors in enumerate(self.local_errors):
-            for candidates in errors.values():
-                for key in candidates:
-                    candidates[key] *= weights.get(step, 1.0)
         allocation = allocate(self.local_errors, self.layers, self.settings.delta ** 2 * measured, AGES, reuse)
         cells = allocation.cells
         self.methods = [[cell.technique for cell in row] for row in cells]
