@@ -21,6 +21,7 @@ workflows = pack_import("demo.workflows")
 SIZES = (64, 128, 192)  # EmptySD3LatentImage sizes: 16, 64 and 144 image tokens
 STEPS = 3  # window + residual (refresh 4): one full step, two window steps
 CLEAR_FILE = "queue_clear"  # a CLEAR weights file for the demo model (models/clear/, see clear_file)
+SECOND_CAPTION = "a big black cross on a dotted orange background"  # Prompt Batch's second prompt
 
 
 def mixed_prompts(count: int = 2 * len(workflows.TECHNIQUES), prefix: str = "queue") -> dict[str, dict]:
@@ -39,17 +40,35 @@ def mixed_prompts(count: int = 2 * len(workflows.TECHNIQUES), prefix: str = "que
 
 
 def other_node_prompts(prefix: str = "queue") -> dict[str, dict]:
-    """The nodes the demo workflows leave out: calibration (with its plan applied), CLEAR
-    distillation, CLEAR weights loaded from `CLEAR_FILE` (see clear_file), and DeepCache on the
-    demo U-Net, and Compare Images beside an unpatched branch; name -> API graph."""
+    """The nodes the demo workflows leave out: calibration (with its plan applied; and on a batch of two
+    prompts), CLEAR distillation, CLEAR weights loaded from `CLEAR_FILE` (see clear_file), and DeepCache
+    on the demo U-Net, and Compare Images beside an unpatched branch; name -> API graph."""
     return {
         f"{prefix}_compare": workflows.demo_graph("window_residual", size=SIZES[1], steps=STEPS,
                                                   prefix=f"{prefix}_compare", compare=True),
         f"{prefix}_deepcache": workflows.unet_graph(size=64, steps=STEPS, prefix=f"{prefix}_deepcache"),
         f"{prefix}_calibrate": workflows.calibrate_graph(size=SIZES[0], steps=STEPS, prefix=f"{prefix}_calibrate"),
+        f"{prefix}_prompt_batch": prompt_batch_graph(f"{prefix}_prompt_batch"),
         f"{prefix}_distill": distill_graph(f"{prefix}_distilled", f"{prefix}_distill"),
         f"{prefix}_clear_weights": clear_weights_graph(f"{prefix}_clear_weights"),
     }
+
+
+def prompt_batch_graph(prefix: str, combined: bool = False) -> dict:
+    """Calibration on two captions stacked by Prompt Batch for Calibration, one latent row each; with
+    `combined`, its second input a combined conditioning (two entries), which it refuses."""
+    graph = workflows.calibrate_graph(size=SIZES[0], steps=STEPS, prefix=prefix)
+    graph["positive_2"] = {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": SECOND_CAPTION}}
+    second = ["positive_2", 0]
+    if combined:
+        graph["combined"] = {"class_type": "ConditioningCombine",
+                             "inputs": {"conditioning_1": ["positive", 0], "conditioning_2": ["positive_2", 0]}}
+        second = ["combined", 0]
+    graph["prompts"] = {"class_type": "FastAttnPromptBatch",
+                        "inputs": {"conditioning_1": ["positive", 0], "conditioning_2": second}}
+    graph["calibrate"]["inputs"]["positive"] = ["prompts", 0]
+    graph["latent"]["inputs"]["batch_size"] = 2
+    return graph
 
 
 def _sampling(model_node: str, inputs: dict, prefix: str) -> dict:
@@ -186,4 +205,6 @@ def bad_prompts(prefix: str = "bad") -> dict[str, BadPrompt]:
                                           "FastAttnClearWeightsLoader", "was trained for radius 2, not 5"),
         "distill_filename": BadPrompt(distill_graph("a/b", f"{prefix}_distill"), "FastAttnClearDistill",
                                       "must be a plain name without folders"),
+        "prompt_batch_combined": BadPrompt(prompt_batch_graph(f"{prefix}_prompt_batch", combined=True),
+                                           "FastAttnPromptBatch", "conditioning_2 holds 2 entries"),
     }
