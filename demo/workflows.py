@@ -20,6 +20,8 @@ from . import DEMO_DIT, DEMO_UNET
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "example_workflows"
 SHIPPED_PLAN = Path(__file__).resolve().parent / "plans" / "fastattn_demo_sd3_fast.json"
 CAPTION = "a red circle and a blue square on a striped green background"
+MORE_CAPTIONS = ("a big black cross on a dotted orange background",  # the calibration example's other prompts
+                 "a small white triangle and a purple circle on a checkered yellow background")
 SAMPLER = {"seed": 7, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
 WINDOW_BAND = {"window_shape": "band (1D over the token sequence, as the paper)", "window_fraction": 0.125,
                "window_tokens": 0, "refresh_every": 4, "start_percent": 0.0, "end_percent": 1.0, "layers": "",
@@ -118,14 +120,25 @@ def unet_graph(deepcache: dict | None = DEEPCACHE, size: int = UNET_SIZE, steps:
 
 
 def calibrate_graph(size: int = 1024, steps: int = SAMPLER["steps"], caption: str = CAPTION,
-                    prefix: str = "fastattn_demo_calibrate", plan_name: str = "") -> dict:
+                    prefix: str = "fastattn_demo_calibrate", plan_name: str = "",
+                    more_captions: tuple[str, ...] = ()) -> dict:
     """API-format graph: calibrate a plan on the demo model (saving it if `plan_name`), show its
-    heatmap, then apply it to the model and sample again: the same image as the calibration run's."""
+    heatmap, then apply it to the model and sample again: the same image as the calibration run's.
+    With `more_captions`, calibrated on those too: Prompt Batch for Calibration stacks the captions,
+    one latent row each."""
     graph = demo_graph("baseline", size, steps, caption, prefix)
     sampler = {key: value for key, value in graph["sampler"]["inputs"].items() if key != "denoise"}
     graph["calibrate"] = {"class_type": "FastAttnCalibrate", "inputs": {
         **{key: value for key, value in sampler.items() if key != "latent_image"}, "steps": steps,
         "latent_image": ["latent", 0], **CALIBRATE, "plan_name": plan_name}}
+    if more_captions:
+        prompts = {"conditioning_1": ["positive", 0]}
+        for number, more in enumerate(more_captions, start=2):
+            graph[f"positive_{number}"] = {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": more}}
+            prompts[f"conditioning_{number}"] = [f"positive_{number}", 0]
+        graph["prompts"] = {"class_type": "FastAttnPromptBatch", "inputs": prompts}
+        graph["calibrate"]["inputs"]["positive"] = ["prompts", 0]
+        graph["latent"]["inputs"]["batch_size"] = len(prompts)
     graph["heatmap"] = {"class_type": "SaveImage", "inputs": {"images": ["calibrate", 4],
                                                               "filename_prefix": f"{prefix}_heatmap"}}
     graph["apply"] = {"class_type": "FastAttnApplyPlan", "inputs": {
@@ -312,6 +325,10 @@ def example_graphs() -> dict[str, tuple[dict, str]]:
     graphs["fastattn_demo_calibrate.json"] = (
         calibrate_graph(), "Calibrate a plan on the demo model (fast search, delta 0.1), see it as a heatmap, apply it "
         "and sample: set plan_name to save it for Apply Plan.")
+    graphs["fastattn_demo_calibrate_prompts.json"] = (
+        calibrate_graph(prefix="fastattn_demo_calibrate_prompts", more_captions=MORE_CAPTIONS),
+        "Calibrate a plan on three captions at once (Prompt Batch for Calibration, one latent row each), so that "
+        "it holds for more than one picture; apply it and sample.")
     graphs["fastattn_demo_unet_deepcache.json"] = (
         unet_graph(), "DeepCache on the demo U-Net (SD 1.5 layout): the full U-Net every 3rd step, its shallowest "
         "blocks on the cached deep feature between.")

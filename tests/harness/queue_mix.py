@@ -21,7 +21,6 @@ workflows = pack_import("demo.workflows")
 SIZES = (64, 128, 192)  # EmptySD3LatentImage sizes: 16, 64 and 144 image tokens
 STEPS = 3  # window + residual (refresh 4): one full step, two window steps
 CLEAR_FILE = "queue_clear"  # a CLEAR weights file for the demo model (models/clear/, see clear_file)
-SECOND_CAPTION = "a big black cross on a dotted orange background"  # Prompt Batch's second prompt
 
 
 def mixed_prompts(count: int = 2 * len(workflows.TECHNIQUES), prefix: str = "queue") -> dict[str, dict]:
@@ -57,17 +56,12 @@ def other_node_prompts(prefix: str = "queue") -> dict[str, dict]:
 def prompt_batch_graph(prefix: str, combined: bool = False) -> dict:
     """Calibration on two captions stacked by Prompt Batch for Calibration, one latent row each; with
     `combined`, its second input a combined conditioning (two entries), which it refuses."""
-    graph = workflows.calibrate_graph(size=SIZES[0], steps=STEPS, prefix=prefix)
-    graph["positive_2"] = {"class_type": "FastAttnDemoTextEncode", "inputs": {"caption": SECOND_CAPTION}}
-    second = ["positive_2", 0]
+    graph = workflows.calibrate_graph(size=SIZES[0], steps=STEPS, prefix=prefix,
+                                      more_captions=workflows.MORE_CAPTIONS[:1])
     if combined:
         graph["combined"] = {"class_type": "ConditioningCombine",
                              "inputs": {"conditioning_1": ["positive", 0], "conditioning_2": ["positive_2", 0]}}
-        second = ["combined", 0]
-    graph["prompts"] = {"class_type": "FastAttnPromptBatch",
-                        "inputs": {"conditioning_1": ["positive", 0], "conditioning_2": second}}
-    graph["calibrate"]["inputs"]["positive"] = ["prompts", 0]
-    graph["latent"]["inputs"]["batch_size"] = 2
+        graph["prompts"]["inputs"]["conditioning_2"] = ["combined", 0]
     return graph
 
 
