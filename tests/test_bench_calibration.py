@@ -1,6 +1,6 @@
 """The calibration benchmark (tests/benchmarks/bench_calibration.py) on a tiny run: its speed table
 sets each plan's FLOP bound beside the measured speed-up and flags a speed-up above it; it calibrates on a
-prompt batch of two captions."""
+prompt batch of three captions."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent / "benchmarks"
 TINY = ["--size", "8", "--steps", "3", "--modes", "budget", "--step-reuse", "--deltas", "0.1", "--cost", "flops",
         "--rounds", "1", "--uniform-fractions", "0.125", "--uniform-refresh", "2", "--lazy-thresholds",
-        "--easy-thresholds", "--fbc-thresholds", "--calibration-captions", "2", "--calibration-seeds", "1"]
+        "--easy-thresholds", "--fbc-thresholds", "--calibration-captions", "3", "--calibration-seeds", "1"]
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_a_speedup_more_than_five_percent_above_its_bound_is_flagged(bench):
 def test_the_speed_table_shows_each_plans_flop_bound(bench, capsys):
     bench.main(TINY)
     out = capsys.readouterr().out
-    assert "calibrated on 2 caption(s) x 1 seeds" in out and "calibration batch of 2," in out  # a prompt batch
+    assert "calibrated on 3 caption(s) x 1 seeds" in out and "calibration batch of 3," in out  # a prompt batch
     lines = out.splitlines()
     first = next(index for index, line in enumerate(lines) if line.startswith("| contestant |"))
     header, _, *rows = itertools.takewhile(lambda line: line.startswith("|"), lines[first:])

@@ -54,10 +54,10 @@ workflows = pack_import("demo.workflows")
 metrics = pack_import("metrics")
 demo_nodes = pack_import("nodes.demo")
 inspector = pack_import("nodes.inspector")
-plan_nodes = pack_import("nodes.plans")
 native = pack_import("kernels.native")
 patching = pack_import("patching")
 plans = pack_import("plans")
+prompts = pack_import("plans.prompts")
 speed = pack_import("demo.speed")
 
 CFG = workflows.SAMPLER["cfg"]
@@ -68,11 +68,9 @@ EASY_THRESHOLDS = (0.2,)  # core EasyCache's reuse threshold (its default: 0.2)
 FBC_THRESHOLDS = (0.2, 0.4, 1.0, 2.0)
 UNIFORM_FRACTIONS = (0.03, 0.06, 0.125, 0.25)  # uniform window + residual settings, the example's 0.125 among them
 UNIFORM_REFRESH = (2, 4)
-# Calibration captions (never the held-out ones): the first alone by default; `--calibration-captions` takes
-# more, stacked one per latent row by Prompt Batch for Calibration, each with `--calibration-seeds` seeds
-CALIBRATION_CAPTIONS = ("a red circle and a blue square on a striped green background",
-                        "a big black cross on a dotted orange background",
-                        "a small white triangle and a purple circle on a checkered yellow background")
+# Calibration captions (never the held-out ones; the calibration example workflow's): the first alone by default;
+# `--calibration-captions` takes more, stacked one per latent row, each with `--calibration-seeds` seeds
+CALIBRATION_CAPTIONS = (workflows.CAPTION, *workflows.MORE_CAPTIONS)
 CALIBRATION_SEEDS = 2  # latent rows per caption: one noise per seed
 HELD_OUT = (("a yellow triangle on a dotted purple background", 11),
             ("a green cross and a white circle on a checkered blue background", 12))
@@ -207,7 +205,7 @@ def main(argv: list[str]) -> None:
     model = comfy.sd.load_diffusion_model(str(demo.WEIGHTS_DIR / demo.DIT_FILE))
     captions = CALIBRATION_CAPTIONS[:args.calibration_captions]
     encoded = [_encode(caption) for caption in captions]
-    calibration_positive = plan_nodes.PromptBatch.execute(*encoded).result[0] if len(encoded) > 1 else encoded[0]
+    calibration_positive = prompts.batch_prompts(encoded) if len(encoded) > 1 else encoded[0]  # as Prompt Batch does
     calibration_latent = _latent(len(captions) * args.calibration_seeds, args.size)
 
     for warm_up in (model, _uniform(model, 0.125, 4)):  # allocator, tile plans, the native kernel's build
