@@ -3,6 +3,7 @@ broken file or one of an older layout) and the cost table Calibrate shows, on ha
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 
@@ -21,11 +22,20 @@ KEY = ("full", 2, "cpu", torch.float32, 2, 2, 64, 64, 8)
 
 @pytest.fixture
 def user_directory(tmp_path, monkeypatch):
-    """A user folder of the test's own, an empty session memo and no problem logged yet."""
+    """A user folder of the test's own, an empty session memo, no problem logged yet, and a probe clock
+    on which every run takes 10 ms (steady: stored)."""
     monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(tmp_path))
     monkeypatch.setattr(costs, "_seconds", {})
     monkeypatch.setattr(timings, "_logged", set())
+    monkeypatch.setattr(costs, "_clock", _clock([0.01] * 1000))
     return tmp_path
+
+
+def _clock(durations: list[float]):
+    """A probe clock on which the timed runs take `durations`, one after the other (read twice per run)."""
+    readings = itertools.chain.from_iterable((10.0 * index, 10.0 * index + duration)
+                                             for index, duration in enumerate(durations))
+    return lambda: next(readings)
 
 
 def _probe(runs: list) -> float:
@@ -140,6 +150,26 @@ def test_an_unwritable_folder_keeps_the_times_for_the_session(user_directory, ca
     assert first == again and len(runs) == 2 * (1 + costs.PROBE_RUNS)
     cannot_read, cannot_write = _warnings(caplog)  # each problem logged once, not at every probe
     assert "ignoring the probe times" in cannot_read and "cannot write the probe times" in cannot_write
+
+
+def test_an_unsteady_probe_is_timed_again_and_stored_once_steady(user_directory, monkeypatch):
+    runs: list[int] = []
+    loaded = [0.01, 0.01, 0.03, 0.01, 0.01]  # one run beside other work: 3 times the fastest
+    monkeypatch.setattr(costs, "_clock", _clock(loaded + [0.02] * costs.PROBE_RUNS))
+    assert _probe(runs) == pytest.approx(0.02) and len(runs) == 2 * (1 + costs.PROBE_RUNS)
+    assert json.loads(timings.timings_path().read_text()) == _file(pytest.approx(0.02), pytest.approx(timings._now(), abs=60))
+
+
+def test_a_probe_unsteady_twice_prices_the_session_only(user_directory, monkeypatch):
+    """Stored, a time measured under load would price every calibration on this device for MAX_AGE_S."""
+    runs: list[int] = []
+    loaded = [0.01, 0.04, 0.01, 0.02, 0.01]
+    monkeypatch.setattr(costs, "_clock", _clock(loaded * 2))
+    assert _probe(runs) == _probe(runs) == pytest.approx(0.01)  # the median, kept for the session
+    assert len(runs) == 2 * (1 + costs.PROBE_RUNS) and not timings.timings_path().exists()
+    monkeypatch.setattr(costs, "_seconds", {})  # a restart: probed anew
+    monkeypatch.setattr(costs, "_clock", _clock([0.02] * costs.PROBE_RUNS))
+    assert _probe(runs) == pytest.approx(0.02) and timings.timings_path().exists()
 
 
 # --- the cost table ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ sizes and residual ages it picks on a controlled model, and the cost probe."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -239,6 +240,7 @@ def test_a_newer_schema_is_refused_and_the_older_ones_load(narrow):
 def test_the_time_probe_measures_once_per_device_and_shape(monkeypatch, user_directory):
     runs = []
     monkeypatch.setattr(costs, "_seconds", {})
+    monkeypatch.setattr(costs, "_clock", functools.partial(next, itertools.count(0.0, 0.01)))  # steady runs
     first = costs.probe_seconds(("probe", 1), lambda: runs.append(1), torch.device("cpu"))
     again = costs.probe_seconds(("probe", 1), lambda: runs.append(1), torch.device("cpu"))
     assert first == again >= 0 and len(runs) == 1 + costs.PROBE_RUNS
