@@ -145,7 +145,9 @@ class Calibrate(io.ComfyNode):
                 io.Latent.Output(display_name="latent", tooltip="The calibration run's final latent (as sampled with "
                                                                 "the plan)."),
                 io.Image.Output(display_name="heatmap", tooltip="Technique per layer (rows) x step (columns), with "
-                                                                "a legend and the attention FLOPs kept."),
+                                                                "a legend, the attention FLOPs kept and (budget mode) "
+                                                                "the check: how far the calibration run's final "
+                                                                "latent lies from full attention's, in dB."),
                 io.String.Output(display_name="cost_table", tooltip="Each candidate's price per attention call on "
                                  "each layer shape, in measured ms (cost time, budget mode) or GFLOPs, and as a "
                                  "share of full attention: what the search weighed (also shown on the node)."),
@@ -176,8 +178,9 @@ class Calibrate(io.ComfyNode):
         latent = {**latent_image, "samples": samples}
         heatmap = image_tensor(render_heatmap(plan))
         table = cost_table(layers)
+        shown = "\n\n".join(text for text in (plan.check_summary(), table) if text)
         return io.NodeOutput(install(model, PlannedAttention(plan)), plan, plan.to_json(), latent, heatmap, table,
-                             ui=ui.PreviewText(table))
+                             ui=ui.PreviewText(shown))
 
 
 class PromptBatch(io.ComfyNode):

@@ -22,7 +22,8 @@ assignment, so the next step starts where applying the plan would.
             old, step sharing of outputs 1..AGES steps old, CFG sharing; then search.py allocates
             the error budget (delta squared per cell, summed) across all steps and layers at once,
             at the least cost (measured time, or FLOPs). A second run samples with the plan (the
-            latent Calibrate returns): 2.5-4 baseline runs in BENCHMARKS.md, the probes included.
+            latent Calibrate returns), and its final latent is checked against the first run's (full
+            attention, same noise): 2.5-4 baseline runs in BENCHMARKS.md, the probes included.
             With step reuse, each step also keeps the model's prediction (what skipping a later step
             reuses or forecasts from) and runs one more forward with every layer step-shared: how much
             the model output errs for the layers' summed local error (the rate that puts a skipped
@@ -574,7 +575,9 @@ def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int,
                            settings.mode, _own_sigmas(calibration.timeline, scheduler, steps, sampler))
     plan = calibration.plan(info)
     if settings.mode == "budget":  # the run measured with full attention: sample again, with the plan
+        full = samples
         samples = comfy.sample.sample(install(model, PlannedAttention(plan)), noise, steps, cfg, sampler, scheduler,
                                       positive, negative, latent_image, noise_mask=latent.get("noise_mask"),
                                       disable_pbar=True, seed=seed, denoise=denoise)
+        plan.check_error = relative_squared_error(samples, full)
     return plan, samples, calibration.layers

@@ -1,7 +1,8 @@
 """A plan as a picture: technique per layer (rows) x step (columns), a legend with each
-technique's share of the cells, and the attention FLOPs the plan keeps. A per-head cell is
-filled in its window colour up to the share of the layer's heads it windows, grey above. Steps
-skipped by step reuse are marked in a strip above their column (the whole model skipped)."""
+technique's share of the cells, the attention FLOPs the plan keeps and, for a budget plan, its check
+(schema.Plan.check_summary). A per-head cell is filled in its window colour up to the share of the
+layer's heads it windows, grey above. Steps skipped by step reuse are marked in a strip above their
+column (the whole model skipped)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def render_heatmap(plan: Plan) -> Image.Image:
     grid_width, grid_height = cell * steps, cell * layers
     width = max(MARGIN * 2 + LABEL_WIDTH + grid_width, 520)
     strip = cell // 2 + 2 if plan.reuses_steps else 0  # the step reuse strip above the grid
-    title_height = 2 * line + MARGIN + strip
+    title_height = (3 if plan.check_error is not None else 2) * line + MARGIN + strip
     legend_top = title_height + grid_height + line + MARGIN
     legend_lines = len(TECHNIQUES) + (1 if plan.per_head else 0) + (len(STEP_REUSE_COLOURS) if strip else 0)
     height = legend_top + line * legend_lines + MARGIN
@@ -42,6 +43,8 @@ def render_heatmap(plan: Plan) -> Image.Image:
     draw.text((MARGIN, MARGIN // 2), f"{plan.fingerprint.architecture}: {steps} steps x {layers} attention layers, "
               f"{info.mode or 'plan'}{' per head' if plan.per_head else ''} delta {info.delta:g}", fill=INK, font=font)
     draw.text((MARGIN, MARGIN // 2 + line), f"attention FLOPs kept: {plan.flops_kept:.1%} of full", fill=INK, font=font)
+    if (check := plan.check_summary()) is not None:
+        draw.text((MARGIN, MARGIN // 2 + 2 * line), check, fill=INK, font=font)
     left, top = MARGIN + LABEL_WIDTH, title_height
     for step, row in enumerate(plan.methods):
         for layer, name in enumerate(row):

@@ -11,7 +11,9 @@ plan's window. A step may skip the model altogether (schema version 4, budget se
 what they do should the call have no prediction to reuse. A cell may skip its whole transformer block
 (schema version 5, budget search with block caching): "block", on the block's first attention layer,
 returns the block's inputs plus the change it made when it last ran (patching/block_cache.py). Plans
-use the lowest version their content needs, so older FastAttn reads them.
+use the lowest version their content needs, so older FastAttn reads them. A budget plan also records its
+check (`check_error`, read by no version's logic and ignored by older readers): how far the final latent
+of its own calibration run lies from full attention's.
 
 A plan answers DiTFastAttn's two questions (`choose`, `residual_window`) like a hand-set
 Schedule does, mapping a sampling step to the plan step calibrated at the nearest NOISE LEVEL (the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 from ..patching.ditfastattn import (
@@ -121,6 +124,9 @@ class Plan:
     heads: list[list[list[int] | None]] = field(default_factory=list)  # [plan step][layer] -> windowed heads
     windows: list[list[float | None]] = field(default_factory=list)  # [plan step][layer] -> window fraction
     step_reuse: list[str | None] = field(default_factory=list)  # [plan step] -> "reuse", "forecast" or None
+    # budget mode: the final latent of the plan's own calibration run against full attention's (run first, with the
+    # same noise), as a relative squared error (0: the same latent); None where no full run was there to check against
+    check_error: float | None = None
 
     def __post_init__(self) -> None:
         self._tables: dict[Timeline, list[list[Choice]]] = {}
@@ -218,6 +224,15 @@ class Plan:
             ]
         return self._tables[timeline]
 
+    def check_summary(self) -> str | None:
+        """The check in words, for the node and the heatmap (None where the plan has none)."""
+        if self.check_error is None:
+            return None
+        if self.check_error == 0:
+            return "checked: its calibration run's final latent is full attention's"
+        return (f"checked: its calibration run's final latent is {-10 * math.log10(self.check_error):.1f} dB "
+                "from full attention's (signal to error)")
+
     def counts(self) -> dict[str, int]:
         """How many (step, layer) cells use each technique."""
         tally = dict.fromkeys(TECHNIQUES, 0)
@@ -247,6 +262,8 @@ class Plan:
             data["windows"] = self.windows
         if self.reuses_steps:
             data["step_reuse"] = self.step_reuse
+        if self.check_error is not None:
+            data["check_error"] = self.check_error
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -296,8 +313,11 @@ class Plan:
                                       and all(how is None or how in STEP_REUSE for how in step_reuse)),
                  f"step_reuse must list, for every step, null or one of {', '.join(STEP_REUSE)}")
         _require(not step_reuse or step_reuse[0] is None, "step 0 cannot reuse a step: nothing was computed before it")
+        check_error = data.get("check_error")
+        _require(check_error is None or (isinstance(check_error, (int, float)) and 0 <= check_error < math.inf),
+                 "check_error must be a number >= 0 (or absent)")
         return cls(fingerprint, info, size, methods, data.get("losses", []), data.get("step_losses", []),
-                   float(flops_kept), heads, windows, step_reuse)
+                   float(flops_kept), heads, windows, step_reuse, None if check_error is None else float(check_error))
 
 
 def _heads(heads, methods: list[list[str]], fingerprint: Fingerprint) -> list[list[list[int] | None]]:

@@ -394,6 +394,32 @@ def test_a_plan_for_another_model_fails_when_sampling_starts(model, calibrated):
         nodes.ApplyPlan.execute(flux, nodes.NO_PLAN, plan.to_json())
 
 
+def test_a_budget_plan_is_checked_against_full_attention(calibrated, model):
+    """Budget mode samples with full attention first: the plan's own run is checked against that run's latent,
+    and the check travels in the plan's JSON (older readers ignore the key). The other modes have no full run."""
+    mode, plan, samples = calibrated
+    if mode != "budget":
+        assert plan.check_error is None and plan.check_summary() is None
+        assert "check_error" not in json.loads(plan.to_json())
+        return
+    positive, negative, latent = _inputs()
+    full = sample(model, positive, negative, latent, steps=STEPS, cfg=3.0, seed=3)  # the unpatched model
+    expected = ((samples.double() - full.double()).square().sum() / full.double().square().sum()).item()
+    assert plan.check_error == pytest.approx(expected, rel=1e-6) and plan.check_error > 0
+    assert f"{-10 * math.log10(expected):.1f} dB from full attention's" in plan.check_summary()
+    assert plans.Plan.from_json(plan.to_json()).check_error == plan.check_error
+    assert dataclasses.replace(plan, check_error=0.0).check_summary().endswith("final latent is full attention's")
+
+
+@pytest.mark.parametrize("value", [-0.5, "small", [0.1]])
+def test_a_check_that_is_not_an_error_is_refused(calibrated, value):
+    _, plan, _ = calibrated
+    data = json.loads(plan.to_json())
+    data["check_error"] = value
+    with pytest.raises(plans.PlanError, match="check_error must be a number >= 0"):
+        plans.Plan.from_json(json.dumps(data))
+
+
 # --- nodes and picture ------------------------------------------------------------------------
 
 

@@ -307,8 +307,11 @@ def test_the_calibrate_node_runs_a_budget_search_priced_by_measured_time(narrow,
                 search_mode="budget", step_sharing=False, window_residual=True, cfg_sharing=False,
                 window_shape=next(iter(nodes.WINDOW_SHAPES)), window_fraction=0.125, plan_name="timed",
                 overwrite=False, per_head=False, cost="time")
-    patched, plan, text, out, _, table = nodes.Calibrate.execute(model, *_inputs(), **args).result
+    output = nodes.Calibrate.execute(model, *_inputs(), **args)
+    patched, plan, text, out, _, table = output.result
     assert plans.load_plan("timed").to_json() == text == plan.to_json() and plan.calibration.mode == "budget"
+    assert output.ui.as_dict() == {"text": (f"{plan.check_summary()}\n\n{table}",)}  # the check, over the prices
+    assert (plan.check_error > 0) == (chosen == "wars")  # a plan of full attention alone samples the same latent
     assert [row[1] for row in plan.methods] == ["full"] + [chosen] * (STEPS - 1)
     assert torch.equal(sample(patched, *_inputs(), steps=STEPS, seed=3), out["samples"])
     assert len(set(probed)) == 2 * (2 + 4 * 2)  # 2 shapes (layers 0 and 2 share one): full, 4 windows, x 2 batches
