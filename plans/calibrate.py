@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import statistics
 import time
@@ -74,6 +75,7 @@ from .schema import (
 from .scorer import BlockScorer, Scorer, guided, relative_squared_error
 from .search import Candidate, StepReuse, allocate
 
+log = logging.getLogger(__name__)
 CALIBRATION_KEY = "fastattn_calibration"
 MODES = ("greedy", "fast", "budget")
 FAST_RETRIES = 2  # fast mode: checks after the first, each with the riskier half of the choices back to full
@@ -230,6 +232,9 @@ class Calibration:
         self.losses: list[list[float | None]] = []
         self.step_losses: list[float] = []
         self.progress = comfy.utils.ProgressBar(steps)
+        # steps whose CFG halves the host ran as separate model calls (short of free memory): only the first is
+        # measured, on half the batch, whose shapes match nothing stored from batched steps
+        self.split_steps: list[int] = []
 
     def observe(self, call: AttentionCall, site: CallSite, run: SamplingRun, out: torch.Tensor) -> None:
         if site.layer == len(self.layers) and not self.methods:
@@ -269,6 +274,8 @@ class Calibration:
             return forward(dict(enumerate(self.methods[step])), None, dict(enumerate(self.heads[step])))
         halves = tuple(transformer_options.get("cond_or_uncond", ()))
         has_cfg = 0 in halves and 1 in halves
+        if not has_cfg and self.cfg not in (None, 1.0) and len(set(halves)) == 1:
+            self.split_steps.append(step)
         if self.settings.mode == "budget":
             roles = tuple(OTHER if run.roles is None else run.roles.get(index, OTHER) for index in halves)
             out = self._measure(step, has_cfg, run, forward, x, t, roles)
@@ -571,6 +578,12 @@ def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int,
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     samples = comfy.sample.sample(patched, noise, steps, cfg, sampler, scheduler, positive, negative, latent_image,
                                   noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed, denoise=denoise)
+    if calibration.split_steps:
+        log.warning("FastAttn Calibrate: ComfyUI ran the conditional and unconditional halves as separate model calls "
+                    "at steps %s (free memory was short of one batched call): those steps, and the steps after them, "
+                    "were measured on half the batch or not at all, so the plan compresses less there. Free memory "
+                    "(a smaller latent batch, fewer models loaded) and calibrate again for a better plan.",
+                    calibration.split_steps)
     info = CalibrationInfo(steps, sampler, scheduler, cfg, calibration.grid, latent_image.shape[0], seed, settings.delta,
                            settings.mode, _own_sigmas(calibration.timeline, scheduler, steps, sampler))
     plan = calibration.plan(info)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
+import comfy.model_management
 import comfy.samplers
 import folder_paths
 import nodes as host_nodes
@@ -418,6 +420,23 @@ def test_a_check_that_is_not_an_error_is_refused(calibrated, value):
     data["check_error"] = value
     with pytest.raises(plans.PlanError, match="check_error must be a number >= 0"):
         plans.Plan.from_json(json.dumps(data))
+
+
+def test_a_calibration_whose_cfg_halves_ran_apart_says_so(model, monkeypatch, caplog):
+    """Short of free memory, the host runs the conditional and unconditional halves as two model calls: only
+    the first is measured, on half the batch. The user is told which steps, and what to do."""
+    positive, negative, latent = _inputs()
+    settings = plans.Settings(DELTA["budget"], plans.CANDIDATES, WINDOW, "budget")
+    with caplog.at_level(logging.WARNING):
+        plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
+                        scheduler="simple", settings=settings)
+    assert "separate model calls" not in caplog.text  # batched: nothing to say
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *args, **kwargs: 1.0)  # one byte free
+    with caplog.at_level(logging.WARNING):
+        plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
+                        scheduler="simple", settings=settings)
+    assert f"as separate model calls at steps {list(range(STEPS))}" in caplog.text
+    assert "Free memory (a smaller latent batch, fewer models loaded) and calibrate again" in caplog.text
 
 
 # --- nodes and picture ------------------------------------------------------------------------
