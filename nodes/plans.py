@@ -146,8 +146,8 @@ class Calibrate(io.ComfyNode):
                                                                 "the plan)."),
                 io.Image.Output(display_name="heatmap", tooltip="Technique per layer (rows) x step (columns), with "
                                                                 "a legend, the attention FLOPs kept and (budget mode) "
-                                                                "the check: how far the calibration run's final "
-                                                                "latent lies from full attention's, in dB."),
+                                                                "the check: the calibration run's final latent "
+                                                                "against full attention's, in dB of signal to error."),
                 io.String.Output(display_name="cost_table", tooltip="Each candidate's price per attention call on "
                                  "each layer shape, in measured ms (cost time, budget mode) or GFLOPs, and as a "
                                  "share of full attention: what the search weighed (also shown on the node)."),

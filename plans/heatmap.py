@@ -6,6 +6,8 @@ column (the whole model skipped)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -31,9 +33,10 @@ def render_heatmap(plan: Plan) -> Image.Image:
     font = ImageFont.load_default(size=FONT_SIZE)
     line = FONT_SIZE + 6
     grid_width, grid_height = cell * steps, cell * layers
-    width = max(MARGIN * 2 + LABEL_WIDTH + grid_width, 520)
+    check = plan.check_summary()
+    width = max(MARGIN * 2 + LABEL_WIDTH + grid_width, 520, MARGIN * 2 + math.ceil(font.getlength(check or "")))
     strip = cell // 2 + 2 if plan.reuses_steps else 0  # the step reuse strip above the grid
-    title_height = (3 if plan.check_error is not None else 2) * line + MARGIN + strip
+    title_height = (3 if check else 2) * line + MARGIN + strip
     legend_top = title_height + grid_height + line + MARGIN
     legend_lines = len(TECHNIQUES) + (1 if plan.per_head else 0) + (len(STEP_REUSE_COLOURS) if strip else 0)
     height = legend_top + line * legend_lines + MARGIN
@@ -43,7 +46,7 @@ def render_heatmap(plan: Plan) -> Image.Image:
     draw.text((MARGIN, MARGIN // 2), f"{plan.fingerprint.architecture}: {steps} steps x {layers} attention layers, "
               f"{info.mode or 'plan'}{' per head' if plan.per_head else ''} delta {info.delta:g}", fill=INK, font=font)
     draw.text((MARGIN, MARGIN // 2 + line), f"attention FLOPs kept: {plan.flops_kept:.1%} of full", fill=INK, font=font)
-    if (check := plan.check_summary()) is not None:
+    if check:
         draw.text((MARGIN, MARGIN // 2 + 2 * line), check, fill=INK, font=font)
     left, top = MARGIN + LABEL_WIDTH, title_height
     for step, row in enumerate(plan.methods):

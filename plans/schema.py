@@ -229,9 +229,9 @@ class Plan:
         if self.check_error is None:
             return None
         if self.check_error == 0:
-            return "checked: its calibration run's final latent is full attention's"
-        return (f"checked: its calibration run's final latent is {-10 * math.log10(self.check_error):.1f} dB "
-                "from full attention's (signal to error)")
+            return "check: its calibration run's final latent is identical to full attention's"
+        return (f"check: its calibration run's final latent against full attention's: "
+                f"{-10 * math.log10(self.check_error):.1f} dB signal to error (higher is closer)")
 
     def counts(self) -> dict[str, int]:
         """How many (step, layer) cells use each technique."""

@@ -408,9 +408,14 @@ def test_a_budget_plan_is_checked_against_full_attention(calibrated, model):
     full = sample(model, positive, negative, latent, steps=STEPS, cfg=3.0, seed=3)  # the unpatched model
     expected = ((samples.double() - full.double()).square().sum() / full.double().square().sum()).item()
     assert plan.check_error == pytest.approx(expected, rel=1e-6) and plan.check_error > 0
-    assert f"{-10 * math.log10(expected):.1f} dB from full attention's" in plan.check_summary()
+    assert f"full attention's: {-10 * math.log10(expected):.1f} dB signal to error" in plan.check_summary()
     assert plans.Plan.from_json(plan.to_json()).check_error == plan.check_error
-    assert dataclasses.replace(plan, check_error=0.0).check_summary().endswith("final latent is full attention's")
+    assert dataclasses.replace(plan, check_error=0.0).check_summary().endswith("is identical to full attention's")
+    heatmap = pack_import("plans.heatmap")
+    checked, unchecked = (heatmap.render_heatmap(shown) for shown in (plan, dataclasses.replace(plan, check_error=None)))
+    assert checked.height == unchecked.height + heatmap.FONT_SIZE + 6  # one more line of title: the check
+    font = heatmap.ImageFont.load_default(size=heatmap.FONT_SIZE)
+    assert checked.width >= 2 * heatmap.MARGIN + font.getlength(plan.check_summary())  # wide enough to read it
 
 
 @pytest.mark.parametrize("value", [-0.5, "small", [0.1]])
