@@ -76,8 +76,11 @@ def test_the_weighting_reaches_the_search_and_is_undone_after(bench):
 
 
 def test_the_tables_list_every_compressed_step(bench, capsys):
-    bench.main(["--size", "8", "--steps", "3"])
+    bench.main(["--size", "8", "--steps", "3", "--layer-steps", "2"])
     out = capsys.readouterr().out
+    layers = re.findall(r"^\| 2 \| (\d+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| [^|]+ \|$", out, re.MULTILINE)
+    assert layers and all(float(final) > 0 for _, _, final, _ in layers)  # each compressible layer alone
+    out = out.split("One layer windowed alone")[0]  # the tables of whole steps
     rows = re.findall(r"^\| (\d) \| [\d.]+ \| ([^|]+) \| ([^|]+) \| ([^|]+) \|", out, re.MULTILINE)
     assert [row[0] for row in rows] == ["1", "2"]
     for _, local, final, rate in rows:

@@ -6,7 +6,8 @@ attention output against full attention) unweighted, over every step and techniq
 compressed alone, every compressible layer at once, with full attention everywhere else: window + residual
 at the quarter window (the residual one step old) and step sharing (the output one step old). The final
 latent's relative squared error against full attention, over the local errors the search summed for that
-step, is the step's rate: how much of the image one unit of the search's error at that step costs. The
+step, is the step's rate: how much of the image one unit of the search's error at that step costs
+(`--layer-steps`: the same for each layer windowed alone, at the steps given). The
 uniform window + residual patterns check whether the rates add up (error predicted from them against
 measured). Everything is measured on bench_calibration's calibration batch (its first caption, a batch of
 seeds), calibrated by FLOPs (deterministic: no time probe).
@@ -178,16 +179,23 @@ class Probe:
         key = (technique, self.fraction if technique == "wars" else 0.0, age)
         return sum(options.get(key, 0.0) for options in self.calibration.local_errors[step].values())
 
-    def final_error(self, cells: dict[int, str]) -> float:
-        """The final latent's relative squared error with each step of `cells` on its technique (every
-        compressible layer; window cells at the quarter window) and full attention elsewhere."""
+    @property
+    def compressible(self) -> list[int]:
+        return [layer for layer, slot in enumerate(self.layers) if slot.compressible]
+
+    def layer_local(self, step: int, layer: int) -> float:
+        """The local error the search counts for `layer` windowed at `step` (the residual one step old)."""
+        return self.calibration.local_errors[step][layer].get(("wars", self.fraction, 1), 0.0)
+
+    def final_error(self, cells: dict[int, str], layers: list[int] | None = None) -> float:
+        """The final latent's relative squared error with each step of `cells` on its technique (on `layers`,
+        by default every compressible layer; window cells at the quarter window) and full attention elsewhere."""
         methods = [["full"] * len(self.layers) for _ in range(self.steps)]
         windows: list[list[float | None]] = [[None] * len(self.layers) for _ in range(self.steps)]
         for step, technique in cells.items():
-            for layer, slot in enumerate(self.layers):
-                if slot.compressible:
-                    methods[step][layer] = technique
-                    windows[step][layer] = self.fraction if technique == "wars" else None
+            for layer in self.compressible if layers is None else layers:
+                methods[step][layer] = technique
+                windows[step][layer] = self.fraction if technique == "wars" else None
         plan = dataclasses.replace(self.plan, methods=methods, windows=windows, heads=[], step_reuse=[])
         out = self._sample(patching.install(self.model, plans.PlannedAttention(plan)))
         return float(((out - self.reference) ** 2).mean() / (self.reference ** 2).mean())
@@ -222,6 +230,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--weightings", nargs="*", default=[], choices=WEIGHTINGS,
                         help="run bench_calibration with the search weighted each of these ways (none: skip)")
+    parser.add_argument("--layer-steps", nargs="*", type=int, default=[],
+                        help="also window each layer alone at these steps (its own rate)")
     parser.add_argument("--deltas", nargs="+", type=float, default=list(DELTAS), help="for the comparison")
     parser.add_argument("--rounds", type=int, default=2, help="for the comparison")
     args = parser.parse_args(argv)
@@ -247,6 +257,16 @@ def main(argv: list[str]) -> None:
         predicted = sum(rates[step - 1].window * probe.local(step, "wars", step % refresh) for step in steps)
         summed = sum(probe.local(step, "wars", step % refresh) for step in steps)
         print(f"| {refresh} | {predicted:.3g} | {probe.final_error(dict.fromkeys(steps, 'wars')):.3g} | {summed:.3g} |")
+    if args.layer_steps:
+        print("\nOne layer windowed alone at one step (window + residual, the residual one step old): each layer's "
+              "rate beside the rate of all layers at once\n")
+        print("| step | layer | local error | final error | rate | all layers' rate |")
+        print("|---|---|---|---|---|---|")
+        for step in args.layer_steps:
+            for layer in probe.compressible:
+                local, final = probe.layer_local(step, layer), probe.final_error({step: "wars"}, [layer])
+                print(f"| {step} | {layer} | {local:.3g} | {final:.3g} | {_ratio(final, local):.3g} | "
+                      f"{rates[step - 1].window:.3g} |", flush=True)
     for weighting in args.weightings:
         factors = weights(rates, weighting)
         print(f"\n### The search's errors weighted: {weighting}\n\nwindow {_listed(factors.window)}, "
