@@ -37,6 +37,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 if __name__ == "__main__" and "harness" not in sys.modules:  # run directly: find the harness
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -147,11 +148,9 @@ def weighted_search(factors: Weights) -> Iterator[None]:
         return dataclasses.replace(found, errors={key: error * factors.sharing[key[0]]
                                                   for key, error in found.errors.items()})
 
-    calibrate.Calibration._search, calibrate.Calibration._step_reuse = weighted, weighted_reuse
-    try:
+    with (mock.patch.object(calibrate.Calibration, "_search", weighted),
+          mock.patch.object(calibrate.Calibration, "_step_reuse", weighted_reuse)):
         yield
-    finally:
-        calibrate.Calibration._search, calibrate.Calibration._step_reuse = search, step_reuse
 
 
 class Probe:
@@ -217,11 +216,8 @@ def _captured() -> Iterator[list]:
         found.append(self)
         return search(self)
 
-    calibrate.Calibration._search = spy
-    try:
+    with mock.patch.object(calibrate.Calibration, "_search", spy):
         yield found
-    finally:
-        calibrate.Calibration._search = search
 
 
 def main(argv: list[str]) -> None:
