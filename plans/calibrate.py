@@ -181,7 +181,7 @@ class CalibrationMethod:
         if counted:
             calibration.block_flops[layer] = counter.flops
         calibration.block_layers[layer] = forward.run.blocks[call.block.path].layers if changes else 0
-        calibration.block_scorer.score(forward.step, layer, changes, forward.halves)
+        calibration.block_scorer.score(forward.step, layer, changes, forward.halves, forward.chunk_ids)
         block_cache.store(forward, call.block, changes)  # what the next step's forward skipping blocks adds
         return result
 
@@ -232,9 +232,10 @@ class Calibration:
         self.losses: list[list[float | None]] = []
         self.step_losses: list[float] = []
         self.progress = comfy.utils.ProgressBar(steps)
-        # steps whose CFG halves the host ran as separate model calls (short of free memory): only the first is
-        # measured, on half the batch, whose shapes match nothing stored from batched steps
+        # steps whose CFG halves the host ran as separate model calls (short of free memory): budget mode scores
+        # the second call joined with the first (scorer.py); greedy and fast decide on the first call alone
         self.split_steps: list[int] = []
+        self.scored_halves: set[int] = set()  # the batch chunks' roles scored at the step measured last
 
     def observe(self, call: AttentionCall, site: CallSite, run: SamplingRun, out: torch.Tensor) -> None:
         if site.layer == len(self.layers) and not self.methods:
@@ -270,15 +271,17 @@ class Calibration:
 
         while len(self.methods) < step:  # a step the sampler never evaluated: nothing was compressed
             self._record_full()
-        if step < len(self.methods):  # a later call of a decided step (other CFG half, second evaluation)
-            return forward(dict(enumerate(self.methods[step])), None, dict(enumerate(self.heads[step])))
         halves = tuple(transformer_options.get("cond_or_uncond", ()))
         has_cfg = 0 in halves and 1 in halves
+        if step < len(self.methods):  # a later call of a decided step (other CFG half, second evaluation)
+            if self.settings.mode == "budget" and step == len(self.methods) - 1 and set(halves) - self.scored_halves:
+                return self._measure_more(step, has_cfg, halves, forward)
+            return forward(dict(enumerate(self.methods[step])), None, dict(enumerate(self.heads[step])))
         if not has_cfg and self.cfg not in (None, 1.0) and len(set(halves)) == 1:
             self.split_steps.append(step)
         if self.settings.mode == "budget":
             roles = tuple(OTHER if run.roles is None else run.roles.get(index, OTHER) for index in halves)
-            out = self._measure(step, has_cfg, run, forward, x, t, roles)
+            out = self._measure(step, has_cfg, halves, run, forward, x, t, roles)
         else:
             out = {"greedy": self._greedy, "fast": self._fast}[self.settings.mode](step, has_cfg, run, forward)
         self.progress.update_absolute(step + 1)
@@ -347,8 +350,8 @@ class Calibration:
                      [_listed(heads.get(layer)) for layer in range(count)])
         return out
 
-    def _measure(self, step: int, has_cfg: bool, run: SamplingRun, forward: Callable, x: torch.Tensor,
-                 sigma: torch.Tensor, roles: tuple[int, ...]) -> torch.Tensor:
+    def _measure(self, step: int, has_cfg: bool, halves: tuple[int, ...], run: SamplingRun, forward: Callable,
+                 x: torch.Tensor, sigma: torch.Tensor, roles: tuple[int, ...]) -> torch.Tensor:
         """Budget mode: full attention, every candidate scored; the plan is searched after the run."""
         rated = (self.settings.step_reuse or self.settings.block_cache) and bool((sigma > 0).all())
         shared = skipped = None
@@ -371,16 +374,8 @@ class Calibration:
             out = forward({}, None)
         finally:
             self.scoring = False
-        while len(self.local_errors) < step:  # steps the sampler never evaluated: nothing measured there
-            self.local_errors.append({})
-        self.local_errors.append({layer: {key: error for key, error in self.scorer.relative_errors(layer).items()
-                                          if has_cfg or not key[0].endswith("+asc")}
-                                  for layer in self.scorer.squared_errors if step > 0})
-        for layer in self.cacheable_blocks():
-            if layer in self.local_errors[step]:
-                self.local_errors[step][layer].update({(BLOCK, 0.0, age): error for age, error
-                                                       in self.block_scorer.errors.get(layer, {}).items()})
-        self.scorer.commit({}, {})
+        self.scored_halves = set()
+        self._add_scores(step, has_cfg, halves)
         self._record_full()
         if rated:
             def prediction(output: torch.Tensor) -> torch.Tensor:  # as the sampler uses it: CFG applied
@@ -397,6 +392,32 @@ class Calibration:
                 if gain is not None:
                     gains[step] = gain
         return out
+
+    def _measure_more(self, step: int, has_cfg: bool, halves: tuple[int, ...], forward: Callable) -> torch.Tensor:
+        """Budget mode: a later call of the step measured last, for chunks not scored yet (the other CFG half,
+        run apart), scored too; it samples with full attention, as the step was recorded."""
+        self.scoring = True
+        try:
+            out = forward({}, None)
+        finally:
+            self.scoring = False
+        self._add_scores(step, has_cfg, halves)
+        return out
+
+    def _add_scores(self, step: int, has_cfg: bool, halves: tuple[int, ...]) -> None:
+        """The step's local errors: this scoring forward's (a later call of the step, the other CFG half, is
+        scored joined with the first: its errors are the whole batch's)."""
+        found = {layer: {key: error for key, error in self.scorer.relative_errors(layer).items()
+                         if has_cfg or not key[0].endswith("+asc")}
+                 for layer in self.scorer.squared_errors if step > 0}
+        for layer in self.cacheable_blocks():
+            if layer in found:
+                found[layer].update({(BLOCK, 0.0, age): error for age, error in self.block_scorer.errors.get(layer, {}).items()})
+        self.scorer.commit({}, {})
+        self.scored_halves.update(halves)
+        while len(self.local_errors) <= step:  # steps the sampler never evaluated: nothing measured there
+            self.local_errors.append({})
+        self.local_errors[step] = found
 
     def _block_errors_in_cell_units(self) -> None:
         """A block cell's error scaled by how much more (or less) the model output errs per unit of summed
@@ -578,12 +599,12 @@ def calibrate(model, positive: list, negative: list, latent: dict, *, seed: int,
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     samples = comfy.sample.sample(patched, noise, steps, cfg, sampler, scheduler, positive, negative, latent_image,
                                   noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=seed, denoise=denoise)
-    if calibration.split_steps:
+    if calibration.split_steps and settings.mode != "budget":
         log.warning("FastAttn Calibrate: ComfyUI ran the conditional and unconditional halves as separate model calls "
-                    "at steps %s (free memory was short of one batched call): those steps, and the steps after them, "
-                    "were measured on half the batch or not at all, so the plan compresses less there. Free memory "
-                    "(a smaller latent batch, fewer models loaded) and calibrate again for a better plan.",
-                    calibration.split_steps)
+                    "at steps %s (free memory was short of one batched call): %s search decided those steps on the "
+                    "first call's half of the batch alone. Free memory (a smaller latent batch, fewer models loaded) "
+                    "and calibrate again, or use search_mode budget, which measures both calls.",
+                    calibration.split_steps, settings.mode)
     info = CalibrationInfo(steps, sampler, scheduler, cfg, calibration.grid, latent_image.shape[0], seed, settings.delta,
                            settings.mode, _own_sigmas(calibration.timeline, scheduler, steps, sampler))
     plan = calibration.plan(info)

@@ -6,6 +6,7 @@ residual stream: the units the budget search sums under its budget."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +63,20 @@ def guided_errors(approx: dict, exact: torch.Tensor, halves: tuple[int, ...], cf
 
 @dataclass(frozen=True)
 class Computed:
-    """What a layer computed at a step, as a later candidate reads it."""
+    """What a layer computed at a step for one model call's batch chunks, as a later candidate reads it."""
 
     step: int
     output: torch.Tensor  # heads first: what step sharing after it reuses
     residuals: dict[float, torch.Tensor] | None  # window fraction -> full - window (a full step's), else None
+    chunks: tuple = ()  # the call's chunk identities (CallSite.chunk_ids): read by calls of the same chunks only
+    halves: tuple[int, ...] = ()  # the chunks' roles (CallSite.halves)
+
+    def joined(self, other: Computed) -> Computed:
+        """This entry and `other` (the same step, other chunks) as one batch, this one's chunks first."""
+        residuals = None if self.residuals is None or other.residuals is None else {
+            fraction: torch.cat([residual, other.residuals[fraction]]) for fraction, residual in self.residuals.items()}
+        return Computed(self.step, torch.cat([self.output, other.output]), residuals, self.chunks + other.chunks,
+                        self.halves + other.halves)
 
 
 class Scorer:
@@ -78,7 +88,12 @@ class Scorer:
     residual the residual of the layer's last full step. The budget search (`ages` n, on a run with
     full attention) scores every age from 1 to n steps of both, at every window size, on the CFG
     combination (`cfg`) of a batch of one conditional and one unconditional chunk: CFG sharing errs in the
-    unconditional half alone, which the guider amplifies by (cfg - 1)."""
+    unconditional half alone, which the guider amplifies by (cfg - 1).
+
+    What a layer computed is kept per model call's batch chunks and read by calls of the same chunks, as
+    the runtime's caches are. Where the host runs a step's CFG halves as two calls (short of free memory),
+    the budget search scores the second call joined with what the first computed at that step: the CFG
+    combination of both halves, as one batched call would be scored."""
 
     def __init__(self, windows: tuple[WindowSize, ...], candidates: tuple[str, ...], ages: int | None = None,
                  cfg: float | None = None) -> None:
@@ -92,47 +107,66 @@ class Scorer:
         self.squared_errors: dict[int, dict[Candidate, torch.Tensor]] = {}  # layer -> candidate -> [heads]
         self.squared_norms: dict[int, torch.Tensor] = {}  # layer -> ||full output||^2 per head
 
-    def _sources(self, layer: int, step: int) -> tuple[list[Computed], list[Computed]]:
-        """What step sharing and window + residual may read at `step`: the latest (fast mode) or
-        every one within the ages (budget)."""
-        history = self.history.get(layer, [])
+    def _sources(self, layer: int, step: int, groups: tuple[tuple, ...]) -> tuple[list[Computed], list[Computed]]:
+        """What step sharing and window + residual may read at `step` for a batch of the chunk `groups` (one
+        call's, or two calls' joined): the latest (fast mode) or every one within the ages (budget)."""
+        by_step: dict[int, dict[tuple, Computed]] = {}
+        for entry in self.history.get(layer, []):
+            if entry.step < step and entry.chunks in groups:
+                by_step.setdefault(entry.step, {})[entry.chunks] = entry
+        history = [functools.reduce(Computed.joined, (found[group] for group in groups))
+                   for _, found in sorted(by_step.items()) if len(found) == len(groups)]
         full_steps = [entry for entry in history if entry.residuals is not None]
         if self.ages is None:
             return history[-1:], full_steps[-1:]
         return ([entry for entry in history if step - entry.step <= self.ages],
                 [entry for entry in full_steps if step - entry.step <= self.ages])
 
+    def _other_half(self, site: CallSite) -> Computed | None:
+        """Budget mode: what this layer computed at this step for the other CFG half, in an earlier call."""
+        if self.ages is None:
+            return None
+        return next((entry for entry in self.history.get(site.layer, []) if entry.step == site.step
+                     and not set(entry.chunks) & set(site.chunk_ids)
+                     and sorted(entry.halves + site.halves) == [COND, UNCOND]), None)
+
     def score(self, call: AttentionCall, site: CallSite, full: torch.Tensor) -> None:
         full_heads = call.output_heads_first(full)
         copies, chunks = in_batch_copies(site), len(site.chunk_ids)  # what CFG sharing copies, as the runtime
-        shared, full_steps = self._sources(site.layer, site.step)
-        approx: dict[Candidate, torch.Tensor] = {}
-        if "ast" in self.candidates:
-            approx.update({("ast", 0.0, site.step - entry.step): entry.output for entry in shared
-                           if entry.output.shape == full_heads.shape})
-        if copies:  # also what the unwindowed heads of a per-head wars+asc cell compute
-            approx[("full+asc", 0.0, 0)] = share_cfg(full_heads, copies, chunks)
         residuals = None
         if any(name.startswith("wars") for name in self.candidates):
             q, k, v = call.heads_first()
             residuals = {size.fraction: full_heads - window_attention(q, k, v, site.layout, size.window_for(site.layout),
                                                                       scale=call.scale)
                          for size in self.windows}
+        own = Computed(site.step, full_heads, residuals, site.chunk_ids, site.halves)
+        self.pending[site.layer] = own, copies, chunks
+        other = self._other_half(site)
+        now = own if other is None else other.joined(own)  # scored as the batch both calls make
+        shared, full_steps = self._sources(site.layer, site.step, (own.chunks,) if other is None else
+                                           (other.chunks, own.chunks))
+        exact = now.output
+        approx: dict[Candidate, torch.Tensor] = {}
+        if "ast" in self.candidates:
+            approx.update({("ast", 0.0, site.step - entry.step): entry.output for entry in shared
+                           if entry.output.shape == exact.shape})
+        if copies:  # also what the unwindowed heads of a per-head wars+asc cell compute
+            approx[("full+asc", 0.0, 0)] = share_cfg(exact, copies, chunks)
+        if now.residuals is not None:
             for entry in full_steps:
                 for fraction, residual in entry.residuals.items():
-                    if residual.shape == full_heads.shape:  # window + older residual = full - residual now + older
-                        approx[("wars", fraction, site.step - entry.step)] = full_heads - residuals[fraction] + residual
+                    if residual.shape == exact.shape:  # window + older residual = full - residual now + older
+                        approx[("wars", fraction, site.step - entry.step)] = exact - now.residuals[fraction] + residual
         if copies:
             approx.update({("wars+asc", *key[1:]): share_cfg(out, copies, chunks) for key, out in approx.items()
                            if key[0] == "wars"})
-        self.pending[site.layer] = Computed(site.step, full_heads, residuals), copies, chunks
         approx = {key: out for key, out in approx.items() if key[0] in self.candidates or key[0] == "full+asc"}
-        scored = guided_errors(approx, full_heads, site.halves, self.cfg, (0, 2, 3)) if self.ages is not None else None
+        scored = guided_errors(approx, exact, now.halves, self.cfg, (0, 2, 3)) if self.ages is not None else None
         if scored is not None:
             self.squared_errors[site.layer], self.squared_norms[site.layer] = scored
             return
-        self.squared_norms[site.layer] = full_heads.double().square().sum(dim=(0, 2, 3))
-        self.squared_errors[site.layer] = {key: squared_error_per_head(out, full_heads) for key, out in approx.items()}
+        self.squared_norms[site.layer] = exact.double().square().sum(dim=(0, 2, 3))
+        self.squared_errors[site.layer] = {key: squared_error_per_head(out, exact) for key, out in approx.items()}
 
     def relative_errors(self, layer: int) -> dict[Candidate, float]:
         """Each candidate's relative squared error over the whole layer (the budget search's error)."""
@@ -172,7 +206,7 @@ class Scorer:
         now, copies, chunks = self.pending[layer]
         out = now.output
         if technique.startswith("wars"):
-            (fraction, older), = self._sources(layer, now.step)[1][-1].residuals.items()
+            (fraction, older), = self._sources(layer, now.step, (now.chunks,))[1][-1].residuals.items()
             out = now.output - now.residuals[fraction] + older  # window + the older residual
             if heads is not None:
                 windowed = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
@@ -189,18 +223,22 @@ class Scorer:
                 continue
             residuals = now.residuals if name.startswith("full") else None
             history = [*self.history.get(layer, []), Computed(now.step, self._output(layer, name, heads.get(layer)),
-                                                               residuals)]
+                                                               residuals, now.chunks, now.halves)]
             self.history[layer] = self._kept(history, now.step)
         self.pending.clear()
         self.squared_errors.clear()
         self.squared_norms.clear()
 
     def _kept(self, history: list[Computed], step: int) -> list[Computed]:
-        """The entries a later step may still read (fast mode: the last, and the last full one)."""
+        """The entries a later step may still read (fast mode: of each call's chunks, the last and the last full one)."""
         if self.ages is not None:
             return [entry for entry in history if step + 1 - entry.step <= self.ages]
-        last_full = [entry for entry in history if entry.residuals is not None][-1:]
-        return [entry for entry in history if entry is history[-1] or any(entry is full for full in last_full)]
+        kept = []
+        for chunks in dict.fromkeys(entry.chunks for entry in history):
+            own = [entry for entry in history if entry.chunks == chunks]
+            last_full = [entry for entry in own if entry.residuals is not None][-1:]
+            kept += [entry for entry in own if entry is own[-1] or any(entry is full for full in last_full)]
+        return kept
 
 
 Changes = list[torch.Tensor | None]  # one per stream the block returns (None: a stream it returns as None)
@@ -210,13 +248,14 @@ class BlockScorer:
     def __init__(self, ages: int, cfg: float | None = None) -> None:
         self.ages = ages
         self.cfg = cfg  # changes scored on their CFG combination, as Scorer scores attention outputs
-        self.history: dict[int, list[tuple[int, Changes]]] = {}  # block's first layer -> (step, changes), oldest first
+        # (block's first layer, the call's chunk identities) -> (step, changes), oldest first
+        self.history: dict[tuple[int, tuple], list[tuple[int, Changes]]] = {}
         self.errors: dict[int, dict[int, float]] = {}  # block's first layer -> age -> error, at the step scored last
 
-    def score(self, step: int, layer: int, changes: Changes, halves: tuple[int, ...] = ()) -> None:
-        """Score the change of the block beginning at `layer` at `step` (its batch chunks' roles `halves`)
-        against its kept changes."""
-        kept = [(made, old) for made, old in self.history.get(layer, []) if step - made <= self.ages]
+    def score(self, step: int, layer: int, changes: Changes, halves: tuple[int, ...] = (), chunks: tuple = ()) -> None:
+        """Score the change of the block beginning at `layer` at `step` (its batch chunks' roles `halves`,
+        identities `chunks`) against its kept changes of the same chunks."""
+        kept = [(made, old) for made, old in self.history.get((layer, chunks), []) if step - made <= self.ages]
         self.errors[layer] = {}
         streams = [index for index, change in enumerate(changes) if change is not None]
         for made, old in kept:
@@ -230,7 +269,7 @@ class BlockScorer:
                     error, norm = error + scored[0][0], norm + scored[1]
                 if norm > 0:
                     self.errors[layer][step - made] = float(error / norm)
-        self.history[layer] = [*kept, (step, changes)] if changes else kept
+        self.history[(layer, chunks)] = [*kept, (step, changes)] if changes else kept
 
 
 def _same_shapes(old: Changes, new: Changes) -> bool:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import unittest.mock
 from pathlib import Path
 
 import comfy.model_management
@@ -22,6 +23,7 @@ plans = pack_import("plans")
 patching = pack_import("patching")
 kernels = pack_import("kernels")
 schema = pack_import("plans.schema")
+calibrate = pack_import("plans.calibrate")
 Timeline = pack_import("patching.timeline").Timeline
 nodes = pack_import("nodes.plans")
 technique_nodes = pack_import("nodes.ditfastattn")
@@ -427,21 +429,52 @@ def test_a_check_that_is_not_an_error_is_refused(calibrated, value):
         plans.Plan.from_json(json.dumps(data))
 
 
-def test_a_calibration_whose_cfg_halves_ran_apart_says_so(model, monkeypatch, caplog):
-    """Short of free memory, the host runs the conditional and unconditional halves as two model calls: only
-    the first is measured, on half the batch. The user is told which steps, and what to do."""
+def _measured(model, settings: plans.Settings, **kwargs) -> tuple:
+    """The budget calibration's plan and its measured local errors ([step][layer] -> candidate -> error)."""
+    found = []
+    search = calibrate.Calibration._search
+
+    def spy(self):
+        found.append(self.local_errors)
+        return search(self)
+
     positive, negative, latent = _inputs()
-    settings = plans.Settings(DELTA["budget"], plans.CANDIDATES, WINDOW, "budget")
-    with caplog.at_level(logging.WARNING):
-        plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
-                        scheduler="simple", settings=settings)
-    assert "separate model calls" not in caplog.text  # batched: nothing to say
+    with unittest.mock.patch.object(calibrate.Calibration, "_search", spy):
+        plan, _, _ = plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
+                                     scheduler="simple", settings=settings, **kwargs)
+    return plan, found[0]
+
+
+def test_a_budget_calibration_measures_both_cfg_halves_when_the_host_runs_them_apart(model, monkeypatch, caplog):
+    """Short of free memory, the host runs the conditional and unconditional halves as two model calls. Each
+    is scored against its own half's earlier outputs and residuals: every step measures the candidates a
+    batched run measures (CFG sharing aside: it needs both halves in one call), at errors of the same size."""
+    settings = plans.Settings(DELTA["budget"], plans.CANDIDATES, WINDOW, "budget", cost="flops")
+    batched_plan, batched = _measured(model, settings)
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *args, **kwargs: 1.0)  # one byte free
+    with caplog.at_level(logging.WARNING):
+        split_plan, split = _measured(model, settings)
+    assert "separate model calls" not in caplog.text  # both measured: nothing to warn of
+    for step in range(1, STEPS):
+        assert split[step].keys() == batched[step].keys() and split[step]
+        for layer, options in batched[step].items():
+            assert split[step][layer].keys() == {key for key in options if not key[0].endswith("+asc")}
+            assert split[step][layer] == pytest.approx({key: options[key] for key in split[step][layer]}, rel=1e-5)
+    assert any(name != "full" for row in split_plan.methods for name in row)
+
+
+def test_a_fast_calibration_whose_cfg_halves_ran_apart_says_so(model, monkeypatch, caplog):
+    """Fast search decides a step on its first call: where the host ran the halves apart, that is half the batch;
+    the user is told which steps, and what to do."""
+    positive, negative, latent = _inputs()
+    settings = plans.Settings(DELTA["fast"], plans.CANDIDATES, WINDOW, "fast")
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *args, **kwargs: 1.0)
     with caplog.at_level(logging.WARNING):
         plans.calibrate(model, positive, negative, latent, seed=3, steps=STEPS, cfg=3.0, sampler="euler",
                         scheduler="simple", settings=settings)
     assert f"as separate model calls at steps {list(range(STEPS))}" in caplog.text
-    assert "Free memory (a smaller latent batch, fewer models loaded) and calibrate again" in caplog.text
+    assert "decided those steps on the first call's half of the batch alone" in caplog.text
+    assert "use search_mode budget, which measures both calls" in caplog.text
 
 
 # --- nodes and picture ------------------------------------------------------------------------
@@ -748,7 +781,6 @@ def test_a_plan_mapped_to_another_step_count_warns_on_the_nodes_and_in_the_repor
 
 def test_a_failed_fast_check_returns_the_riskier_half_of_the_choices_to_full():
     """Layers 0 and 3 (the largest local errors) make the model output fail; the others pass."""
-    calibrate = pack_import("plans.calibrate")
     errors = {0: 0.3, 1: 0.01, 2: 0.02, 3: 0.25, 4: 0.1, 5: 0.2}
     checked = []
 
