@@ -1,7 +1,8 @@
 """The budget search: the technique of every (step, layer) chosen at once, not step by step.
 
 Input: each candidate's local error at each (step, layer), measured in one sampling run with full
-attention (relative squared error of the layer's attention output against its full output), and
+attention (relative squared error of the layer's attention output against its full output; for a cell
+reading what a step kept two or more steps before, as it adds to the run of such cells, `in_runs`), and
 each candidate's price (plans/costs.py). A candidate is (technique, window fraction, age): step
 sharing reusing the output computed `age` steps earlier, window + residual with a window of that
 fraction and the residual cached `age` steps earlier (at the layer's last full step), either with
@@ -33,6 +34,10 @@ from .costs import LayerSlot
 from .schema import BLOCK
 
 Candidate = tuple[str, float, int]  # (technique, window fraction (0 where none), age in steps (0 where none))
+# how alike the errors of one run of reusing cells point (BENCHMARKS.md, demo model: 0.4 - 0.6 in runs of window
+# + residual, 0.2 - 0.9 in runs of step sharing)
+RUN_CORRELATION = 0.5
+REUSING = ("wars", "wars+asc", "ast", BLOCK)  # the techniques whose cells read what an earlier step kept
 BISECTIONS = 30
 WEIGHTS = (1e-4, 1e8)  # the lambda range searched (prices are relative to full attention's)
 
@@ -130,6 +135,27 @@ def layer_choices(errors: list[dict[Candidate, float]], slot: LayerSlot, weight:
         frontier = reached
     _, price, error, path = min(frontier.values(), key=lambda entry: entry[0])
     return path.cells(), price * full, error
+
+
+def in_runs(errors: list[dict[int, dict[Candidate, float]]], correlation: float) -> list[dict[int, dict[Candidate, float]]]:
+    """Each reusing cell's error as it adds to the run it ends. The cells of a layer that read one kept
+    residual (or output, or block change) `age` steps old err alike (what that step kept is stale in the
+    same way), so a run's errors add partly in amplitude, not only in energy: the cell at age a counts
+    e_a + 2 x correlation x sqrt(e_a) x sum over i < a of sqrt(e_i), e_i the same candidate's error at age i,
+    a - i steps earlier (measured on the demo model: a run's final error between the sums in energy and in
+    amplitude, nearer the middle)."""
+    found: list[dict[int, dict[Candidate, float]]] = []
+    for step, layers in enumerate(errors):
+        found.append({})
+        for layer, options in layers.items():
+            found[step][layer] = {}
+            for (name, fraction, age), error in options.items():
+                if name in REUSING and age > 1:
+                    earlier = sum(math.sqrt(errors[step - age + older].get(layer, {}).get((name, fraction, older), 0.0))
+                                  for older in range(1, age) if step - age + older >= 0)
+                    error += 2 * correlation * math.sqrt(error) * earlier
+                found[step][layer][(name, fraction, age)] = error
+    return found
 
 
 def allocate(errors: list[dict[int, dict[Candidate, float]]], slots: list[LayerSlot], budget: float,

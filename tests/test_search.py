@@ -148,6 +148,36 @@ def test_a_step_reuse_is_weighed_against_the_layers_choices_within_the_budget():
     assert search.allocate(errors, [SLOT, SLOT], 8.0, ages=4).step_reuse == [None] * 6  # not offered: never
 
 
+def test_a_run_of_reusing_cells_adds_up_partly_in_amplitude():
+    """A cell 3 steps after its layer's full step counts its own error plus 2 x correlation x its amplitude x
+    the amplitudes of the same candidate at ages 1 and 2 of its run; cells at age 1, full, and full + CFG
+    sharing (nothing earlier read) count as measured; correlation 0 changes nothing."""
+    errors = [{}, {0: {("wars", 0.125, 1): 1.0, ("full+asc", 0.0, 0): 9.0}}, {0: {("wars", 0.125, 2): 4.0}},
+              {0: {("wars", 0.125, 3): 9.0, ("ast", 0.0, 3): 16.0, ("wars", 0.0625, 3): 1.0}, 1: {("ast", 0.0, 1): 2.0}}]
+    counted = search.in_runs(errors, 0.5)
+    assert counted[1][0] == errors[1][0]  # age 1 and full + CFG sharing: nothing earlier in their runs
+    assert counted[2][0][("wars", 0.125, 2)] == pytest.approx(4.0 + 2 * 0.5 * 2.0 * 1.0)
+    assert counted[3][0][("wars", 0.125, 3)] == pytest.approx(9.0 + 2 * 0.5 * 3.0 * (1.0 + 2.0))
+    assert counted[3][0][("ast", 0.0, 3)] == 16.0  # no step sharing measured at ages 1 and 2 before it
+    assert counted[3][0][("wars", 0.0625, 3)] == 1.0  # nor this window's
+    assert counted[3][1] == errors[3][1]
+    assert search.in_runs(errors, 0.0) == errors
+
+
+def test_counting_runs_in_amplitude_shortens_them_within_the_same_budget():
+    """Errors growing slowly with age: counted in energy alone, the search keeps one full step and windows the
+    rest on its residual; counted as runs add up, it refreshes the residual sooner at the same budget, and
+    the plan's error counted that way stays within the budget."""
+    steps, budget = 7, 6.0
+    errors = [{}] + [{0: {("wars", 0.0625, age): 1.0 for age in range(1, min(step, 4) + 1)}} for step in range(1, steps)]
+    alone = search.allocate(errors, [SLOT], budget, ages=4).cells
+    counted = search.in_runs(errors, 0.5)
+    runs = search.allocate(counted, [SLOT], budget, ages=4).cells
+    assert sum(cell.technique == "full" for row in runs for cell in row) > \
+        sum(cell.technique == "full" for row in alone for cell in row)
+    assert sum(cell.error for row in runs for cell in row) <= budget
+
+
 # --- on a controlled model --------------------------------------------------------------------
 
 ARCH = "sd3"
