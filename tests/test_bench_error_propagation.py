@@ -38,8 +38,13 @@ def test_each_weighting_scales_as_documented(bench):
     assert technique.sharing[1:] == pytest.approx((0.4 / 0.06, 0.01 / 0.06))
     exchange = bench.weights(rates, "exchange")
     assert exchange.window == (1.0,) * 3 and exchange.sharing[1:] == pytest.approx((4.0, 0.5))
-    assert exchange.of("wars+asc", 1) == 1.0 and exchange.of("ast", 1) == pytest.approx(4.0)
-    assert exchange.of("block", 1) == pytest.approx(2.0)
+    assert exchange.of("wars+asc", 1, 0) == 1.0 and exchange.of("ast", 1, 0) == pytest.approx(4.0)
+    assert exchange.of("block", 1, 0) == pytest.approx(2.0)
+    layer = bench.weights(rates, "layer", {0: [2.0, 8.0], 1: [1.0]})  # geometric means 4 and 1, over their mean
+    assert layer.window == layer.sharing == (1.0,) * 3 and layer.layers == pytest.approx({0: 1.6, 1: 0.4})
+    assert layer.of("ast", 2, 0) == pytest.approx(1.6) and layer.of("wars", 1, 7) == 1.0  # a layer not measured
+    with pytest.raises(ValueError, match="needs the layers' rates: give --layer-steps"):
+        bench.weights(rates, "layer")
     with pytest.raises(ValueError, match="weighting must be one of"):
         bench.weights(rates, "sigma")
     unchanged = bench.StepRate(3, 0.2, 1.0, 0.0, 0.0, 0.01)  # no final error; no local error

@@ -20,6 +20,8 @@ held-out captions:
     technique   window cells by the window's rate, step sharing and skipped steps by step sharing's
     exchange    window cells as they are, step sharing and skipped steps by step sharing's rate over the
                 window's (an exchange rate between the techniques, no step weight)
+    layer       each layer's cells by its own rate over the all-layer rate of the step (geometric mean over
+                the `--layer-steps` measured), normalised to a mean of one over the layers; no step weight
 The weighting is an experiment of this script (it wraps the search), not a setting of the pack.
 
 Run: `python tests/benchmarks/run_all.py error_propagation` (defaults: 1024 image tokens, 10 steps; about
@@ -54,7 +56,7 @@ patching = pack_import("patching")
 plans = pack_import("plans")
 calibrate = pack_import("plans.calibrate")
 
-WEIGHTINGS = ("none", "step", "technique", "exchange")
+WEIGHTINGS = ("none", "step", "technique", "exchange", "layer")
 WINDOW_SCALE = min(calibrate.WINDOW_SCALES)  # the quarter window: the window the search reaches for first
 DELTAS = (0.1, 0.15, 0.2)
 
@@ -90,15 +92,18 @@ class Weights:
     window: tuple[float, ...]  # window + residual cells
     sharing: tuple[float, ...]  # step-sharing cells and skipped steps
     other: tuple[float, ...]  # CFG sharing and block cells
+    layers: dict[int, float] = dataclasses.field(default_factory=dict)  # a factor per layer (none: 1)
 
-    def of(self, technique: str, step: int) -> float:
+    def of(self, technique: str, step: int, layer: int) -> float:
+        factor = self.layers.get(layer, 1.0)
         if technique.startswith("wars"):
-            return self.window[step]
-        return self.sharing[step] if technique == "ast" else self.other[step]
+            return factor * self.window[step]
+        return factor * (self.sharing[step] if technique == "ast" else self.other[step])
 
 
-def weights(rates: list[StepRate], weighting: str) -> Weights:
-    """The factors of `weighting` (module docstring), each kind's normalised to a mean of one."""
+def weights(rates: list[StepRate], weighting: str, layer_rates: dict[int, list[float]] | None = None) -> Weights:
+    """The factors of `weighting` (module docstring), each kind's normalised to a mean of one; `layer_rates`
+    (layer -> its rate over the all-layer rate at each step of `--layer-steps`) for the weighting "layer"."""
     unmeasured = [rate.step for rate in rates if not (rate.window > 0 and rate.sharing > 0)]
     if unmeasured and weighting != "none":
         raise ValueError(f"no rate to weigh by at steps {unmeasured} (an error of 0 measured there)")
@@ -116,6 +121,13 @@ def weights(rates: list[StepRate], weighting: str) -> Weights:
         sharing = [b / a for a, b in zip(window, sharing, strict=True)]
         both = [math.sqrt(value) for value in sharing]
         window = [1.0] * len(window)
+    elif weighting == "layer":
+        if not layer_rates:
+            raise ValueError("the weighting 'layer' needs the layers' rates: give --layer-steps")
+        means = {layer: math.exp(sum(map(math.log, found)) / len(found)) for layer, found in layer_rates.items()}
+        scale = sum(means.values()) / len(means)
+        ones = tuple([1.0] * len(window))
+        return Weights(ones, ones, ones, {layer: value / scale for layer, value in means.items()})
     else:
         raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     return Weights(tuple(window), tuple(sharing), tuple(both))
@@ -138,9 +150,9 @@ def weighted_search(factors: Weights) -> Iterator[None]:
 
     def weighted(self):
         for step, layers in enumerate(self.local_errors):
-            for options in layers.values():
+            for layer, options in layers.items():
                 for key in options:
-                    options[key] *= factors.of(key[0], step)
+                    options[key] *= factors.of(key[0], step, layer)
         return search(self)
 
     def weighted_reuse(self):
@@ -253,6 +265,7 @@ def main(argv: list[str]) -> None:
         predicted = sum(rates[step - 1].window * probe.local(step, "wars", step % refresh) for step in steps)
         summed = sum(probe.local(step, "wars", step % refresh) for step in steps)
         print(f"| {refresh} | {predicted:.3g} | {probe.final_error(dict.fromkeys(steps, 'wars')):.3g} | {summed:.3g} |")
+    layer_rates: dict[int, list[float]] = {}
     if args.layer_steps:
         print("\nOne layer windowed alone at one step (window + residual, the residual one step old): each layer's "
               "rate beside the rate of all layers at once\n")
@@ -261,12 +274,13 @@ def main(argv: list[str]) -> None:
         for step in args.layer_steps:
             for layer in probe.compressible:
                 local, final = probe.layer_local(step, layer), probe.final_error({step: "wars"}, [layer])
+                layer_rates.setdefault(layer, []).append(_ratio(final, local) / rates[step - 1].window)
                 print(f"| {step} | {layer} | {local:.3g} | {final:.3g} | {_ratio(final, local):.3g} | "
                       f"{rates[step - 1].window:.3g} |", flush=True)
     for weighting in args.weightings:
-        factors = weights(rates, weighting)
+        factors = weights(rates, weighting, layer_rates)
         print(f"\n### The search's errors weighted: {weighting}\n\nwindow {_listed(factors.window)}, "
-              f"step sharing {_listed(factors.sharing)}\n", flush=True)
+              f"step sharing {_listed(factors.sharing)}, layers {factors.layers}\n", flush=True)
         with weighted_search(factors):
             bench_calibration.main(["--size", str(args.size), "--steps", str(args.steps), "--modes", "budget",
                                     "--step-reuse", "--cost", "flops", "--deltas", *map(str, args.deltas),
