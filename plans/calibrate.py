@@ -73,7 +73,7 @@ from .schema import (
     choice_of,
 )
 from .scorer import BlockScorer, Scorer, guided, relative_squared_error
-from .search import RUN_CORRELATION, Candidate, StepReuse, allocate, in_runs
+from .search import RUN_CORRELATION, Candidate, StepReuse, allocate
 
 log = logging.getLogger(__name__)
 CALIBRATION_KEY = "fastattn_calibration"
@@ -508,7 +508,8 @@ class Calibration:
         if self.settings.block_cache:
             self.layers = self._block_savings()
             self._block_errors_in_cell_units()
-        allocation = allocate(in_runs(self.local_errors, RUN_CORRELATION), self.layers, self.settings.delta ** 2 * measured, AGES, reuse)
+        allocation = allocate(self.local_errors, self.layers, self.settings.delta ** 2 * measured, AGES, reuse,
+                              RUN_CORRELATION)
         cells = allocation.cells
         self.methods = [[cell.technique for cell in row] for row in cells]
         self.losses = [[math.sqrt(cell.error) if cell.technique != "full" else None for cell in row] for row in cells]

@@ -159,9 +159,11 @@ def in_runs(errors: list[dict[int, dict[Candidate, float]]], correlation: float)
 
 
 def allocate(errors: list[dict[int, dict[Candidate, float]]], slots: list[LayerSlot], budget: float,
-             ages: int, reuse: StepReuse | None = None) -> Allocation:
+             ages: int, reuse: StepReuse | None = None, correlation: float = 0.0) -> Allocation:
     """The cheapest plan (by bisection on lambda) whose summed error across all measured (step, layer)
-    cells, and skipped steps, is within `budget`; layers never measured stay full."""
+    cells, and skipped steps, is within `budget`; layers never measured stay full. With `correlation`, the
+    errors of a run of cells reading one kept thing add as `in_runs` says."""
+    errors = in_runs(errors, correlation) if correlation else errors
     measured = sorted({layer for step in errors for layer in step})
 
     def layers(weight: float, skipped: dict[int, tuple[str, float]]) -> tuple[dict[int, list[Cell]], float]:
@@ -199,7 +201,8 @@ def _skipped_steps(chosen: dict[int, list[Cell]], reuse: StepReuse, weight: floa
                    ages: int) -> dict[int, tuple[str, float]]:
     """Steps to skip, walked in order: a step is skipped where its step reuse's weighted error is
     below what running it costs with the layers' own choices (the rest of the forward, plus each
-    layer's price and weighted error there); reuse reads at most `ages` steps back."""
+    layer's price and weighted error there); reuse reads at most `ages` steps back. (Counting a run of
+    skipped steps as `in_runs` counts cells was tried, BENCHMARKS.md: no better plans.)"""
     skipped: dict[int, tuple[str, float]] = {}
     last, before = 0, None
     for step in range(1, steps):

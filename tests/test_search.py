@@ -171,8 +171,7 @@ def test_counting_runs_in_amplitude_shortens_them_within_the_same_budget():
     steps, budget = 7, 6.0
     errors = [{}] + [{0: {("wars", 0.0625, age): 1.0 for age in range(1, min(step, 4) + 1)}} for step in range(1, steps)]
     alone = search.allocate(errors, [SLOT], budget, ages=4).cells
-    counted = search.in_runs(errors, 0.5)
-    runs = search.allocate(counted, [SLOT], budget, ages=4).cells
+    runs = search.allocate(errors, [SLOT], budget, ages=4, correlation=0.5).cells
     assert sum(cell.technique == "full" for row in runs for cell in row) > \
         sum(cell.technique == "full" for row in alone for cell in row)
     assert sum(cell.error for row in runs for cell in row) <= budget
