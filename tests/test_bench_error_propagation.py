@@ -27,6 +27,12 @@ def _rates(bench):
     return [bench.StepRate(1, 0.9, 2.0, 0.2, 1.0, 0.4), bench.StepRate(2, 0.5, 1.0, 0.02, 1.0, 0.01)]
 
 
+def test_a_run_is_read_as_steps_and_its_correlation_between_energy_and_amplitude(bench):
+    assert bench._steps("3-5") == [3, 4, 5] and bench._steps("2,4,6") == [2, 4, 6] and bench._steps("7") == [7]
+    assert bench.RunError(0.3, 0.2, 0.4).correlation == pytest.approx(0.5)
+    assert bench.RunError(0.2, 0.2, 0.4).correlation == 0.0 and math.isnan(bench.RunError(0.2, 0.2, 0.2).correlation)
+
+
 def test_each_weighting_scales_as_documented(bench):
     rates = _rates(bench)  # window rates 0.1, 0.02; step-sharing rates 0.4, 0.01
     assert bench.weights(rates, "none") == bench.Weights((1.0,) * 3, (1.0,) * 3, (1.0,) * 3)
@@ -81,8 +87,15 @@ def test_the_weighting_reaches_the_search_and_is_undone_after(bench):
 
 
 def test_the_tables_list_every_compressed_step(bench, capsys):
-    bench.main(["--size", "8", "--steps", "3", "--layer-steps", "2"])
+    bench.main(["--size", "8", "--steps", "3", "--layer-steps", "2", "--runs", "1-2"])
     out = capsys.readouterr().out
+    runs = re.findall(r"^\| (wars|ast) \| 1,2 \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", out, re.MULTILINE)
+    assert [run[0] for run in runs] == ["wars", "ast"]
+    for _, measured, energy, amplitude, correlation in runs:
+        assert 0 < float(energy) <= float(amplitude) and float(measured) > 0
+        assert float(correlation) == pytest.approx((float(measured) - float(energy)) /
+                                                   (float(amplitude) - float(energy)), abs=0.01)
+    out = out.split("Runs of compressed steps")[0]
     layers = re.findall(r"^\| 2 \| (\d+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \| [^|]+ \|$", out, re.MULTILINE)
     assert layers and all(float(final) > 0 for _, _, final, _ in layers)  # each compressible layer alone
     out = out.split("One layer windowed alone")[0]  # the tables of whole steps

@@ -7,7 +7,8 @@ compressed alone, every compressible layer at once, with full attention everywhe
 at the quarter window (the residual one step old) and step sharing (the output one step old). The final
 latent's relative squared error against full attention, over the local errors the search summed for that
 step, is the step's rate: how much of the image one unit of the search's error at that step costs
-(`--layer-steps`: the same for each layer windowed alone, at the steps given). The
+(`--layer-steps`: the same for each layer windowed alone, at the steps given; `--runs`: runs of compressed
+steps, to see how alike their errors point, the budget search's RUN_CORRELATION). The
 uniform window + residual patterns check whether the rates add up (error predicted from them against
 measured). Everything is measured on bench_calibration's calibration batch (its first caption, a batch of
 seeds), calibrated by FLOPs (deterministic: no time probe).
@@ -218,6 +219,37 @@ class Probe:
                 for step in range(1, self.steps)]
 
 
+@dataclass(frozen=True)
+class RunError:
+    """A run of compressed steps: the final error measured and as the step rates predict it."""
+
+    measured: float
+    energy: float  # the steps' predicted errors summed: errors pointing independently
+    amplitude: float  # their square roots summed, squared: errors pointing alike
+
+    @property
+    def correlation(self) -> float:
+        """Where the measurement lies between the two: 0 in energy, 1 in amplitude."""
+        return _ratio(self.measured - self.energy, self.amplitude - self.energy)
+
+
+def run_errors(probe: Probe, rates: list[StepRate], technique: str, run: list[int]) -> RunError:
+    """`run` compressed with `technique`; consecutive steps read what the step before the run kept."""
+    consecutive = run == list(range(run[0], run[-1] + 1))
+    parts = [(rates[step - 1].window if technique == "wars" else rates[step - 1].sharing)
+             * probe.local(step, technique, step - run[0] + 1 if consecutive else 1) for step in run]
+    return RunError(probe.final_error(dict.fromkeys(run, technique)), sum(parts),
+                    sum(math.sqrt(part) for part in parts) ** 2)
+
+
+def _steps(text: str) -> list[int]:
+    """"3-5" -> [3, 4, 5]; "2,4,6" -> [2, 4, 6]."""
+    if "-" in text:
+        first, last = map(int, text.split("-"))
+        return list(range(first, last + 1))
+    return [int(step) for step in text.split(",")]
+
+
 @contextlib.contextmanager
 def _captured() -> Iterator[list]:
     """The Calibration object of the budget calibration run inside (its measured local errors)."""
@@ -240,6 +272,9 @@ def main(argv: list[str]) -> None:
                         help="run bench_calibration with the search weighted each of these ways (none: skip)")
     parser.add_argument("--layer-steps", nargs="*", type=int, default=[],
                         help="also window each layer alone at these steps (its own rate)")
+    parser.add_argument("--runs", nargs="*", default=[], metavar="STEPS",
+                        help="also compress these runs of steps (e.g. 3-4 5-7 2,4,6) with each technique: how alike "
+                             "the errors of a run point (search.RUN_CORRELATION)")
     parser.add_argument("--deltas", nargs="+", type=float, default=list(DELTAS), help="for the comparison")
     parser.add_argument("--rounds", type=int, default=2, help="for the comparison")
     args = parser.parse_args(argv)
@@ -277,6 +312,17 @@ def main(argv: list[str]) -> None:
                 layer_rates.setdefault(layer, []).append(_ratio(final, local) / rates[step - 1].window)
                 print(f"| {step} | {layer} | {local:.3g} | {final:.3g} | {_ratio(final, local):.3g} | "
                       f"{rates[step - 1].window:.3g} |", flush=True)
+    if args.runs:
+        print("\nRuns of compressed steps (every compressible layer; a run of consecutive steps reads one residual or "
+              "output, its ages growing): the final error measured, predicted from the step rates as the errors add "
+              "in energy and in amplitude, and the correlation between the two that the measurement implies\n")
+        print("| technique | steps | measured | in energy | in amplitude | correlation |")
+        print("|---|---|---|---|---|---|")
+        for technique in ("wars", "ast"):
+            for run in map(_steps, args.runs):
+                found = run_errors(probe, rates, technique, run)
+                print(f"| {technique} | {','.join(map(str, run))} | {found.measured:.3g} | {found.energy:.3g} | "
+                      f"{found.amplitude:.3g} | {found.correlation:.2f} |", flush=True)
     for weighting in args.weightings:
         factors = weights(rates, weighting, layer_rates)
         print(f"\n### The search's errors weighted: {weighting}\n\nwindow {_listed(factors.window)}, "
