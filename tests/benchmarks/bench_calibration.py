@@ -177,7 +177,8 @@ def interleaved(contestants: dict[str, object], rounds: int, steps: int,
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="+", default=["budget", "fast"], choices=plans.MODES)
+    parser.add_argument("--modes", nargs="*", default=["budget", "fast"], choices=plans.MODES,
+                        help="searches to run (none: only those --step-reuse and --block-cache add)")
     parser.add_argument("--deltas", nargs="+", type=float, default=[0.05, 0.1, 0.15])
     parser.add_argument("--cost", default="time", choices=plans.COST_MEASURES, help="budget mode's prices")
     parser.add_argument("--size", type=int, default=32,
