@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -18,6 +19,8 @@ from ..patching.schedule import WindowSize
 from ..patching.state import COND, UNCOND
 from .schema import HeadSet
 from .search import Candidate
+
+K = TypeVar("K", bound="Kept")
 
 
 def squared_error_per_head(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
@@ -62,21 +65,48 @@ def guided_errors(approx: dict, exact: torch.Tensor, halves: tuple[int, ...], cf
 
 
 @dataclass(frozen=True)
-class Computed:
-    """What a layer computed at a step for one model call's batch chunks, as a later candidate reads it."""
+class Kept:
+    """What one model call's batch chunks computed at a step, kept for later steps to read: read by calls of the
+    same chunks (as the runtime's caches), or joined with the other CFG half's where the host ran them apart."""
 
     step: int
+    chunks: tuple  # the call's chunk identities (CallSite.chunk_ids)
+    halves: tuple[int, ...]  # the chunks' roles (CallSite.halves)
+
+    def joined(self, other: Kept) -> Kept:
+        """This entry and `other` (the same step, other chunks) as one batch, this one's chunks first."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Computed(Kept):
+    """What a layer computed at a step, as a later candidate reads it."""
+
     output: torch.Tensor  # heads first: what step sharing after it reuses
     residuals: dict[float, torch.Tensor] | None  # window fraction -> full - window (a full step's), else None
-    chunks: tuple = ()  # the call's chunk identities (CallSite.chunk_ids): read by calls of the same chunks only
-    halves: tuple[int, ...] = ()  # the chunks' roles (CallSite.halves)
 
     def joined(self, other: Computed) -> Computed:
-        """This entry and `other` (the same step, other chunks) as one batch, this one's chunks first."""
         residuals = None if self.residuals is None or other.residuals is None else {
             fraction: torch.cat([residual, other.residuals[fraction]]) for fraction, residual in self.residuals.items()}
-        return Computed(self.step, torch.cat([self.output, other.output]), residuals, self.chunks + other.chunks,
-                        self.halves + other.halves)
+        return Computed(self.step, self.chunks + other.chunks, self.halves + other.halves,
+                        torch.cat([self.output, other.output]), residuals)
+
+
+def other_half(history: list[K], step: int, chunks: tuple, halves: tuple[int, ...]) -> K | None:
+    """What the other CFG half computed at `step`, in an earlier model call (the host ran the halves apart)."""
+    return next((entry for entry in history if entry.step == step and not set(entry.chunks) & set(chunks)
+                 and sorted(entry.halves + halves) == [COND, UNCOND]), None)
+
+
+def readable(history: list[K], step: int, groups: tuple[tuple, ...]) -> list[K]:
+    """The entries of steps before `step` kept for every one of the chunk `groups` (one call's, or two calls'),
+    each step's joined into one batch, oldest first."""
+    by_step: dict[int, dict[tuple, K]] = {}
+    for entry in history:
+        if entry.step < step and entry.chunks in groups:
+            by_step.setdefault(entry.step, {})[entry.chunks] = entry
+    return [functools.reduce(lambda a, b: a.joined(b), (found[group] for group in groups))
+            for _, found in sorted(by_step.items()) if len(found) == len(groups)]
 
 
 class Scorer:
@@ -110,25 +140,12 @@ class Scorer:
     def _sources(self, layer: int, step: int, groups: tuple[tuple, ...]) -> tuple[list[Computed], list[Computed]]:
         """What step sharing and window + residual may read at `step` for a batch of the chunk `groups` (one
         call's, or two calls' joined): the latest (fast mode) or every one within the ages (budget)."""
-        by_step: dict[int, dict[tuple, Computed]] = {}
-        for entry in self.history.get(layer, []):
-            if entry.step < step and entry.chunks in groups:
-                by_step.setdefault(entry.step, {})[entry.chunks] = entry
-        history = [functools.reduce(Computed.joined, (found[group] for group in groups))
-                   for _, found in sorted(by_step.items()) if len(found) == len(groups)]
+        history = readable(self.history.get(layer, []), step, groups)
         full_steps = [entry for entry in history if entry.residuals is not None]
         if self.ages is None:
             return history[-1:], full_steps[-1:]
         return ([entry for entry in history if step - entry.step <= self.ages],
                 [entry for entry in full_steps if step - entry.step <= self.ages])
-
-    def _other_half(self, site: CallSite) -> Computed | None:
-        """Budget mode: what this layer computed at this step for the other CFG half, in an earlier call."""
-        if self.ages is None:
-            return None
-        return next((entry for entry in self.history.get(site.layer, []) if entry.step == site.step
-                     and not set(entry.chunks) & set(site.chunk_ids)
-                     and sorted(entry.halves + site.halves) == [COND, UNCOND]), None)
 
     def score(self, call: AttentionCall, site: CallSite, full: torch.Tensor) -> None:
         full_heads = call.output_heads_first(full)
@@ -139,9 +156,10 @@ class Scorer:
             residuals = {size.fraction: full_heads - window_attention(q, k, v, site.layout, size.window_for(site.layout),
                                                                       scale=call.scale)
                          for size in self.windows}
-        own = Computed(site.step, full_heads, residuals, site.chunk_ids, site.halves)
+        own = Computed(site.step, site.chunk_ids, site.halves, full_heads, residuals)
         self.pending[site.layer] = own, copies, chunks
-        other = self._other_half(site)
+        other = None if self.ages is None else other_half(self.history.get(site.layer, []), site.step, own.chunks,
+                                                          own.halves)  # budget mode: the other CFG half, run apart
         now = own if other is None else other.joined(own)  # scored as the batch both calls make
         shared, full_steps = self._sources(site.layer, site.step, (own.chunks,) if other is None else
                                            (other.chunks, own.chunks))
@@ -222,8 +240,8 @@ class Scorer:
             if name == "ast":
                 continue
             residuals = now.residuals if name.startswith("full") else None
-            history = [*self.history.get(layer, []), Computed(now.step, self._output(layer, name, heads.get(layer)),
-                                                               residuals, now.chunks, now.halves)]
+            history = [*self.history.get(layer, []), Computed(now.step, now.chunks, now.halves,
+                                                               self._output(layer, name, heads.get(layer)), residuals)]
             self.history[layer] = self._kept(history, now.step)
         self.pending.clear()
         self.squared_errors.clear()
@@ -244,32 +262,47 @@ class Scorer:
 Changes = list[torch.Tensor | None]  # one per stream the block returns (None: a stream it returns as None)
 
 
+@dataclass(frozen=True)
+class BlockChange(Kept):
+    """What a block added to its streams at a step."""
+
+    changes: Changes
+
+    def joined(self, other: BlockChange) -> BlockChange:
+        return BlockChange(self.step, self.chunks + other.chunks, self.halves + other.halves,
+                           [None if a is None or b is None else torch.cat([a, b])
+                            for a, b in zip(self.changes, other.changes, strict=True)])
+
+
 class BlockScorer:
     def __init__(self, ages: int, cfg: float | None = None) -> None:
         self.ages = ages
         self.cfg = cfg  # changes scored on their CFG combination, as Scorer scores attention outputs
-        # (block's first layer, the call's chunk identities) -> (step, changes), oldest first
-        self.history: dict[tuple[int, tuple], list[tuple[int, Changes]]] = {}
+        self.history: dict[int, list[BlockChange]] = {}  # block's first layer -> its changes, oldest first
         self.errors: dict[int, dict[int, float]] = {}  # block's first layer -> age -> error, at the step scored last
 
     def score(self, step: int, layer: int, changes: Changes, halves: tuple[int, ...] = (), chunks: tuple = ()) -> None:
         """Score the change of the block beginning at `layer` at `step` (its batch chunks' roles `halves`,
-        identities `chunks`) against its kept changes of the same chunks."""
-        kept = [(made, old) for made, old in self.history.get((layer, chunks), []) if step - made <= self.ages]
+        identities `chunks`) against its kept changes of the same chunks (joined with the other CFG half's, as
+        Scorer joins them, where the host ran the halves apart)."""
+        history = [entry for entry in self.history.get(layer, []) if step - entry.step <= self.ages]
+        own = BlockChange(step, chunks, halves, changes)
+        other = other_half(history, step, chunks, halves) if changes else None
+        now = own if other is None else other.joined(own)
         self.errors[layer] = {}
-        streams = [index for index, change in enumerate(changes) if change is not None]
-        for made, old in kept:
-            if made < step and _same_shapes(old, changes):
+        streams = [index for index, change in enumerate(now.changes) if change is not None]
+        for old in readable(history, step, (chunks,) if other is None else (other.chunks, chunks)):
+            if _same_shapes(old.changes, now.changes):
                 error = norm = 0.0
                 for index in streams:
-                    scored = guided_errors({0: old[index]}, changes[index], halves, self.cfg, ())
+                    scored = guided_errors({0: old.changes[index]}, now.changes[index], now.halves, self.cfg, ())
                     if scored is None:  # not one conditional and one unconditional chunk: the batch as it is
-                        scored = {0: (old[index].double() - changes[index].double()).square().sum()}, \
-                            changes[index].double().square().sum()
+                        scored = {0: (old.changes[index].double() - now.changes[index].double()).square().sum()}, \
+                            now.changes[index].double().square().sum()
                     error, norm = error + scored[0][0], norm + scored[1]
                 if norm > 0:
-                    self.errors[layer][step - made] = float(error / norm)
-        self.history[(layer, chunks)] = [*kept, (step, changes)] if changes else kept
+                    self.errors[layer][step - old.step] = float(error / norm)
+        self.history[layer] = [*history, own] if changes else history
 
 
 def _same_shapes(old: Changes, new: Changes) -> bool:

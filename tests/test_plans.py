@@ -430,13 +430,14 @@ def test_a_check_that_is_not_an_error_is_refused(calibrated, value):
 
 
 def _measured(model, settings: plans.Settings, **kwargs) -> tuple:
-    """The budget calibration's plan and its measured local errors ([step][layer] -> candidate -> error)."""
+    """The budget calibration's plan and its measured local errors ([step][layer] -> candidate -> error), as the
+    measuring run scored them."""
     found = []
     search = calibrate.Calibration._search
 
     def spy(self):
-        found.append(self.local_errors)
-        return search(self)
+        found.append([{layer: dict(options) for layer, options in step.items()} for step in self.local_errors])
+        return search(self)  # (which scales block cells by rates the rated forwards measured)
 
     positive, negative, latent = _inputs()
     with unittest.mock.patch.object(calibrate.Calibration, "_search", spy):
@@ -447,9 +448,9 @@ def _measured(model, settings: plans.Settings, **kwargs) -> tuple:
 
 def test_a_budget_calibration_measures_both_cfg_halves_when_the_host_runs_them_apart(model, monkeypatch, caplog):
     """Short of free memory, the host runs the conditional and unconditional halves as two model calls. Each
-    is scored against its own half's earlier outputs and residuals: every step measures the candidates a
-    batched run measures (CFG sharing aside: it needs both halves in one call), at errors of the same size."""
-    settings = plans.Settings(DELTA["budget"], plans.CANDIDATES, WINDOW, "budget", cost="flops")
+    is scored joined with what the first computed: every step measures the candidates a batched run measures
+    (CFG sharing aside: it needs both halves in one call), block caching's too, at the same errors."""
+    settings = plans.Settings(1.0, plans.CANDIDATES, WINDOW, "budget", cost="flops", block_cache=True)  # compresses
     batched_plan, batched = _measured(model, settings)
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *args, **kwargs: 1.0)  # one byte free
     with caplog.at_level(logging.WARNING):
@@ -460,6 +461,7 @@ def test_a_budget_calibration_measures_both_cfg_halves_when_the_host_runs_them_a
         for layer, options in batched[step].items():
             assert split[step][layer].keys() == {key for key in options if not key[0].endswith("+asc")}
             assert split[step][layer] == pytest.approx({key: options[key] for key in split[step][layer]}, rel=1e-5)
+    assert any(key[0] == "block" for step in split for options in step.values() for key in options)
     assert any(name != "full" for row in split_plan.methods for name in row)
 
 
